@@ -1,0 +1,182 @@
+"""Pure math of the PSN family (arXiv 2304.12760), written from the paper's equations.
+
+Every function here is pure: inputs are never mutated, state is explicit.
+Shapes: ``T`` time steps, ``B`` batch (sessions), ``N`` neurons (all feature axes flattened),
+``k`` the order of a masked or sliding PSN.
+
+- PSN:         ``H = W X + b``,            ``W`` (T, T), ``b`` (T,)
+- masked PSN:  ``H = (W * M_k) X + b``,    ``M_k[t, i] = 1`` iff ``t - k < i <= t``
+- sliding PSN: ``H[t] = sum_i w_i X[t-k+1+i] + b``, ``w`` (k,), inputs before t=0 are zero
+- spikes:      ``S = Heaviside(H)``
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from model.surrogate import spike
+
+
+class NeuronState(NamedTuple):
+    """Streaming state of one PSN layer for a batch of sessions (fixed size per session).
+
+    window: (B, k, *features) the last k inputs, oldest first; zeros before the first step.
+    t:      (B,) int64, the number of steps each row has seen.
+    """
+
+    window: Tensor
+    t: Tensor
+
+
+def band_mask(k: int, T: int, *, device=None, dtype=torch.float32) -> Tensor:
+    """``M_k``: (T, T) with ones where ``t - k < i <= t`` (row t, column i)."""
+    rows = torch.arange(T, device=device).unsqueeze(1)
+    cols = torch.arange(T, device=device).unsqueeze(0)
+    lag = rows - cols  # (T, T)  t - i
+    return ((lag >= 0) & (lag < k)).to(dtype)
+
+
+def relaxed_mask(k: int, T: int, lam: float, *, device=None, dtype=torch.float32) -> Tensor:
+    """Training-time mask ``lam * M_k + (1 - lam) * ones`` (lam = 1 is the served, causal mask)."""
+    m = band_mask(k, T, device=device, dtype=dtype)
+    if lam >= 1.0:
+        return m
+    return lam * m + (1.0 - lam)
+
+
+def sliding_matrix(weight: Tensor, T: int) -> Tensor:
+    """The banded Toeplitz (T, T) matrix of a sliding PSN: ``W[t, i] = w[k-1-(t-i)]`` for ``0 <= t-i < k``.
+
+    Built by one gather, no Python loop over T.
+    """
+    k = weight.shape[0]
+    rows = torch.arange(T, device=weight.device).unsqueeze(1)
+    cols = torch.arange(T, device=weight.device).unsqueeze(0)
+    lag = rows - cols  # (T, T)
+    inside = (lag >= 0) & (lag < k)
+    idx = (k - 1 - lag).clamp(0, k - 1)
+    return torch.where(inside, weight[idx], torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def matrix_forward(x_seq: Tensor, weight: Tensor, bias: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Parallel form ``H = W X + b`` over ``x_seq`` (T, ...); returns ``(spikes, H)`` of the same shape.
+
+    ``bias`` is (T,) (one per step) or a scalar.
+    """
+    T = x_seq.shape[0]
+    x2 = x_seq.reshape(T, -1)  # (T, N)
+    b = bias.reshape(-1, 1) if bias.dim() == 1 else bias
+    h = torch.addmm(b.expand(T, x2.shape[1]), weight, x2) if x2.shape[1] else weight @ x2
+    h = h.reshape(x_seq.shape)
+    return spike(h, alpha), h
+
+
+def initial_state(k: int, batch: int, feature_shape: tuple[int, ...], *, device=None,
+                  dtype=torch.float32) -> NeuronState:
+    """Zero window and t = 0 for ``batch`` sessions."""
+    return NeuronState(
+        window=torch.zeros((batch, k, *feature_shape), device=device, dtype=dtype),
+        t=torch.zeros((batch,), device=device, dtype=torch.long),
+    )
+
+
+def _context(x_chunk: Tensor, state: NeuronState) -> Tensor:
+    """Stored window followed by the new steps, time-first: (k + L, B, N)."""
+    L, B = x_chunk.shape[:2]
+    k = state.window.shape[1]
+    past = state.window.reshape(B, k, -1).transpose(0, 1)  # (k, B, N)
+    return torch.cat([past, x_chunk.reshape(L, B, -1)], dim=0)
+
+
+def _next_state(ctx: Tensor, state: NeuronState, L: int) -> NeuronState:
+    k = state.window.shape[1]
+    window = ctx[-k:].transpose(0, 1).reshape(state.window.shape)  # (B, k, *features)
+    return NeuronState(window=window.contiguous(), t=state.t + L)
+
+
+def sliding_chunk(x_chunk: Tensor, state: NeuronState, weight: Tensor, bias: Tensor,
+                  alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
+    """L new steps ``x_chunk`` (L, B, *features) over the stored window, in parallel form.
+
+    Returns ``(spikes, H, new_state)``; equal to L single steps.
+    """
+    L = x_chunk.shape[0]
+    k = weight.shape[0]
+    ctx = _context(x_chunk, state)  # (k + L, B, N)
+    # Toeplitz rows for the new steps: output l reads ctx[l+1 .. l+k].
+    full = sliding_matrix(weight, k + L)[k:]  # (L, k + L)
+    h = torch.einsum("lc,cbn->lbn", full, ctx) + bias
+    h = h.reshape(x_chunk.shape)
+    return spike(h, alpha), h, _next_state(ctx, state, L)
+
+
+def sliding_step(x_t: Tensor, state: NeuronState, weight: Tensor, bias: Tensor,
+                 alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
+    """One step ``x_t`` (B, *features): ``H = sum_i w_i window_i + b``. Returns ``(spikes, H, new_state)``."""
+    window = torch.cat([state.window[:, 1:], x_t.unsqueeze(1)], dim=1)  # (B, k, *features)
+    B, k = window.shape[:2]
+    h = (weight @ window.reshape(B, k, -1)).reshape(x_t.shape) + bias  # (B, *features)
+    return spike(h, alpha), h, NeuronState(window=window, t=state.t + 1)
+
+
+def masked_band_weights(weight: Tensor, t: Tensor, k: int, L: int) -> Tensor:
+    """For rows starting at step ``t`` (B,), the band weights of steps t..t+L-1: (B, L, k).
+
+    Entry j of step s multiplies the input at step ``s - k + 1 + j`` (``weight[s, s-k+1+j]``);
+    columns before step 0 get weight 0 (their inputs are zeros anyway).
+    """
+    steps = t.unsqueeze(1) + torch.arange(L, device=t.device)  # (B, L)
+    cols = steps.unsqueeze(2) - (k - 1) + torch.arange(k, device=t.device)  # (B, L, k)
+    w = weight[steps.unsqueeze(2), cols.clamp(min=0)]
+    return torch.where(cols >= 0, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def masked_chunk(x_chunk: Tensor, state: NeuronState, weight: Tensor, bias: Tensor, k: int,
+                 alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
+    """L new steps of a masked PSN (lam = 1) over the stored window; rows may be at different t.
+
+    The caller checks ``t + L <= T``. Returns ``(spikes, H, new_state)``.
+    """
+    L = x_chunk.shape[0]
+    ctx = _context(x_chunk, state)  # (k + L, B, N)
+    windows = ctx.unfold(0, k, 1)[1:]  # (L, B, N, k): step l reads ctx[l+1 .. l+k]
+    band = masked_band_weights(weight, state.t, k, L)  # (B, L, k)
+    steps = state.t.unsqueeze(1) + torch.arange(L, device=state.t.device)  # (B, L)
+    h = torch.einsum("lbnk,blk->lbn", windows, band) + bias[steps].transpose(0, 1).unsqueeze(2)
+    h = h.reshape(x_chunk.shape)
+    return spike(h, alpha), h, _next_state(ctx, state, L)
+
+
+def masked_step(x_t: Tensor, state: NeuronState, weight: Tensor, bias: Tensor, k: int,
+                alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
+    """One step of a masked PSN (lam = 1): row b uses ``weight[t_b, t_b-k+1 .. t_b]``."""
+    window = torch.cat([state.window[:, 1:], x_t.unsqueeze(1)], dim=1)  # (B, k, *features)
+    B = window.shape[0]
+    band = masked_band_weights(weight, state.t, k, 1)[:, 0]  # (B, k)
+    h = torch.bmm(band.unsqueeze(1), window.reshape(B, k, -1)).reshape(x_t.shape)
+    h = h + bias[state.t].reshape((B,) + (1,) * (x_t.dim() - 1))
+    return spike(h, alpha), h, NeuronState(window=window, t=state.t + 1)
+
+
+def lif_step(x_t: Tensor, v: Tensor, tau: float, v_threshold: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """Leaky integrate-and-fire with hard reset to 0 (the paper's serial baseline).
+
+    ``v <- v + (x - v) / tau``; ``s = Heaviside(v - v_th)``; ``v <- v * (1 - s)``.
+    """
+    v = v + (x_t - v) / tau
+    s = spike(v - v_threshold, alpha)
+    return s, v * (1.0 - s)
+
+
+def lif_forward(x_seq: Tensor, tau: float, v_threshold: float, alpha: float,
+                v0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """LIF over ``x_seq`` (T, ...) as a loop over time. Returns ``(spikes, v_final)``."""
+    v = torch.zeros_like(x_seq[0]) if v0 is None else v0
+    out = []
+    for x_t in x_seq:
+        s, v = lif_step(x_t, v, tau, v_threshold, alpha)
+        out.append(s)
+    return torch.stack(out), v

@@ -1,0 +1,278 @@
+"""Networks of PSN-family neurons, built from a config alone.
+
+Each layer maps the features of one step (linear, or a 1-D convolution over the features),
+optionally batch-normalises, then feeds a spiking neuron over time. A linear readout of the last
+spiking layer gives class scores per step; the network answers the mean over the steps seen so far
+(the paper reads out the mean over time).
+
+Parallel form: ``forward(x_seq)`` over (T, B, *input_shape).
+Step form: ``initial_state(B)``, ``step(x_t, state)``, ``chunk(x_chunk, state)``: pure, over a
+fixed-size ``NetState``; equal to the parallel form step for step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from model.checks import InputError, check_tensor, check_trailing_shape
+from model.functional import NeuronState
+from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
+
+NEURONS = ("masked", "sliding", "psn", "lif")
+STREAMING_NEURONS = ("masked", "sliding", "lif")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    kind: str = "linear"  # "linear" (flattens its input) or "conv" (Conv1d over the features of one step)
+    out: int = 64  # output features (linear) or channels (conv)
+    kernel_size: int = 3  # conv only: odd kernel, "same" padding
+    stride: int = 1  # conv only
+    batch_norm: bool = True  # BatchNorm1d over the features/channels before the neuron
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    input_shape: tuple[int, ...]  # features of one step: (F,) or (channels, length) for conv layers
+    num_classes: int  # readout size
+    layers: tuple[LayerConfig, ...] = (LayerConfig(),)  # hidden spiking layers, in order
+    neuron: str = "sliding"  # one of NEURONS
+    k: int = 8  # order of the masked / sliding PSN
+    T: int | None = None  # horizon: required by "masked" and "psn", None for "sliding" / "lif"
+    alpha: float = 2.0  # arctan surrogate sharpness
+    lif_tau: float = 2.0  # LIF baseline only
+    input_mean: float = 0.0  # inputs are normalised as (x - input_mean) / input_std before layer 0
+    input_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        object.__setattr__(self, "layers", tuple(
+            layer if isinstance(layer, LayerConfig) else LayerConfig(**layer) for layer in self.layers))
+        if self.neuron not in NEURONS:
+            raise ValueError(f"neuron: expected one of {NEURONS}, got {self.neuron!r}")
+        if self.neuron in ("masked", "psn") and (self.T is None or self.T < 1):
+            raise ValueError(f"neuron {self.neuron!r} needs a horizon T >= 1, got T={self.T}")
+        if self.neuron in ("masked", "sliding") and self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.neuron == "masked" and self.k > self.T:  # type: ignore[operator]
+            raise ValueError(f"masked PSN needs k <= T, got k={self.k}, T={self.T}")
+        if not self.input_std > 0:
+            raise ValueError(f"input_std must be > 0, got {self.input_std}")
+        if not self.layers:
+            raise ValueError("layers: at least one spiking layer is needed")
+        if self.num_classes < 1 or not self.input_shape or min(self.input_shape) < 1:
+            raise ValueError(f"bad input_shape {self.input_shape} or num_classes {self.num_classes}")
+        for i, layer in enumerate(self.layers):
+            if layer.kind not in ("linear", "conv"):
+                raise ValueError(f"layers[{i}].kind: expected 'linear' or 'conv', got {layer.kind!r}")
+            if layer.kind == "conv" and layer.kernel_size % 2 == 0:
+                raise ValueError(f"layers[{i}].kernel_size must be odd, got {layer.kernel_size}")
+
+    @property
+    def streams(self) -> bool:
+        return self.neuron in STREAMING_NEURONS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
+        d = dict(d)
+        d["layers"] = tuple(LayerConfig(**layer) for layer in d.get("layers", ()))
+        return cls(**d)
+
+
+class NetState(NamedTuple):
+    """Streaming state of a whole network for B sessions; every tensor has a leading B axis."""
+
+    neurons: tuple[NeuronState, ...]  # one per spiking layer
+    score_sum: Tensor  # (B, num_classes) sum of per-step readouts so far
+    t: Tensor  # (B,) int64 steps seen
+
+
+class NetOutput(NamedTuple):
+    spikes: Tensor  # (T, B, *last layer features) spikes of the last spiking layer
+    scores: Tensor  # (T, B, num_classes) mean readout over steps 0..t
+
+
+def _make_neuron(cfg: NetConfig) -> nn.Module:
+    if cfg.neuron == "masked":
+        return MaskedPSN(cfg.k, cfg.T, alpha=cfg.alpha, validate=False)  # type: ignore[arg-type]
+    if cfg.neuron == "sliding":
+        return SlidingPSN(cfg.k, alpha=cfg.alpha, validate=False)
+    if cfg.neuron == "psn":
+        return PSN(cfg.T, alpha=cfg.alpha, validate=False)  # type: ignore[arg-type]
+    return LIF(tau=cfg.lif_tau, alpha=cfg.alpha, validate=False)
+
+
+class SpikingLayer(nn.Module):
+    """Per-step map (linear or conv over features) -> optional batch norm -> spiking neuron."""
+
+    def __init__(self, layer: LayerConfig, in_shape: tuple[int, ...], cfg: NetConfig):
+        super().__init__()
+        self.kind = layer.kind
+        if layer.kind == "linear":
+            self.op: nn.Module = nn.Linear(math.prod(in_shape), layer.out)
+            self.out_shape: tuple[int, ...] = (layer.out,)
+        else:
+            if len(in_shape) != 2:
+                raise ValueError(f"conv layer needs (channels, length) input, got {in_shape}")
+            c, n = in_shape
+            self.op = nn.Conv1d(c, layer.out, layer.kernel_size, stride=layer.stride, padding=layer.kernel_size // 2)
+            self.out_shape = (layer.out, (n + 2 * (layer.kernel_size // 2) - layer.kernel_size) // layer.stride + 1)
+        self.bn = nn.BatchNorm1d(layer.out) if layer.batch_norm else None
+        self.neuron = _make_neuron(cfg)
+
+    def current(self, x: Tensor) -> Tensor:
+        """Input current of the neuron for ``x`` (M, *in_shape) -> (M, *out_shape); M = any rows."""
+        if self.kind == "linear":
+            x = x.flatten(1)
+        y = self.op(x)
+        return self.bn(y) if self.bn is not None else y
+
+
+class PSNNet(nn.Module):
+    """A spiking network from a ``NetConfig``; ``forward`` is parallel, ``step``/``chunk`` stream."""
+
+    def __init__(self, cfg: NetConfig):
+        super().__init__()
+        self.cfg = cfg
+        shape = cfg.input_shape
+        layers = []
+        for layer_cfg in cfg.layers:
+            layer = SpikingLayer(layer_cfg, shape, cfg)
+            layers.append(layer)
+            shape = layer.out_shape
+        self.layers = nn.ModuleList(layers)
+        self.out_shape = shape
+        self.readout = nn.Linear(math.prod(shape), cfg.num_classes)
+
+    # ----- parallel form -------------------------------------------------------------------
+    def forward(self, x_seq: Tensor) -> NetOutput:
+        """``x_seq`` (T, B, *input_shape) -> spikes (T, B, *out_shape), running-mean scores (T, B, C)."""
+        self._check_input(x_seq, "x_seq", "T, B")
+        T, B = x_seq.shape[:2]
+        if self.cfg.neuron == "psn" and T != self.cfg.T:
+            raise InputError(f"x_seq: a PSN network needs exactly T={self.cfg.T} steps, got {T}")
+        if self.cfg.neuron == "masked" and T > self.cfg.T:  # type: ignore[operator]
+            raise InputError(f"x_seq: masked PSN network has a fixed horizon T={self.cfg.T}, got {T} steps")
+        h = self._normalise(x_seq)
+        for layer in self.layers:
+            cur = layer.current(h.reshape(T * B, *h.shape[2:]))  # (T*B, *out)
+            h = layer.neuron(cur.reshape(T, B, *cur.shape[1:]))  # (T, B, *out)
+        per_step = self.readout(h.reshape(T, B, -1))  # (T, B, C)
+        steps = torch.arange(1, T + 1, device=x_seq.device, dtype=per_step.dtype).view(T, 1, 1)
+        return NetOutput(spikes=h, scores=per_step.cumsum(0) / steps)
+
+    # ----- step form -----------------------------------------------------------------------
+    def initial_state(self, batch: int, *, device=None, dtype: torch.dtype | None = None) -> NetState:
+        self._check_streams()
+        p = self.readout.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        neurons = tuple(layer.neuron.initial_state(batch, layer.out_shape, device=device, dtype=dtype)
+                        for layer in self.layers)
+        return NetState(neurons=neurons, score_sum=torch.zeros(batch, self.cfg.num_classes, device=device, dtype=dtype),
+                        t=torch.zeros(batch, dtype=torch.long, device=device))
+
+    def step(self, x_t: Tensor, state: NetState) -> tuple[NetOutput, NetState]:
+        """One step ``x_t`` (B, *input_shape) -> (spikes (B, *out), scores (B, C)), new state."""
+        self._check_streams()
+        self._check_input(x_t, "x_t", "B")
+        out, new = self.chunk(x_t.unsqueeze(0), state, _checked=True)
+        return NetOutput(out.spikes[0], out.scores[0]), new
+
+    def chunk(self, x_chunk: Tensor, state: NetState, *, _checked: bool = False) -> tuple[NetOutput, NetState]:
+        """L new steps ``x_chunk`` (L, B, *input_shape) over the stored state, in parallel form.
+
+        Equal to L calls of ``step``. Returns spikes (L, B, *out), scores (L, B, C) and the new state.
+        """
+        if not _checked:
+            self._check_streams()
+            self._check_input(x_chunk, "x_chunk", "L, B")
+        L, B = x_chunk.shape[:2]
+        if state.score_sum.shape[0] != B:
+            raise InputError(f"state: holds {state.score_sum.shape[0]} sessions, input has {B}")
+        h = self._normalise(x_chunk)
+        new_neurons = []
+        for layer, ns in zip(self.layers, state.neurons, strict=True):
+            cur = layer.current(h.reshape(L * B, *h.shape[2:]))
+            cur = cur.reshape(L, B, *cur.shape[1:])  # (L, B, *out)
+            if L == 1:
+                s, ns = layer.neuron.step(cur[0], ns)
+                h = s.unsqueeze(0)
+            else:
+                h, ns = layer.neuron.chunk(cur, ns)
+            new_neurons.append(ns)
+        per_step = self.readout(h.reshape(L, B, -1))  # (L, B, C)
+        sums = state.score_sum.unsqueeze(0) + per_step.cumsum(0)  # (L, B, C)
+        seen = (state.t.unsqueeze(0) + torch.arange(1, L + 1, device=state.t.device).unsqueeze(1))  # (L, B)
+        scores = sums / seen.unsqueeze(2).to(sums.dtype)
+        new = NetState(neurons=tuple(new_neurons), score_sum=sums[-1], t=state.t + L)
+        return NetOutput(spikes=h, scores=scores), new
+
+    # ----- helpers -------------------------------------------------------------------------
+    def _normalise(self, x: Tensor) -> Tensor:
+        if self.cfg.input_mean == 0.0 and self.cfg.input_std == 1.0:
+            return x
+        return (x - self.cfg.input_mean) / self.cfg.input_std
+
+    def _check_streams(self) -> None:
+        if not self.cfg.streams:
+            raise InputError(f"a '{self.cfg.neuron}' network has no step form (it needs the whole sequence)")
+        if self.training and any(layer.bn is not None for layer in self.layers):
+            raise InputError("step form needs eval mode (batch norm uses running statistics); call .eval()")
+        for layer in self.layers:
+            if isinstance(layer.neuron, MaskedPSN) and layer.neuron.lam < 1.0:
+                raise InputError(f"masked PSN cannot stream with lam={layer.neuron.lam} < 1; set lam = 1.0")
+
+    def _check_input(self, x: Tensor, name: str, lead: str) -> None:
+        check_tensor(x, name)
+        p = self.readout.weight
+        if x.dtype != p.dtype:
+            raise InputError(f"{name}: expected dtype {p.dtype}, got {x.dtype}")
+        check_trailing_shape(x, name, lead, self.cfg.input_shape)
+
+    def set_lam(self, lam: float) -> None:
+        """Set the masked PSN mask relaxation of every layer (no-op for other neurons)."""
+        for layer in self.layers:
+            if isinstance(layer.neuron, MaskedPSN):
+                layer.neuron.lam = float(lam)
+
+    def fused(self) -> PSNNet:
+        """A copy in eval mode with every batch norm folded into the preceding linear/conv map.
+
+        Inference-time batch norm is an affine map per feature, so the fold is exact up to rounding.
+        """
+        net = copy.deepcopy(self).eval()
+        for layer in net.layers:
+            if layer.bn is None:
+                continue
+            bn = layer.bn
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)  # (out,)
+            shift = bn.bias.detach() - bn.running_mean * scale
+            w = layer.op.weight.detach()
+            layer.op.weight.data = w * scale.view(-1, *([1] * (w.dim() - 1)))
+            layer.op.bias.data = layer.op.bias.detach() * scale + shift
+            layer.bn = None
+        return net
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def state_size_bytes(net: PSNNet) -> int:
+    """Bytes of streaming state per session (all windows, score sum, step counter)."""
+    st = net.initial_state(1)
+    tensors = [t for ns in st.neurons for t in ns] + [st.score_sum, st.t]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+__all__ = ["LayerConfig", "NetConfig", "NetState", "NetOutput", "PSNNet", "NEURONS", "STREAMING_NEURONS",
+           "state_size_bytes"]
