@@ -1,0 +1,157 @@
+"""Networks: step == chunk == parallel, causality, batch independence, batch-norm folding, bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from model import InputError
+from model.network import LayerConfig, NetConfig, PSNNet, state_size_bytes
+
+CONV_NET = (LayerConfig("conv", 4, kernel_size=3), LayerConfig("conv", 3, kernel_size=5, stride=2),
+            LayerConfig("linear", 24))
+
+
+def _net(neuron: str, T: int | None = None, k: int = 3, layers=CONV_NET, input_shape=(2, 7), seed: int = 0,
+         bn_stats: bool = True) -> PSNNet:
+    torch.manual_seed(seed)
+    cfg = NetConfig(input_shape=input_shape, num_classes=5, layers=layers, neuron=neuron, k=k, T=T,
+                    input_mean=0.3, input_std=0.8)
+    net = PSNNet(cfg).double()
+    with torch.no_grad():
+        for layer in net.layers:
+            if layer.bn is not None and bn_stats:  # non-trivial running statistics and affine
+                layer.bn.running_mean.uniform_(-0.5, 0.5)
+                layer.bn.running_var.uniform_(0.5, 2.0)
+                layer.bn.weight.uniform_(0.5, 2.0)
+                layer.bn.bias.uniform_(-0.2, 0.2)
+            if hasattr(layer.neuron, "v_threshold"):  # LIF: a lower threshold so it spikes often
+                layer.neuron.v_threshold = 0.2
+            if hasattr(layer.neuron, "bias"):
+                layer.neuron.bias.fill_(0.0)  # threshold at 0: about half the neurons spike
+    return net.eval()
+
+
+STREAMING = [("sliding", None, 3), ("masked", 16, 4), ("lif", None, 1), ("sliding", None, 1)]
+
+
+@pytest.mark.parametrize("neuron,T,k", STREAMING)
+def test_network_step_equals_chunk_equals_parallel(neuron: str, T: int | None, k: int) -> None:
+    net = _net(neuron, T, k)
+    x = torch.randn(16, 6, 2, 7, dtype=torch.float64) * 2
+    ref = net(x)
+    assert 0.05 < ref.spikes.mean() < 0.95
+    st = net.initial_state(6)
+    for t in range(16):
+        out, st = net.step(x[t], st)
+        assert torch.equal(out.spikes, ref.spikes[t])
+        torch.testing.assert_close(out.scores, ref.scores[t], rtol=1e-12, atol=1e-12)
+    rng = random.Random(k)
+    for _ in range(3):  # uneven chunk sizes
+        st, start = net.initial_state(6), 0
+        while start < 16:
+            L = rng.randint(1, 16 - start)
+            out, st = net.chunk(x[start:start + L], st)
+            assert torch.equal(out.spikes, ref.spikes[start:start + L])
+            torch.testing.assert_close(out.scores, ref.scores[start:start + L], rtol=1e-12, atol=1e-12)
+            start += L
+        assert st.t.tolist() == [16] * 6
+
+
+def test_scores_are_running_mean_of_readout() -> None:
+    net = _net("sliding")
+    x = torch.randn(9, 3, 2, 7, dtype=torch.float64)
+    out = net(x)
+    per_step = net.readout(out.spikes.reshape(9, 3, -1))
+    torch.testing.assert_close(out.scores[4], per_step[:5].mean(0))
+
+
+@pytest.mark.parametrize("neuron,T,k", STREAMING[:2])
+def test_network_is_causal_and_rows_independent(neuron: str, T: int | None, k: int) -> None:
+    net = _net(neuron, T, k)
+    x = torch.randn(16, 5, 2, 7, dtype=torch.float64)
+    x2 = x.clone()
+    x2[9:] = torch.randn(7, 5, 2, 7, dtype=torch.float64) * 3
+    a, b = net(x), net(x2)
+    assert torch.equal(a.scores[:9], b.scores[:9]) and not torch.equal(a.scores[9:], b.scores[9:])
+    x3 = x.clone()
+    x3[:, 1] = torch.randn(16, 2, 7, dtype=torch.float64) * 3
+    c = net(x3)
+    keep = [0, 2, 3, 4]
+    assert torch.equal(a.scores[:, keep], c.scores[:, keep])
+
+
+def test_full_psn_network_parallel_only() -> None:
+    net = _net("psn", T=8, layers=(LayerConfig("linear", 16),), input_shape=(4,))
+    out = net(torch.randn(8, 2, 4, dtype=torch.float64))
+    assert out.scores.shape == (8, 2, 5)
+    with pytest.raises(InputError, match="no step form"):
+        net.initial_state(2)
+    with pytest.raises(InputError, match="T=8"):
+        net(torch.randn(7, 2, 4, dtype=torch.float64))
+
+
+def test_batchnorm_folds_exactly() -> None:
+    net = _net("sliding", layers=(LayerConfig("conv", 4), LayerConfig("linear", 12)))
+    fused = net.fused()
+    assert all(layer.bn is None for layer in fused.layers) and any(layer.bn is not None for layer in net.layers)
+    x = torch.randn(12, 4, 2, 7, dtype=torch.float64) * 2
+    a, b = net(x), fused(x)
+    assert torch.equal(a.spikes, b.spikes)
+    torch.testing.assert_close(a.scores, b.scores, rtol=1e-10, atol=1e-10)
+
+
+def test_training_mode_gradients_and_step_refusal() -> None:
+    net = _net("masked", T=10, layers=(LayerConfig("linear", 8),), input_shape=(3,)).float().train()
+    net.set_lam(0.3)
+    out = net(torch.randn(10, 4, 3))
+    torch.nn.functional.cross_entropy(out.scores[-1], torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    with pytest.raises(InputError, match="eval"):
+        net.initial_state(1)
+    net.eval()
+    with pytest.raises(InputError, match="lam=0.3"):
+        net.initial_state(1)
+    net.set_lam(1.0)
+    assert net.initial_state(1).t.tolist() == [0]
+
+
+def test_state_is_fixed_size_per_session() -> None:
+    net = _net("sliding", k=4)
+    st = net.initial_state(3)
+    # windows hold the last k currents of each layer: conv 4x7, conv 3x4, linear 24
+    assert [tuple(n.window.shape) for n in st.neurons] == [(3, 4, 4, 7), (3, 4, 3, 4), (3, 4, 24)]
+    x = torch.randn(20, 3, 2, 7, dtype=torch.float64)
+    _, st2 = net.chunk(x, st)
+    assert [n.window.shape for n in st2.neurons] == [n.window.shape for n in st.neurons]
+    assert state_size_bytes(net) == 8 * (4 * (28 + 12 + 24) + 5) + 8 * (3 + 1)
+
+
+def test_network_bad_inputs() -> None:
+    net = _net("masked", T=6, layers=(LayerConfig("linear", 8),), input_shape=(3,))
+    st = net.initial_state(2)
+    with pytest.raises(InputError, match=r"x_t: expected shape \(B, 3\), got \(2, 4\)"):
+        net.step(torch.randn(2, 4, dtype=torch.float64), st)
+    with pytest.raises(InputError, match="dtype torch.float64"):
+        net.step(torch.randn(2, 3), st)
+    with pytest.raises(InputError, match="NaN"):
+        net.chunk(torch.full((2, 2, 3), float("nan"), dtype=torch.float64), st)
+    with pytest.raises(InputError, match="holds 2 sessions"):
+        net.step(torch.randn(3, 3, dtype=torch.float64), st)
+    with pytest.raises(InputError, match="T=6"):
+        net.chunk(torch.randn(7, 2, 3, dtype=torch.float64), st)
+    with pytest.raises(InputError, match="T=6"):
+        net(torch.randn(7, 2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="k <= T"):
+        NetConfig(input_shape=(3,), num_classes=2, neuron="masked", k=9, T=4)
+    with pytest.raises(ValueError, match="neuron"):
+        NetConfig(input_shape=(3,), num_classes=2, neuron="gru")
+    with pytest.raises(ValueError, match="horizon"):
+        NetConfig(input_shape=(3,), num_classes=2, neuron="masked")
+
+
+def test_config_round_trips() -> None:
+    cfg = _net("masked", T=9).cfg
+    assert NetConfig.from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,252 @@
+"""The PSN family against float64 loops from the paper, and step == chunk == parallel."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model import LIF, PSN, HorizonError, InputError, MaskedPSN, SlidingPSN, mask_schedule
+from model.functional import band_mask, relaxed_mask, sliding_matrix
+from model.surrogate import arctan_surrogate_grad
+from tests.reference import lif_loop, masked_loop, psn_loop, sliding_loop
+
+TIE = 1e-4  # |H| below this may flip in float32; spikes are compared away from it
+
+
+def _randomise(neuron: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in neuron.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if name == "bias" else 0.7))
+
+
+def _assert_matches(s: torch.Tensor, h: torch.Tensor, s_ref: np.ndarray, h_ref: np.ndarray) -> None:
+    h = h.detach().double().numpy().reshape(h_ref.shape)
+    s = s.detach().double().numpy().reshape(s_ref.shape)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+    away = np.abs(h_ref) > TIE
+    assert away.mean() > 0.9
+    np.testing.assert_array_equal(s[away], s_ref[away])
+    assert 0 < s_ref.mean() < 1  # both spikes and silence are tested
+
+
+@pytest.mark.parametrize("T,N", [(1, 3), (8, 5), (33, 17), (64, 2)])
+def test_psn_matches_paper_loop(T: int, N: int) -> None:
+    neuron = PSN(T)
+    _randomise(neuron, T)
+    x = torch.randn(T, N)
+    s_ref, h_ref = psn_loop(x.double().numpy(), neuron.weight.double().detach().numpy(),
+                            neuron.bias.double().detach().numpy())
+    _assert_matches(neuron(x), neuron.membrane(x), s_ref, h_ref)
+
+
+@pytest.mark.parametrize("k,T,shape", [(1, 5, (4,)), (3, 8, (2, 3)), (4, 32, (6,)), (8, 8, (3,)), (16, 64, (2, 2))])
+def test_masked_psn_matches_paper_loop(k: int, T: int, shape: tuple[int, ...]) -> None:
+    neuron = MaskedPSN(k, T)
+    _randomise(neuron, k * T)
+    x = torch.randn(T, *shape)
+    s_ref, h_ref = masked_loop(x.double().reshape(T, -1).numpy(), neuron.weight.double().detach().numpy(),
+                               neuron.bias.double().detach().numpy(), k)
+    _assert_matches(neuron(x), neuron.membrane(x), s_ref, h_ref)
+
+
+@pytest.mark.parametrize("k,T,shape", [(1, 6, (4,)), (2, 8, (3, 2)), (5, 33, (7,)), (8, 64, (5,)), (12, 9, (3,))])
+def test_sliding_psn_matches_paper_loop(k: int, T: int, shape: tuple[int, ...]) -> None:
+    neuron = SlidingPSN(k)
+    _randomise(neuron, k + T)
+    x = torch.randn(T, *shape)
+    s_ref, h_ref = sliding_loop(x.double().reshape(T, -1).numpy(), neuron.weight.double().detach().numpy(),
+                                float(neuron.bias.detach()))
+    _assert_matches(neuron(x), neuron.membrane(x), s_ref, h_ref)
+
+
+def test_lif_matches_loop() -> None:
+    x = torch.rand(20, 4, 3) * 2.5
+    s = LIF(tau=2.0, v_threshold=1.0)(x)
+    ref = lif_loop(x.double().numpy(), 2.0, 1.0)
+    np.testing.assert_array_equal(s.numpy(), ref)
+    assert 0 < ref.mean() < 1
+
+
+def test_paper_initialisations() -> None:
+    sp = SlidingPSN(4)
+    np.testing.assert_allclose(sp.weight.detach().numpy(), [0.125, 0.25, 0.5, 1.0])
+    assert float(sp.bias.detach()) == -1.0  # threshold 1
+    assert torch.all(MaskedPSN(2, 6).bias == -1.0) and torch.all(PSN(6).bias == -1.0)
+    assert tuple(PSN(6).weight.shape) == (6, 6) and tuple(MaskedPSN(2, 6).weight.shape) == (6, 6)
+
+
+def test_sliding_matrix_is_banded_toeplitz() -> None:
+    w = torch.tensor([0.1, 0.2, 0.3])
+    M = sliding_matrix(w, 6)
+    for t in range(6):
+        for i in range(6):
+            expected = float(w[2 - (t - i)]) if 0 <= t - i < 3 else 0.0
+            assert float(M[t, i]) == pytest.approx(expected)
+
+
+def test_mask_relaxation_and_schedule() -> None:
+    m = band_mask(2, 4)
+    assert m.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    r = relaxed_mask(2, 4, 0.25)
+    np.testing.assert_allclose(r.numpy(), 0.25 * m.numpy() + 0.75)
+    assert mask_schedule(0.0) == 0.0 and mask_schedule(1 / 16) == pytest.approx(0.5)
+    assert mask_schedule(0.125) == 1.0 and mask_schedule(0.9) == 1.0
+    assert mask_schedule(0.25, reach=0.5) == pytest.approx(0.5)
+    # lam < 1 lets future inputs in (the relaxed mask is dense), lam = 1 does not
+    neuron = MaskedPSN(2, 6)
+    _randomise(neuron, 1)
+    x = torch.randn(6, 50)
+    x2 = x.clone()
+    x2[5] += 3.0
+    neuron.lam = 0.5
+    assert not torch.equal(neuron.membrane(x)[0], neuron.membrane(x2)[0])
+    neuron.lam = 1.0
+    assert torch.equal(neuron.membrane(x)[:5], neuron.membrane(x2)[:5])
+
+
+def _stream_all_ways(neuron, x: torch.Tensor, splits: list[int]):
+    B, feat = x.shape[1], tuple(x.shape[2:])
+    state = neuron.initial_state(B, feat, dtype=x.dtype)
+    steps = []
+    for x_t in x:
+        s, state = neuron.step(x_t, state)
+        steps.append(s)
+    state = neuron.initial_state(B, feat, dtype=x.dtype)
+    chunks, start = [], 0
+    for L in splits:
+        s, state = neuron.chunk(x[start:start + L], state)
+        chunks.append(s)
+        start += L
+    assert start == x.shape[0]
+    return torch.stack(steps), torch.cat(chunks), state
+
+
+@pytest.mark.parametrize("make", [lambda: MaskedPSN(3, 13), lambda: SlidingPSN(5), lambda: SlidingPSN(1),
+                                  lambda: MaskedPSN(13, 13), lambda: LIF()])
+def test_step_equals_chunk_equals_parallel(make) -> None:
+    neuron = make().double()
+    _randomise(neuron, 7) if not isinstance(neuron, LIF) else None
+    x = torch.randn(13, 4, 3, 2, dtype=torch.float64) * 2
+    parallel = neuron(x)
+    steps, chunks, state = _stream_all_ways(neuron, x, [1, 5, 2, 4, 1])
+    assert torch.equal(steps, parallel) and torch.equal(chunks, parallel)
+    assert 0 < parallel.mean() < 1
+    assert state.t.tolist() == [13] * 4
+
+
+def test_masked_rows_at_different_steps_share_a_batch() -> None:
+    """Sessions in one batch may be at different t: each row uses its own weight row."""
+    neuron = MaskedPSN(3, 10).double()
+    _randomise(neuron, 3)
+    x = torch.randn(10, 2, 5, dtype=torch.float64)
+    ref = neuron(x)
+    st_a = neuron.initial_state(1, (5,))
+    _, st_a = neuron.chunk(x[:4, :1], st_a)  # row 0 at t=4
+    st_b = neuron.initial_state(1, (5,))  # row 1 at t=0
+    joint = type(st_a)(torch.cat([st_a.window, st_b.window]), torch.cat([st_a.t, st_b.t]))
+    x_next = torch.stack([x[4:7, 0], x[0:3, 1]], dim=1)  # (3, 2, 5)
+    s, joint = neuron.chunk(x_next, joint)
+    assert torch.equal(s[:, 0], ref[4:7, 0]) and torch.equal(s[:, 1], ref[0:3, 1])
+    assert joint.t.tolist() == [7, 3]
+
+
+@pytest.mark.parametrize("make", [lambda: MaskedPSN(4, 20), lambda: SlidingPSN(4)])
+def test_causality(make) -> None:
+    neuron = make()
+    _randomise(neuron, 11)
+    x = torch.randn(20, 64)
+    for t in (0, 7, 18):
+        x2 = x.clone()
+        x2[t + 1:] = torch.randn(19 - t, 64) * 5
+        assert torch.equal(neuron.membrane(x)[: t + 1], neuron.membrane(x2)[: t + 1])
+        assert not torch.equal(neuron.membrane(x)[t + 1:], neuron.membrane(x2)[t + 1:])
+
+
+def test_full_psn_is_not_causal() -> None:
+    neuron = PSN(10)
+    _randomise(neuron, 2)
+    x = torch.randn(10, 8)
+    x2 = x.clone()
+    x2[9] += 1.0
+    assert not torch.equal(neuron.membrane(x)[0], neuron.membrane(x2)[0])
+    assert not hasattr(neuron, "step")
+
+
+@pytest.mark.parametrize("make", [lambda: MaskedPSN(3, 9), lambda: SlidingPSN(3), lambda: PSN(9)])
+def test_batch_rows_are_independent(make) -> None:
+    neuron = make()
+    _randomise(neuron, 5)
+    x = torch.randn(9, 6, 4)
+    x2 = x.clone()
+    x2[:, 2] = torch.randn(9, 4) * 10
+    a, b = neuron.membrane(x), neuron.membrane(x2)
+    keep = [0, 1, 3, 4, 5]
+    assert torch.equal(a[:, keep], b[:, keep])
+    if hasattr(neuron, "step"):
+        sa, sb = neuron.initial_state(6, (4,)), neuron.initial_state(6, (4,))
+        for t in range(9):
+            oa, sa = neuron.step(x[t], sa)
+            ob, sb = neuron.step(x2[t], sb)
+            assert torch.equal(oa[keep], ob[keep])
+
+
+@pytest.mark.parametrize("alpha", [2.0, 4.0])
+def test_surrogate_gradient_is_the_arctan_derivative(alpha: float) -> None:
+    """dL/dx_i = sum_t c_t g'(H_t) W[t, i] for L = sum_t c_t S_t (one neuron, T = 5)."""
+    neuron = MaskedPSN(3, 5, alpha=alpha).double()
+    _randomise(neuron, 9)
+    x = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5, 1, dtype=torch.float64)
+    (neuron(x) * c).sum().backward()
+    W = (neuron.weight * band_mask(3, 5, dtype=torch.float64)).detach().numpy()
+    h = neuron.membrane(x.detach()).detach().numpy()[:, 0]
+    gprime = np.array([alpha / (2 * (1 + (math.pi / 2 * alpha * v) ** 2)) for v in h])
+    expected = (c.numpy()[:, 0] * gprime) @ W
+    np.testing.assert_allclose(x.grad.numpy()[:, 0], expected, rtol=1e-10)
+    np.testing.assert_allclose(arctan_surrogate_grad(torch.tensor(h), alpha).numpy(), gprime)
+    # and the weights get a gradient too: dL/dW[t, i] = c_t g'(H_t) x_i on the band
+    gw = neuron.weight.grad.numpy()
+    np.testing.assert_allclose(gw, np.outer(c.numpy()[:, 0] * gprime, x.detach().numpy()[:, 0]) * (W != 0), rtol=1e-10)
+
+
+def test_sliding_weights_get_gradients() -> None:
+    neuron = SlidingPSN(3)
+    x = torch.randn(12, 16)
+    neuron(x).sum().backward()
+    assert neuron.weight.grad is not None and neuron.weight.grad.abs().sum() > 0
+    assert neuron.bias.grad is not None
+
+
+def test_bad_inputs_are_named() -> None:
+    m, s = MaskedPSN(2, 4), SlidingPSN(2)
+    with pytest.raises(InputError, match="floating-point"):
+        s(torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        s(torch.tensor([[1.0], [float("nan")]]))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        m.step(torch.tensor([float("inf")]), m.initial_state(1))
+    with pytest.raises(InputError, match="expected a torch.Tensor"):
+        s([1.0, 2.0])  # type: ignore[arg-type]
+    with pytest.raises(HorizonError, match="T=4"):
+        m(torch.randn(5, 2))
+    with pytest.raises(InputError, match="T=6"):
+        PSN(6)(torch.randn(5, 2))
+    with pytest.raises(InputError, match=r"state.window: expected shape \(2, 2, 3\)"):
+        s.step(torch.randn(2, 3), s.initial_state(2, (4,)))
+    with pytest.raises(ValueError, match="k <= T"):
+        MaskedPSN(5, 4)
+    # stepping past the horizon names T and leaves the given state untouched
+    st = m.initial_state(1, (3,))
+    _, st = m.chunk(torch.randn(4, 1, 3), st)
+    with pytest.raises(HorizonError, match="T=4"):
+        m.step(torch.randn(1, 3), st)
+    assert st.t.tolist() == [4]
+    with pytest.raises(HorizonError, match="T=4"):
+        m.chunk(torch.randn(5, 1, 3), m.initial_state(1, (3,)))
+    m.lam = 0.5
+    with pytest.raises(InputError, match="lam=0.5"):
+        m.step(torch.randn(1, 3), m.initial_state(1, (3,)))
