@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -64,8 +65,10 @@ def bench_neuron(neuron: torch.nn.Module, kind: str, x: torch.Tensor, device: to
     """Rows for one neuron on ``x`` (T, N): PyTorch forward (+ backward), and the fused kernel where it runs."""
     T, N = x.shape
     neuron.validate = False
+    os.environ["PSN_FUSED"] = "0"  # the plain PyTorch path first
     with torch.no_grad():
         fwd = timer(device, lambda: neuron(x), repeat)
+    os.environ.pop("PSN_FUSED")
     both = None
     if backward:
         xg = x.clone().requires_grad_(True)

@@ -8,6 +8,8 @@ present, or under ``TRITON_INTERPRET=1`` for testing on a CPU.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -43,7 +45,8 @@ if HAVE_TRITON:
 
 
 def fused_available(x: Tensor) -> bool:
-    return HAVE_TRITON and x.is_cuda and x.dtype == torch.float32
+    """True where the fused kernel runs: Triton installed, a CUDA float32 tensor, not disabled by PSN_FUSED=0."""
+    return HAVE_TRITON and x.is_cuda and x.dtype == torch.float32 and os.environ.get("PSN_FUSED", "1") != "0"
 
 
 def psn_forward_fused(x_seq: Tensor, weight: Tensor, bias: Tensor, *, ieee: bool = True,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from model import functional as F
 from model.checks import HorizonError, InputError, check_tensor
 from model.functional import NeuronState
+from model.kernels import fused_available, psn_forward_fused
 
 
 class _MatrixNeuron(nn.Module):
@@ -32,7 +33,16 @@ class _MatrixNeuron(nn.Module):
         return self._parallel(x_seq)[1]
 
     def forward(self, x_seq: Tensor) -> Tensor:
-        """Spikes ``S = Heaviside(W X + b)`` for ``x_seq`` (T, ...), same shape."""
+        """Spikes ``S = Heaviside(W X + b)`` for ``x_seq`` (T, ...), same shape.
+
+        Without autograd on a CUDA float32 tensor (and Triton installed), one fused kernel does it.
+        """
+        if not torch.is_grad_enabled() and fused_available(x_seq):
+            if self.validate:
+                check_tensor(x_seq, "x_seq")
+            T = x_seq.shape[0]
+            bias = self.bias[:T] if self.bias.dim() else self.bias
+            return psn_forward_fused(x_seq, self.effective_weight(T), bias)
         return self._parallel(x_seq)[0]
 
     def _parallel(self, x_seq: Tensor) -> tuple[Tensor, Tensor]:
