@@ -1,0 +1,247 @@
+"""Offline training of a PSN-family network on real data, written out as a model folder.
+
+    python -m model.train --dataset mnist1d --neuron sliding -k 8 --preset mnist1d --epochs 60 \
+        --out exported/mnist1d-sliding
+
+Adam or SGD with a cosine learning-rate schedule, a progress bar (loss, accuracy, ETA), deterministic
+for a seed. A masked PSN follows the mask relaxation schedule (``lam`` 0 -> 1 over the first 1/8 of
+training) and is saved with ``lam = 1``. After training the folder's ``metrics.json`` holds the
+measured test accuracy of the parallel form and of step-by-step streaming (see ``model.evaluate``).
+Every option is checked before any data is loaded or any step is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from model.data import DATASETS, Dataset, DataUnavailable, batches, check_available, load_dataset, time_major
+from model.evaluate import evaluate
+from model.network import NEURONS, LayerConfig, NetConfig, PSNNet
+from model.neurons import mask_schedule
+
+DATASET_STEPS = {"mnist1d": 40, "smnist": 28, "digits": 8}  # T of each data set, known before loading it
+
+# Architecture presets: the hidden spiking layers (the readout is added by PSNNet).
+PRESETS: dict[str, tuple[LayerConfig, ...]] = {
+    "tiny": (LayerConfig("linear", 32),),
+    "mnist1d": (LayerConfig("linear", 256), LayerConfig("linear", 256), LayerConfig("linear", 256)),
+    "smnist": (LayerConfig("linear", 256), LayerConfig("linear", 256)),
+}
+
+
+@dataclass
+class TrainResult:
+    net: PSNNet  # trained, eval mode, lam = 1 (batch norm not folded)
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    train_seconds: float = 0.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="psn train", description="Train a PSN-family network and write a model folder.")
+    p.add_argument("--dataset", default="mnist1d", choices=DATASETS, help="data set (default: mnist1d)")
+    p.add_argument("--neuron", default="sliding", choices=NEURONS, help="neuron kind; lif is the serial baseline")
+    p.add_argument("-k", "--k", type=int, default=8, help="order of the masked / sliding PSN")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture (default: the data set's)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--alpha", type=float, default=2.0, help="arctan surrogate sharpness")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test samples")
+    p.add_argument("--out", default=None, help="model folder (default: exported/<dataset>-<neuron>)")
+    p.add_argument("--compare", nargs="*", default=[], help="model folders whose metrics go in the card's table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and check every option; a bad one exits with a clear message before any work."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    T = DATASET_STEPS[a.dataset]
+    if a.k < 1:
+        parser.error(f"-k must be >= 1, got {a.k}")
+    if a.neuron == "masked" and a.k > T:
+        parser.error(f"masked PSN needs k <= T; data set {a.dataset!r} has T={T} steps, got -k {a.k}")
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(a, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not a.lr > 0:
+        parser.error(f"--lr must be > 0, got {a.lr}")
+    for name in ("train_limit", "test_limit"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        check_available(a.dataset)
+    except DataUnavailable as e:
+        parser.error(str(e))
+    try:
+        a.device = resolve_device(a.device)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device: {e}")
+    a.preset = a.preset or (a.dataset if a.dataset in PRESETS else "tiny")
+    a.out = a.out or f"exported/{a.dataset}-{a.neuron}"
+    return a
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA was asked for but is not available here")
+    return dev
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def net_config(a: argparse.Namespace, data: Dataset) -> NetConfig:
+    mean, std = data.input_stats()
+    return NetConfig(input_shape=data.input_shape, num_classes=data.num_classes, layers=PRESETS[a.preset],
+                     neuron=a.neuron, k=a.k, T=data.T if a.neuron in ("masked", "psn") else None,
+                     alpha=a.alpha, input_mean=mean, input_std=std)
+
+
+def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
+    """Train ``net`` in place on ``data`` with the options ``a``; returns it in eval mode with lam = 1."""
+    dev = a.device
+    net.to(dev)
+    x_tr, y_tr = data.x_train.to(dev), data.y_train.to(dev)
+    params = net.parameters()
+    if a.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=a.lr, weight_decay=a.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=a.weight_decay)
+    steps_per_epoch = math.ceil(x_tr.shape[0] / a.batch_size)
+    total = a.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    gen = torch.Generator().manual_seed(a.seed)  # the data order depends on the seed alone
+    loss_fn = nn.CrossEntropyLoss()
+    result = TrainResult(net=net)
+    start, step = time.perf_counter(), 0
+    bar = tqdm(range(a.epochs), desc=f"{data.name}-{a.neuron}", unit="epoch", disable=a.quiet, file=sys.stderr)
+    for epoch in bar:
+        net.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for xb, yb in _device_batches(x_tr, y_tr, a.batch_size, gen):
+            net.set_lam(mask_schedule(step / total))
+            scores = net(xb).scores[-1]  # (B, C) mean readout over all T steps
+            loss = loss_fn(scores, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            loss_sum += loss.item() * yb.shape[0]
+            correct += int((scores.argmax(1) == yb).sum())
+            seen += yb.shape[0]
+        test_acc = _quick_test_acc(net, data, dev)
+        row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": correct / seen, "test_acc": test_acc,
+               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        result.history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}", test=f"{test_acc:.3f}")
+    bar.close()
+    result.train_seconds = time.perf_counter() - start
+    net.set_lam(1.0)
+    net.eval()
+    return result
+
+
+def _device_batches(x: Tensor, y: Tensor, batch_size: int, gen: torch.Generator):
+    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    for i in range(0, x.shape[0], batch_size):
+        idx = order[i:i + batch_size]
+        yield time_major(x[idx]), y[idx]
+
+
+@torch.no_grad()
+def _quick_test_acc(net: PSNNet, data: Dataset, dev: torch.device) -> float:
+    """Parallel-form test accuracy in eval mode at the current lam (for the progress bar and curve)."""
+    net.eval()
+    correct = 0
+    for xb, yb in batches(data.x_test, data.y_test, 1000):
+        correct += int((net(xb.to(dev)).scores[-1].argmax(1).cpu() == yb).sum())
+    net.train()
+    return correct / data.x_test.shape[0]
+
+
+def limit(data: Dataset, train_n: int | None, test_n: int | None) -> Dataset:
+    return Dataset(data.name, data.x_train[:train_n], data.y_train[:train_n], data.x_test[:test_n],
+                   data.y_test[:test_n], data.class_names, data.description)
+
+
+def run(a: argparse.Namespace) -> Path:
+    """Load data, train, measure, write the model folder; returns its path."""
+    from model.report import write_folder  # matplotlib is only needed once training is done
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    data = limit(load_dataset(a.dataset), a.train_limit, a.test_limit)
+    net = PSNNet(net_config(a, data))
+    print(f"{data.description}\n{a.neuron} k={a.k} preset={a.preset}: {net.num_parameters()} parameters, "
+          f"device {a.device}", file=sys.stderr)
+    result = train(net, data, a)
+    fused = result.net.fused().cpu()  # what the service loads
+    t0 = time.perf_counter()
+    ev = evaluate(fused, data.x_test, data.y_test)
+    metrics: dict[str, Any] = {
+        "dataset": data.name, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
+        "test_acc_parallel": round(ev.acc_parallel, 5),
+        "test_acc_streaming": None if ev.acc_streaming is None else round(ev.acc_streaming, 5),
+        "streaming_agreement": ev.agreement, "streaming_max_score_diff": ev.max_score_diff,
+        "acc_per_step": ev.acc_per_step, "test_samples": int(data.x_test.shape[0]),
+        "train_samples": int(data.x_train.shape[0]), "params": result.net.num_parameters(),
+        "train_seconds": round(result.train_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine_name(a.device), "device": str(a.device), "epochs": a.epochs,
+        "batch_size": a.batch_size, "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
+        "schedule": "cosine", "seed": a.seed, "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "command": a.command,
+        "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in result.history],
+    }
+    path = write_folder(Path(a.out), result.net, fused, data, metrics, compare=a.compare)
+    stream = "n/a" if ev.acc_streaming is None else f"{ev.acc_streaming:.4f}"
+    print(f"wrote {path}: test acc parallel {ev.acc_parallel:.4f}, streaming {stream}, "
+          f"{result.train_seconds:.0f} s training", file=sys.stderr)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    a.command = "python -m model.train " + " ".join(sys.argv[1:] if argv is None else argv)
+    run(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
