@@ -1,0 +1,149 @@
+"""Export model folders to ONNX and check them against PyTorch with onnxruntime.
+
+Usage:
+    python -m exported.export exported/mnist1d-sliding        # one or more folders
+    python -m exported.export --all [--root exported]          # every model folder under the root
+    options: --opset N (default 18), --samples N (real test samples for the parity check, default 512),
+             --no-parity (write the files only)
+
+For each folder it writes ``model.onnx`` (parallel form), ``model_step.onnx`` (step form; not for
+plain PSN models, which cannot stream), and ``onnx_parity.json`` (the parity summary, also printed).
+Exit status: 0 all exported and in parity, 1 a parity check failed, 2 bad input (nothing written for
+that folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+
+from exported.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, check_opset, export_model
+from exported.parity import Samples, check_parity
+from exported.runtime import OnnxModel
+from model.folder import LoadedModel, ModelFolderError, find_model_folders, load_model_folder
+
+PARITY_FILE = "onnx_parity.json"
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str):
+    from model.data import load_dataset
+
+    return load_dataset(name)
+
+
+def load_test_samples(model: LoadedModel, n: int) -> tuple[Samples | None, str]:
+    """The first ``n`` test samples of the model's data set, time-major; or None and the reason."""
+    name = str(model.config.get("dataset") or "")
+    if n <= 0:
+        return None, "real samples not requested"
+    try:
+        from model.data import DATASETS, DataUnavailable
+    except ImportError:
+        return None, "model.data is not available"
+    if name not in DATASETS:
+        return None, f"dataset {name!r} is not one this machine can load"
+    try:
+        ds = _dataset(name)
+    except DataUnavailable as e:
+        return None, str(e)
+    if ds.input_shape != model.cfg.input_shape:
+        return None, f"dataset {name!r} has input shape {ds.input_shape}, the model {model.cfg.input_shape}"
+    x = ds.x_test[:n].transpose(0, 1).contiguous().numpy().astype(np.float32)  # (T, n, *F)
+    return Samples(x=x, y=ds.y_test[:n].numpy(), source=f"{name} test set, first {x.shape[1]}"), ""
+
+
+def export_folder(folder: str | Path, *, opset: int = DEFAULT_OPSET, samples: int = 512,
+                  parity: bool = True, out_dir: str | Path | None = None) -> dict:
+    """Export one model folder (into ``out_dir``, default the folder itself); returns the summary."""
+    model = load_model_folder(folder)
+    out = Path(out_dir) if out_dir is not None else model.path
+    result = export_model(model, out, opset=opset)
+    summary: dict = {"model": model.name, "files": [p.name for p in (result.parallel, result.step) if p],
+                     "notes": result.notes, "opset": opset, "onnxruntime": onnxruntime.__version__}
+    if parity:
+        real, why = load_test_samples(model, samples)
+        summary["parity"] = check_parity(model, OnnxModel(out), real)
+        if real is None:
+            summary["parity"]["real"] = {"skipped": why}
+        summary["passed"] = summary["parity"]["passed"]
+        (out / PARITY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['model']}: wrote {', '.join(summary['files'])} (opset {summary['opset']})"]
+    lines += [f"  note: {n}" for n in summary["notes"]]
+    p = summary.get("parity")
+    if p is None:
+        return "\n".join(lines)
+
+    def row(label: str, c: dict) -> str:
+        return (f"  {label:<22} T={c['T']:<4} B={c['batch']:<4} max|dscore|={c['scores_max_abs_diff']:.2e} "
+                f"spike flips={c['spike_mismatches']}/{c['spikes_compared']} "
+                f"(unexplained {c['unexplained_by_ties']})  {'ok' if c['ok'] else 'FAIL'}")
+
+    lines.append(row("random: onnx vs torch", p["random"]))
+    if "step_vs_parallel" in p:
+        lines.append(row("random: step vs par.", p["step_vs_parallel"]))
+    for c in p.get("dynamic_T", []):
+        lines.append(row("dynamic T", c))
+    real = p.get("real", {})
+    if "skipped" in real:
+        lines.append(f"  real samples: skipped ({real['skipped']})")
+    elif real:
+        for label, c in zip(("real: onnx vs torch", "real: step vs par."), real["checks"], strict=False):
+            lines.append(row(label, c))
+        accs = ", ".join(f"{k}={v:.4f}" for k, v in real.items() if k.startswith("acc_"))
+        lines.append(f"  accuracy on {real['source']}: {accs}  {'ok' if real['accuracy_ok'] else 'FAIL'}")
+    lines.append(f"  parity: {'PASSED' if p['passed'] else 'FAILED'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m exported.export", description=__doc__.split("\n")[0])
+    ap.add_argument("folders", nargs="*", help="model folders to export")
+    ap.add_argument("--all", action="store_true", help="export every model folder under --root")
+    ap.add_argument("--root", default="exported", help="where --all looks (default: exported)")
+    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                    help=f"ONNX opset, {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET})")
+    ap.add_argument("--samples", type=int, default=512, help="real test samples for the parity check (0: none)")
+    ap.add_argument("--no-parity", action="store_true", help="write the files, skip the parity check")
+    args = ap.parse_args(argv)
+
+    def fail(msg: str) -> int:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        check_opset(args.opset)
+    except ExportError as e:
+        return fail(str(e))
+    if args.all == bool(args.folders):
+        return fail("name model folders or pass --all (not both)")
+    folders = [Path(f) for f in args.folders]
+    if args.all:
+        folders = find_model_folders(args.root)
+        if not folders:
+            return fail(f"no model folders (with config.json) under {args.root!r}")
+    status = 0
+    for folder in folders:
+        try:
+            summary = export_folder(folder, opset=args.opset, samples=args.samples, parity=not args.no_parity)
+        except (ModelFolderError, ExportError) as e:
+            status = max(status, fail(str(e)))
+            continue
+        print(format_summary(summary))
+        if not summary.get("passed", True):
+            status = max(status, 1)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
