@@ -15,6 +15,8 @@ input's name with a ``new_`` prefix.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +124,7 @@ def _neuron_parallel(neuron: nn.Module, cur: Tensor) -> Tensor:
     if isinstance(neuron, (MaskedPSN, PSN)):
         return F.matrix_forward(cur, neuron.effective_weight(T), neuron.bias[:T], neuron.alpha)[0]
     if isinstance(neuron, LIF):
-        return _lif_scan(cur, neuron.tau, neuron.v_threshold)
+        return _scripted_lif_scan()(cur, neuron.tau, neuron.v_threshold)
     raise TypeError(f"no parallel export for {type(neuron).__name__}")
 
 
@@ -139,7 +141,14 @@ def _neuron_step(neuron: nn.Module, cur: Tensor, ns: NeuronState) -> tuple[Tenso
     return s, new
 
 
-@torch.jit.script
+@functools.cache
+def _scripted_lif_scan():
+    """``_lif_scan`` compiled by TorchScript (its deprecation warning silenced: the exporter needs it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(_lif_scan)
+
+
 def _lif_scan(x_seq: Tensor, tau: float, v_threshold: float) -> Tensor:
     """LIF with hard reset over (T, ...) as a scripted loop, so the ONNX graph keeps a Loop over T."""
     v = torch.zeros_like(x_seq[0])

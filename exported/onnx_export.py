@@ -78,9 +78,10 @@ def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
         "torch_version": torch.__version__,
     }
     if form == "parallel":
-        meta["inputs"] = json.dumps({"x": ["T", "batch", *cfg.input_shape]})
-        meta["outputs"] = json.dumps({"spikes": ["T", "batch", *model.net.out_shape],
-                                      "scores": ["T", "batch", cfg.num_classes]})
+        time = "T" if dynamic_T(model) else cfg.T
+        meta["inputs"] = json.dumps({"x": [time, "batch", *cfg.input_shape]})
+        meta["outputs"] = json.dumps({"spikes": [time, "batch", *model.net.out_shape],
+                                      "scores": [time, "batch", cfg.num_classes]})
     else:
         states = [{"name": s.name, "output": f"new_{s.name}", "shape": ["batch", *s.shape], "dtype": s.dtype}
                   for s in state_spec(model.net)]
