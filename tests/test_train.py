@@ -1,0 +1,110 @@
+"""Training command end to end, option checks, and the shipped models in exported/."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.cli import main as psn_main
+from model.data import fit_input_shape, load_dataset
+from model.evaluate import evaluate, parallel_scores, streamed_scores
+from model.folder import find_model_folders, load_model_folder
+from model.report import check_reference
+from model.train import main as train_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = find_model_folders(ROOT / "exported")
+TINY = ["--dataset", "digits", "--preset", "tiny", "--epochs", "2", "--train-limit", "400", "--test-limit", "120",
+        "--batch-size", "32", "--lr", "3e-2", "--quiet"]
+
+
+def _train(tmp_path: Path, name: str, *extra: str) -> Path:
+    out = tmp_path / name
+    assert psn_main(["train", *TINY, *extra, "--out", str(out)]) == 0
+    return out
+
+
+def test_tiny_digits_run_writes_a_loadable_folder(tmp_path):
+    out = _train(tmp_path, "digits-sliding")
+    for f in ("config.json", "weights.safetensors", "metrics.json", "README.md", "training.png", "reference.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("test_acc_parallel", "test_acc_streaming", "acc_per_step", "params", "train_seconds", "machine",
+                "epochs", "history"):
+        assert key in m, key
+    assert len(m["acc_per_step"]) == 8 and len(m["history"]) == 2 and m["test_samples"] == 120
+    assert m["streaming_max_score_diff"] < 1e-4
+    assert m["test_acc_streaming"] == pytest.approx(m["test_acc_parallel"], abs=1 / 120)
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| model | neuron |" in (out / "README.md").read_text()
+    # the folder alone rebuilds the net and reproduces the stored predictions
+    assert check_reference(out) < 1e-4
+    loaded = load_model_folder(out)
+    assert loaded.metrics["params"] == loaded.net.num_parameters() + 2 * 32  # BN scale and shift are folded away
+    d = load_dataset("digits")
+    ev = evaluate(loaded.net, d.x_test[:120], d.y_test[:120])
+    assert ev.acc_parallel == pytest.approx(m["test_acc_parallel"], abs=1e-5)
+    assert m["test_acc_parallel"] > 0.25  # it learned something in 2 short epochs (chance is 0.1)
+
+
+def test_masked_run_is_saved_with_lam_one_and_streams(tmp_path):
+    out = _train(tmp_path, "digits-masked", "--neuron", "masked", "-k", "4", "--layers", "C4k3s1,L24")
+    loaded = load_model_folder(out)
+    assert loaded.cfg.neuron == "masked" and loaded.cfg.T == 8 and loaded.cfg.input_shape == (1, 8)
+    assert all(layer.neuron.lam == 1.0 for layer in loaded.net.layers)
+    m = loaded.metrics
+    assert m["test_acc_streaming"] is not None and m["streaming_agreement"] >= 0.99
+    check_reference(out)
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = load_file(str(_train(tmp_path, "a", "--epochs", "1", "--seed", "3") / "weights.safetensors"))
+    b = load_file(str(_train(tmp_path, "b", "--epochs", "1", "--seed", "3") / "weights.safetensors"))
+    c = load_file(str(_train(tmp_path, "c", "--epochs", "1", "--seed", "4") / "weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--neuron", "masked", "-k", "9"], "masked PSN needs k <= T; data set 'digits' has T=8"),
+    (["-k", "0"], "-k must be >= 1"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--layers", "L32,Q3"], "bad layer 'Q3'"),
+    (["--layers", "L32,C4k3s1"], "conv layers must all come before the linear layers"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
+])
+def test_bad_options_fail_before_training(argv, message, tmp_path, capsys):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        train_main(["--dataset", "digits", *argv, "--out", str(out), "--quiet"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@functools.cache
+def _test_subset(dataset: str, n: int = 300):
+    d = load_dataset(dataset)
+    return d.x_test[:n], d.y_test[:n], d
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_model_streams_exactly_like_the_parallel_form(folder):
+    loaded = load_model_folder(folder)
+    check_reference(folder)
+    x, y, d = _test_subset(loaded.config["dataset"])
+    x = fit_input_shape(d, loaded.cfg.input_shape).x_test[: x.shape[0]]
+    par = parallel_scores(loaded.net, x)[-1]  # (N, C)
+    stream = streamed_scores(loaded.net, x)
+    assert torch.equal(par.argmax(1), stream.argmax(1))
+    assert float((par - stream).abs().max()) < 1e-4
+    m = loaded.metrics
+    assert m["test_acc_streaming"] == pytest.approx(m["test_acc_parallel"], abs=2e-3)
+    assert m["test_samples"] == d.x_test.shape[0]  # the full test set was measured
+    assert len(m["acc_per_step"]) == d.T
