@@ -70,7 +70,8 @@ def figure_png(metrics: dict[str, Any], fused: PSNNet, data: Dataset) -> bytes:
     ax_acc.set_ylim(0, 1)
     ax_loss.legend(loc="center left")
     ax_acc.legend(loc="center right")
-    ax_loss.set_title(f"{data.name} {metrics['neuron']} PSN: training")
+    label = {"sliding": "sliding PSN", "masked": "masked PSN", "psn": "PSN", "lif": "LIF"}[metrics["neuron"]]
+    ax_loss.set_title(f"{data.name}, {label}: training")
     if fused.cfg.streams:
         spikes, scores = stream_one(fused, data.x_test[0])  # (T, N), (T, C)
         t_idx, n_idx = spikes.nonzero(as_tuple=True)

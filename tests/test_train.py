@@ -108,3 +108,14 @@ def test_shipped_model_streams_exactly_like_the_parallel_form(folder):
     assert m["test_acc_streaming"] == pytest.approx(m["test_acc_parallel"], abs=2e-3)
     assert m["test_samples"] == d.x_test.shape[0]  # the full test set was measured
     assert len(m["acc_per_step"]) == d.T
+
+
+def test_psn_console_script_points_at_the_cli(capsys):
+    import importlib
+    import tomllib
+
+    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["psn"]
+    module, func = target.split(":")
+    entry = getattr(importlib.import_module(module), func)
+    assert entry([]) == 2 and "psn {train}" in capsys.readouterr().out
+    assert entry(["serve-nothing"]) == 2 and "unknown command" in capsys.readouterr().err
