@@ -3,7 +3,8 @@
     python bench/onnx.py                       # every model under exported/ (a synthetic net if none)
     python bench/onnx.py exported/smnist-sliding --batch 1 256 --sessions 256 --json out.json
 
-Both run float32 on the same threads (PyTorch's default intra-op threads; onnxruntime the same count).
+Both run float32 on the same number of intra-op threads (``--threads``, default PyTorch's). The load
+average is printed: on a shared CPU, multi-threaded PyTorch slows down badly when other processes run.
 A model folder without ONNX files is exported to a temporary folder first. With no model folders, a
 28-128-128-10 sliding PSN net (k=8, untrained) stands in. Times are medians over ``--repeat`` calls.
 """
@@ -113,11 +114,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sessions", type=int, default=256)
     ap.add_argument("--T", type=int, default=None, help="steps for sliding/LIF models (default: their data's)")
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads for both (default: PyTorch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     rows: list[dict] = []
+    load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folders = args.folders or find_model_folders(Path(__file__).resolve().parents[1] / "exported")
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += bench_model(model, onnx_model, T, args.batch, args.sessions, args.repeat)
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({threads} threads), onnxruntime {__import__('onnxruntime').__version__}")
+          f"({threads} threads), onnxruntime {__import__('onnxruntime').__version__}, "
+          f"load average before {load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print("| model | form | batch | PyTorch ms | onnxruntime ms | onnxruntime speed-up |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
