@@ -10,6 +10,7 @@ as JSON): see ``metadata`` and docs/onnx.md.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -21,7 +22,7 @@ import onnx
 import torch
 
 from exported.graphs import ParallelGraph, StepGraph, state_spec
-from model.folder import LoadedModel
+from model.folder import WEIGHTS_FILE, LoadedModel
 
 EXPORT_VERSION = 1  # bump when the graph interface or the metadata keys change
 DEFAULT_OPSET = 18
@@ -56,6 +57,26 @@ def example_T(model: LoadedModel) -> int:
     return model.cfg.T if model.cfg.T is not None else 8
 
 
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """Hash of the folder's weights file: ONNX files record it, so a stale export can be detected."""
+    path = Path(folder) / WEIGHTS_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def export_is_current(folder: str | os.PathLike, streams: bool) -> bool:
+    """Whether ``folder`` holds the ONNX files its model needs, made from its current weights."""
+    folder = Path(folder)
+    files = [PARALLEL_FILE] + ([STEP_FILE] if streams else [])
+    want = weights_sha256(folder)
+    for name in files:
+        if not (folder / name).is_file():
+            return False
+        meta = {p.key: p.value for p in onnx.load(str(folder / name), load_external_data=False).metadata_props}
+        if meta.get("weights_sha256") != want or meta.get("export_version") != str(EXPORT_VERSION):
+            return False
+    return True
+
+
 def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
     """The metadata_props of one file (``form``: "parallel" or "step")."""
     cfg = model.cfg
@@ -73,6 +94,7 @@ def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
         "input_std": repr(float(cfg.input_std)),
         "input_normalisation": "inside the graph: feed raw inputs; it computes (x - input_mean) / input_std",
         "dataset": str(model.config.get("dataset", "")),
+        "weights_sha256": weights_sha256(model.path),
         "opset": str(opset),
         "export_version": str(EXPORT_VERSION),
         "torch_version": torch.__version__,
@@ -156,6 +178,6 @@ def _finish(proto: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
 
 
 def _write(proto: onnx.ModelProto, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(proto.SerializeToString())
     os.replace(tmp, path)

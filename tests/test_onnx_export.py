@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from exported.export import PARITY_FILE, export_folder, load_test_samples, main
-from exported.onnx_export import PARALLEL_FILE, STEP_FILE, export_model
+from exported.onnx_export import PARALLEL_FILE, STEP_FILE, export_is_current, export_model
 from exported.parity import check_parity, random_inputs
 from exported.runtime import OnnxModel
 from model.folder import find_model_folders, load_model_folder, save_model_folder
@@ -82,6 +82,7 @@ def test_metadata_describes_the_model_and_its_state(tiny):
     assert json.loads(meta["class_names"]) == [f"c{i}" for i in range(10)]
     assert float(meta["input_mean"]) == 5.0 and float(meta["input_std"]) == 6.0
     assert meta["opset"] == "18" and meta["export_version"] == "1"
+    assert export_is_current(tiny["masked"], True)
     step = onnx.load(str(tiny["masked"] / STEP_FILE))
     state = json.loads({p.key: p.value for p in step.metadata_props}["state"])
     names = [s["name"] for s in state]
@@ -140,6 +141,7 @@ def test_parity_check_catches_a_model_that_does_not_match(tiny, tmp_path):
     other = load_model_folder(_tiny("sliding", tmp_path, seed=7))
     export_model(other, tmp_path / "onnx")
     wrong = load_model_folder(tiny["sliding"])  # different weights than the exported files
+    assert not export_is_current(tmp_path / "onnx", True)  # no weights file there: not current
     report = check_parity(wrong, OnnxModel(tmp_path / "onnx"))
     assert not report["passed"]
     assert not report["random"]["ok"] and report["random"]["unexplained_by_ties"] > 0
@@ -153,6 +155,7 @@ def test_shipped_model_files_exist_pass_checker_and_match_torch(folder):
     for name in names:
         assert (folder / name).is_file(), f"{folder / name} missing: run python -m exported.export --all"
         onnx.checker.check_model(onnx.load(str(folder / name)), full_check=True)
+    assert export_is_current(folder, model.cfg.streams), "ONNX files older than the weights: re-export"
     samples, why = load_test_samples(model, 256)
     assert samples is not None, why
     report = check_parity(model, OnnxModel(folder), samples, batch=8)
