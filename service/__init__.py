@@ -1,0 +1,1 @@
+"""psn-stream service: FastAPI app, batching engine and backends for streaming PSN inference."""

@@ -1,0 +1,55 @@
+"""Error responses: every refusal is ``{"error": {"code", "message", "field"}}`` with its status."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import InvalidInput, ServiceError
+from service.schemas import ErrorResponse
+
+log = logging.getLogger("psn.api")
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses=`` entry documenting the error body for these statuses."""
+    return {s: {"model": ErrorResponse} for s in statuses}
+
+
+def validation_error(exc: RequestValidationError) -> InvalidInput:
+    errs = exc.errors()
+    first = errs[0] if errs else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or "body"
+    return InvalidInput(f"{field}: {first.get('msg', 'invalid request')}", field=field)
+
+
+def _respond(request: Request, err: ServiceError) -> JSONResponse:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(err.code).inc()
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _respond(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _respond(request, validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _respond(request, ServiceError(str(exc.detail), status=exc.status_code, code=code))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _respond(request, ServiceError(f"internal error: {type(exc).__name__}", status=500, code="internal"))

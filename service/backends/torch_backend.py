@@ -1,0 +1,56 @@
+"""PyTorch backend: session state as preallocated tensors on the model's device, one row per slot."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from model.folder import LoadedModel
+from model.functional import NeuronState
+from model.network import NetState
+
+
+class TorchBackend:
+    """Runs ``model.net`` (eval, batch norm folded) with its ``chunk`` form over gathered slot state."""
+
+    def __init__(self, model: LoadedModel, max_slots: int):
+        self.model = model
+        weight = model.net.readout.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.max_slots = max_slots if model.cfg.streams else 0
+        with torch.no_grad():
+            # (max_slots, k, *features) per layer, (max_slots, C), (max_slots,)
+            self._state: NetState | None = model.net.initial_state(self.max_slots) if self.max_slots else None
+
+    @torch.no_grad()
+    def reset(self, slots: Tensor) -> None:
+        if self._state is None:
+            raise RuntimeError(f"model {self.model.name!r} cannot stream: it has no session slots")
+        idx = slots.to(self.device)
+        for ns in self._state.neurons:
+            ns.window.index_fill_(0, idx, 0)
+            ns.t.index_fill_(0, idx, 0)
+        self._state.score_sum.index_fill_(0, idx, 0)
+        self._state.t.index_fill_(0, idx, 0)
+
+    @torch.no_grad()
+    def run(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        st = self._state
+        if st is None:
+            raise RuntimeError(f"model {self.model.name!r} cannot stream: it has no session slots")
+        idx = slots.to(self.device)
+        rows = NetState(
+            neurons=tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx)) for ns in st.neurons),
+            score_sum=st.score_sum.index_select(0, idx), t=st.t.index_select(0, idx))
+        out, new = self.model.net.chunk(x.to(self.device, self.dtype), rows)
+        for ns, nn_ in zip(st.neurons, new.neurons, strict=True):
+            ns.window.index_copy_(0, idx, nn_.window)
+            ns.t.index_copy_(0, idx, nn_.t)
+        st.score_sum.index_copy_(0, idx, new.score_sum)
+        st.t.index_copy_(0, idx, new.t)
+        return out.spikes.cpu(), out.scores.cpu()
+
+    @torch.no_grad()
+    def classify(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model.net(x.to(self.device, self.dtype))
+        return out.spikes.cpu(), out.scores.cpu()

@@ -1,0 +1,52 @@
+"""Service settings: environment variables with the ``PSN_`` prefix, validated once at start-up."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PSN_", extra="ignore", protected_namespaces=())
+
+    host: str = "127.0.0.1"  # `python -m service` binds here
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    model_dir: Path = Path("exported")  # every folder with a config.json under it is served
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    backend: str = "torch"  # a name in service.backends.BACKENDS
+    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads; None leaves torch's default
+    max_sessions: int = Field(1024, ge=1)  # preallocated state slots per model
+    max_batch_size: int = Field(256, ge=1)  # sessions stepped in one forward pass
+    max_wait_ms: float = Field(1.0, ge=0)  # how long the oldest pending step may wait for a fuller batch
+    idle_timeout_s: float = Field(300.0, gt=0)  # sessions without a request for this long expire
+    max_steps_per_request: int = Field(1024, ge=1)  # steps in one request (streaming or classify)
+    max_request_bytes: int = Field(1_000_000, ge=1024)  # HTTP body / WebSocket message size
+    queue_depth: int = Field(4096, ge=1)  # pending requests per model before 503 queue_full
+    retry_window: int = Field(16, ge=0)  # recent step outputs kept per session to answer retries
+    remember_gone: int = Field(100_000, ge=0)  # expired/closed ids remembered (answered 410, not 404)
+    drain_timeout_s: float = Field(10.0, ge=0)  # shutdown: how long pending work may take to finish
+    warmup: bool = True  # run each model once at start-up
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,84 @@
+"""Service errors: each has an HTTP status, a stable code, a message naming the field, and maybe Retry-After."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None,
+                 status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.field, self.retry_after = message, field, retry_after
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict:
+        err = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            err["field"] = self.field
+        return {"error": err}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+
+
+class InvalidInput(ServiceError):
+    status, code = 422, "invalid_input"
+
+
+class PastHorizon(ServiceError):
+    status, code = 422, "past_horizon"
+
+
+class TooManySteps(ServiceError):
+    status, code = 413, "too_many_steps"
+
+
+class RequestTooLarge(ServiceError):
+    status, code = 413, "request_too_large"
+
+
+class ModelNotFound(ServiceError):
+    status, code = 404, "model_not_found"
+
+
+class ModelCannotStream(ServiceError):
+    status, code = 409, "model_cannot_stream"
+
+
+class SessionNotFound(ServiceError):
+    status, code = 404, "session_not_found"
+
+
+class SessionGone(ServiceError):
+    """An id that existed: ``code`` is ``session_expired`` (idle timeout) or ``session_closed`` (deleted)."""
+
+    status, code = 410, "session_expired"
+
+
+class StepGap(ServiceError):
+    status, code = 409, "step_gap"
+
+
+class RetryTooOld(ServiceError):
+    status, code = 409, "retry_too_old"
+
+
+class TooManySessions(ServiceError):
+    status, code = 503, "too_many_sessions"
+
+
+class QueueFull(ServiceError):
+    status, code = 503, "queue_full"
+
+
+class ShuttingDown(ServiceError):
+    status, code = 503, "shutting_down"
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"

@@ -1,0 +1,142 @@
+"""Request and response models of the HTTP and WebSocket API (they are also the OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STEP_EXAMPLE = {"index": 0, "spikes": [0, 1, 1, 0], "scores": [0.12, -0.3, 0.05], "predicted": 0, "label": "0"}
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. invalid_input, session_expired, queue_full")
+    message: str = Field(description="what was wrong, naming the field and the expected shape")
+    field: str | None = Field(None, description="the request field at fault, if one is")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    model_config = ConfigDict(json_schema_extra={"example": {"error": {
+        "code": "invalid_input", "message": "steps: expected shape (L, 28), got (2, 27)", "field": "steps"}}})
+
+
+class ModelInfo(BaseModel):
+    name: str
+    neuron: str = Field(description="masked | sliding | lif | psn")
+    streams: bool = Field(description="false for plain PSN models: /v1/classify only")
+    k: int | None = Field(description="order of the masked / sliding PSN")
+    horizon: int | None = Field(description="T: steps a session may take (masked PSN); null = unbounded")
+    input_shape: list[int] = Field(description="shape of one step")
+    output_shape: list[int] = Field(description="shape of the spikes of one step (last spiking layer)")
+    num_classes: int
+    class_names: list[str]
+    dataset: str
+    metrics: dict[str, Any]
+    config: dict[str, Any] = Field(description="the model folder's network config")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class SessionCreate(BaseModel):
+    model: str = Field(description="a name from GET /v1/models", examples=["mnist1d-sliding"])
+
+
+class SessionInfo(BaseModel):
+    session_id: str = Field(description="unguessable id")
+    model: str
+    input_shape: list[int]
+    horizon: int | None = Field(description="T for masked models (steps past it are refused); null for sliding/LIF")
+    steps_seen: int = Field(description="steps applied so far = the index the next new step gets")
+    idle_timeout_s: float
+    expires_in_s: float = Field(description="seconds until idle expiry if no request arrives")
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "session_id": "kY3v0f9yQm2c8pX1b7ZtNw", "model": "mnist1d-sliding", "input_shape": [1], "horizon": None,
+        "steps_seen": 0, "idle_timeout_s": 300.0, "expires_in_s": 300.0}})
+
+
+class StepsRequest(BaseModel):
+    steps: list[Any] = Field(description="L steps, each of the model's input_shape: shape (L, *input_shape)",
+                             examples=[[[0.5], [-1.2], [0.3]]])
+    start: int | None = Field(None, ge=0, description=(
+        "index of the first step; omit to append. A retry with an index already applied is answered from "
+        "the session's recent outputs (not applied twice); an index past steps_seen is refused (step_gap)."))
+
+
+class StepOutput(BaseModel):
+    index: int = Field(description="0-based step index within the session")
+    spikes: list[Any] = Field(description="0/1 spikes of the last spiking layer, shape output_shape")
+    scores: list[float] = Field(description="class scores: mean readout over steps 0..index")
+    predicted: int = Field(description="argmax of scores: the class predicted so far")
+    label: str = Field(description="class_names[predicted]")
+    model_config = ConfigDict(json_schema_extra={"example": STEP_EXAMPLE})
+
+
+class StepsResponse(BaseModel):
+    session_id: str
+    start: int = Field(description="index of the first output")
+    replayed: int = Field(description="how many of the outputs were already applied (answered from the retry window)")
+    steps_seen: int
+    outputs: list[StepOutput]
+
+
+class ClassifyRequest(BaseModel):
+    model: str = Field(examples=["mnist1d-sliding"])
+    steps: list[Any] = Field(description="the whole sequence, shape (T, *input_shape)",
+                             examples=[[[0.5], [-1.2], [0.3]]])
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    predicted: int = Field(description="class after the last step")
+    label: str
+    scores: list[float] = Field(description="scores after the last step")
+    outputs: list[StepOutput] = Field(description="per step, the same as streaming the sequence")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "not_ready"]
+    models: list[str] = []
+
+
+# ----- WebSocket messages (JSON text frames on /v1/stream) ----------------------------------
+class WsOpen(BaseModel):
+    type: Literal["open"]
+    model: str
+
+
+class WsAttach(BaseModel):
+    type: Literal["attach"]
+    session_id: str
+
+
+class WsSteps(BaseModel):
+    type: Literal["steps"]
+    steps: list[Any]
+    start: int | None = Field(None, ge=0)
+    id: Any = Field(None, description="echoed back in the answer")
+
+
+class WsClose(BaseModel):
+    type: Literal["close"]
+
+
+class WsStepsAnswer(BaseModel):
+    type: Literal["steps"] = "steps"
+    session_id: str
+    id: Any = None
+    start: int
+    replayed: int
+    outputs: list[StepOutput]
+
+
+class WsEvent(BaseModel):
+    """Server messages: opened / attached (with the session), closed, expired, error."""
+
+    type: Literal["opened", "attached", "closed", "expired", "error"]
+    session: SessionInfo | None = None
+    session_id: str | None = None
+    error: ErrorDetail | None = None
+    id: Any = None
