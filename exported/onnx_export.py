@@ -10,6 +10,8 @@ as JSON): see ``metadata`` and docs/onnx.md.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -115,12 +117,22 @@ def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
     return meta
 
 
+def as_float32(model: LoadedModel) -> LoadedModel:
+    """``model`` with a float32 CPU eval copy of its network (the ONNX graphs are float32)."""
+    p = model.net.readout.weight
+    if p.dtype == torch.float32 and p.device.type == "cpu" and not model.net.training:
+        return model
+    net = copy.deepcopy(model.net).to(device="cpu", dtype=torch.float32).eval()
+    return dataclasses.replace(model, net=net)
+
+
 def export_model(model: LoadedModel, out_dir: str | os.PathLike, *, opset: int = DEFAULT_OPSET) -> ExportResult:
     """Write ``model.onnx`` (and ``model_step.onnx`` if the model streams) into ``out_dir``; checker-verified."""
     check_opset(opset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    net = model.net.eval()
+    model = as_float32(model)
+    net = model.net
     result = ExportResult(parallel=out_dir / PARALLEL_FILE, step=None)
     _write(_export_parallel(model, opset), result.parallel)
     stale_step = out_dir / STEP_FILE
