@@ -1,0 +1,31 @@
+"""Models, health, readiness, metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import httpx
+
+
+def test_models(client: httpx.Client) -> None:
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    assert set(models) == {"sliding", "masked", "conv", "lif", "full"}
+    m = client.get("/v1/models/conv").json()
+    assert m["input_shape"] == [2, 5] and m["output_shape"] == [7] and m["k"] == 2 and m["horizon"] is None
+    assert m["class_names"] == ["w", "x", "y", "z"] and m["streams"] is True
+    assert models["masked"]["horizon"] == 24 and models["full"]["streams"] is False
+
+
+def test_health_ready_metrics(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "models": []}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready"
+    text = client.get("/metrics").text
+    for name in ("psn_sessions", "psn_queue_depth", "psn_batch_size", "psn_step_latency_seconds", "psn_errors"):
+        assert name in text
+
+
+def test_openapi_has_examples(client: httpx.Client) -> None:
+    doc = client.get("/openapi.json").json()
+    for path in ("/v1/models", "/v1/sessions", "/v1/sessions/{session_id}/steps", "/v1/classify", "/readyz"):
+        assert path in doc["paths"]
+    text = str(doc)
+    assert "example" in text and "ErrorResponse" in text

@@ -1,0 +1,144 @@
+"""Every bad input gets its documented 4xx/503 with a message naming the field; the server and the
+session keep working afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import websockets.sync.client as ws_client
+
+from tests.service.conftest import Reference, Server, assert_outputs
+
+BAD_STEPS = [  # (body, status, code, words the message must contain)
+    ({"steps": [[1.0, 2.0]]}, 422, "invalid_input", ["steps", "(L, 3)", "(1, 2)"]),
+    ({"steps": [[1.0, 2.0, 3.0], [1.0, 2.0]]}, 422, "invalid_input", ["steps", "(L, 3)"]),
+    ({"steps": [["a", "b", "c"]]}, 422, "invalid_input", ["steps", "numbers"]),
+    ({"steps": [[1.0, None, 3.0]]}, 422, "invalid_input", ["steps"]),
+    ({"steps": [[{"x": 1}, 2.0, 3.0]]}, 422, "invalid_input", ["steps"]),
+    ({"steps": []}, 422, "invalid_input", ["steps", "non-empty"]),
+    ({"steps": 5}, 422, "invalid_input", ["steps"]),
+    ({"stepz": [[1.0, 2.0, 3.0]]}, 422, "invalid_input", ["steps", "required"]),
+    ({"steps": [[1.0, 2.0, 3.0]], "start": -1}, 422, "invalid_input", ["start"]),
+    ({"steps": [[0.0, 0.0, 0.0]] * 65}, 413, "too_many_steps", ["steps", "65", "64"]),
+]
+
+
+@pytest.fixture
+def session(client: httpx.Client) -> str:
+    return client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+
+
+def _check(r: httpx.Response, status: int, code: str, words: list[str] = ()) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code
+    for w in words:
+        assert w in err["message"], (w, err["message"])
+
+
+def test_bad_steps_are_refused_and_session_unharmed(client: httpx.Client, session: str, ref: Reference) -> None:
+    x = ref.sequence("sliding", 4, seed=21)
+    url = f"/v1/sessions/{session}/steps"
+    client.post(url, json={"steps": x[:2].tolist()})
+    for body, status, code, words in BAD_STEPS:
+        _check(client.post(url, json=body), status, code, words)
+    for raw in ('{"steps": [[NaN, 1, 2]]}', '{"steps": [[Infinity, 1, 2]]}'):
+        _check(client.post(url, content=raw, headers={"content-type": "application/json"}), 422, "invalid_input",
+               ["NaN or Inf"])
+    _check(client.post(url, content=b"{not json", headers={"content-type": "application/json"}), 422,
+           "invalid_input")
+    r = client.post(url, json={"steps": x[2:].tolist()})
+    assert r.status_code == 200 and r.json()["start"] == 2
+    assert_outputs(r.json()["outputs"], ref.outputs("sliding", x), start=2)
+    assert 'psn_errors_total{code="invalid_input"}' in client.get("/metrics").text
+
+
+def test_unknown_things(client: httpx.Client) -> None:
+    _check(client.post("/v1/sessions", json={"model": "nope"}), 404, "model_not_found", ["model", "nope", "sliding"])
+    _check(client.get("/v1/models/nope"), 404, "model_not_found")
+    _check(client.post("/v1/classify", json={"model": "nope", "steps": [[1, 2, 3]]}), 404, "model_not_found")
+    _check(client.post("/v1/sessions/nope/steps", json={"steps": [[1, 2, 3]]}), 404, "session_not_found")
+    _check(client.delete("/v1/sessions/nope"), 404, "session_not_found")
+    _check(client.post("/v1/sessions", json={"model": "full"}), 409, "model_cannot_stream", ["classify"])
+    _check(client.get("/v1/nothing-here"), 404, "not_found")
+
+
+def test_horizon(client: httpx.Client, ref: Reference) -> None:
+    sid = client.post("/v1/sessions", json={"model": "masked"}).json()
+    assert sid["horizon"] == 24
+    x = ref.sequence("masked", 24, seed=22)
+    url = f"/v1/sessions/{sid['session_id']}/steps"
+    client.post(url, json={"steps": x[:20].tolist()})
+    _check(client.post(url, json={"steps": x[:5].tolist()}), 422, "past_horizon", ["T=24", "at most 4"])
+    r = client.post(url, json={"steps": x[20:].tolist()})
+    assert_outputs(r.json()["outputs"], ref.outputs("masked", x), start=20)
+    _check(client.post(url, json={"steps": x[:1].tolist()}), 422, "past_horizon")
+    _check(client.post("/v1/classify", json={"model": "masked", "steps": [[0, 0, 0]] * 25}), 422, "past_horizon")
+    _check(client.post("/v1/classify", json={"model": "full", "steps": [[0, 0, 0]] * 5}), 422, "invalid_input",
+           ["T=6"])
+
+
+def test_request_too_large(serve) -> None:
+    srv = serve(max_request_bytes=2048)
+    with httpx.Client(base_url=srv.url) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        big = {"steps": [[0.123456789, 0.123456789, 0.123456789]] * 100}
+        _check(c.post(f"/v1/sessions/{sid}/steps", json=big), 413, "request_too_large", ["2048"])
+
+        def chunked():  # no content-length: counted while read
+            yield json.dumps(big).encode()
+
+        _check(c.post(f"/v1/sessions/{sid}/steps", content=chunked(), headers={"content-type": "application/json"}),
+               413, "request_too_large")
+        assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0, 0, 0]]}).status_code == 200
+    with ws_client.connect(srv.ws_url) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        json.loads(ws.recv())
+        ws.send(json.dumps({"type": "steps", **big}))
+        assert json.loads(ws.recv())["error"]["code"] == "request_too_large"
+        ws.send(json.dumps({"type": "steps", "steps": [[0, 0, 0]]}))
+        assert json.loads(ws.recv())["type"] == "steps"
+
+
+def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
+    x = ref.sequence("sliding", 3, seed=23)
+    with ws_client.connect(server.ws_url) as ws:
+        def ask(msg) -> dict:
+            ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
+            return json.loads(ws.recv(timeout=5))
+
+        assert ask({"type": "steps", "steps": x.tolist()})["error"]["code"] == "invalid_input"  # no session yet
+        assert ask("not json")["error"]["code"] == "invalid_input"
+        assert ask(b"\x00\x01")["error"]["code"] == "invalid_input"
+        assert ask({"type": "dance"})["error"]["code"] == "invalid_input"
+        assert ask({"type": "open", "model": "nope"})["error"]["code"] == "model_not_found"
+        assert ask({"type": "open", "model": "full"})["error"]["code"] == "model_cannot_stream"
+        assert ask({"type": "attach", "session_id": "nope"})["error"]["code"] == "session_not_found"
+        assert ask({"type": "open", "model": "sliding"})["type"] == "opened"
+        e = ask({"type": "steps", "steps": [[1, 2]], "id": 9})
+        assert e["error"]["code"] == "invalid_input" and e["id"] == 9 and "(L, 3)" in e["error"]["message"]
+        assert ask({"type": "steps", "steps": [[1, "x", 2]]})["error"]["code"] == "invalid_input"
+        assert ask('{"type": "steps", "steps": [[NaN, 1, 2]]}')["error"]["code"] == "invalid_input"
+        assert ask({"type": "steps", "steps": [[0, 0, 0]] * 65})["error"]["code"] == "too_many_steps"
+        r = ask({"type": "steps", "steps": x.tolist()})
+        assert_outputs(r["outputs"], ref.outputs("sliding", x))
+
+
+def test_queue_full(serve, ref: Reference) -> None:
+    srv = serve(queue_depth=2, max_wait_ms=400, max_batch_size=64)
+    x = ref.sequence("sliding", 1, seed=24).tolist()
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=20) as c:
+            ids = [(await c.post("/v1/sessions", json={"model": "sliding"})).json()["session_id"] for _ in range(6)]
+            return await asyncio.gather(*(c.post(f"/v1/sessions/{i}/steps", json={"steps": x}) for i in ids))
+
+    rs = asyncio.run(main())
+    codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) == 2 and codes.count(503) == 4, codes
+    for r in rs:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "queue_full" and r.headers["Retry-After"] == "1"
