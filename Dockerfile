@@ -90,12 +90,14 @@ RUN set -eu; \
         python -c 'import torch; torch.ones(2).sum(); print("torch ok after trim")'; \
     fi
 
-# The shipped models: every folder of exported/ that holds a config.json.
+# The shipped models: every folder of exported/ that holds a config.json, readable by the service user
+# whatever modes the files had in the build context.
 RUN set -eu; \
     mkdir -p /models; \
     for d in /src/exported/*/; do \
         if [ -f "$d/config.json" ]; then cp -r "$d" /models/; echo "model: $(basename "$d")"; fi; \
-    done
+    done; \
+    chmod -R u=rwX,go=rX /models
 
 # ---------------------------------------------------------------- runtime
 FROM base AS runtime
