@@ -15,7 +15,8 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                ws_max_size=max(16 * 1024 * 1024, 2 * settings.max_request_bytes), timeout_graceful_shutdown=30)
+                ws_max_size=max(16 * 1024 * 1024, 2 * settings.max_request_bytes), timeout_graceful_shutdown=30,
+                ws_per_message_deflate=settings.ws_compression)
 
 
 if __name__ == "__main__":

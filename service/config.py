@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     remember_gone: int = Field(100_000, ge=0)  # expired/closed ids remembered (answered 410, not 404)
     drain_timeout_s: float = Field(10.0, ge=0)  # shutdown: how long pending work may take to finish
     warmup: bool = True  # run each model once at start-up
+    engine_thread: Literal["auto", "on", "off"] = "auto"  # run batches in an engine thread; auto: not on CPU
+    ws_compression: bool = False  # permessage-deflate on /v1/stream (costs CPU, helps only on slow links)
 
     @property
     def torch_device(self) -> torch.device:

@@ -103,7 +103,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                             ws_max_size=4 * settings.max_request_bytes, timeout_graceful_shutdown=10)
+                             ws_max_size=4 * settings.max_request_bytes, timeout_graceful_shutdown=10,
+                             ws_per_message_deflate=settings.ws_compression)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -1,0 +1,187 @@
+"""The engine alone (no HTTP): batched against one-by-one stepping of many sessions.
+
+    python bench/engine.py                                   # CPU, 256 sessions, one step each
+    python bench/engine.py --device cuda --sessions 1024 16384 131072 --cuda-graphs
+
+The net is a 28-128-128-10 sliding PSN (k=8, untrained, batch norm folded), float32. Two levels:
+
+- backend: ``TorchBackend.run`` over all sessions' slots at once (gather, one step, scatter) against
+  one ``run`` per session;
+- engine (``--engine``, CPU default on): the asyncio ``ModelEngine`` with its batcher, every session
+  awaiting one step concurrently, with ``max_batch_size = sessions`` against ``max_batch_size = 1``
+  (futures, JSON-ready outputs and the engine thread included).
+
+On CUDA the state-byte floor (read and write every session's state once per step) is printed using
+``--bandwidth-gbs`` (default: the H200 copy bandwidth in DESIGN.md). Times are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.folder import LoadedModel  # noqa: E402
+from model.network import LayerConfig, NetConfig, PSNNet, state_size_bytes  # noqa: E402
+from service.backends.torch_backend import TorchBackend  # noqa: E402
+from service.engine.model_engine import ModelEngine  # noqa: E402
+from service.engine.sessions import SessionTable  # noqa: E402
+from service.metrics import Metrics  # noqa: E402
+
+
+def bench_model(device: torch.device) -> LoadedModel:
+    torch.manual_seed(0)
+    cfg = NetConfig(input_shape=(28,), num_classes=10, layers=(LayerConfig(out=128), LayerConfig(out=128)),
+                    neuron="sliding", k=8)
+    net = PSNNet(cfg).eval().fused().to(device)
+    return LoadedModel(name="bench-28-128-128-10-sliding-k8", path=Path("."), net=net,
+                       config={"net": cfg.to_dict(), "class_names": [str(i) for i in range(10)]})
+
+
+def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None], warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def backend_rows(model: LoadedModel, sessions: int, repeat: int, one_by_one: bool, graphs: bool) -> dict:
+    dev = model.net.readout.weight.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    be = TorchBackend(model, sessions)
+    x = torch.randn(1, sessions, 28)
+    slots = torch.arange(sessions)
+    row = {"sessions": sessions, "batched_ms": timed(lambda: be.run(x, slots), repeat, sync) * 1e3}
+    if graphs and dev.type == "cuda":
+        row["graph_ms"] = cuda_graph_step(be, sessions, repeat)
+    if one_by_one:
+        xs = [x[:, i:i + 1] for i in range(sessions)]
+        ss = [slots[i:i + 1] for i in range(sessions)]
+
+        def each() -> None:
+            for xi, si in zip(xs, ss, strict=True):
+                be.run(xi, si)
+
+        row["one_by_one_ms"] = timed(each, max(3, repeat // 10), sync, warmup=1) * 1e3
+    return row
+
+
+def cuda_graph_step(be: TorchBackend, sessions: int, repeat: int) -> float:
+    """One step of every slot captured as a CUDA graph (device-resident input, no host copies)."""
+    dev = be.device
+    x = torch.randn(1, sessions, 28, device=dev)
+    idx = torch.arange(sessions, device=dev)
+    net, st = be.model.net, be._state
+
+    def step() -> None:
+        with torch.no_grad():
+            from model.functional import NeuronState
+            from model.network import NetState
+            rows = NetState(tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx))
+                                  for ns in st.neurons), st.score_sum.index_select(0, idx), st.t.index_select(0, idx))
+            out, new = net.chunk(x, rows, _checked=True)
+            for ns, n2 in zip(st.neurons, new.neurons, strict=True):
+                ns.window.index_copy_(0, idx, n2.window)
+                ns.t.index_copy_(0, idx, n2.t)
+            st.score_sum.index_copy_(0, idx, new.score_sum)
+            st.t.index_copy_(0, idx, new.t)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return timed(g.replay, repeat, torch.cuda.synchronize) * 1e3
+
+
+async def engine_rate(model: LoadedModel, sessions: int, max_batch: int, rounds: int) -> float:
+    """Session-steps/s of the asyncio engine: every session awaits one step per round, concurrently."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    me = ModelEngine(TorchBackend(model, sessions), executor, Metrics(), max_batch_size=max_batch, max_wait_s=0,
+                     queue_depth=sessions * 2)
+    table = SessionTable(3600, 4, 0)
+    table.add_model(me.name, sessions)
+    ss = [table.open(me.name) for _ in range(sessions)]
+    me.batcher.start()
+    x = torch.randn(sessions, 1, 28)
+
+    async def one_round() -> None:
+        await asyncio.gather(*(me.step(s, x[i], None) for i, s in enumerate(ss)))
+
+    await one_round()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        await one_round()
+    rate = sessions * rounds / (time.perf_counter() - t0)
+    await me.batcher.drain(1)
+    executor.shutdown()
+    return rate
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sessions", type=int, nargs="+", default=[256])
+    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--no-one-by-one", action="store_true", help="skip the one-by-one baseline")
+    ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time the asyncio engine (default: on for CPU)")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--bandwidth-gbs", type=float, default=4152.0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = bench_model(device)
+    per_session = state_size_bytes(model.net)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU"
+    print(f"# engine bench: {name}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), 28-128-128-10 sliding PSN k=8 float32, "
+          f"state {per_session} B/session, load average {os.getloadavg()[0]:.1f}")
+    print("| sessions | batched ms/step | session-steps/s | one-by-one ms | one-by-one steps/s | speed-up |"
+          + (" CUDA graph ms | state-byte floor ms |" if device.type == "cuda" else ""))
+    print("| --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if device.type == "cuda" else ""))
+    for n in args.sessions:
+        row = backend_rows(model, n, args.repeat, not args.no_one_by_one and n <= 4096, args.cuda_graphs)
+        b = row["batched_ms"]
+        o = row.get("one_by_one_ms")
+        line = (f"| {n} | {b:.3f} | {n / b * 1e3:,.0f} | "
+                + (f"{o:.1f} | {n / o * 1e3:,.0f} | {o / b:.1f}x |" if o else "- | - | - |"))
+        if device.type == "cuda":
+            floor = 2 * per_session * n / (args.bandwidth_gbs * 1e9) * 1e3
+            line += f" {row.get('graph_ms', float('nan')):.3f} | {floor:.3f} |"
+        print(line, flush=True)
+    if args.engine if args.engine is not None else device.type == "cpu":
+        print("\n| sessions | engine max_batch=N steps/s | engine max_batch=1 steps/s | speed-up |")
+        print("| --- | --- | --- | --- |")
+        for n in args.sessions:
+            batched = asyncio.run(engine_rate(model, n, n, args.rounds))
+            single = asyncio.run(engine_rate(model, n, 1, max(2, args.rounds // 5)))
+            print(f"| {n} | {batched:,.0f} | {single:,.0f} | {batched / single:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The real service against a no-op WebSocket endpoint of the same message shape, same clients.
+
+    python bench/service.py                                   # 64 and 256 sessions, 5 s each
+    python bench/service.py --sessions 64 --duration 3 --model-dir exported
+
+Starts three servers, one at a time, each as its own process on 127.0.0.1: the no-op endpoint
+(``--noop-server``: answers every ``steps`` message with outputs of the right shape, no model, no
+batching), the service (``python -m service``, batched), and the service with
+``PSN_MAX_BATCH_SIZE=1``. The same client process drives each with N concurrent WebSocket sessions,
+one step per message, each client waiting for its answer before sending the next (bounded by
+``--duration`` seconds and ``--max-messages`` per client). Prints session-steps/s, p50/p99 latency,
+and the ratios service/no-op and batched/unbatched. The default model is a 28-128-128-10 sliding
+PSN (k=8, untrained) written to a temporary folder; ``--model-dir`` serves other folders (the first
+streaming model is driven).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ----- the no-op server ------------------------------------------------------------------------
+def noop_app(input_size: int, out_size: int, classes: int) -> FastAPI:
+    app = FastAPI()
+
+    @app.websocket("/v1/stream")
+    async def stream(ws: WebSocket) -> None:
+        await ws.accept()
+        sid = "noop-session"
+        t = 0
+        try:
+            while True:
+                msg = json.loads(await ws.receive_text())
+                if msg["type"] == "open":
+                    await ws.send_text(json.dumps({"type": "opened", "session": {"session_id": sid}}))
+                    continue
+                if msg["type"] != "steps":
+                    continue
+                steps = msg["steps"]
+                outputs = []
+                for _ in steps:
+                    outputs.append({"index": t, "spikes": [0] * out_size, "scores": [0.0] * classes,
+                                    "predicted": 0, "label": "0"})
+                    t += 1
+                await ws.send_text(json.dumps({"type": "steps", "session_id": sid, "id": msg.get("id"),
+                                               "start": t - len(steps), "replayed": 0, "outputs": outputs}))
+        except WebSocketDisconnect:
+            pass
+
+    return app
+
+
+# ----- clients ---------------------------------------------------------------------------------
+async def client(url: str, model: str, input_size: int, stop_at: list[float], max_messages: int,
+                 done_at: list[float], latencies: list[float], start_gate: asyncio.Event, seed: int) -> int:
+    """One session: open, then one step per message until ``stop_at[0]``; close. Records latencies."""
+    import websockets
+
+    rng = random.Random(seed)
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "open", "model": model}))
+        opened = json.loads(await ws.recv())
+        if opened["type"] != "opened":
+            raise RuntimeError(f"open failed: {opened}")
+        await start_gate.wait()
+        n = 0
+        while n < max_messages and time.perf_counter() < stop_at[0]:
+            step = [round(rng.gauss(0, 1), 4) for _ in range(input_size)]
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"type": "steps", "steps": [step]}))
+            ans = json.loads(await ws.recv())
+            t1 = time.perf_counter()
+            if ans["type"] != "steps":
+                raise RuntimeError(f"step failed: {ans}")
+            latencies.append(t1 - t0)
+            done_at.append(t1)
+            n += 1
+        await ws.send(json.dumps({"type": "close"}))
+        return n
+
+
+async def drive(url: str, model: str, input_size: int, sessions: int, duration: float, warmup: float,
+                max_messages: int) -> dict:
+    """``sessions`` concurrent clients for ``duration`` s (after a short warm-up with up to 16)."""
+    gate = asyncio.Event()
+    gate.set()
+    stop = [time.perf_counter() + warmup]
+    await asyncio.gather(*(client(url, model, input_size, stop, max_messages, [], [], gate, i)
+                           for i in range(min(sessions, 16))))
+    lat: list[float] = []
+    done_at: list[float] = []
+    gate = asyncio.Event()
+    stop = [float("inf")]
+    tasks = [asyncio.create_task(client(url, model, input_size, stop, max_messages, done_at, lat, gate, i))
+             for i in range(sessions)]
+    await asyncio.sleep(0.5 + sessions * 0.004)  # let every client open its session
+    t0 = time.perf_counter()
+    stop[0] = t0 + duration
+    gate.set()
+    await asyncio.gather(*tasks)
+    count = sum(1 for t in done_at if t <= stop[0])
+    lat.sort()
+    return {"steps_per_s": count / duration, "p50_ms": statistics.median(lat) * 1e3,
+            "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, "messages": len(lat)}
+
+
+# ----- servers ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
+
+
+def start(kind: str, port: int, model_dir: Path, env_extra: dict[str, str], sizes: tuple[int, int, int]):
+    env = {**os.environ, "PSN_MODEL_DIR": str(model_dir), "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1",
+           "PSN_LOG_LEVEL": "warning", "PSN_TORCH_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra}
+    if kind == "noop":
+        cmd = [sys.executable, __file__, "--noop-server", "--port", str(port), "--sizes", *map(str, sizes)]
+    else:
+        cmd = [sys.executable, "-m", "service"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    wait_port(port, proc)
+    time.sleep(0.3)
+    return proc
+
+
+def make_model(root: Path) -> Path:
+    import torch
+
+    from model.folder import save_model_folder
+    from model.network import LayerConfig, NetConfig, PSNNet
+
+    torch.manual_seed(0)
+    cfg = NetConfig(input_shape=(28,), num_classes=10, layers=(LayerConfig(out=128), LayerConfig(out=128)),
+                    neuron="sliding", k=8)
+    save_model_folder(root / "bench-28-128-128-10-sliding-k8", PSNNet(cfg).eval(), dataset="")
+    return root
+
+
+def pick_model(model_dir: Path) -> tuple[str, int, int, int]:
+    import math
+
+    from model.folder import find_model_folders, read_config
+    from model.network import NetConfig, PSNNet
+
+    for folder in find_model_folders(model_dir):
+        conf = read_config(folder)
+        cfg = NetConfig.from_dict(conf["net"])
+        if cfg.streams and cfg.neuron != "masked" and len(cfg.input_shape) == 1:
+            out = math.prod(PSNNet(cfg).out_shape)
+            return conf.get("name", folder.name), cfg.input_shape[0], out, cfg.num_classes
+    raise SystemExit(f"no sliding/LIF model with 1-D input under {model_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per run")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--max-messages", type=int, default=100_000, help="per client")
+    ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--max-wait-ms", type=float, default=0.0, help="PSN_MAX_WAIT_MS of the batched service")
+    ap.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.noop_server:
+        import uvicorn
+
+        uvicorn.run(noop_app(*args.sizes), host="127.0.0.1", port=args.port, log_level="warning",
+                    ws_per_message_deflate=os.environ.get("PSN_WS_COMPRESSION", "false").lower() in ("1", "true"))
+        return
+
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model_dir or make_model(Path(tmp))
+        model, input_size, out_size, classes = pick_model(model_dir)
+        runs = [("no-op", "noop", {}), ("service", "service", {"PSN_MAX_WAIT_MS": str(args.max_wait_ms)}),
+                ("service, max_batch_size=1", "service", {"PSN_MAX_BATCH_SIZE": "1", "PSN_MAX_WAIT_MS": "0"})]
+        print(f"# service bench: {os.cpu_count()} cores, model {model} (input {input_size}, spikes {out_size}, "
+              f"{classes} classes), {args.duration:g} s per run, clients and server on 127.0.0.1, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+        results: dict[tuple[str, int], dict] = {}
+        for label, kind, env in runs:
+            port = free_port()
+            proc = start(kind, port, model_dir, {**env, "PSN_MAX_SESSIONS": str(max(args.sessions) + 16)},
+                         (input_size, out_size, classes))
+            try:
+                for n in args.sessions:
+                    r = asyncio.run(drive(f"ws://127.0.0.1:{port}/v1/stream", model, input_size, n, args.duration,
+                                          args.warmup, args.max_messages))
+                    results[(label, n)] = r
+                    print(f"  {label:28s} {n:4d} sessions: {r['steps_per_s']:9,.0f} session-steps/s  "
+                          f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        print("\n| sessions | no-op steps/s | service steps/s | ratio | no-op p50/p99 ms | service p50/p99 ms "
+              "| p99 ratio | max_batch_size=1 steps/s | batched/unbatched |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for n in args.sessions:
+            a, b, c = results[("no-op", n)], results[("service", n)], results[("service, max_batch_size=1", n)]
+            print(f"| {n} | {a['steps_per_s']:,.0f} | {b['steps_per_s']:,.0f} | "
+                  f"{b['steps_per_s'] / a['steps_per_s']:.2f}x | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
+                  f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b['p99_ms'] / a['p99_ms']:.2f}x | "
+                  f"{c['steps_per_s']:,.0f} | {b['steps_per_s'] / c['steps_per_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
