@@ -9,7 +9,7 @@ The net is a 28-128-128-10 sliding PSN (k=8, untrained, batch norm folded), floa
   one ``run`` per session;
 - engine (``--engine``, CPU default on): the asyncio ``ModelEngine`` with its batcher, every session
   awaiting one step concurrently, with ``max_batch_size = sessions`` against ``max_batch_size = 1``
-  (futures, JSON-ready outputs and the engine thread included).
+  (futures and JSON-ready outputs included; batches inline on CPU, in a thread on GPU, as the service).
 
 On CUDA the state-byte floor (read and write every session's state once per step) is printed using
 ``--bandwidth-gbs`` (default: the H200 copy bandwidth in DESIGN.md). Times are medians.
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.folder import LoadedModel  # noqa: E402
 from model.network import LayerConfig, NetConfig, PSNNet, state_size_bytes  # noqa: E402
 from service.backends.torch_backend import TorchBackend  # noqa: E402
+from service.engine.inline import InlineExecutor  # noqa: E402
 from service.engine.model_engine import ModelEngine  # noqa: E402
 from service.engine.sessions import SessionTable  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
@@ -117,17 +118,18 @@ def cuda_graph_step(be: TorchBackend, sessions: int, repeat: int) -> float:
 
 async def engine_rate(model: LoadedModel, sessions: int, max_batch: int, rounds: int) -> float:
     """Session-steps/s of the asyncio engine: every session awaits one step per round, concurrently."""
-    executor = ThreadPoolExecutor(max_workers=1)
+    cpu = model.net.readout.weight.device.type == "cpu"
+    executor = InlineExecutor() if cpu else ThreadPoolExecutor(max_workers=1)  # as PSN_ENGINE_THREAD=auto
     me = ModelEngine(TorchBackend(model, sessions), executor, Metrics(), max_batch_size=max_batch, max_wait_s=0,
                      queue_depth=sessions * 2)
     table = SessionTable(3600, 4, 0)
     table.add_model(me.name, sessions)
     ss = [table.open(me.name) for _ in range(sessions)]
     me.batcher.start()
-    x = torch.randn(sessions, 1, 28)
+    xs = list(torch.randn(sessions, 1, 28).unbind(0))  # one (1, 28) step per session
 
     async def one_round() -> None:
-        await asyncio.gather(*(me.step(s, x[i], None) for i, s in enumerate(ss)))
+        await asyncio.gather(*(me.step(s, x, None) for s, x in zip(ss, xs, strict=True)))
 
     await one_round()
     t0 = time.perf_counter()
@@ -152,6 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--bandwidth-gbs", type=float, default=4152.0)
     args = ap.parse_args(argv)
+    try:  # the service runs on uvloop (uvicorn[standard]); so does this
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

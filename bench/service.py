@@ -6,8 +6,9 @@
 Starts three servers, one at a time, each as its own process on 127.0.0.1: the no-op endpoint
 (``--noop-server``: answers every ``steps`` message with outputs of the right shape, no model, no
 batching), the service (``python -m service``, batched), and the service with
-``PSN_MAX_BATCH_SIZE=1``. The same client process drives each with N concurrent WebSocket sessions,
-one step per message, each client waiting for its answer before sending the next (bounded by
+``PSN_MAX_BATCH_SIZE=1``. All three run at once (idle ones cost nothing); the same client process
+drives each in turn, in interleaved rounds (``--rounds``, medians reported), with N concurrent
+WebSocket sessions, one step per message, each client waiting for its answer before sending the next (bounded by
 ``--duration`` seconds and ``--max-messages`` per client). Prints session-steps/s, p50/p99 latency,
 and the ratios service/no-op and batched/unbatched. The default model is a 28-128-128-10 sliding
 PSN (k=8, untrained) written to a temporary folder; ``--model-dir`` serves other folders (the first
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--duration", type=float, default=5.0, help="seconds measured per run")
     ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per session count (median)")
     ap.add_argument("--max-messages", type=int, default=100_000, help="per client")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--max-wait-ms", type=float, default=0.0, help="PSN_MAX_WAIT_MS of the batched service")
@@ -214,26 +216,39 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# service bench: {os.cpu_count()} cores, model {model} (input {input_size}, spikes {out_size}, "
               f"{classes} classes), {args.duration:g} s per run, clients and server on 127.0.0.1, "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
-        results: dict[tuple[str, int], dict] = {}
-        for label, kind, env in runs:
-            port = free_port()
-            proc = start(kind, port, model_dir, {**env, "PSN_MAX_SESSIONS": str(max(args.sessions) + 16)},
-                         (input_size, out_size, classes))
-            try:
-                for n in args.sessions:
-                    r = asyncio.run(drive(f"ws://127.0.0.1:{port}/v1/stream", model, input_size, n, args.duration,
-                                          args.warmup, args.max_messages))
-                    results[(label, n)] = r
-                    print(f"  {label:28s} {n:4d} sessions: {r['steps_per_s']:9,.0f} session-steps/s  "
-                          f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms", flush=True)
-            finally:
+        results: dict[tuple[str, int], list[dict]] = {}
+        procs, ports = [], {}
+        try:
+            for label, kind, env in runs:  # all three up at once; idle ones cost nothing
+                port = free_port()
+                procs.append(start(kind, port, model_dir, {**env, "PSN_MAX_SESSIONS": str(4 * max(args.sessions))},
+                                   (input_size, out_size, classes)))
+                ports[label] = port
+            for n in args.sessions:
+                for rnd in range(args.rounds):  # interleaved, so a noisy neighbour hits all three alike
+                    for label, _, _ in runs:
+                        r = asyncio.run(drive(f"ws://127.0.0.1:{ports[label]}/v1/stream", model, input_size, n,
+                                              args.duration, args.warmup, args.max_messages))
+                        results.setdefault((label, n), []).append(r)
+                        print(f"  round {rnd + 1} {label:28s} {n:4d} sessions: {r['steps_per_s']:9,.0f} "
+                              f"session-steps/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms", flush=True)
+        finally:
+            for proc in procs:
                 proc.terminate()
+            for proc in procs:
                 proc.wait(timeout=30)
+
+        def med(label: str, n: int, key: str) -> float:
+            return statistics.median(r[key] for r in results[(label, n)])
+
         print("\n| sessions | no-op steps/s | service steps/s | ratio | no-op p50/p99 ms | service p50/p99 ms "
               "| p99 ratio | max_batch_size=1 steps/s | batched/unbatched |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"(medians of {args.rounds} rounds)")
+        keys = ("steps_per_s", "p50_ms", "p99_ms")
         for n in args.sessions:
-            a, b, c = results[("no-op", n)], results[("service", n)], results[("service, max_batch_size=1", n)]
+            a, b, c = ({k: med(label, n, k) for k in keys} for label in
+                       ("no-op", "service", "service, max_batch_size=1"))
             print(f"| {n} | {a['steps_per_s']:,.0f} | {b['steps_per_s']:,.0f} | "
                   f"{b['steps_per_s'] / a['steps_per_s']:.2f}x | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
                   f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b['p99_ms'] / a['p99_ms']:.2f}x | "

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     backend: str = "torch"  # a name in service.backends.BACKENDS
-    torch_threads: int | None = Field(None, ge=1)  # torch.set_num_threads; None leaves torch's default
+    torch_threads: int | None = Field(1, ge=1)  # torch.set_num_threads (1: the event loop needs the other core
+    # of a small CPU box, and more threads on a shared CPU measured 10x slower); None = torch's default
     max_sessions: int = Field(1024, ge=1)  # preallocated state slots per model
     max_batch_size: int = Field(256, ge=1)  # sessions stepped in one forward pass
     max_wait_ms: float = Field(1.0, ge=0)  # how long the oldest pending step may wait for a fuller batch

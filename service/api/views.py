@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+from fastapi import Response
+
 from service.engine.engine import Engine
 from service.engine.model_engine import ModelEngine
 from service.engine.sessions import Session
@@ -25,3 +27,9 @@ def session_info(engine: Engine, s: Session) -> dict:
     return {"session_id": s.id, "model": s.model, "input_shape": list(me.cfg.input_shape),
             "horizon": me.cfg.T if me.cfg.neuron == "masked" else None, "steps_seen": s.t,
             "idle_timeout_s": timeout, "expires_in_s": max(0.0, timeout - (time.monotonic() - s.last_used))}
+
+
+class JSONText(Response):
+    """A response whose body is JSON text built by ``service.encode`` (already serialised)."""
+
+    media_type = "application/json"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from service.backends.base import Backend
+from service.encode import step_tails, with_index
 from service.engine.batcher import Batcher, WorkItem
 from service.engine.sessions import Session, StepOut
 from service.errors import InvalidInput, ModelCannotStream, PastHorizon, QueueFull, RetryTooOld, SessionGone, StepGap
@@ -30,8 +32,14 @@ class ModelEngine:
         self.name = self.model.name
         self.cfg = self.model.cfg
         self.labels = self.model.class_names
+        self._labels_json = [json.dumps(label) for label in self.labels]
         self.queue_depth = queue_depth
         self.classify_in_flight = 0
+        # labelled metric children, looked up once (a labels() call costs microseconds per step)
+        self._m_steps = metrics.steps.labels(self.name)
+        self._m_latency = metrics.step_latency.labels(self.name)
+        self._m_batch = metrics.batch_size.labels(self.name)
+        self._m_batch_s = metrics.batch_seconds.labels(self.name)
         self.batcher = Batcher(self.name, self._execute, executor, max_batch_size=max_batch_size,
                                max_wait_s=max_wait_s, queue_depth=queue_depth, observe=self._observe)
 
@@ -55,23 +63,14 @@ class ModelEngine:
             x = torch.stack([batch[i].x for i in idx], dim=1)  # (L, B, *input_shape)
             slots = torch.tensor([batch[i].slot for i in idx], dtype=torch.long)
             spikes, scores = self.backend.run(x, slots)
-            outs = self._to_json(spikes, scores)
+            tails = step_tails(spikes, scores, self._labels_json)  # [L][B]
             for j, i in enumerate(idx):
-                results[i] = [step[j] for step in outs]
+                results[i] = [step[j] for step in tails]
         return results
 
-    def _to_json(self, spikes: torch.Tensor, scores: torch.Tensor) -> list[list[dict[str, Any]]]:
-        """(L, B, ...) outputs -> [L][B] step dicts without "index" (added when the session applies them)."""
-        pred = scores.argmax(-1).tolist()  # (L, B)
-        sp = spikes.to(torch.uint8).tolist()
-        sc = scores.double().tolist()
-        labels = self.labels
-        return [[{"spikes": sp[t][b], "scores": sc[t][b], "predicted": pred[t][b], "label": labels[pred[t][b]]}
-                 for b in range(len(pred[t]))] for t in range(len(pred))]
-
     def _observe(self, n: int, seconds: float) -> None:
-        self.metrics.batch_size.labels(self.name).observe(n)
-        self.metrics.batch_seconds.labels(self.name).observe(seconds)
+        self._m_batch.observe(n)
+        self._m_batch_s.observe(seconds)
 
     # ----- event loop ----------------------------------------------------------------------
     async def reset_slot(self, slot: int) -> None:
@@ -81,8 +80,8 @@ class ModelEngine:
     async def step(self, session: Session, x: torch.Tensor, start: int | None) -> tuple[int, list[StepOut], int]:
         """Apply ``x`` (L, *input_shape) to ``session`` from step ``start`` (None: the next step).
 
-        Returns ``(start, outputs, replayed)``: one output per step of the request, of which the
-        first ``replayed`` were already applied and are answered from the session's recent outputs.
+        Returns ``(start, outputs, replayed)``: one output (JSON text) per step of the request, of which
+        the first ``replayed`` were already applied and are answered from the session's recent outputs.
         """
         async with session.lock:
             if session.pending is not None and not session.pending.done():  # a cancelled request's batch
@@ -115,21 +114,23 @@ class ModelEngine:
             if new.shape[0] == 0:
                 return start, cached, replayed
 
-            def applied(outs: list[dict[str, Any]]) -> None:
+            def applied(tails: list[str]) -> None:  # on the loop, right after the batch ran
                 base = session.t
-                for i, o in enumerate(outs):
-                    o["index"] = base + i
-                    session.recent.append(o)
+                outs = [with_index(base + i, tail) for i, tail in enumerate(tails)]
+                session.recent.extend(outs)
                 session.t = base + len(outs)
                 session.last_used = time.monotonic()
-                self.metrics.steps.labels(self.name).inc(len(outs))
+                self._m_steps.inc(len(outs))
+                done.append(outs)
+
+            done: list[list[str]] = []
 
             t0 = time.perf_counter()
             fut = self.batcher.submit(session.slot, new, applied)
             session.pending = fut
-            outs = await fut
-            self.metrics.step_latency.labels(self.name).observe(time.perf_counter() - t0)
-            return start, cached + outs, replayed
+            await fut
+            self._m_latency.observe(time.perf_counter() - t0)
+            return start, cached + done[0], replayed
 
     async def classify(self, x: torch.Tensor) -> list[StepOut]:
         """Parallel form over one sequence ``x`` (T, *input_shape); no session state is touched."""
@@ -147,10 +148,7 @@ class ModelEngine:
         try:
             def run() -> list[StepOut]:
                 spikes, scores = self.backend.classify(x.unsqueeze(1))
-                outs = [step[0] for step in self._to_json(spikes, scores)]
-                for i, o in enumerate(outs):
-                    o["index"] = i
-                return outs
+                return [with_index(i, step[0]) for i, step in enumerate(step_tails(spikes, scores, self._labels_json))]
             return await asyncio.get_running_loop().run_in_executor(self.executor, run)
         finally:
             self.classify_in_flight -= 1

@@ -11,11 +11,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from service.errors import SessionGone, SessionNotFound, TooManySessions
 
-StepOut = dict[str, Any]  # {"index", "spikes", "scores", "predicted", "label"}: one answered step
+StepOut = str  # JSON text {"index", "spikes", "scores", "predicted", "label"} of one answered step
 
 
 @dataclass(eq=False)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Response
 
 from service.api.errors import error_responses
-from service.api.views import session_info
+from service.api.views import JSONText, session_info
 from service.deps import EngineDep
+from service.encode import join_object
 from service.inputs import parse_steps
 from service.schemas import SessionCreate, SessionInfo, StepsRequest, StepsResponse
 
@@ -42,10 +43,11 @@ async def delete_session(session_id: str, engine: EngineDep) -> Response:
              responses=error_responses(404, 409, 410, 413, 422, 503),
              summary="Apply one or more new steps; per step: index, spikes, scores, predicted class so far")
 async def post_steps(session_id: str, engine: EngineDep,
-                     body: StepsRequest = Body(openapi_examples=STEPS_EXAMPLES)) -> dict:  # noqa: B008
+                     body: StepsRequest = Body(openapi_examples=STEPS_EXAMPLES)) -> Response:  # noqa: B008
     engine.check_open()
     s = engine.sessions.get(session_id)
     me = engine.models[s.model]
     x = parse_steps(body.steps, me.cfg.input_shape, me.backend.dtype, engine.settings.max_steps_per_request)
     start, outputs, replayed = await me.step(s, x, body.start)
-    return {"session_id": s.id, "start": start, "replayed": replayed, "steps_seen": s.t, "outputs": outputs}
+    return JSONText(join_object({"session_id": s.id, "start": start, "replayed": replayed, "steps_seen": s.t},
+                                outputs))

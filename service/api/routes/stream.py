@@ -19,6 +19,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from service.api.views import session_info
 from service.deps import get_engine
+from service.encode import join_object
 from service.engine.engine import Engine
 from service.engine.sessions import Session
 from service.errors import InvalidInput, RequestTooLarge, ServiceError
@@ -88,8 +89,10 @@ class StreamConnection:
             x = parse_steps(msg.steps, me.cfg.input_shape, me.backend.dtype, engine.settings.max_steps_per_request)
             engine.check_open()
             start, outputs, replayed = await me.step(s, x, msg.start)
-            await self.send({"type": "steps", "session_id": s.id, "id": msg.id, "start": start, "replayed": replayed,
-                             "outputs": outputs})
+            text = join_object({"type": "steps", "session_id": s.id, "id": msg.id, "start": start,
+                                "replayed": replayed}, outputs)
+            async with self.send_lock:
+                await self.ws.send_text(text)
         elif isinstance(msg, WsOpen):
             s = await engine.open_session(msg.model)
             self._bind(s)
