@@ -60,7 +60,7 @@ def test_ws_is_told_when_its_session_expires(serve, ref: Reference) -> None:
         assert msg["type"] == "expired" and msg["session_id"] == sid
         ws.send(json.dumps({"type": "steps", "steps": x.tolist()}))
         err = json.loads(ws.recv(timeout=5))
-        assert err["type"] == "error" and err["error"]["code"] in ("session_expired", "invalid_input")
+        assert err["type"] == "error" and err["error"]["code"] == "session_expired"
         ws.send(json.dumps({"type": "attach", "session_id": sid}))
         err = json.loads(ws.recv(timeout=5))
         assert err["error"]["code"] == "session_expired"

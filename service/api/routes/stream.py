@@ -50,8 +50,7 @@ class StreamConnection:
         await self.send({"type": "error", "error": err.body()["error"], "id": msg_id})
 
     def _on_session_end(self, s: Session, reason: str) -> None:
-        if self.session is s:
-            self.session = None
+        # self.session stays: the next message about it is answered 410 session_expired / session_closed
         if reason == "session_expired":
             task = asyncio.get_running_loop().create_task(self._push_expired(s))
             self.tasks.add(task)
