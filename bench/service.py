@@ -121,6 +121,12 @@ async def drive(url: str, model: str, input_size: int, sessions: int, duration: 
             "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3, "messages": len(lat)}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), for CPU time per step."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ----- servers ---------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -190,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per session count (median)")
     ap.add_argument("--max-messages", type=int, default=100_000, help="per client")
     ap.add_argument("--model-dir", type=Path, default=None)
-    ap.add_argument("--max-wait-ms", type=float, default=0.0, help="PSN_MAX_WAIT_MS of the batched service")
+    ap.add_argument("--max-wait-ms", type=float, default=None,
+                    help="PSN_MAX_WAIT_MS of the batched service (default: the service's default)")
     ap.add_argument("--noop-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", type=int, nargs=3, default=None, help=argparse.SUPPRESS)
@@ -211,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or make_model(Path(tmp))
         model, input_size, out_size, classes = pick_model(model_dir)
-        runs = [("no-op", "noop", {}), ("service", "service", {"PSN_MAX_WAIT_MS": str(args.max_wait_ms)}),
+        wait = {} if args.max_wait_ms is None else {"PSN_MAX_WAIT_MS": str(args.max_wait_ms)}
+        runs = [("no-op", "noop", {}), ("service", "service", wait),
                 ("service, max_batch_size=1", "service", {"PSN_MAX_BATCH_SIZE": "1", "PSN_MAX_WAIT_MS": "0"})]
         print(f"# service bench: {os.cpu_count()} cores, model {model} (input {input_size}, spikes {out_size}, "
               f"{classes} classes), {args.duration:g} s per run, clients and server on 127.0.0.1, "
@@ -226,12 +234,15 @@ def main(argv: list[str] | None = None) -> None:
                 ports[label] = port
             for n in args.sessions:
                 for rnd in range(args.rounds):  # interleaved, so a noisy neighbour hits all three alike
-                    for label, _, _ in runs:
+                    for i, (label, _, _) in enumerate(runs):
+                        cpu0 = cpu_seconds(procs[i].pid)
                         r = asyncio.run(drive(f"ws://127.0.0.1:{ports[label]}/v1/stream", model, input_size, n,
                                               args.duration, args.warmup, args.max_messages))
+                        r["server_cpu_us"] = (cpu_seconds(procs[i].pid) - cpu0) / r["messages"] * 1e6
                         results.setdefault((label, n), []).append(r)
                         print(f"  round {rnd + 1} {label:28s} {n:4d} sessions: {r['steps_per_s']:9,.0f} "
-                              f"session-steps/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms", flush=True)
+                              f"session-steps/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
+                              f"server CPU {r['server_cpu_us']:5.0f} us/step", flush=True)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -242,17 +253,18 @@ def main(argv: list[str] | None = None) -> None:
             return statistics.median(r[key] for r in results[(label, n)])
 
         print("\n| sessions | no-op steps/s | service steps/s | ratio | no-op p50/p99 ms | service p50/p99 ms "
-              "| p99 ratio | max_batch_size=1 steps/s | batched/unbatched |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+              "| p99 ratio | max_batch_size=1 steps/s | batched/unbatched | server CPU us/step no-op / service |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print(f"(medians of {args.rounds} rounds)")
-        keys = ("steps_per_s", "p50_ms", "p99_ms")
+        keys = ("steps_per_s", "p50_ms", "p99_ms", "server_cpu_us")
         for n in args.sessions:
             a, b, c = ({k: med(label, n, k) for k in keys} for label in
                        ("no-op", "service", "service, max_batch_size=1"))
             print(f"| {n} | {a['steps_per_s']:,.0f} | {b['steps_per_s']:,.0f} | "
                   f"{b['steps_per_s'] / a['steps_per_s']:.2f}x | {a['p50_ms']:.1f} / {a['p99_ms']:.1f} | "
                   f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f} | {b['p99_ms'] / a['p99_ms']:.2f}x | "
-                  f"{c['steps_per_s']:,.0f} | {b['steps_per_s'] / c['steps_per_s']:.2f}x |")
+                  f"{c['steps_per_s']:,.0f} | {b['steps_per_s'] / c['steps_per_s']:.2f}x | "
+                  f"{a['server_cpu_us']:.0f} / {b['server_cpu_us']:.0f} |")
 
 
 if __name__ == "__main__":

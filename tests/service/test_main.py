@@ -1,0 +1,49 @@
+"""``python -m service``: settings from PSN_* variables, ready, serving, and a clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.service.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_python_m_service_serves_and_stops_on_sigterm(model_dir: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "PSN_MODEL_DIR": str(model_dir), "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1",
+           "PSN_MAX_SESSIONS": "3", "PSN_LOG_LEVEL": "info"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "not ready within 60 s"
+            time.sleep(0.1)
+        with httpx.Client(base_url=url) as c:
+            for _ in range(3):
+                assert c.post("/v1/sessions", json={"model": "sliding"}).status_code == 201
+            assert c.post("/v1/sessions", json={"model": "sliding"}).status_code == 503  # PSN_MAX_SESSIONS=3
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal: exit status 0 or -SIGTERM
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "engine drained" in out and "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
