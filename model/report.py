@@ -123,8 +123,8 @@ def model_card(name: str, net: PSNNet, data: Dataset, metrics: dict[str, Any], c
         f"# {name}", "",
         f"A {neuron} network trained by this project's own command on {data.name}.", "",
         "## Architecture",
-        f"- input: {cfg.input_shape} per step, normalised inside the net as (x - {cfg.input_mean:.4g}) / "
-        f"{cfg.input_std:.4g} (feed raw data)",
+        f"- input: {cfg.input_shape} per step, normalised inside the net as "
+        f"(x {'-' if cfg.input_mean >= 0 else '+'} {abs(cfg.input_mean):.4g}) / {cfg.input_std:.4g} (feed raw data)",
         f"- hidden spiking layers: {layers}, each followed by a {neuron}",
         f"- readout: linear {cfg.num_classes} classes, averaged over the steps seen so far",
         f"- {metrics['params']} parameters", "",
