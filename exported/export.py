@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -53,9 +54,12 @@ def load_test_samples(model: LoadedModel, n: int) -> tuple[Samples | None, str]:
         ds = _dataset(name)
     except DataUnavailable as e:
         return None, str(e)
-    if ds.input_shape != model.cfg.input_shape:
-        return None, f"dataset {name!r} has input shape {ds.input_shape}, the model {model.cfg.input_shape}"
-    x = ds.x_test[:n].transpose(0, 1).contiguous().numpy().astype(np.float32)  # (T, n, *F)
+    shape = model.cfg.input_shape
+    if math.prod(ds.input_shape) != math.prod(shape):
+        return None, f"dataset {name!r} has input shape {ds.input_shape}, the model {shape}"
+    x = ds.x_test[:n]
+    x = x.reshape(*x.shape[:2], *shape)  # e.g. (F,) -> (1, F): the channel axis a conv model was trained with
+    x = x.transpose(0, 1).contiguous().numpy().astype(np.float32)  # (T, n, *input_shape)
     return Samples(x=x, y=ds.y_test[:n].numpy(), source=f"{name} test set, first {x.shape[1]}"), ""
 
 

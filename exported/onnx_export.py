@@ -56,7 +56,10 @@ def dynamic_T(model: LoadedModel) -> bool:
 
 
 def example_T(model: LoadedModel) -> int:
-    return model.cfg.T if model.cfg.T is not None else 8
+    """The model's horizon, else the length of its training sequences (metrics.json), else 8."""
+    if model.cfg.T is not None:
+        return model.cfg.T
+    return int(model.metrics.get("T") or 8)
 
 
 def weights_sha256(folder: str | os.PathLike) -> str:
