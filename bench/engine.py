@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sessions", type=int, nargs="+", default=[256])
     ap.add_argument("--repeat", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1, as the service; 0 = torch's default)")
     ap.add_argument("--no-one-by-one", action="store_true", help="skip the one-by-one baseline")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
                     help="also time the asyncio engine (default: on for CPU)")

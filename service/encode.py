@@ -33,12 +33,22 @@ def spike_texts(spikes: torch.Tensor) -> list[list[str]]:
     return [[text[(t * B + b) * width:(t * B + b + 1) * width] for b in range(B)] for t in range(L)]
 
 
-def step_tails(spikes: torch.Tensor, scores: torch.Tensor, labels_json: list[str]) -> list[list[str]]:
-    """(L, B, ...) outputs -> [L][B] JSON text of each step after its index: ``,"spikes":...}``."""
+def score_format(num_classes: int, dtype: torch.dtype) -> str:
+    """%-format of one step's scores: the fewest digits that give back the model's float exactly
+    (9 significant digits for float32 and narrower, 17 for float64); 3x faster than ``repr`` per float."""
+    digits = 17 if dtype == torch.float64 else 9
+    return ",".join([f"%.{digits}g"] * num_classes)
+
+
+def step_tails(spikes: torch.Tensor, scores: torch.Tensor, labels_json: list[str], fmt: str) -> list[list[str]]:
+    """(L, B, ...) outputs -> [L][B] JSON text of each step after its index: ``,"spikes":...}``.
+
+    ``fmt`` comes from ``score_format``; scores are finite (the inputs and weights are).
+    """
     pred = scores.argmax(-1).tolist()  # (L, B)
-    sc = scores.double().tolist()
+    sc = scores.tolist()
     sp = spike_texts(spikes)
-    return [[f',"spikes":{sp[t][b]},"scores":[{",".join(map(repr, sc[t][b]))}],"predicted":{p},'
+    return [[f',"spikes":{sp[t][b]},"scores":[{fmt % tuple(sc[t][b])}],"predicted":{p},'
              f'"label":{labels_json[p]}}}' for b, p in enumerate(pred[t])] for t in range(len(pred))]
 
 

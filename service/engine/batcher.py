@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from service.engine.inline import InlineExecutor
 from service.errors import QueueFull, ShuttingDown
 
 
@@ -87,7 +88,10 @@ class Batcher:
             self.running = n
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._execute, batch)
+                if isinstance(self._executor, InlineExecutor):  # CPU: run now, no hop through the loop
+                    results = self._execute(batch)
+                else:
+                    results = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as e:  # a backend failure fails this batch only; the loop keeps serving
                 for item in batch:
                     if not item.future.done():

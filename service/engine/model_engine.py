@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from service.backends.base import Backend
-from service.encode import step_tails, with_index
+from service.encode import score_format, step_tails, with_index
 from service.engine.batcher import Batcher, WorkItem
 from service.engine.sessions import Session, StepOut
 from service.errors import InvalidInput, ModelCannotStream, PastHorizon, QueueFull, RetryTooOld, SessionGone, StepGap
@@ -33,6 +33,7 @@ class ModelEngine:
         self.cfg = self.model.cfg
         self.labels = self.model.class_names
         self._labels_json = [json.dumps(label) for label in self.labels]
+        self._score_fmt = score_format(self.cfg.num_classes, backend.dtype)
         self.queue_depth = queue_depth
         self.classify_in_flight = 0
         # labelled metric children, looked up once (a labels() call costs microseconds per step)
@@ -63,7 +64,7 @@ class ModelEngine:
             x = torch.stack([batch[i].x for i in idx], dim=1)  # (L, B, *input_shape)
             slots = torch.tensor([batch[i].slot for i in idx], dtype=torch.long)
             spikes, scores = self.backend.run(x, slots)
-            tails = step_tails(spikes, scores, self._labels_json)  # [L][B]
+            tails = step_tails(spikes, scores, self._labels_json, self._score_fmt)  # [L][B]
             for j, i in enumerate(idx):
                 results[i] = [step[j] for step in tails]
         return results
@@ -148,7 +149,8 @@ class ModelEngine:
         try:
             def run() -> list[StepOut]:
                 spikes, scores = self.backend.classify(x.unsqueeze(1))
-                return [with_index(i, step[0]) for i, step in enumerate(step_tails(spikes, scores, self._labels_json))]
+                tails = step_tails(spikes, scores, self._labels_json, self._score_fmt)  # [T][1]
+                return [with_index(i, step[0]) for i, step in enumerate(tails)]
             return await asyncio.get_running_loop().run_in_executor(self.executor, run)
         finally:
             self.classify_in_flight -= 1
