@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, TypeAdapter, ValidationError
+from uvicorn.protocols.utils import ClientDisconnected
 
 from service.api.views import session_info
 from service.deps import get_engine
@@ -137,8 +138,16 @@ async def stream(ws: WebSocket) -> None:
                 await conn.handle(text)
             except ServiceError as e:
                 await conn.send_error(e, _msg_id(text))
-    except (WebSocketDisconnect, RuntimeError):  # the client went away mid-send
+            except (WebSocketDisconnect, ClientDisconnected):
+                raise
+            except Exception as e:  # a bug, not bad input: say so and keep the connection
+                log.exception("unexpected error on /v1/stream")
+                await conn.send_error(ServiceError(f"internal error: {type(e).__name__}", status=500,
+                                                   code="internal"), _msg_id(text))
+    except (WebSocketDisconnect, ClientDisconnected):
         pass
+    except RuntimeError as e:  # starlette: sending on a socket the client has already closed
+        log.debug("websocket gone: %s", e)
     finally:
         if conn.session is not None:
             conn.session.listeners.discard(conn._on_session_end)
