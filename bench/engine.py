@@ -117,7 +117,7 @@ def cuda_graph_step(be: TorchBackend, sessions: int, repeat: int) -> float:
 
 
 async def engine_rate(model: LoadedModel, sessions: int, max_batch: int, rounds: int) -> float:
-    """Session-steps/s of the asyncio engine: every session awaits one step per round, concurrently."""
+    """Session-steps/s of the asyncio engine: every session (a task) awaits ``rounds`` steps, one at a time."""
     cpu = model.net.readout.weight.device.type == "cpu"
     executor = InlineExecutor() if cpu else ThreadPoolExecutor(max_workers=1)  # as PSN_ENGINE_THREAD=auto
     me = ModelEngine(TorchBackend(model, sessions), executor, Metrics(), max_batch_size=max_batch, max_wait_s=0,
@@ -128,13 +128,13 @@ async def engine_rate(model: LoadedModel, sessions: int, max_batch: int, rounds:
     me.batcher.start()
     xs = list(torch.randn(sessions, 1, 28).unbind(0))  # one (1, 28) step per session
 
-    async def one_round() -> None:
-        await asyncio.gather(*(me.step(s, x, None) for s, x in zip(ss, xs, strict=True)))
+    async def client(s, x, n: int) -> None:  # one task per session, like one per connection
+        for _ in range(n):
+            await me.step(s, x, None)
 
-    await one_round()
+    await asyncio.gather(*(client(s, x, 1) for s, x in zip(ss, xs, strict=True)))  # warm-up
     t0 = time.perf_counter()
-    for _ in range(rounds):
-        await one_round()
+    await asyncio.gather(*(client(s, x, rounds) for s, x in zip(ss, xs, strict=True)))
     rate = sessions * rounds / (time.perf_counter() - t0)
     await me.batcher.drain(1)
     executor.shutdown()

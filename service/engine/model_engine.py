@@ -35,6 +35,7 @@ class ModelEngine:
         self._labels_json = [json.dumps(label) for label in self.labels]
         self._score_fmt = score_format(self.cfg.num_classes, backend.dtype)
         self.queue_depth = queue_depth
+        self._horizon = self.cfg.T if self.cfg.neuron == "masked" else None  # steps a session may take
         self.classify_in_flight = 0
         # labelled metric children, looked up once (a labels() call costs microseconds per step)
         self._m_steps = metrics.steps.labels(self.name)
@@ -105,15 +106,15 @@ class ModelEngine:
                                       f"{len(session.recent)} are); cannot answer a retry from {start}", field="start")
                 recent = list(session.recent)
                 cached = recent[start - first_kept:start - first_kept + replayed]
-            new = x[replayed:]
-            horizon = self.cfg.T if self.cfg.neuron == "masked" else None
-            if horizon is not None and t + new.shape[0] > horizon:
-                raise PastHorizon(f"steps: model {self.name!r} has a fixed horizon of T={horizon} steps; the "
-                                  f"session is at step {t}, so at most {horizon - t} more fit, got {new.shape[0]}",
+            n_new = L - replayed
+            if self._horizon is not None and t + n_new > self._horizon:
+                raise PastHorizon(f"steps: model {self.name!r} has a fixed horizon of T={self._horizon} steps; the "
+                                  f"session is at step {t}, so at most {self._horizon - t} more fit, got {n_new}",
                                   field="steps")
             session.last_used = time.monotonic()
-            if new.shape[0] == 0:
+            if n_new == 0:
                 return start, cached, replayed
+            new = x[replayed:] if replayed else x
 
             def applied(tails: list[str]) -> None:  # on the loop, right after the batch ran
                 base = session.t
