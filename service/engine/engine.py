@@ -30,9 +30,10 @@ class Engine:
         self.device = settings.torch_device
         self.threaded = settings.engine_thread == "on" or (settings.engine_thread == "auto" and
                                                           self.device.type != "cpu")
-        # One engine thread per device. On the CPU the model holds the GIL for most of a batch, so a
-        # thread only adds hand-over cost (measured: it cut service throughput by half or more); "auto"
-        # runs CPU batches inline on the event loop (each is ~0.1-3 ms) and GPU batches in the thread.
+        # One engine thread per device. On the CPU the model holds the GIL for most of a batch, so the
+        # thread mostly adds hand-over cost (measured on 2 cores: half the throughput at max_batch_size=1,
+        # 30-50 us more CPU per step at 64 WS sessions; see BENCHMARKS.md). "auto" runs CPU batches
+        # inline on the event loop (each takes 0.1-3 ms) and GPU batches in the engine thread.
         self.executor: Executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"psn-engine-{self.device.type}")
             if self.threaded else InlineExecutor())
