@@ -72,6 +72,7 @@ def save_model_folder(path: str | os.PathLike, net: PSNNet, *, name: str | None 
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a served model folder must be readable (e.g. by a container user)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
