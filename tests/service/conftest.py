@@ -72,13 +72,14 @@ class Reference:
         return out.spikes[:, 0].to(torch.uint8).tolist(), out.scores[:, 0].tolist()
 
 
-def assert_outputs(outputs: list[dict], ref: tuple[list, list], start: int = 0) -> None:
+def assert_outputs(outputs: list[dict], ref: tuple[list, list], start: int = 0, *, rel: float = 1e-9,
+                   abs: float = 1e-12) -> None:  # noqa: A002 - named as in pytest.approx
     spikes, scores = ref
     for i, o in enumerate(outputs):
         t = start + i
         assert o["index"] == t
         assert o["spikes"] == spikes[t], f"spikes differ at step {t}"
-        assert o["scores"] == pytest.approx(scores[t], rel=1e-9, abs=1e-12), f"scores differ at step {t}"
+        assert o["scores"] == pytest.approx(scores[t], rel=rel, abs=abs), f"scores differ at step {t}"
         assert o["predicted"] == max(range(len(scores[t])), key=lambda c: scores[t][c])
 
 

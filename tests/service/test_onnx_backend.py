@@ -8,6 +8,7 @@ scores are compared at float32 precision; spikes and predictions must still be i
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from exported.onnx_export import PARALLEL_FILE, STEP_FILE
 from service.config import Settings
 from tests.service import test_streaming as streaming
-from tests.service.conftest import TINY, Server
+from tests.service.conftest import TINY, Server, assert_outputs
 from tests.service.test_streaming import (  # noqa: F401  (collected here, run with this module's server)
     test_classify_equals_parallel_form,
     test_concurrent_sessions_equal_parallel_form,
@@ -47,20 +48,10 @@ def server(model_dir: Path, onnx_cache: Path) -> Iterator[Server]:
     srv.stop()
 
 
-def assert_outputs_float32(outputs: list[dict], ref: tuple[list, list], start: int = 0) -> None:
-    """``assert_outputs`` of conftest.py at float32 precision for the scores."""
-    spikes, scores = ref
-    for i, o in enumerate(outputs):
-        t = start + i
-        assert o["index"] == t
-        assert o["spikes"] == spikes[t], f"spikes differ at step {t}"
-        assert o["scores"] == pytest.approx(scores[t], rel=1e-5, abs=1e-5), f"scores differ at step {t}"
-        assert o["predicted"] == max(range(len(scores[t])), key=lambda c: scores[t][c])
-
-
 @pytest.fixture(autouse=True)
 def float32_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(streaming, "assert_outputs", assert_outputs_float32)
+    """The graphs are float32: scores are compared at float32 precision, spikes still exactly."""
+    monkeypatch.setattr(streaming, "assert_outputs", functools.partial(assert_outputs, rel=1e-5, abs=1e-5))
 
 
 def test_backend_is_onnx_and_exported_every_model_to_the_cache(server: Server, onnx_cache: Path) -> None:
