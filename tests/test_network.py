@@ -9,29 +9,17 @@ import torch
 
 from model import InputError
 from model.network import LayerConfig, NetConfig, PSNNet, state_size_bytes
+from tests.nets import make_spiking
 
 CONV_NET = (LayerConfig("conv", 4, kernel_size=3), LayerConfig("conv", 3, kernel_size=5, stride=2),
             LayerConfig("linear", 24))
 
 
-def _net(neuron: str, T: int | None = None, k: int = 3, layers=CONV_NET, input_shape=(2, 7), seed: int = 0,
-         bn_stats: bool = True) -> PSNNet:
+def _net(neuron: str, T: int | None = None, k: int = 3, layers=CONV_NET, input_shape=(2, 7), seed: int = 0) -> PSNNet:
     torch.manual_seed(seed)
     cfg = NetConfig(input_shape=input_shape, num_classes=5, layers=layers, neuron=neuron, k=k, T=T,
                     input_mean=0.3, input_std=0.8)
-    net = PSNNet(cfg).double()
-    with torch.no_grad():
-        for layer in net.layers:
-            if layer.bn is not None and bn_stats:  # non-trivial running statistics and affine
-                layer.bn.running_mean.uniform_(-0.5, 0.5)
-                layer.bn.running_var.uniform_(0.5, 2.0)
-                layer.bn.weight.uniform_(0.5, 2.0)
-                layer.bn.bias.uniform_(-0.2, 0.2)
-            if hasattr(layer.neuron, "v_threshold"):  # LIF: a lower threshold so it spikes often
-                layer.neuron.v_threshold = 0.2
-            if hasattr(layer.neuron, "bias"):
-                layer.neuron.bias.fill_(0.0)  # threshold at 0: about half the neurons spike
-    return net.eval()
+    return make_spiking(PSNNet(cfg).double(), bn_mean=0.5, bn_affine=True)
 
 
 STREAMING = [("sliding", None, 3), ("masked", 16, 4), ("lif", None, 1), ("sliding", None, 1)]

@@ -17,6 +17,7 @@ from model.folder import load_model_folder, save_model_folder
 from model.network import LayerConfig, NetConfig, PSNNet
 from service.config import Settings
 from service.main import create_app
+from tests.nets import make_spiking
 
 # name -> (neuron, T, k, input_shape, layers)
 TINY = {
@@ -32,17 +33,8 @@ def make_model(path: Path, neuron: str, T: int | None, k: int, input_shape: tupl
     torch.manual_seed(seed)
     cfg = NetConfig(input_shape=input_shape, num_classes=4, layers=layers, neuron=neuron, k=k, T=T,
                     input_mean=0.1, input_std=0.9)
-    net = PSNNet(cfg).double()
-    with torch.no_grad():
-        for layer in net.layers:
-            if layer.bn is not None:
-                layer.bn.running_mean.uniform_(-0.3, 0.3)
-                layer.bn.running_var.uniform_(0.5, 2.0)
-            if hasattr(layer.neuron, "bias"):
-                layer.neuron.bias.fill_(0.0)  # threshold at 0: about half the neurons spike
-            if hasattr(layer.neuron, "v_threshold"):
-                layer.neuron.v_threshold = 0.2
-    save_model_folder(path, net.eval(), class_names=["w", "x", "y", "z"], dataset="random")
+    net = make_spiking(PSNNet(cfg).double(), bn_mean=0.3, bn_affine=False)
+    save_model_folder(path, net, class_names=["w", "x", "y", "z"], dataset="random")
 
 
 @pytest.fixture(scope="session")
