@@ -37,20 +37,21 @@ class _MatrixNeuron(nn.Module):
 
         Without autograd on a CUDA float32 tensor (and Triton installed), one fused kernel does it.
         """
+        weight, bias = self._checked_params(x_seq)
         if not torch.is_grad_enabled() and fused_available(x_seq):
-            if self.validate:
-                check_tensor(x_seq, "x_seq")
-            T = x_seq.shape[0]
-            bias = self.bias[:T] if self.bias.dim() else self.bias
-            return psn_forward_fused(x_seq, self.effective_weight(T), bias)
-        return self._parallel(x_seq)[0]
+            return psn_forward_fused(x_seq, weight, bias)
+        return F.matrix_forward(x_seq, weight, bias, self.alpha)[0]
 
     def _parallel(self, x_seq: Tensor) -> tuple[Tensor, Tensor]:
+        weight, bias = self._checked_params(x_seq)
+        return F.matrix_forward(x_seq, weight, bias, self.alpha)
+
+    def _checked_params(self, x_seq: Tensor) -> tuple[Tensor, Tensor]:
+        """Check ``x_seq`` (when validating); the (T, T) weight and the bias for its T steps."""
         if self.validate:
             check_tensor(x_seq, "x_seq")
         T = x_seq.shape[0]
-        bias = self.bias[:T] if self.bias.dim() else self.bias
-        return F.matrix_forward(x_seq, self.effective_weight(T), bias, self.alpha)
+        return self.effective_weight(T), self.bias[:T] if self.bias.dim() else self.bias
 
 
 class PSN(_MatrixNeuron):
