@@ -16,6 +16,12 @@ from tests.reference import lif_loop, masked_loop, psn_loop, sliding_loop
 TIE = 1e-4  # |H| below this may flip in float32; spikes are compared away from it
 
 
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test draws its inputs from a fixed seed: the same data on every run."""
+    torch.manual_seed(1234)
+
+
 def _randomise(neuron: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -33,7 +39,7 @@ def _assert_matches(s: torch.Tensor, h: torch.Tensor, s_ref: np.ndarray, h_ref: 
     assert 0 < s_ref.mean() < 1  # both spikes and silence are tested
 
 
-@pytest.mark.parametrize("T,N", [(1, 3), (8, 5), (33, 17), (64, 2)])
+@pytest.mark.parametrize("T,N", [(1, 64), (8, 5), (33, 17), (64, 2)])
 def test_psn_matches_paper_loop(T: int, N: int) -> None:
     neuron = PSN(T)
     _randomise(neuron, T)
@@ -53,7 +59,7 @@ def test_masked_psn_matches_paper_loop(k: int, T: int, shape: tuple[int, ...]) -
     _assert_matches(neuron(x), neuron.membrane(x), s_ref, h_ref)
 
 
-@pytest.mark.parametrize("k,T,shape", [(1, 6, (4,)), (2, 8, (3, 2)), (5, 33, (7,)), (8, 64, (5,)), (12, 9, (3,))])
+@pytest.mark.parametrize("k,T,shape", [(1, 6, (4, 8)), (2, 8, (3, 2)), (5, 33, (7,)), (8, 64, (5,)), (12, 9, (3,))])
 def test_sliding_psn_matches_paper_loop(k: int, T: int, shape: tuple[int, ...]) -> None:
     neuron = SlidingPSN(k)
     _randomise(neuron, k + T)
