@@ -3,6 +3,10 @@
     python bench/engine.py                                   # CPU, 256 sessions, one step each
     python bench/engine.py --device cuda --sessions 1024 16384 131072 --cuda-graphs
 
+On CUDA, "batched" is the backend's ``run`` (host input copied in, outputs copied out, spikes as
+bytes), "device step" the same step with inputs and outputs left on the device, "CUDA graph" that
+step captured once and replayed.
+
 The net is a 28-128-128-10 sliding PSN (k=8, untrained, batch norm folded), float32. Two levels:
 
 - backend: ``TorchBackend.run`` over all sessions' slots at once (gather, one step, scatter) against
@@ -70,8 +74,11 @@ def backend_rows(model: LoadedModel, sessions: int, repeat: int, one_by_one: boo
     x = torch.randn(1, sessions, 28)
     slots = torch.arange(sessions)
     row = {"sessions": sessions, "batched_ms": timed(lambda: be.run(x, slots), repeat, sync) * 1e3}
-    if graphs and dev.type == "cuda":
-        row["graph_ms"] = cuda_graph_step(be, sessions, repeat)
+    if dev.type == "cuda":  # the step alone: inputs already on the device, outputs left there
+        xd, idx = x.to(dev), slots.to(dev)
+        row["device_ms"] = timed(lambda: be.step_device(xd, idx), repeat, sync) * 1e3
+        if graphs:
+            row["graph_ms"] = cuda_graph_step(be, xd, idx, repeat)
     if one_by_one:
         xs = [x[:, i:i + 1] for i in range(sessions)]
         ss = [slots[i:i + 1] for i in range(sessions)]
@@ -84,35 +91,17 @@ def backend_rows(model: LoadedModel, sessions: int, repeat: int, one_by_one: boo
     return row
 
 
-def cuda_graph_step(be: TorchBackend, sessions: int, repeat: int) -> float:
-    """One step of every slot captured as a CUDA graph (device-resident input, no host copies)."""
-    dev = be.device
-    x = torch.randn(1, sessions, 28, device=dev)
-    idx = torch.arange(sessions, device=dev)
-    net, st = be.model.net, be._state
-
-    def step() -> None:
-        with torch.no_grad():
-            from model.functional import NeuronState
-            from model.network import NetState
-            rows = NetState(tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx))
-                                  for ns in st.neurons), st.score_sum.index_select(0, idx), st.t.index_select(0, idx))
-            out, new = net.chunk(x, rows, _checked=True)
-            for ns, n2 in zip(st.neurons, new.neurons, strict=True):
-                ns.window.index_copy_(0, idx, n2.window)
-                ns.t.index_copy_(0, idx, n2.t)
-            st.score_sum.index_copy_(0, idx, new.score_sum)
-            st.t.index_copy_(0, idx, new.t)
-
+def cuda_graph_step(be: TorchBackend, x: torch.Tensor, idx: torch.Tensor, repeat: int) -> float:
+    """``step_device`` of every slot captured once as a CUDA graph and replayed (no launch overhead)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
-            step()
+            be.step_device(x, idx)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        step()
+        be.step_device(x, idx)
     return timed(g.replay, repeat, torch.cuda.synchronize) * 1e3
 
 
@@ -169,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# engine bench: {name}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), 28-128-128-10 sliding PSN k=8 float32, "
           f"state {per_session} B/session, load average {os.getloadavg()[0]:.1f}")
+    cuda_cols = " device step ms | CUDA graph ms | state-byte floor ms | graph / floor |"
     print("| sessions | batched ms/step | session-steps/s | one-by-one ms | one-by-one steps/s | speed-up |"
-          + (" CUDA graph ms | state-byte floor ms |" if device.type == "cuda" else ""))
-    print("| --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if device.type == "cuda" else ""))
+          + (cuda_cols if device.type == "cuda" else ""))
+    print("| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- | --- |" if device.type == "cuda" else ""))
     for n in args.sessions:
         row = backend_rows(model, n, args.repeat, not args.no_one_by_one and n <= 4096, args.cuda_graphs)
         b = row["batched_ms"]
@@ -180,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                 + (f"{o:.1f} | {n / o * 1e3:,.0f} | {o / b:.1f}x |" if o else "- | - | - |"))
         if device.type == "cuda":
             floor = 2 * per_session * n / (args.bandwidth_gbs * 1e9) * 1e3
-            line += f" {row.get('graph_ms', float('nan')):.3f} | {floor:.3f} |"
+            g = row.get("graph_ms", float("nan"))
+            line += f" {row['device_ms']:.3f} | {g:.3f} | {floor:.3f} | {g / floor:.2f}x |"
         print(line, flush=True)
     if args.engine if args.engine is not None else device.type == "cpu":
         print("\n| sessions | engine max_batch=N steps/s | engine max_batch=1 steps/s | speed-up |")

@@ -25,7 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import LIF, PSN, MaskedPSN, SlidingPSN  # noqa: E402
-from model.kernels import fused_available, psn_forward_fused  # noqa: E402
+from model.kernels import fused_available, psn_forward_banded, psn_forward_fused  # noqa: E402
+
+# Launch configurations tried at the --sweep point (T=max, N=max): (block_n, num_warps) for the dense
+# kernel, (block_t, block_n, num_warps) for the banded one. The kernels' defaults are the first of each.
+DENSE_CONFIGS = [(None, 4), (32, 4), (64, 8), (128, 8)]
+BANDED_CONFIGS = [(16, 256, 4), (8, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8)]
 
 
 def timer(device: torch.device, fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
@@ -61,7 +66,7 @@ def make(kind: str, T: int, k: int) -> torch.nn.Module:
 
 
 def bench_neuron(neuron: torch.nn.Module, kind: str, x: torch.Tensor, device: torch.device, repeat: int,
-                 backward: bool) -> list[dict]:
+                 backward: bool, sweep: bool = False) -> list[dict]:
     """Rows for one neuron on ``x`` (T, N): PyTorch forward (+ backward), and the fused kernel where it runs."""
     T, N = x.shape
     neuron.validate = False
@@ -83,13 +88,29 @@ def bench_neuron(neuron: torch.nn.Module, kind: str, x: torch.Tensor, device: to
     if kind == "lif" or not fused_available(x):
         return rows
     with torch.no_grad():
-        w, b = neuron.effective_weight(T), neuron.bias
-        ref = neuron(x)
+        w, b, band = neuron.effective_weight(T), neuron.bias, neuron.band_weight(T)
+        os.environ["PSN_FUSED"] = "0"
+        ref = neuron(x)  # PyTorch spikes
+        os.environ.pop("PSN_FUSED")
+
+        def add(name: str, fn: Callable[[], torch.Tensor]) -> None:
+            mismatch = (fn() != ref).float().mean().item()
+            rows.append(dict(neuron=name, T=T, N=N, fwd_ms=timer(device, fn, repeat) * 1e3, fwd_bwd_ms=None,
+                             spike_mismatch=mismatch))
+
         for ieee in (True, False):
-            mismatch = (psn_forward_fused(x, w, b, ieee=ieee) != ref).float().mean().item()
-            sec = timer(device, lambda ieee=ieee: psn_forward_fused(x, w, b, ieee=ieee), repeat)
-            rows.append(dict(neuron=f"{kind}-triton-{'fp32' if ieee else 'tf32'}", T=T, N=N, fwd_ms=sec * 1e3,
-                             fwd_bwd_ms=None, spike_mismatch=mismatch))
+            for block_n, warps in DENSE_CONFIGS if sweep else DENSE_CONFIGS[:1]:
+                tag = "" if block_n is None else f"-n{block_n}w{warps}"
+                add(f"{kind}-dense-{'fp32' if ieee else 'tf32'}{tag}",
+                    lambda ieee=ieee, bn=block_n, nw=warps: psn_forward_fused(x, w, b, ieee=ieee, block_n=bn,
+                                                                              num_warps=nw))
+        if band is not None:
+            for bt, bn, warps in BANDED_CONFIGS if sweep else BANDED_CONFIGS[:1]:
+                tag = "" if (bt, bn, warps) == BANDED_CONFIGS[0] else f"-t{bt}n{bn}w{warps}"
+                add(f"{kind}-banded{tag}",
+                    lambda bt=bt, bn=bn, nw=warps: psn_forward_banded(x, band, b, block_t=bt, block_n=bn,
+                                                                      num_warps=nw))
+        add(f"{kind}-module", lambda: neuron(x))  # what forward() picks (fused path on)
     return rows
 
 
@@ -103,6 +124,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--sweep", action="store_true", help="try several kernel launch configurations at the "
+                    "largest T and N")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -122,7 +145,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             floor = 2 * x.numel() * 4 / bw
             here = [row for kind in ("lif", "psn", "masked", "sliding")
                     for row in bench_neuron(make(kind, T, args.k).to(device), kind, x, device, repeat,
-                                            not args.no_backward)]
+                                            not args.no_backward,
+                                            args.sweep and T == max(args.T) and N == max(Ns))]
             for row in here:
                 row["floor_ms"] = floor * 1e3
             for r in here:

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from model import functional as F
 from model.checks import HorizonError, InputError, check_tensor
 from model.functional import NeuronState
-from model.kernels import fused_available, psn_forward_fused
+from model.kernels import fused_available, psn_forward_banded, psn_forward_fused
+
+BANDED_MAX_K = 16  # above this order the fused matrix product beats k shifted multiply-adds
 
 
 class _MatrixNeuron(nn.Module):
@@ -28,6 +30,10 @@ class _MatrixNeuron(nn.Module):
     def effective_weight(self, T: int) -> Tensor:
         raise TypeError(f"{type(self).__name__} must define effective_weight(T)")
 
+    def band_weight(self, T: int) -> Tensor | None:
+        """The nonzero band of ``effective_weight(T)``: (k,) shared or (T, k) per step; None if not banded."""
+        return None
+
     def membrane(self, x_seq: Tensor) -> Tensor:
         """``H`` for ``x_seq`` (T, ...), same shape."""
         return self._parallel(x_seq)[1]
@@ -35,10 +41,14 @@ class _MatrixNeuron(nn.Module):
     def forward(self, x_seq: Tensor) -> Tensor:
         """Spikes ``S = Heaviside(W X + b)`` for ``x_seq`` (T, ...), same shape.
 
-        Without autograd on a CUDA float32 tensor (and Triton installed), one fused kernel does it.
+        Without autograd on a CUDA float32 tensor (and Triton installed), one fused kernel does it
+        (the banded one for a masked PSN with lam = 1 or a sliding PSN of order <= ``BANDED_MAX_K``).
         """
         weight, bias = self._checked_params(x_seq)
         if not torch.is_grad_enabled() and fused_available(x_seq):
+            band = self.band_weight(x_seq.shape[0])
+            if band is not None and band.shape[-1] <= BANDED_MAX_K:
+                return psn_forward_banded(x_seq, band, bias)
             return psn_forward_fused(x_seq, weight, bias)
         return F.matrix_forward(x_seq, weight, bias, self.alpha)[0]
 
@@ -146,6 +156,13 @@ class MaskedPSN(_MatrixNeuron, _StreamingNeuron):
             m = self.lam * self.mask + (1.0 - self.lam)
         return (self.weight * m.to(self.weight.dtype))[:T, :T]
 
+    def band_weight(self, T: int) -> Tensor | None:
+        if self.lam < 1.0:
+            return None
+        self.effective_weight(T)  # the horizon check
+        t0 = torch.zeros(1, dtype=torch.long, device=self.weight.device)
+        return F.masked_band_weights(self.weight, t0, self.k, T)[0]  # (T, k)
+
     def _check_horizon(self, state: NeuronState, L: int) -> None:
         if self.lam < 1.0:
             raise InputError(f"masked PSN cannot stream with lam={self.lam} < 1 (its relaxed mask reads "
@@ -182,6 +199,9 @@ class SlidingPSN(_MatrixNeuron, _StreamingNeuron):
 
     def effective_weight(self, T: int) -> Tensor:
         return F.sliding_matrix(self.weight, T)
+
+    def band_weight(self, T: int) -> Tensor | None:
+        return self.weight
 
     def _step(self, x_t: Tensor, state: NeuronState):
         return F.sliding_step(x_t, state, self.weight, self.bias, self.alpha)

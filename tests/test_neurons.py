@@ -256,3 +256,17 @@ def test_bad_inputs_are_named() -> None:
     m.lam = 0.5
     with pytest.raises(InputError, match="lam=0.5"):
         m.step(torch.randn(1, 3), m.initial_state(1, (3,)))
+
+
+def test_banded_weights_are_the_band_of_the_matrix() -> None:
+    """band_weight(T) holds exactly the nonzeros of effective_weight(T), in the kernel's order."""
+    T, k = 12, 4
+    for neuron in (MaskedPSN(k, T), SlidingPSN(k, exp_init=False)):
+        band = neuron.band_weight(T).detach()
+        band = band.expand(T, k) if band.dim() == 1 else band
+        dense = torch.zeros(T, T)
+        for t in range(T):
+            for j in range(k):
+                if t - k + 1 + j >= 0:
+                    dense[t, t - k + 1 + j] = band[t, j]
+        assert torch.equal(dense, neuron.effective_weight(T).detach())
