@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1, as the service; 0 = torch's default)")
-    ap.add_argument("--no-one-by-one", action="store_true", help="skip the one-by-one baseline")
+    ap.add_argument("--no-one-by-one", action="store_true", help="skip the one-by-one baselines (backend and engine)")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
                     help="also time the asyncio engine (default: on for CPU)")
     ap.add_argument("--rounds", type=int, default=20)
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         print("| --- | --- | --- | --- |")
         for n in args.sessions:
             batched = asyncio.run(engine_rate(model, n, n, args.rounds))
+            if args.no_one_by_one:
+                print(f"| {n} | {batched:,.0f} | - | - |", flush=True)
+                continue
             single = asyncio.run(engine_rate(model, n, 1, max(2, args.rounds // 5)))
             print(f"| {n} | {batched:,.0f} | {single:,.0f} | {batched / single:.1f}x |", flush=True)
 

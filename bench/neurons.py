@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import LIF, PSN, MaskedPSN, SlidingPSN  # noqa: E402
-from model.kernels import fused_available, psn_forward_banded, psn_forward_fused  # noqa: E402
+from model.kernels import PRECISIONS, fused_available, psn_forward_banded, psn_forward_fused  # noqa: E402
 
 # Launch configurations tried at the --sweep point (T=max, N=max): (block_n, num_warps) for the dense
 # kernel, (block_t, block_n, num_warps) for the banded one. The kernels' defaults are the first of each.
@@ -98,12 +98,12 @@ def bench_neuron(neuron: torch.nn.Module, kind: str, x: torch.Tensor, device: to
             rows.append(dict(neuron=name, T=T, N=N, fwd_ms=timer(device, fn, repeat) * 1e3, fwd_bwd_ms=None,
                              spike_mismatch=mismatch))
 
-        for ieee in (True, False):
+        for prec in PRECISIONS:
             for block_n, warps in DENSE_CONFIGS if sweep else DENSE_CONFIGS[:1]:
                 tag = "" if block_n is None else f"-n{block_n}w{warps}"
-                add(f"{kind}-dense-{'fp32' if ieee else 'tf32'}{tag}",
-                    lambda ieee=ieee, bn=block_n, nw=warps: psn_forward_fused(x, w, b, ieee=ieee, block_n=bn,
-                                                                              num_warps=nw))
+                add(f"{kind}-dense-{'fp32' if prec == 'ieee' else prec}{tag}",
+                    lambda p=prec, bn=block_n, nw=warps: psn_forward_fused(x, w, b, precision=p, block_n=bn,
+                                                                           num_warps=nw))
         if band is not None:
             for bt, bn, warps in BANDED_CONFIGS if sweep else BANDED_CONFIGS[:1]:
                 tag = "" if (bt, bn, warps) == BANDED_CONFIGS[0] else f"-t{bt}n{bn}w{warps}"

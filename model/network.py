@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from model.checks import InputError, check_tensor, check_trailing_shape
 from model.functional import NeuronState
+from model.kernels import fused_available, sliding_step_slots_
 from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
 
 NEURONS = ("masked", "sliding", "psn", "lif")
@@ -216,6 +217,32 @@ class PSNNet(nn.Module):
         scores = sums / seen.unsqueeze(2).to(sums.dtype)
         new = NetState(neurons=tuple(new_neurons), score_sum=sums[-1], t=state.t + L)
         return NetOutput(spikes=h, scores=scores), new
+
+    # ----- slot tables (the service's session state) ------------------------------------
+    def steps_slots_fused(self, x_t: Tensor) -> bool:
+        """True where ``step_slots_`` runs for inputs like ``x_t``: a sliding-PSN net in eval mode, and the
+        fused kernels available (Triton, a CUDA float32 tensor, PSN_FUSED not 0)."""
+        return (not self.training and fused_available(x_t)
+                and all(isinstance(layer.neuron, SlidingPSN) for layer in self.layers))
+
+    @torch.no_grad()
+    def step_slots_(self, x_t: Tensor, state: NetState, idx: Tensor) -> NetOutput:
+        """One step ``x_t`` (B, *input_shape) for the sessions in rows ``idx`` (B,) of a slot-table
+        ``state``, updated in place by one fused kernel per layer (see ``kernels.sliding_step_slots_``).
+
+        Same as ``chunk`` on the gathered rows with the new state scattered back, without the gather
+        and scatter copies. Sliding-PSN nets only; ``x_t`` already checked. Returns (B, ...) outputs.
+        """
+        h = self._normalise(x_t)
+        for layer, ns in zip(self.layers, state.neurons, strict=True):
+            cur = layer.current(h)  # (B, *out)
+            h = sliding_step_slots_(ns.window, ns.t, idx, cur, layer.neuron.weight, layer.neuron.bias)
+        per_step = self.readout(h.reshape(h.shape[0], -1))  # (B, C)
+        sums = state.score_sum.index_select(0, idx) + per_step
+        t = state.t.index_select(0, idx) + 1
+        state.score_sum.index_copy_(0, idx, sums)
+        state.t.index_copy_(0, idx, t)
+        return NetOutput(spikes=h, scores=sums / t.unsqueeze(1).to(sums.dtype))
 
     # ----- helpers -------------------------------------------------------------------------
     def _normalise(self, x: Tensor) -> Tensor:

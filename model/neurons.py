@@ -44,13 +44,21 @@ class _MatrixNeuron(nn.Module):
         Without autograd on a CUDA float32 tensor (and Triton installed), one fused kernel does it
         (the banded one for a masked PSN with lam = 1 or a sliding PSN of order <= ``BANDED_MAX_K``).
         """
-        weight, bias = self._checked_params(x_seq)
         if not torch.is_grad_enabled() and fused_available(x_seq):
-            band = self.band_weight(x_seq.shape[0])
-            if band is not None and band.shape[-1] <= BANDED_MAX_K:
-                return psn_forward_banded(x_seq, band, bias)
-            return psn_forward_fused(x_seq, weight, bias)
+            return self._forward_fused(x_seq)
+        weight, bias = self._checked_params(x_seq)
         return F.matrix_forward(x_seq, weight, bias, self.alpha)[0]
+
+    def _forward_fused(self, x_seq: Tensor) -> Tensor:
+        # Few host-side tensor ops here: at a kernel's size (~0.2 ms) each launch shows.
+        if self.validate:
+            check_tensor(x_seq, "x_seq")
+        T = x_seq.shape[0]
+        bias = self.bias[:T] if self.bias.dim() else self.bias
+        band = self.band_weight(T)
+        if band is not None and band.shape[-1] <= BANDED_MAX_K:
+            return psn_forward_banded(x_seq, band, bias)
+        return psn_forward_fused(x_seq, self.effective_weight(T), bias)
 
     def _parallel(self, x_seq: Tensor) -> tuple[Tensor, Tensor]:
         weight, bias = self._checked_params(x_seq)
@@ -146,10 +154,13 @@ class MaskedPSN(_MatrixNeuron, _StreamingNeuron):
         self.bias = nn.Parameter(torch.full((T,), -1.0))  # threshold starts at 1
         self.register_buffer("mask", F.band_mask(k, T), persistent=False)
 
-    def effective_weight(self, T: int) -> Tensor:
-        """The masked (T', T') weight for the first ``T' <= T`` steps (causal, so a prefix is exact)."""
+    def _check_T(self, T: int) -> None:
         if T > self.T:
             raise HorizonError(f"x_seq: masked PSN has a fixed horizon of T={self.T} steps, got {T}")
+
+    def effective_weight(self, T: int) -> Tensor:
+        """The masked (T', T') weight for the first ``T' <= T`` steps (causal, so a prefix is exact)."""
+        self._check_T(T)
         if self.lam >= 1.0:
             m = self.mask
         else:
@@ -157,11 +168,21 @@ class MaskedPSN(_MatrixNeuron, _StreamingNeuron):
         return (self.weight * m.to(self.weight.dtype))[:T, :T]
 
     def band_weight(self, T: int) -> Tensor | None:
+        """(T, k) band of the masked weight (lam = 1 only). Without autograd it is cached until the
+        weight changes (any in-place update bumps the tensor's version), so inference pays no gather."""
         if self.lam < 1.0:
             return None
-        self.effective_weight(T)  # the horizon check
-        t0 = torch.zeros(1, dtype=torch.long, device=self.weight.device)
-        return F.masked_band_weights(self.weight, t0, self.k, T)[0]  # (T, k)
+        self._check_T(T)
+        w = self.weight
+        key = (T, w.device, w.data_ptr(), w._version)
+        cached = self.__dict__.get("_band_cache")
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        t0 = torch.zeros(1, dtype=torch.long, device=w.device)
+        band = F.masked_band_weights(w, t0, self.k, T)[0]  # (T, k)
+        if not torch.is_grad_enabled():
+            self.__dict__["_band_cache"] = (key, band)
+        return band
 
     def _check_horizon(self, state: NeuronState, L: int) -> None:
         if self.lam < 1.0:

@@ -270,3 +270,19 @@ def test_banded_weights_are_the_band_of_the_matrix() -> None:
                 if t - k + 1 + j >= 0:
                     dense[t, t - k + 1 + j] = band[t, j]
         assert torch.equal(dense, neuron.effective_weight(T).detach())
+
+
+def test_masked_band_cache_follows_weight_updates() -> None:
+    """Without autograd the masked PSN caches its band; an in-place weight update must not leave it stale."""
+    T, k = 6, 3
+    neuron = MaskedPSN(k, T)
+    with torch.no_grad():
+        first = neuron.band_weight(T).clone()
+        assert neuron.band_weight(T) is neuron.band_weight(T)  # cached
+        neuron.weight.mul_(2.0)  # as an optimiser step or load_state_dict would
+        torch.testing.assert_close(neuron.band_weight(T), 2.0 * first)
+        assert neuron.band_weight(T - 2).shape == (T - 2, k)
+    with pytest.raises(HorizonError, match=f"T={T}"):
+        neuron.band_weight(T + 1)
+    neuron.lam = 0.5
+    assert neuron.band_weight(T) is None  # a relaxed mask is not banded

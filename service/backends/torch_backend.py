@@ -51,12 +51,16 @@ class TorchBackend:
         """
         st = self._state
         assert st is not None
+        net = self.model.net
+        if x.shape[0] == 1 and net.steps_slots_fused(x):  # one kernel per layer, state updated in place
+            out = net.step_slots_(x[0], st, idx)
+            return out.spikes.unsqueeze(0), out.scores.unsqueeze(0)
         rows = NetState(
             neurons=tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx)) for ns in st.neurons),
             score_sum=st.score_sum.index_select(0, idx), t=st.t.index_select(0, idx))
         # The engine has checked shape and finiteness on the host (a GPU check would synchronise); the
         # net streams (max_slots > 0) and a masked neuron still checks its horizon.
-        out, new = self.model.net.chunk(x, rows, _checked=True)
+        out, new = net.chunk(x, rows, _checked=True)
         for ns, nn_ in zip(st.neurons, new.neurons, strict=True):
             ns.window.index_copy_(0, idx, nn_.window)
             ns.t.index_copy_(0, idx, nn_.t)
