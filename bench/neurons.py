@@ -30,7 +30,7 @@ from model.kernels import PRECISIONS, fused_available, psn_forward_banded, psn_f
 # Launch configurations tried at the --sweep point (T=max, N=max): (block_n, num_warps) for the dense
 # kernel, (block_t, block_n, num_warps) for the banded one. The kernels' defaults are the first of each.
 DENSE_CONFIGS = [(None, 4), (32, 4), (64, 8), (128, 8)]
-BANDED_CONFIGS = [(16, 256, 4), (8, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8)]
+BANDED_CONFIGS = [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8)]
 
 
 def timer(device: torch.device, fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:

@@ -138,7 +138,7 @@ def psn_forward_fused(x_seq: Tensor, weight: Tensor, bias: Tensor, *, precision:
     return s.reshape(x_seq.shape)
 
 
-def psn_forward_banded(x_seq: Tensor, band: Tensor, bias: Tensor, *, block_t: int = 16, block_n: int = 256,
+def psn_forward_banded(x_seq: Tensor, band: Tensor, bias: Tensor, *, block_t: int = 8, block_n: int = 256,
                        num_warps: int = 4) -> Tensor:
     """Spikes of a banded ``W X + b`` for ``x_seq`` (T, ...) float32.
 
