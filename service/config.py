@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     warmup: bool = True  # run each model once at start-up
     engine_thread: Literal["auto", "on", "off"] = "auto"  # run batches in an engine thread; auto: not on CPU
     ws_compression: bool = False  # permessage-deflate on /v1/stream (costs CPU, helps only on slow links)
+    # PSN_BACKEND=onnx only: where models without current ONNX files are exported once (default
+    # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).
+    onnx_cache_dir: Path | None = None
+    onnx_threads: int | None = Field(None, ge=1)
 
     @property
     def torch_device(self) -> torch.device:

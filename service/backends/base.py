@@ -6,7 +6,9 @@ which slots run together; the backend only gathers, computes and scatters.
 
 Contract (the engine guarantees the preconditions, the backend need not re-check them):
 
-- Construction: ``cls(model, max_slots)``. ``model`` is a ``LoadedModel`` (``model/folder.py``) loaded
+- Construction: ``cls(model, max_slots, settings)``; ``settings`` is the service's ``Settings`` (a
+  backend reads its own options there, e.g. ``onnx_threads``; None: read from the environment).
+  ``model`` is a ``LoadedModel`` (``model/folder.py``) loaded
   with the service's device and dtype; a backend may use ``model.net`` (PyTorch) or only
   ``model.path`` / ``model.cfg`` (e.g. to open ``model_step.onnx``). A model whose ``cfg.streams`` is
   False gets ``max_slots = 0`` and only ``classify`` is called.
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from model.folder import LoadedModel
+from service.config import Settings
 
 
 class Backend(Protocol):
@@ -51,4 +54,4 @@ class Backend(Protocol):
 
 
 class BackendClass(Protocol):
-    def __call__(self, model: LoadedModel, max_slots: int) -> Backend: ...
+    def __call__(self, model: LoadedModel, max_slots: int, settings: Settings | None = None) -> Backend: ...

@@ -5,14 +5,14 @@ Streaming runs ``model_step.onnx`` one step at a time over the gathered slot sta
 
 The files come from the model folder when they are there and were made from its current weights
 (their ``weights_sha256`` metadata); otherwise the model is exported once into a cache folder,
-``$PSN_ONNX_CACHE_DIR`` (default ``~/.cache/psn-stream/onnx``), keyed by name and weights hash.
-``$PSN_ONNX_THREADS`` sets onnxruntime's intra-op threads (default: its own choice).
+``PSN_ONNX_CACHE_DIR`` (default ``~/.cache/psn-stream/onnx``), keyed by name and weights hash.
+``PSN_ONNX_THREADS`` sets onnxruntime's intra-op threads (default: its own choice). Both are
+``Settings`` fields (read from the environment when no settings are passed).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +22,19 @@ from torch import Tensor
 from exported.onnx_export import export_is_current, export_model, weights_sha256
 from exported.runtime import OnnxModel
 from model.folder import LoadedModel
+from service.config import Settings
 
 log = logging.getLogger(__name__)
 
 
-def onnx_cache_dir() -> Path:
-    return Path(os.environ.get("PSN_ONNX_CACHE_DIR") or Path.home() / ".cache" / "psn-stream" / "onnx")
-
-
-def onnx_folder(model: LoadedModel) -> Path:
-    """A folder with current ONNX files for ``model``: its own, or a cache folder exported on demand."""
+def onnx_folder(model: LoadedModel, cache_dir: Path | None = None) -> Path:
+    """A folder with current ONNX files for ``model``: its own, or a folder under ``cache_dir``
+    (default ``~/.cache/psn-stream/onnx``) exported on demand."""
     streams = model.cfg.streams
     if export_is_current(model.path, streams):
         return model.path
-    cached = onnx_cache_dir() / f"{model.name}-{weights_sha256(model.path)[:16]}"
+    cache_dir = cache_dir or Path.home() / ".cache" / "psn-stream" / "onnx"
+    cached = cache_dir / f"{model.name}-{weights_sha256(model.path)[:16]}"
     if not export_is_current(cached, streams):
         log.info("exporting model %r to ONNX in %s (no current ONNX files in %s)", model.name, cached, model.path)
         export_model(model, cached)
@@ -47,11 +46,11 @@ class OnnxBackend:
 
     dtype = torch.float32  # the ONNX graphs are float32
 
-    def __init__(self, model: LoadedModel, max_slots: int):
+    def __init__(self, model: LoadedModel, max_slots: int, settings: Settings | None = None):
         self.model = model
-        threads = int(os.environ.get("PSN_ONNX_THREADS", "0")) or None
-        self.folder = onnx_folder(model)
-        self.onnx = OnnxModel(self.folder, threads=threads)
+        settings = settings or Settings()
+        self.folder = onnx_folder(model, settings.onnx_cache_dir)
+        self.onnx = OnnxModel(self.folder, threads=settings.onnx_threads)
         self.max_slots = max_slots if self.onnx.streams else 0
         self._state = self.onnx.initial_state(self.max_slots)  # per state input: (max_slots, ...)
         self._pad_to = model.cfg.T if model.cfg.neuron == "masked" else None

@@ -8,12 +8,13 @@ from torch import Tensor
 from model.folder import LoadedModel
 from model.functional import NeuronState
 from model.network import NetState
+from service.config import Settings
 
 
 class TorchBackend:
     """Runs ``model.net`` (eval, batch norm folded) with its ``chunk`` form over gathered slot state."""
 
-    def __init__(self, model: LoadedModel, max_slots: int):
+    def __init__(self, model: LoadedModel, max_slots: int, settings: Settings | None = None):
         self.model = model
         weight = model.net.readout.weight
         self.device, self.dtype = weight.device, weight.dtype

@@ -40,7 +40,7 @@ class Engine:
         self.sessions = SessionTable(settings.idle_timeout_s, settings.retry_window, settings.remember_gone)
         self.models: dict[str, ModelEngine] = {}
         for m in models:
-            me = ModelEngine(backend_cls(m, settings.max_sessions), self.executor, metrics,
+            me = ModelEngine(backend_cls(m, settings.max_sessions, settings), self.executor, metrics,
                              max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000,
                              queue_depth=settings.queue_depth)
             self.models[m.name] = me

@@ -9,7 +9,6 @@ scores are compared at float32 precision; spikes and predictions must still be i
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,22 +27,16 @@ from tests.service.test_streaming import (  # noqa: F401  (collected here, run w
 
 
 @pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.mktemp("onnx-cache")
-    old = os.environ.get("PSN_ONNX_CACHE_DIR")
-    os.environ["PSN_ONNX_CACHE_DIR"] = str(cache)
-    yield cache
-    if old is None:
-        os.environ.pop("PSN_ONNX_CACHE_DIR", None)
-    else:
-        os.environ["PSN_ONNX_CACHE_DIR"] = old
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx-cache")
 
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, onnx_cache: Path) -> Iterator[Server]:
     """The shared test server of conftest.py, with the onnxruntime backend."""
     srv = Server(Settings(model_dir=model_dir, dtype="float64", device="cpu", max_wait_ms=2.0, idle_timeout_s=60,
-                          max_sessions=64, max_steps_per_request=64, torch_threads=1, backend="onnx")).start()
+                          max_sessions=64, max_steps_per_request=64, torch_threads=1, backend="onnx",
+                          onnx_cache_dir=onnx_cache, onnx_threads=1)).start()
     yield srv
     srv.stop()
 
