@@ -48,7 +48,8 @@ class TorchBackend:
         """``run`` on the device: ``x`` (L, B, *input_shape) and ``idx`` (B,) already there, checked.
 
         Gathers the slots' state, runs the chunk, scatters the new state back; returns device tensors.
-        No host synchronisation for sliding-PSN and LIF nets, so it can be captured in a CUDA graph.
+        No host synchronisation for a sliding-PSN net (a masked one reads its step counts to check the
+        horizon), so bench/engine.py can capture it in a CUDA graph.
         """
         st = self._state
         assert st is not None
