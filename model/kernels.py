@@ -1,4 +1,4 @@
-"""Optional fused GPU kernels for the parallel form (Triton): ``S = Heaviside(W X + b)`` in one pass.
+"""Optional fused GPU kernels (Triton): ``S = Heaviside(W X + b)`` in one pass, and the streaming step.
 
 The plain PyTorch path writes ``H`` to memory and reads it back for the threshold; these kernels keep
 each tile of ``H`` in registers, so ``X`` is read once and ``S`` written once (the byte floor of the
@@ -7,12 +7,12 @@ under ``TRITON_INTERPRET=1`` for testing on a CPU.
 
 - ``psn_forward_fused``: any (T, T) weight, one ``tl.dot`` per (T, BLOCK_N) tile (the full PSN, a
   masked PSN with a relaxed mask).
-- ``sliding_step_slots_``: the streaming step of a sliding PSN over a slot table, in place: for each
-  row, read its slot's window once, shift it, append the new input, write it back once, threshold
-  (the state-byte floor of a step; the PyTorch path gathers, concatenates and scatters).
 - ``psn_forward_banded``: a band of order k (masked PSN with lam = 1, sliding PSN): ``k`` shifted
   multiply-adds per output, no matrix product; the k shifted reads of a tile hit the cache, so DRAM
   sees each input about once. Exact fp32 arithmetic (only the summation order differs).
+- ``sliding_step_slots_``: the streaming step of a sliding PSN over a slot table, in place: for each
+  row, read its slot's window once, shift it, append the new input, write it back once, threshold
+  (the state-byte floor of a step; the PyTorch path gathers, concatenates and scatters).
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ if HAVE_TRITON:
         s = tl.where(h >= 0, 1.0, 0.0)
         tl.store(s_ptr + offs_t[:, None] * N + offs_n[None, :], s.to(s_ptr.dtype.element_ty),
                  mask=t_ok[:, None] & n_ok[None, :])
-
 
     @triton.jit
     def _sliding_slots_kernel(win_ptr, t_ptr, idx_ptr, cur_ptr, w_ptr, b_ptr, s_ptr, B, F,
@@ -172,8 +171,7 @@ def sliding_step_slots_(window: Tensor, t: Tensor, idx: Tensor, current: Tensor,
     Returns the spikes (B, *F). Same as ``functional.sliding_step`` on the gathered rows.
     """
     _require_triton()
-    S, k = window.shape[:2]
-    B = idx.shape[0]
+    k, B = window.shape[1], idx.shape[0]
     if not window.is_contiguous() or tuple(current.shape) != (B, *window.shape[2:]):
         raise ValueError(f"window: expected contiguous (S, k, *F) matching current (B, *F); got "
                          f"{tuple(window.shape)} and {tuple(current.shape)}")
