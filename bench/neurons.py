@@ -70,9 +70,10 @@ def bench_neuron(neuron: torch.nn.Module, kind: str, x: torch.Tensor, device: to
     """Rows for one neuron on ``x`` (T, N): PyTorch forward (+ backward), and the fused kernel where it runs."""
     T, N = x.shape
     neuron.validate = False
-    os.environ["PSN_FUSED"] = "0"  # the plain PyTorch path first
+    os.environ["PSN_FUSED"] = "0"  # the plain PyTorch path first; its spikes are the kernels' reference
     with torch.no_grad():
         fwd = timer(device, lambda: neuron(x), repeat)
+        ref = neuron(x)
     os.environ.pop("PSN_FUSED")
     both = None
     if backward:
@@ -89,9 +90,6 @@ def bench_neuron(neuron: torch.nn.Module, kind: str, x: torch.Tensor, device: to
         return rows
     with torch.no_grad():
         w, b, band = neuron.effective_weight(T), neuron.bias, neuron.band_weight(T)
-        os.environ["PSN_FUSED"] = "0"
-        ref = neuron(x)  # PyTorch spikes
-        os.environ.pop("PSN_FUSED")
 
         def add(name: str, fn: Callable[[], torch.Tensor]) -> None:
             try:
