@@ -23,21 +23,23 @@ class TorchBackend:
             # (max_slots, k, *features) per layer, (max_slots, C), (max_slots,)
             self._state: NetState | None = model.net.initial_state(self.max_slots) if self.max_slots else None
 
-    @torch.no_grad()
-    def reset(self, slots: Tensor) -> None:
+    def _slots(self) -> NetState:
         if self._state is None:
             raise RuntimeError(f"model {self.model.name!r} cannot stream: it has no session slots")
+        return self._state
+
+    @torch.no_grad()
+    def reset(self, slots: Tensor) -> None:
+        st = self._slots()
         idx = slots.to(self.device)
-        for ns in self._state.neurons:
+        for ns in st.neurons:
             ns.window.index_fill_(0, idx, 0)
             ns.t.index_fill_(0, idx, 0)
-        self._state.score_sum.index_fill_(0, idx, 0)
-        self._state.t.index_fill_(0, idx, 0)
+        st.score_sum.index_fill_(0, idx, 0)
+        st.t.index_fill_(0, idx, 0)
 
     @torch.no_grad()
     def run(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        if self._state is None:
-            raise RuntimeError(f"model {self.model.name!r} cannot stream: it has no session slots")
         spikes, scores = self.step_device(x.to(self.device, self.dtype), slots.to(self.device))
         if self.device.type != "cpu":  # 0/1 spikes cross the bus as bytes: 4x less to copy than float32
             return spikes.to(torch.uint8).cpu().to(self.dtype), scores.cpu()
@@ -51,8 +53,7 @@ class TorchBackend:
         No host synchronisation for a sliding-PSN net (a masked one reads its step counts to check the
         horizon), so bench/engine.py can capture it in a CUDA graph.
         """
-        st = self._state
-        assert st is not None
+        st = self._slots()
         net = self.model.net
         if x.shape[0] == 1 and net.steps_slots_fused(x):  # one kernel per layer, state updated in place
             out = net.step_slots_(x[0], st, idx)
