@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:  # the front ends never import torch (only the engine core runs models)
+    import torch
+
+
+def default_workers() -> int:
+    """Front-end processes: one per core left over by the engine core, at least one, at most 16."""
+    return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
 class Settings(BaseSettings):
@@ -36,7 +42,9 @@ class Settings(BaseSettings):
     remember_gone: int = Field(100_000, ge=0)  # expired/closed ids remembered (answered 410, not 404)
     drain_timeout_s: float = Field(10.0, ge=0)  # shutdown: how long pending work may take to finish
     warmup: bool = True  # run each model once at start-up
-    engine_thread: Literal["auto", "on", "off"] = "auto"  # run batches in an engine thread; auto: not on CPU
+    workers: int = Field(default_factory=default_workers, ge=1, le=64)  # front-end processes (HTTP + WebSocket)
+    frontend_wait_s: float = Field(10.0, ge=0)  # a starting front end waits this long for the engine core
+    engine_address: str | None = None  # ZeroMQ endpoint of the engine core; default: ipc:// in a private temp dir
     ws_compression: bool = False  # permessage-deflate on /v1/stream (costs CPU, helps only on slow links)
     # PSN_BACKEND=onnx only: where models without current ONNX files are exported once (default
     # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).
@@ -45,13 +53,17 @@ class Settings(BaseSettings):
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
 
 @lru_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 STEP_EXAMPLE = {"index": 0, "spikes": [0, 1, 1, 0], "scores": [0.12, -0.3, 0.05], "predicted": 0, "label": "0"}
 
@@ -60,7 +60,7 @@ class SessionInfo(BaseModel):
 class StepsRequest(BaseModel):
     steps: list[Any] = Field(description="L steps, each of the model's input_shape: shape (L, *input_shape)",
                              examples=[[[0.5], [-1.2], [0.3]]])
-    start: int | None = Field(None, ge=0, description=(
+    start: StrictInt | None = Field(None, ge=0, description=(
         "index of the first step; omit to append. A retry with an index already applied is answered from "
         "the session's recent outputs (not applied twice); an index past steps_seen is refused (step_gap)."))
 
@@ -99,23 +99,31 @@ class ClassifyResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "ready", "not_ready"]
     models: list[str] = []
+    worker: int | None = Field(None, description="index of the front-end process that answered")
+    pid: int | None = Field(None, description="/healthz: its process id")
 
 
 # ----- WebSocket messages (JSON text frames on /v1/stream) ----------------------------------
+FRAMES = Field(None, description="json or binary: how steps and answers travel on this connection from now on "
+                                  "(default: binary if the psn.binary.v1 subprotocol was chosen, else json)")
+
+
 class WsOpen(BaseModel):
     type: Literal["open"]
     model: str
+    frames: Literal["json", "binary"] | None = FRAMES
 
 
 class WsAttach(BaseModel):
     type: Literal["attach"]
     session_id: str
+    frames: Literal["json", "binary"] | None = FRAMES
 
 
 class WsSteps(BaseModel):
     type: Literal["steps"]
     steps: list[Any]
-    start: int | None = Field(None, ge=0)
+    start: StrictInt | None = Field(None, ge=0)
     id: Any = Field(None, description="echoed back in the answer")
 
 

@@ -1,9 +1,12 @@
-"""Fixtures: tiny float64 model folders and real uvicorn servers on 127.0.0.1 (a thread each)."""
+"""Fixtures: tiny float64 model folders and the real service (``python -m service``) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,12 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from model.folder import load_model_folder, save_model_folder
 from model.network import LayerConfig, NetConfig, PSNNet
-from service.config import Settings
-from service.main import create_app
 from tests.nets import make_spiking
 
 # name -> (neuron, T, k, input_shape, layers)
@@ -86,57 +86,100 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """A real uvicorn server in a thread; ``stop()`` asks it to exit like SIGTERM does."""
+ROOT = Path(__file__).resolve().parents[2]
 
-    def __init__(self, settings: Settings):
+
+class Server:
+    """The real service, ``python -m service`` (supervisor, engine core, front ends), on 127.0.0.1.
+
+    ``stop()`` sends SIGTERM, as a container runtime does; ``log()`` is everything it printed.
+    """
+
+    def __init__(self, settings: dict, log_dir: Path):
         self.settings = settings
-        self.app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/v1/stream"
-        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                             ws_max_size=4 * settings.max_request_bytes, timeout_graceful_shutdown=10,
-                             ws_per_message_deflate=settings.ws_compression)
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.env = {**os.environ, **{f"PSN_{k.upper()}": str(v) for k, v in settings.items()},
+                    "PSN_HOST": "127.0.0.1", "PSN_PORT": str(self.port), "PSN_LOG_LEVEL": "info"}
+        self.log_path = log_dir / f"server-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+    def start(self, timeout: float = 60) -> Server:
+        with open(self.log_path, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        self.wait_ready(timeout)
         return self
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until every front-end worker has answered /readyz with 200."""
+        deadline = time.monotonic() + timeout
+        ready: set[int] = set()
+        while True:
+            assert self.proc is not None and self.proc.poll() is None, f"the service exited:\n{self.log()}"
+            try:
+                r = httpx.get(f"{self.url}/readyz", timeout=2, headers={"connection": "close"})
+                if r.status_code == 200:
+                    ready.add(r.json()["worker"])
+                    if len(ready) == int(self.settings.get("workers", 1)):
+                        return
+                    continue
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"not ready within {timeout} s:\n{self.log()}"
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> dict[int, int]:
+        """Front-end worker index -> pid, asked of /healthz until every worker has answered."""
+        pids: dict[int, int] = {}
+        deadline = time.monotonic() + 20
+        with httpx.Client(base_url=self.url, timeout=5) as c:
+            while len(pids) < int(self.settings.get("workers", 1)) and time.monotonic() < deadline:
+                h = c.get("/healthz", headers={"connection": "close"}).json()
+                pids[h["worker"]] = h["pid"]
+        return pids
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"the service did not stop within {timeout} s:\n{self.log()}") from None
+
+
+DEFAULTS = dict(dtype="float64", device="cpu", max_wait_ms=2.0, idle_timeout_s=60, max_sessions=64, torch_threads=1,
+                workers=1)
 
 
 @pytest.fixture
-def serve(model_dir: Path) -> Iterator[Callable[..., Server]]:
+def serve(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """``serve(**settings)`` starts a server with these settings (on top of the test defaults)."""
     started: list[Server] = []
 
     def start(**overrides) -> Server:
-        base = dict(model_dir=model_dir, dtype="float64", device="cpu", max_wait_ms=2.0, idle_timeout_s=60,
-                    max_sessions=64, torch_threads=1)
-        srv = Server(Settings(**{**base, **overrides})).start()
+        srv = Server({**DEFAULTS, "model_dir": model_dir, **overrides}, tmp_path)
         started.append(srv)
-        return srv
+        return srv.start()
 
     yield start
     for srv in started:
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def server(model_dir: Path) -> Iterator[Server]:
-    """One shared server with the test defaults, for tests that do not need special settings."""
-    srv = Server(Settings(model_dir=model_dir, dtype="float64", device="cpu", max_wait_ms=2.0, idle_timeout_s=60,
-                          max_sessions=64, max_steps_per_request=64, torch_threads=1)).start()
+@pytest.fixture(scope="module", params=[1, 2], ids=["workers=1", "workers=2"])
+def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[Server]:
+    """One shared server with the test defaults, once with one front-end worker and once with two."""
+    srv = Server({**DEFAULTS, "model_dir": model_dir, "max_steps_per_request": 64, "workers": request.param},
+                 tmp_path_factory.mktemp("server")).start()
     yield srv
     srv.stop()
 

@@ -15,11 +15,14 @@ def test_models(client: httpx.Client) -> None:
 
 
 def test_health_ready_metrics(client: httpx.Client) -> None:
-    assert client.get("/healthz").json() == {"status": "ok", "models": []}
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok" and h["worker"] in (0, 1) and h["pid"] > 0
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert client.get("/v1/models/nope").status_code == 404
     text = client.get("/metrics").text
-    for name in ("psn_sessions", "psn_queue_depth", "psn_batch_size", "psn_step_latency_seconds", "psn_errors"):
+    for name in ("psn_sessions", "psn_queue_depth", "psn_batch_size", "psn_step_latency_seconds",
+                 'psn_errors_total{code="model_not_found"}', "psn_ws_connections"):
         assert name in text
 
 

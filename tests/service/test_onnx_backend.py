@@ -16,9 +16,8 @@ import httpx
 import pytest
 
 from exported.onnx_export import PARALLEL_FILE, STEP_FILE
-from service.config import Settings
 from tests.service import test_streaming as streaming
-from tests.service.conftest import TINY, Server, assert_outputs
+from tests.service.conftest import DEFAULTS, TINY, Server, assert_outputs
 from tests.service.test_streaming import (  # noqa: F401  (collected here, run with this module's server)
     test_classify_equals_parallel_form,
     test_concurrent_sessions_equal_parallel_form,
@@ -34,9 +33,8 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir: Path, onnx_cache: Path) -> Iterator[Server]:
     """The shared test server of conftest.py, with the onnxruntime backend."""
-    srv = Server(Settings(model_dir=model_dir, dtype="float64", device="cpu", max_wait_ms=2.0, idle_timeout_s=60,
-                          max_sessions=64, max_steps_per_request=64, torch_threads=1, backend="onnx",
-                          onnx_cache_dir=onnx_cache, onnx_threads=1)).start()
+    srv = Server({**DEFAULTS, "model_dir": model_dir, "max_steps_per_request": 64, "backend": "onnx",
+                  "onnx_cache_dir": onnx_cache, "onnx_threads": 1}, onnx_cache.parent).start()
     yield srv
     srv.stop()
 
@@ -48,11 +46,11 @@ def float32_precision(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_backend_is_onnx_and_exported_every_model_to_the_cache(server: Server, onnx_cache: Path) -> None:
-    assert server.settings.backend == "onnx"
+    assert server.settings["backend"] == "onnx"
     health = httpx.get(f"{server.url}/v1/models", timeout=10)
     assert health.status_code == 200
     for name, (neuron, *_rest) in TINY.items():
         [folder] = onnx_cache.glob(f"{name}-*")
         assert (folder / PARALLEL_FILE).is_file()
         assert (folder / STEP_FILE).is_file() == (neuron != "psn")
-        assert not (server.settings.model_dir / name / PARALLEL_FILE).exists()  # the model folder is untouched
+        assert not (Path(server.settings["model_dir"]) / name / PARALLEL_FILE).exists()  # the model folder is untouched

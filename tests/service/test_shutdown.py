@@ -61,4 +61,4 @@ def test_shutdown_answers_or_refuses_pending_work(serve, ref: Reference) -> None
     results = asyncio.run(main())
     assert results[-1] == "refused"
     assert results[:8].count("answered") == 8  # HTTP requests already in flight are finished
-    assert not srv.thread.is_alive()
+    assert srv.proc.poll() is not None

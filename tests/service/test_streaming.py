@@ -104,17 +104,3 @@ def test_no_future_leakage(client: httpx.Client, ref: Reference) -> None:
         outs.append(client.post(f"/v1/sessions/{sid}/steps", json={"steps": x.tolist()}).json()["outputs"])
     assert outs[0][:6] == outs[1][:6]
     assert_outputs(outs[1], ref.outputs("sliding", b))
-
-
-def test_engine_thread_gives_the_same_answers(serve, ref: Reference) -> None:
-    """PSN_ENGINE_THREAD=on (the GPU default): batches run in the engine thread, same outputs."""
-    srv = serve(engine_thread="on")
-
-    async def main() -> None:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
-            await asyncio.gather(*(_http_session(c, ref, m, seed=300 + i, max_chunk=4)
-                                   for i, m in enumerate(["sliding", "masked", "conv", "lif"] * 3)))
-            await asyncio.gather(*(_ws_session(srv.ws_url, ref, m, seed=400 + i, max_chunk=3)
-                                   for i, m in enumerate(["sliding", "lif"] * 3)))
-
-    asyncio.run(main())

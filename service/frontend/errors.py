@@ -31,7 +31,7 @@ def validation_error(exc: RequestValidationError) -> InvalidInput:
 def _respond(request: Request, err: ServiceError) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
-        metrics.errors.labels(err.code).inc()
+        metrics.error(err.code)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 

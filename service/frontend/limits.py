@@ -43,7 +43,7 @@ class BodyLimit:
                               field="body")
         metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
         if metrics is not None:
-            metrics.errors.labels(err.code).inc()
+            metrics.error(err.code)
         data = json.dumps(err.body()).encode()
         await send({"type": "http.response.start", "status": err.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),

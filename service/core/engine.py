@@ -1,0 +1,396 @@
+"""The engine core's logic, without the process around it: requests in, answers out, one step at a time.
+
+``handle(front, request)`` takes one request from a front end (``service/ipc.py`` lists them): those
+that need no model work are answered at once; step requests join their session's queue. ``step()``
+runs one engine step per model whose batch is due::
+
+    batch = self.schedule(name)          # the head request of up to max_batch_size sessions, checked
+    outputs = self.execute(name, batch)  # one backend call per distinct number of new steps
+    self.commit(name, batch, outputs)    # advance t, keep the retry window, answer each request once
+
+Answers collect in ``outbox`` (front end -> list) and leave in one message per front end per turn.
+Time comes from ``clock`` (injected in tests), so idle expiry and batch deadlines are testable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from prometheus_client import generate_latest
+
+from service.backends.base import Backend
+from service.config import Settings
+from service.core.runner import ModelRunner
+from service.core.scheduler import Request, Scheduler
+from service.core.sessions import RetryWindow, Session, SessionTable
+from service.errors import (
+    InvalidInput,
+    ModelCannotStream,
+    ModelNotFound,
+    PastHorizon,
+    QueueFull,
+    RetryTooOld,
+    ServiceError,
+    SessionGone,
+    ShuttingDown,
+    StepGap,
+)
+from service.ipc import EVENT, OK, error_answer
+from service.metrics import EngineMetrics
+
+log = logging.getLogger("psn.engine")
+QUEUED = object()  # an op's result when its answer comes later (after an engine step)
+
+
+@dataclass(eq=False, slots=True)
+class Item:
+    """A step request that needs the backend: its last ``n_new`` steps are new."""
+
+    req: Request
+    start: int
+    replayed: int
+    n_new: int
+    payload: bytes
+    cached: tuple[np.ndarray, np.ndarray] | None  # outputs of the replayed steps (retry window)
+
+
+@dataclass(eq=False)
+class Batch:
+    requests: list[Request]  # everything scheduled (each is answered exactly once by commit)
+    runs: dict[int, list[Item]] = field(default_factory=dict)  # new-step count -> items
+
+
+@dataclass(eq=False, slots=True)
+class ClassifyRequest:
+    front: bytes
+    rid: int
+    T: int
+    payload: bytes
+
+
+class EngineCore:
+    def __init__(self, backends: list[Backend], settings: Settings, clock: Callable[[], float] = time.monotonic):
+        self.settings, self.clock = settings, clock
+        self.metrics = EngineMetrics()
+        self.runners = {b.model.name: ModelRunner(b) for b in backends}
+        self.sessions = SessionTable(settings.idle_timeout_s, settings.remember_gone, clock)
+        self.schedulers: dict[str, Scheduler] = {}
+        self.windows: dict[str, RetryWindow] = {}
+        self.classify_queue: dict[str, list[ClassifyRequest]] = {}
+        for name, r in self.runners.items():
+            slots = r.backend.max_slots if r.streams else 0
+            self.sessions.add_model(name, slots)
+            self.schedulers[name] = Scheduler(settings.max_batch_size, settings.max_wait_ms / 1000)
+            self.windows[name] = RetryWindow(slots, settings.retry_window, r.spike_bytes, r.classes, r.wire)
+            self.classify_queue[name] = []
+        self.outbox: dict[bytes, list[Any]] = {}
+        self.ready = False
+        self.closing = False
+        self._ops: dict[str, Callable[..., Any]] = {
+            "hello": self.hello, "ping": self.ping, "open": self.open, "get": self.get, "close": self.close,
+            "steps": self.steps, "classify": self.classify, "metrics": self.metrics_text}
+        m = self.metrics
+        self._m = {name: (m.steps.labels(name), m.batch_size.labels(name), m.batch_seconds.labels(name))
+                   for name in self.runners}
+
+    # ----- in and out ------------------------------------------------------------------------
+    def answer(self, front: bytes, item: list[Any]) -> None:
+        box = self.outbox.get(front)
+        if box is None:
+            self.outbox[front] = [item]
+        else:
+            box.append(item)
+
+    def take_outbox(self) -> dict[bytes, list[Any]]:
+        out, self.outbox = self.outbox, {}
+        return out
+
+    def handle(self, front: bytes, request: list[Any]) -> None:
+        """One request from ``front``: answered now, or queued for an engine step."""
+        rid = request[0] if request and isinstance(request[0], int) else -1
+        try:
+            op = self._ops.get(request[1]) if len(request) > 1 and isinstance(request[1], str) else None
+            if op is None:
+                raise InvalidInput(f"engine: unknown request {request[:2]!r}", field="op")
+            result = op(front, rid, *request[2:])
+            if result is not QUEUED:
+                self.answer(front, [rid, OK, result])
+        except ServiceError as e:
+            self.answer(front, error_answer(rid, e))
+        except Exception as e:  # a bug, not bad input: answer it, keep serving
+            log.exception("engine: request %r failed", request[:2])
+            self.answer(front, error_answer(rid, internal(e)))
+
+    # ----- requests ----------------------------------------------------------------------------
+    def hello(self, front: bytes, rid: int) -> dict:
+        return {"models": [r.info() for r in self.runners.values()],
+                "engine": {"pid": os.getpid(), "ready": self.ready, "idle_timeout_s": self.settings.idle_timeout_s}}
+
+    def ping(self, front: bytes, rid: int) -> dict:
+        return {"ready": self.ready and not self.closing}
+
+    def runner(self, name: Any) -> ModelRunner:
+        r = self.runners.get(name) if isinstance(name, str) else None
+        if r is None:
+            raise ModelNotFound(f"model: no model named {name!r}; available: {sorted(self.runners)}", field="model")
+        return r
+
+    def check_open(self) -> None:
+        if self.closing:
+            raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
+
+    def open(self, front: bytes, rid: int, model: str, watch: bool = False) -> dict:
+        self.check_open()
+        r = self.runner(model)
+        if not r.streams:
+            raise ModelCannotStream(f"model {model!r} ({r.cfg.neuron} neurons) cannot stream: each output step "
+                                    "reads the whole sequence; use POST /v1/classify", field="model")
+        s = self.sessions.open(model)
+        try:
+            r.reset([s.slot])
+        except BaseException:
+            self.sessions.close(s)
+            raise
+        if watch:
+            s.watchers.add(front)
+        self.metrics.sessions_opened.labels(model).inc()
+        return self.info(s)
+
+    def get(self, front: bytes, rid: int, sid: str, watch: bool = False) -> dict:
+        s = self.sessions.get(sid)
+        if watch:
+            s.watchers.add(front)
+        return self.info(s)
+
+    def close(self, front: bytes, rid: int, sid: str) -> Any:
+        s = self.sessions.get(sid)
+        if s.busy:  # after the requests already queued
+            self.schedulers[s.model].add(Request(front, rid, s, "close", self.clock()))
+            return QUEUED
+        self.sessions.close(s)
+        return self.info(s)
+
+    def steps(self, front: bytes, rid: int, sid: str, start: int, L: int, payload: bytes) -> Any:
+        self.check_open()
+        s = self.sessions.get(sid)
+        r, sched = self.runners[s.model], self.schedulers[s.model]
+        if len(payload) != L * r.input_size * r.wire.itemsize or L < 1:
+            raise InvalidInput(f"steps: {len(payload)} bytes for {L} steps of {r.input_size} {r.wire.name}",
+                               field="steps")
+        if sched.pending >= self.settings.queue_depth:
+            raise QueueFull(f"model {s.model!r}: {self.settings.queue_depth} requests are already queued; retry "
+                            "shortly", retry_after=1)
+        s.last_used = now = self.clock()
+        sched.add(Request(front, rid, s, "steps", now, start, L, payload))
+        return QUEUED
+
+    def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes) -> Any:
+        self.check_open()
+        r = self.runner(model)
+        if len(payload) != T * r.input_size * r.wire.itemsize or T < 1:
+            raise InvalidInput(f"steps: {len(payload)} bytes for {T} steps of {r.input_size} {r.wire.name}",
+                               field="steps")
+        if r.cfg.neuron == "psn" and T != r.cfg.T:
+            raise InvalidInput(f"steps: model {model!r} (plain PSN) needs exactly T={r.cfg.T} steps, got {T}",
+                               field="steps")
+        if r.horizon is not None and T > r.horizon:
+            raise PastHorizon(f"steps: model {model!r} has a fixed horizon of T={r.horizon} steps, got {T}",
+                              field="steps")
+        queue = self.classify_queue[model]
+        if len(queue) >= self.settings.queue_depth:
+            raise QueueFull(f"model {model!r}: {self.settings.queue_depth} classify requests are queued; retry "
+                            "shortly", retry_after=1)
+        queue.append(ClassifyRequest(front, rid, T, payload))
+        return QUEUED
+
+    def metrics_text(self, front: bytes, rid: int) -> str:
+        self.update_gauges()
+        return generate_latest(self.metrics.registry).decode()
+
+    def info(self, s: Session) -> dict:
+        r, timeout = self.runners[s.model], self.sessions.idle_timeout_s
+        return {"session_id": s.id, "model": s.model, "input_shape": list(r.input_shape), "horizon": r.horizon,
+                "steps_seen": s.t, "idle_timeout_s": timeout,
+                "expires_in_s": max(0.0, timeout - (self.clock() - s.last_used))}
+
+    # ----- the engine step ---------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run every batch that is due (all pending work while closing); True if anything ran."""
+        ran = False
+        for name in self.runners:
+            batch = self.schedule(name)
+            if batch is None:
+                continue
+            outputs = self.execute(name, batch)
+            self.commit(name, batch, outputs)
+            ran = True
+        for name, queue in self.classify_queue.items():
+            if queue:
+                self.run_classify(name)
+                ran = True
+        return ran
+
+    def schedule(self, name: str) -> Batch | None:
+        """The next due batch of ``name``; requests that need no backend call are answered here."""
+        requests = self.schedulers[name].schedule(self.clock(), force=self.closing)
+        if not requests:
+            return None
+        batch = Batch(requests)
+        window, r = self.windows[name], self.runners[name]
+        row = r.input_size * r.wire.itemsize
+        for req in requests:
+            s = req.session
+            try:
+                if s.slot < 0:
+                    raise SessionGone(f"session {s.id!r} was closed", field="session_id", code="session_closed")
+                if req.op == "close":
+                    self.sessions.close(s)
+                    self.answer(req.front, [req.rid, OK, self.info(s)])
+                    continue
+                t, L = s.t, req.L
+                start = t if req.start < 0 else req.start
+                if start > t:
+                    raise StepGap(f"start: session {s.id!r} has applied {t} steps, so the next step is {t}; got "
+                                  f"start={start} (steps {t}..{start - 1} are missing)", field="start")
+                replayed = min(t - start, L)
+                cached = None
+                if replayed:
+                    first_kept = window.first_kept(t)
+                    if start < first_kept:
+                        raise RetryTooOld(f"start: steps before {first_kept} are no longer kept (the last "
+                                          f"{t - first_kept} are); cannot answer a retry from {start}", field="start")
+                    cached = window.read(s.slot, start, replayed)
+                n_new = L - replayed
+                if r.horizon is not None and t + n_new > r.horizon:
+                    raise PastHorizon(f"steps: model {name!r} has a fixed horizon of T={r.horizon} steps; the session "
+                                      f"is at step {t}, so at most {r.horizon - t} more fit, got {n_new}",
+                                      field="steps")
+                if n_new == 0:
+                    assert cached is not None
+                    self.answer(req.front, [req.rid, OK, [start, replayed, t, cached[0].tobytes(),
+                                                          cached[1].tobytes()]])
+                    continue
+                payload = req.payload[replayed * row:] if replayed else req.payload
+                batch.runs.setdefault(n_new, []).append(Item(req, start, replayed, n_new, payload, cached))
+            except ServiceError as e:
+                self.answer(req.front, error_answer(req.rid, e))
+        return batch
+
+    def execute(self, name: str, batch: Batch) -> dict[int, tuple[np.ndarray, np.ndarray] | Exception]:
+        """One backend call per distinct number of new steps: packed spikes (B, L, nb), scores (B, L, C)."""
+        r = self.runners[name]
+        out: dict[int, tuple[np.ndarray, np.ndarray] | Exception] = {}
+        t0 = time.perf_counter()
+        for L, items in batch.runs.items():
+            try:
+                out[L] = r.run([it.req.session.slot for it in items], [it.payload for it in items], L)
+            except Exception as e:  # a backend failure fails these requests only; the loop keeps serving
+                log.exception("engine: backend call of model %r failed (%d sessions x %d steps)", name, len(items), L)
+                out[L] = e
+        if batch.runs:
+            _, m_batch, m_seconds = self._m[name]
+            m_batch.observe(sum(len(items) for items in batch.runs.values()))
+            m_seconds.observe(time.perf_counter() - t0)
+        return out
+
+    def commit(self, name: str, batch: Batch, outputs: dict[int, tuple[np.ndarray, np.ndarray] | Exception]) -> None:
+        """Advance each session, keep its outputs in the retry window, answer each request once."""
+        window, now, steps = self.windows[name], self.clock(), 0
+        for L, items in batch.runs.items():
+            res = outputs[L]
+            if isinstance(res, Exception):
+                for it in items:
+                    self.answer(it.req.front, error_answer(it.req.rid, internal(res)))
+                continue
+            spikes, scores = res
+            t0 = np.fromiter((it.req.session.t for it in items), np.int64, len(items))
+            window.write(np.fromiter((it.req.session.slot for it in items), np.int64, len(items)), t0, spikes, scores)
+            for b, it in enumerate(items):
+                s = it.req.session
+                s.t += L
+                s.last_used = now
+                sp, sc = spikes[b].tobytes(), scores[b].tobytes()
+                if it.cached is not None:
+                    sp, sc = it.cached[0].tobytes() + sp, it.cached[1].tobytes() + sc
+                self.answer(it.req.front, [it.req.rid, OK, [it.start, it.replayed, s.t, sp, sc]])
+            steps += L * len(items)
+        if steps:
+            self._m[name][0].inc(steps)
+        self.schedulers[name].done(batch.requests)
+
+    def run_classify(self, name: str) -> None:
+        queue, r = self.classify_queue[name], self.runners[name]
+        take, self.classify_queue[name] = queue[:self.settings.max_batch_size], queue[self.settings.max_batch_size:]
+        by_T: dict[int, list[ClassifyRequest]] = {}
+        for c in take:
+            by_T.setdefault(c.T, []).append(c)
+        for T, reqs in by_T.items():
+            try:
+                spikes, scores = r.classify([c.payload for c in reqs], T)
+            except Exception as e:
+                log.exception("engine: classify of model %r failed", name)
+                for c in reqs:
+                    self.answer(c.front, error_answer(c.rid, internal(e)))
+                continue
+            for b, c in enumerate(reqs):
+                self.answer(c.front, [c.rid, OK, [spikes[b].tobytes(), scores[b].tobytes()]])
+
+    # ----- time and life cycle -----------------------------------------------------------------
+    def wait_s(self) -> float | None:
+        """Seconds until some batch is due (0: now), None when nothing is pending."""
+        if any(self.classify_queue.values()):
+            return 0.0
+        now = self.clock()
+        waits = [w for sched in self.schedulers.values() if (w := sched.wait_s(now)) is not None]
+        if not waits:
+            return None
+        return 0.0 if self.closing else min(waits)
+
+    def has_work(self) -> bool:
+        return any(s.pending for s in self.schedulers.values()) or any(self.classify_queue.values())
+
+    def reap(self) -> list[Session]:
+        """Expire idle sessions; tell the front ends that watch them."""
+        expired = self.sessions.expire_idle()
+        for s in expired:
+            self.metrics.sessions_expired.labels(s.model).inc()
+            log.info("session expired id=%s model=%s", s.id[:8], s.model)
+            for front in s.watchers:
+                self.answer(front, [EVENT, "expired", s.id])
+        return expired
+
+    def begin_drain(self) -> None:
+        """Refuse new work; what is queued still runs (``step`` no longer waits for fuller batches)."""
+        self.closing, self.ready = True, False
+
+    def refuse_pending(self) -> None:
+        """Drain timed out: answer everything still queued with shutting_down."""
+        err = ShuttingDown("the service shut down before this request ran", retry_after=1)
+        for name, sched in self.schedulers.items():
+            for s in list(sched.ready):
+                for req in sched.drop(s):
+                    self.answer(req.front, error_answer(req.rid, err))
+            for c in self.classify_queue[name]:
+                self.answer(c.front, error_answer(c.rid, err))
+            self.classify_queue[name] = []
+
+    def warmup(self) -> None:
+        for r in self.runners.values():
+            t0 = time.perf_counter()
+            r.warmup()
+            log.info("warmed up model=%s in %.3f s", r.name, time.perf_counter() - t0)
+
+    def update_gauges(self) -> None:
+        for name, sched in self.schedulers.items():
+            self.metrics.sessions.labels(name).set(self.sessions.count(name))
+            self.metrics.queue_depth.labels(name).set(sched.pending + len(self.classify_queue[name]))
+
+
+def internal(e: BaseException) -> ServiceError:
+    return ServiceError(f"internal error: {type(e).__name__}", status=500, code="internal")

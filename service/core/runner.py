@@ -1,0 +1,83 @@
+"""One model in the engine core: its backend, and a backend call over a batch with outputs as arrays.
+
+Inputs arrive as raw little-endian floats (the wire dtype), outputs leave as bit-packed spikes and
+scores in the wire dtype (``service/ipc.py``): the engine core never builds a Python number per
+step. The front ends turn these arrays into JSON or binary frames (``service/frontend/codec.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from service.backends.base import Backend
+
+
+class ModelRunner:
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        model = backend.model
+        self.name, self.cfg = model.name, model.cfg
+        self.wire = np.dtype(np.float64 if backend.dtype == torch.float64 else np.float32)
+        self.input_shape = tuple(self.cfg.input_shape)
+        self.input_size = math.prod(self.input_shape)
+        self.output_shape = tuple(model.net.out_shape)
+        self.n_out = math.prod(self.output_shape)
+        self.spike_bytes = (self.n_out + 7) // 8
+        self.classes = self.cfg.num_classes
+        self.horizon = self.cfg.T if self.cfg.neuron == "masked" else None  # steps a session may take
+
+    @property
+    def streams(self) -> bool:
+        return self.cfg.streams and self.backend.max_slots > 0
+
+    def inputs(self, payloads: list, L: int) -> torch.Tensor:
+        """``B`` payloads of ``L`` steps each -> (L, B, *input_shape) in the backend's dtype."""
+        x = np.frombuffer(bytearray().join(payloads), dtype=self.wire).reshape(len(payloads), L, *self.input_shape)
+        return torch.from_numpy(x).transpose(0, 1).to(self.backend.dtype)
+
+    def outputs(self, spikes: torch.Tensor, scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Backend outputs (L, B, ...) -> packed spikes (B, L, spike_bytes) uint8, scores (B, L, C) wire."""
+        L, B = spikes.shape[:2]
+        s8 = spikes.reshape(L, B, self.n_out).to(torch.uint8).numpy().transpose(1, 0, 2)
+        packed = np.packbits(s8, axis=-1, bitorder="little")
+        sc = scores.to(torch.float64 if self.wire == np.float64 else torch.float32).numpy().transpose(1, 0, 2)
+        return packed, np.ascontiguousarray(sc)
+
+    def run(self, slots: list[int], payloads: list, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """``L`` new steps for each slot (one backend call): packed spikes (B, L, nb), scores (B, L, C)."""
+        spikes, scores = self.backend.run(self.inputs(payloads, L), torch.tensor(slots, dtype=torch.long))
+        return self.outputs(spikes, scores)
+
+    def classify(self, payloads: list, T: int) -> tuple[np.ndarray, np.ndarray]:
+        """Whole sequences of ``T`` steps from an empty state, no slots touched."""
+        spikes, scores = self.backend.classify(self.inputs(payloads, T))
+        return self.outputs(spikes, scores)
+
+    def reset(self, slots: list[int]) -> None:
+        self.backend.reset(torch.tensor(slots, dtype=torch.long))
+
+    def warmup(self) -> None:
+        def zeros(n: int) -> bytes:
+            return np.zeros(n * self.input_size, self.wire).tobytes()
+
+        T = self.cfg.T if self.cfg.T is not None else 4
+        self.classify([zeros(T)], T)
+        if self.streams:
+            for L in (1, 2, 16):
+                if self.horizon is None or L <= self.horizon:
+                    self.run([0], [zeros(L)], L)
+            self.reset([0])
+
+    def info(self) -> dict:
+        """What a front end needs to validate inputs and encode outputs (plus GET /v1/models)."""
+        cfg, model = self.cfg, self.backend.model
+        return {"name": self.name, "neuron": cfg.neuron, "streams": self.streams,
+                "k": cfg.k if cfg.neuron in ("masked", "sliding") else None,
+                "horizon": cfg.T if cfg.neuron in ("masked", "psn") else None,
+                "input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
+                "num_classes": cfg.num_classes, "class_names": model.class_names,
+                "dataset": model.config.get("dataset", ""), "metrics": model.metrics, "config": cfg.to_dict(),
+                "wire_dtype": self.wire.str, "model_dtype": str(self.backend.dtype).removeprefix("torch.")}

@@ -1,0 +1,90 @@
+"""Which pending requests run together: plain Python decisions, no tensors (the runner owns those).
+
+Each session's requests wait in its own queue (``Session.queue``) and run strictly in order, one per
+batch. Sessions with pending work wait their turn in ``ready``: a batch takes the first
+``max_batch_size`` of them, and a session that still has work after its request ran goes to the back.
+So a client that floods one session gets one step request per batch, like everyone else.
+
+A batch is due when ``max_batch_size`` sessions are waiting, or when the request that has waited
+longest is ``max_wait_s`` old. Time comes from the caller (an injected clock in tests).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from service.core.sessions import Session
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One queued request of a session: ``op`` is "steps" or "close"."""
+
+    front: bytes  # the front end that asked (its ZeroMQ identity)
+    rid: int
+    session: Session
+    op: str
+    arrived: float
+    start: int = -1  # steps: first index, -1 = append
+    L: int = 0  # steps in the payload
+    payload: Any = None  # L * prod(input_shape) floats, wire dtype
+
+
+class Scheduler:
+    def __init__(self, max_batch_size: int, max_wait_s: float):
+        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+        self.ready: deque[Session] = deque()  # sessions with queued requests, in turn order
+        self.pending = 0  # queued requests, all sessions
+
+    def add(self, req: Request) -> None:
+        s = req.session
+        s.queue.append(req)
+        if len(s.queue) == 1:
+            self.ready.append(s)
+        self.pending += 1
+
+    def _oldest(self) -> float:
+        return min(self.ready[i].queue[0].arrived for i in range(min(len(self.ready), self.max_batch_size)))
+
+    def wait_s(self, now: float) -> float | None:
+        """Seconds until a batch is due (0: now), None when nothing is pending."""
+        if not self.ready:
+            return None
+        if len(self.ready) >= self.max_batch_size:
+            return 0.0
+        return max(0.0, self._oldest() + self.max_wait_s - now)
+
+    def schedule(self, now: float, force: bool = False) -> list[Request]:
+        """The next batch (the head request of up to ``max_batch_size`` sessions), or [] if none is due.
+
+        ``force``: take what is pending even if the batch is not due (draining).
+        """
+        wait = self.wait_s(now)
+        if wait is None or (wait > 0 and not force):
+            return []
+        n = min(len(self.ready), self.max_batch_size)
+        return [self.ready.popleft().queue[0] for _ in range(n)]
+
+    def done(self, batch: list[Request]) -> None:
+        """The batch has been answered: drop each request; sessions with more work go to the back."""
+        for req in batch:
+            s = req.session
+            s.queue.popleft()
+            if s.queue:
+                self.ready.append(s)
+        self.pending -= len(batch)
+
+    def drop(self, s: Session) -> list[Request]:
+        """Remove a session's queued requests (it is gone); returns them so they can be answered."""
+        if not s.queue:
+            return []
+        reqs = list(s.queue)
+        s.queue.clear()
+        try:
+            self.ready.remove(s)
+        except ValueError:
+            pass
+        self.pending -= len(reqs)
+        return reqs

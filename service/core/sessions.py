@@ -1,0 +1,142 @@
+"""The session table of the engine core: ids, slots (a free list per model), idle expiry, and the
+ids that are gone (answered 410, not 404). Plain Python; time comes from an injected clock.
+
+A session's ``queue`` holds its requests in arrival order: the engine core applies them strictly
+one after another, so a session with queued work is busy and never expires.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.errors import SessionGone, SessionNotFound, TooManySessions
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    model: str
+    slot: int  # -1 once closed
+    last_used: float
+    t: int = 0  # steps applied so far (the index the next new step gets)
+    queue: deque[Any] = field(default_factory=deque)  # pending requests, oldest first
+    watchers: set[bytes] = field(default_factory=set)  # front ends told when it expires
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue)
+
+
+class SlotPool:
+    """``n`` slots of one model; the most recently freed slot is handed out first (warm in cache)."""
+
+    def __init__(self, n: int):
+        self.size = n
+        self._free = list(range(n - 1, -1, -1))
+
+    def take(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        return self.size - len(self._free)
+
+
+class SessionTable:
+    """Every live session by id, plus the ids that expired or were closed."""
+
+    def __init__(self, idle_timeout_s: float, remember_gone: int, clock: Callable[[], float]):
+        self.idle_timeout_s, self.remember_gone, self.clock = idle_timeout_s, remember_gone, clock
+        self.live: dict[str, Session] = {}
+        self.pools: dict[str, SlotPool] = {}
+        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "session_expired" | "session_closed"
+
+    def add_model(self, name: str, slots: int) -> None:
+        self.pools[name] = SlotPool(slots)
+
+    def open(self, model: str) -> Session:
+        pool = self.pools[model]
+        slot = pool.take()
+        if slot is None:
+            raise TooManySessions(f"model {model!r}: all {pool.size} session slots are in use; close a session or "
+                                  f"wait for one to expire (idle timeout {self.idle_timeout_s:g} s)",
+                                  retry_after=min(self.idle_timeout_s, 30.0))
+        s = Session(id=secrets.token_urlsafe(16), model=model, slot=slot, last_used=self.clock())
+        self.live[s.id] = s
+        return s
+
+    def get(self, sid: str) -> Session:
+        s = self.live.get(sid)
+        if s is not None:
+            return s
+        gone = self._gone.get(sid)
+        if gone == "session_expired":
+            raise SessionGone(f"session {sid!r} expired after {self.idle_timeout_s:g} s without requests; "
+                              "open a new one", field="session_id", code="session_expired")
+        if gone == "session_closed":
+            raise SessionGone(f"session {sid!r} was closed", field="session_id", code="session_closed")
+        raise SessionNotFound(f"session {sid!r} does not exist", field="session_id")
+
+    def close(self, s: Session, reason: str = "session_closed") -> None:
+        """Free ``s``'s slot and remember its id as ``reason``."""
+        if self.live.pop(s.id, None) is None:
+            return
+        self.pools[s.model].give(s.slot)
+        s.slot = -1
+        if self.remember_gone:
+            self._gone[s.id] = reason
+            while len(self._gone) > self.remember_gone:
+                self._gone.popitem(last=False)
+
+    def expire_idle(self) -> list[Session]:
+        """Close every session idle (no request) for longer than the timeout and not busy."""
+        now = self.clock()
+        old = [s for s in self.live.values() if now - s.last_used > self.idle_timeout_s and not s.busy]
+        for s in old:
+            self.close(s, "session_expired")
+        return old
+
+    def count(self, model: str) -> int:
+        return self.pools[model].in_use
+
+
+class RetryWindow:
+    """The outputs of each slot's last ``size`` steps, so a retried request is answered, not re-applied.
+
+    Rings of preallocated arrays, ``(slots, size, ...)``; a batch's outputs are written with one
+    fancy-indexed assignment per array (no Python object per step). Step ``i`` of a slot lives at
+    ``i % size``.
+    """
+
+    def __init__(self, slots: int, size: int, spike_bytes: int, classes: int, dtype: np.dtype):
+        self.size = size
+        self.spikes = np.zeros((slots, max(size, 1), spike_bytes), np.uint8)
+        self.scores = np.zeros((slots, max(size, 1), classes), dtype)
+
+    def write(self, slots: np.ndarray, t0: np.ndarray, spikes: np.ndarray, scores: np.ndarray) -> None:
+        """Rows ``b``: slot ``slots[b]`` took steps ``t0[b] .. t0[b] + L - 1``; ``spikes`` (B, L, nb)."""
+        if not self.size:
+            return
+        L = spikes.shape[1]
+        keep = min(L, self.size)  # of a chunk longer than the window only its last steps are kept
+        pos = (t0[:, None] + np.arange(L - keep, L)[None, :]) % self.size  # (B, keep)
+        rows = slots[:, None]
+        self.spikes[rows, pos] = spikes[:, L - keep:]
+        self.scores[rows, pos] = scores[:, L - keep:]
+
+    def first_kept(self, t: int) -> int:
+        """The oldest step index of a session at ``t`` whose outputs are still here."""
+        return t - min(t, self.size)
+
+    def read(self, slot: int, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.arange(start, start + n) % self.size
+        return self.spikes[slot, pos], self.scores[slot, pos]

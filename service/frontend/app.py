@@ -1,0 +1,63 @@
+"""The front end's app factory and lifespan: connect to the engine core, serve HTTP and WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.frontend.client import EngineClient
+from service.frontend.errors import install_error_handlers
+from service.frontend.limits import BodyLimit
+from service.frontend.routes import classify, health, models, sessions, stream
+from service.frontend.state import Frontend
+from service.metrics import FrontendMetrics
+
+log = logging.getLogger("psn.frontend")
+
+DESCRIPTION = """Streaming inference for Parallel Spiking Neuron networks (arXiv 2304.12760).
+
+Open a session for a model, send its input steps (over HTTP or the `/v1/stream` WebSocket, as JSON
+or as binary frames) and get, per step, the output spikes, the class scores so far and the predicted
+class. Steps of many sessions are computed together in batches by the engine core. Errors are
+`{"error": {"code", "message", "field"}}`.
+"""
+
+
+def create_app(settings: Settings, engine_address: str, worker: int = 0) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = EngineClient(engine_address)
+        app.state.frontend = Frontend(settings, client, app.state.metrics, worker)
+        await client.start()
+        # Take traffic only once the engine core has answered (a restarted worker must not answer 503
+        # while its siblings can serve); if the engine core is still loading models, start anyway and
+        # answer /healthz, with 503 not_ready elsewhere, until it is up.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.hello_seen.wait(), settings.frontend_wait_s)
+        # Everything loaded so far lives as long as the process: move it out of the collector's sight,
+        # so full collections scan only request garbage (measured on the 2-core CPU with one process:
+        # p99 at 256 WS sessions fell from ~270-430 ms to ~110-160 ms).
+        gc.collect()
+        gc.freeze()
+        log.info("front end %d up, engine core at %s", worker, engine_address)
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(title="psn-stream", version="0.2.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = FrontendMetrics()
+    app.state.worker = worker
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    install_error_handlers(app)
+    for r in (models.router, sessions.router, stream.router, classify.router, health.router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,28 @@
+"""POST /v1/classify: a whole sequence in parallel form."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Response
+
+from service.frontend.codec import join_object
+from service.frontend.deps import FrontendDep
+from service.frontend.errors import error_responses
+from service.frontend.views import JSONText
+from service.schemas import ClassifyRequest, ClassifyResponse
+
+router = APIRouter(prefix="/v1", tags=["classify"])
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=error_responses(404, 413, 422, 503),
+             summary="Classify a whole sequence (parallel form; the same outputs as streaming it)")
+async def classify(body: ClassifyRequest, fe: FrontendDep) -> Response:
+    codec = fe.codec(body.model)
+    T, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request)
+    spikes, scores = await fe.client.call("classify", codec.name, T, payload)
+    last = codec.arrays(T, spikes, scores)[1][-1]
+    predicted = int(last.argmax())
+    return JSONText(join_object({"model": codec.name, "predicted": predicted, "label": codec.labels[predicted],
+                                 "scores": json.loads("[" + codec.score_text(last) + "]")},
+                                codec.json_outputs(0, T, spikes, scores)))

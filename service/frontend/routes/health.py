@@ -1,0 +1,41 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: this front-end process answers")
+async def healthz(request: Request) -> dict:
+    return {"status": "ok", "worker": request.app.state.worker, "pid": os.getpid()}
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
+            summary="Readiness: the engine core answers, its models are loaded and warmed up, not shutting down")
+async def readyz(request: Request) -> JSONResponse:
+    fe = getattr(request.app.state, "frontend", None)
+    if fe is None or not await fe.client.ping(timeout=1.0):
+        return JSONResponse({"status": "not_ready", "models": [], "worker": request.app.state.worker},
+                            status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ready", "models": sorted(fe.models), "worker": request.app.state.worker})
+
+
+@router.get("/metrics", summary="Prometheus metrics: the engine core's and this front end's", response_class=Response)
+async def metrics(request: Request) -> Response:
+    fe = getattr(request.app.state, "frontend", None)
+    engine = ""
+    if fe is not None and fe.client.connected:
+        try:
+            engine = await asyncio.wait_for(fe.client.call("metrics"), 2.0)
+        except Exception:  # noqa: BLE001 - the front end's own metrics still answer
+            engine = "# engine core metrics unavailable\n"
+    return Response(engine + request.app.state.metrics.text(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,58 @@
+"""Sessions: open, inspect, close, and stream steps over HTTP."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Body, Response
+
+from service.frontend.codec import join_object
+from service.frontend.deps import FrontendDep
+from service.frontend.errors import error_responses
+from service.frontend.views import JSONText
+from service.schemas import SessionCreate, SessionInfo, StepsRequest, StepsResponse
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+
+STEPS_EXAMPLES = {
+    "append": {"summary": "append two steps", "value": {"steps": [[0.5], [-1.2]]}},
+    "retry": {"summary": "steps 4 and 5, e.g. a retry (answered from recent outputs if already applied)",
+              "value": {"start": 4, "steps": [[0.1], [0.9]]}},
+}
+
+
+@router.post("", status_code=201, response_model=SessionInfo, responses=error_responses(404, 409, 422, 503),
+             summary="Open a streaming session for a model")
+async def create_session(body: SessionCreate, fe: FrontendDep) -> dict:
+    fe.codec(body.model)
+    return fe.remember(await fe.client.call("open", body.model, False))
+
+
+@router.get("/{session_id}", response_model=SessionInfo, responses=error_responses(404, 410, 503),
+            summary="A session's state (404: never existed, 410: expired or closed)")
+async def get_session(session_id: str, fe: FrontendDep) -> dict:
+    fe.check_ready()
+    return fe.remember(await fe.client.call("get", session_id, False))
+
+
+@router.delete("/{session_id}", status_code=204, responses=error_responses(404, 410, 503), summary="Close a session")
+async def delete_session(session_id: str, fe: FrontendDep) -> Response:
+    fe.check_ready()
+    await fe.client.call("close", session_id)
+    return Response(status_code=204)
+
+
+@router.post("/{session_id}/steps", response_model=StepsResponse,
+             responses=error_responses(404, 409, 410, 413, 422, 503),
+             summary="Apply one or more new steps; per step: index, spikes, scores, predicted class so far")
+async def post_steps(session_id: str, fe: FrontendDep,
+                     body: StepsRequest = Body(openapi_examples=STEPS_EXAMPLES)) -> Response:  # noqa: B008
+    fe.check_ready()
+    codec = await fe.session_codec(session_id)
+    L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request)
+    t0 = time.perf_counter()
+    start, replayed, seen, spikes, scores = await fe.client.call(
+        "steps", session_id, -1 if body.start is None else body.start, L, payload)
+    fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
+    return JSONText(join_object({"session_id": session_id, "start": start, "replayed": replayed, "steps_seen": seen},
+                                codec.json_outputs(start, L, spikes, scores)))

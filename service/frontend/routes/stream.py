@@ -1,0 +1,202 @@
+"""WS /v1/stream: open or attach to a session, then stream steps; answers come back in order.
+
+Client messages (JSON text): ``{"type": "open", "model", "frames"?}``, ``{"type": "attach",
+"session_id", "frames"?}``, ``{"type": "steps", "steps", "start"?, "id"?}``, ``{"type": "close"}``.
+Server messages: ``opened`` / ``attached`` (with ``session``), ``steps`` (``outputs``), ``closed``,
+``expired`` (pushed when the idle timeout closes the session), ``error`` (``error.code``,
+``error.message``, ``error.field``); after an error the connection stays usable.
+
+Binary frames (``service/frontend/codec.py``, docs/api.md): chosen with the ``psn.binary.v1``
+subprotocol or ``"frames": "binary"`` on open/attach; then steps go as binary frames and are answered
+with binary frames, while open/attach/close and every error stay JSON text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import Field, TypeAdapter, ValidationError
+from uvicorn.protocols.utils import ClientDisconnected
+
+from service.errors import InvalidInput, RequestTooLarge, ServiceError
+from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object
+from service.frontend.deps import get_frontend
+from service.frontend.state import Frontend
+from service.schemas import WsAttach, WsClose, WsOpen, WsSteps
+
+router = APIRouter(tags=["stream"])
+log = logging.getLogger("psn.stream")
+
+ClientMessage = TypeAdapter(Annotated[WsOpen | WsAttach | WsSteps | WsClose, Field(discriminator="type")])
+BINARY_SUBPROTOCOL = "psn.binary.v1"
+
+
+class StreamConnection:
+    """One WebSocket: at most one current session; sends are serialised (expiry pushes interleave)."""
+
+    def __init__(self, ws: WebSocket, fe: Frontend, binary: bool):
+        self.ws, self.fe, self.binary = ws, fe, binary
+        self.session: str | None = None
+        self.codec: ModelCodec | None = None
+        self.send_lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(json.dumps(msg))
+
+    async def send_error(self, err: ServiceError, msg_id: Any = None) -> None:
+        self.fe.metrics.error(err.code)
+        await self.send({"type": "error", "error": err.body()["error"], "id": msg_id})
+
+    def _on_event(self, kind: str, sid: str) -> None:  # pushed by the engine core
+        if kind == "expired":  # self.session stays: the next message about it is answered 410
+            task = asyncio.get_running_loop().create_task(self._push_expired(sid))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _push_expired(self, sid: str) -> None:
+        try:
+            await self.send({"type": "expired", "session_id": sid, "error": {
+                "code": "session_expired", "message": f"session {sid!r} expired after "
+                f"{self.fe.settings.idle_timeout_s:g} s without requests", "field": "session_id"}})
+        except Exception:  # the client has gone
+            pass
+
+    def _bind(self, info: dict[str, Any], frames: str | None) -> None:
+        self.unbind()
+        self.session = info["session_id"]
+        self.codec = self.fe.codec(info["model"])
+        self.fe.remember(info)
+        self.fe.watch(self.session, self._on_event)
+        if frames is not None:
+            self.binary = frames == "binary"
+
+    def unbind(self) -> None:
+        if self.session is not None:
+            self.fe.unwatch(self.session, self._on_event)
+        self.session = self.codec = None
+
+    def _current(self) -> tuple[str, ModelCodec]:
+        if self.session is None or self.codec is None:
+            raise InvalidInput("no session on this connection: send {\"type\": \"open\", \"model\": ...} or "
+                               "{\"type\": \"attach\", \"session_id\": ...} first", field="type")
+        return self.session, self.codec
+
+    async def handle_text(self, text: str) -> None:
+        if len(text) > self.fe.settings.max_request_bytes:
+            raise RequestTooLarge(f"message: {len(text)} bytes, at most {self.fe.settings.max_request_bytes} "
+                                  "allowed (PSN_MAX_REQUEST_BYTES)", field="message")
+        try:
+            msg = ClientMessage.validate_json(text)
+        except ValidationError as e:
+            first = e.errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "message"
+            raise InvalidInput(f"{field}: {first.get('msg', 'invalid message')}", field=field) from None
+        fe = self.fe
+        if isinstance(msg, WsSteps):
+            sid, codec = self._current()
+            if self.binary:
+                raise InvalidInput("steps: this connection uses binary frames (psn.binary.v1): send steps as a "
+                                   "binary frame, or reopen/attach with \"frames\": \"json\"", field="type")
+            L, payload = codec.json_steps(msg.steps, fe.settings.max_steps_per_request)
+            fe.check_ready()
+            t0 = time.perf_counter()
+            start, replayed, _, spikes, scores = await fe.client.call(
+                "steps", sid, -1 if msg.start is None else msg.start, L, payload)
+            fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
+            text = join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
+                                "replayed": replayed}, codec.json_outputs(start, L, spikes, scores))
+            async with self.send_lock:
+                await self.ws.send_text(text)
+        elif isinstance(msg, WsOpen):
+            fe.codec(msg.model)
+            info = await fe.client.call("open", msg.model, True)
+            self._bind(info, msg.frames)
+            await self.send({"type": "opened", "session": info})
+        elif isinstance(msg, WsAttach):
+            fe.check_ready()
+            info = await fe.client.call("get", msg.session_id, True)
+            self._bind(info, msg.frames)
+            await self.send({"type": "attached", "session": info})
+        else:
+            sid, _ = self._current()
+            self.unbind()
+            fe.check_ready()
+            await fe.client.call("close", sid)
+            await self.send({"type": "closed", "session_id": sid})
+
+    async def handle_binary(self, data: bytes) -> None:
+        sid, codec = self._current()
+        if not self.binary:
+            raise InvalidInput("frame: this connection uses JSON frames; choose binary frames with the "
+                               f"{BINARY_SUBPROTOCOL} subprotocol or \"frames\": \"binary\" on open/attach",
+                               field="frame")
+        fe = self.fe
+        if len(data) > fe.settings.max_request_bytes:
+            raise RequestTooLarge(f"frame: {len(data)} bytes, at most {fe.settings.max_request_bytes} allowed "
+                                  "(PSN_MAX_REQUEST_BYTES)", field="frame")
+        msg_id, start, L, payload = codec.binary_steps(data, fe.settings.max_steps_per_request)
+        fe.check_ready()
+        t0 = time.perf_counter()
+        start, replayed, _, spikes, scores = await fe.client.call("steps", sid, start, L, payload)
+        fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
+        frame = codec.binary_answer(msg_id, start, replayed, L, spikes, scores)
+        async with self.send_lock:
+            await self.ws.send_bytes(frame)
+
+
+@router.websocket("/v1/stream")
+async def stream(ws: WebSocket) -> None:
+    binary = BINARY_SUBPROTOCOL in ws.scope.get("subprotocols", ())
+    await ws.accept(subprotocol=BINARY_SUBPROTOCOL if binary else None,
+                    headers=[(b"x-psn-worker", str(ws.app.state.worker).encode())])
+    try:
+        fe = get_frontend(ws)
+    except ServiceError as e:
+        await ws.send_text(json.dumps({"type": "error", "error": e.body()["error"]}))
+        await ws.close(code=1013)
+        return
+    conn = StreamConnection(ws, fe, binary)
+    fe.metrics.connections.inc()
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                break
+            text, data = msg.get("text"), msg.get("bytes")
+            try:
+                if text is not None:
+                    await conn.handle_text(text)
+                elif data is not None:
+                    await conn.handle_binary(data)
+            except ServiceError as e:
+                await conn.send_error(e, _msg_id(text, data))
+            except (WebSocketDisconnect, ClientDisconnected):
+                raise
+            except Exception as e:  # a bug, not bad input: say so and keep the connection
+                log.exception("unexpected error on /v1/stream")
+                await conn.send_error(ServiceError(f"internal error: {type(e).__name__}", status=500,
+                                                   code="internal"), _msg_id(text, data))
+    except (WebSocketDisconnect, ClientDisconnected):
+        pass
+    except RuntimeError as e:  # starlette: sending on a socket the client has already closed
+        log.debug("websocket gone: %s", e)
+    finally:
+        fe.metrics.connections.dec()
+        conn.unbind()
+
+
+def _msg_id(text: str | None, data: bytes | None) -> Any:
+    if data is not None:
+        return REQUEST_HEADER.unpack_from(data)[0] if len(data) >= REQUEST_HEADER.size else None
+    try:
+        d = json.loads(text or "")
+        return d.get("id") if isinstance(d, dict) else None
+    except (ValueError, RecursionError):
+        return None

@@ -1,0 +1,77 @@
+"""What one front-end process keeps: the engine client, the served models' codecs, which WebSocket
+connections watch which session, and a small cache of session -> model (to parse a request's steps
+before the engine core sees it). Made in the lifespan; routes reach it through ``deps.py``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from service.config import Settings
+from service.errors import ModelNotFound, NotReady
+from service.frontend.client import EngineClient
+from service.frontend.codec import ModelCodec
+from service.metrics import FrontendMetrics
+
+INTERNAL_INFO = ("wire_dtype", "model_dtype")  # model info fields for front ends only
+
+
+class Frontend:
+    def __init__(self, settings: Settings, client: EngineClient, metrics: FrontendMetrics, worker: int):
+        self.settings, self.client, self.metrics, self.worker = settings, client, metrics, worker
+        self.models: dict[str, dict[str, Any]] = {}  # name -> public model info
+        self.codecs: dict[str, ModelCodec] = {}
+        self.watchers: dict[str, set[Callable[[str, str], None]]] = {}  # session id -> callbacks(event, id)
+        self._session_models: OrderedDict[str, str] = OrderedDict()
+        client.on_hello = self._on_hello
+        client.on_event = self._on_event
+
+    def _on_hello(self, hello: dict[str, Any]) -> None:
+        infos = hello["models"]
+        self.codecs = {m["name"]: ModelCodec(m) for m in infos}
+        self.models = {m["name"]: {k: v for k, v in m.items() if k not in INTERNAL_INFO} for m in infos}
+        for name in self.models:  # every model's latency series exists from the start (at zero)
+            self.metrics.latency(name)
+
+    def _on_event(self, kind: str, sid: Any) -> None:
+        for callback in list(self.watchers.get(sid, ())):
+            callback(kind, sid)
+
+    def check_ready(self) -> None:
+        if not self.client.connected:
+            raise NotReady("the engine core is not available (starting or restarting); retry shortly",
+                           retry_after=1)
+
+    def codec(self, name: Any) -> ModelCodec:
+        self.check_ready()
+        c = self.codecs.get(name) if isinstance(name, str) else None
+        if c is None:
+            raise ModelNotFound(f"model: no model named {name!r}; available: {sorted(self.codecs)}", field="model")
+        return c
+
+    def remember(self, info: dict[str, Any]) -> dict[str, Any]:
+        """Note a session's model (from a session info answer) and return the info."""
+        sid = info["session_id"]
+        self._session_models[sid] = info["model"]
+        self._session_models.move_to_end(sid)
+        while len(self._session_models) > 100_000:
+            self._session_models.popitem(last=False)
+        return info
+
+    async def session_codec(self, sid: str) -> ModelCodec:
+        """The codec of session ``sid``'s model (asks the engine core once per unknown id: 404/410 there)."""
+        model = self._session_models.get(sid)
+        if model is None:
+            model = self.remember(await self.client.call("get", sid, False))["model"]
+        return self.codec(model)
+
+    def watch(self, sid: str, callback: Callable[[str, str], None]) -> None:
+        self.watchers.setdefault(sid, set()).add(callback)
+
+    def unwatch(self, sid: str, callback: Callable[[str, str], None]) -> None:
+        cbs = self.watchers.get(sid)
+        if cbs is not None:
+            cbs.discard(callback)
+            if not cbs:
+                del self.watchers[sid]
