@@ -11,9 +11,15 @@ The net is a 28-128-128-10 sliding PSN (k=8, untrained, batch norm folded), floa
 
 - backend: ``TorchBackend.run`` over all sessions' slots at once (gather, one step, scatter) against
   one ``run`` per session;
-- engine (``--engine``, CPU default on): the asyncio ``ModelEngine`` with its batcher, every session
-  awaiting one step concurrently, with ``max_batch_size = sessions`` against ``max_batch_size = 1``
-  (futures and JSON-ready outputs included; batches inline on CPU, in a thread on GPU, as the service).
+- engine core (``--engine``, CPU default on): ``service.core.engine.EngineCore`` as the engine-core
+  process runs it, minus the socket: each round every session sends one request of
+  ``--steps-per-request`` steps (msgpack-decoded as they arrive), the loop runs engine steps until
+  all are answered, and the answers are msgpack-encoded per front end. Reported against the backend
+  call alone (``TorchBackend.run``) on batches of the same shape (``max_batch_size`` sessions x L).
+
+``python bench/engine.py --json PATH`` with no other flags runs the issue-10 configuration (CPU,
+1,024 sessions x 16 steps per request, engine core only) and writes ``us_per_session_step``,
+``backend_us_per_session_step`` and ``us_per_request`` to PATH.
 
 On CUDA the state-byte floor (read and write every session's state once per step) is printed using
 ``--bandwidth-gbs`` (default: the H200 copy bandwidth in DESIGN.md). Times are medians.
@@ -22,14 +28,13 @@ On CUDA the state-byte floor (read and write every session's state once per step
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,10 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.folder import LoadedModel  # noqa: E402
 from model.network import LayerConfig, NetConfig, PSNNet, state_size_bytes  # noqa: E402
 from service.backends.torch_backend import TorchBackend  # noqa: E402
-from service.engine.inline import InlineExecutor  # noqa: E402
-from service.engine.model_engine import ModelEngine  # noqa: E402
-from service.engine.sessions import SessionTable  # noqa: E402
-from service.metrics import Metrics  # noqa: E402
 
 
 def bench_model(device: torch.device) -> LoadedModel:
@@ -105,29 +106,57 @@ def cuda_graph_step(be: TorchBackend, x: torch.Tensor, idx: torch.Tensor, repeat
     return timed(g.replay, repeat, torch.cuda.synchronize) * 1e3
 
 
-async def engine_rate(model: LoadedModel, sessions: int, max_batch: int, rounds: int) -> float:
-    """Session-steps/s of the asyncio engine: every session (a task) awaits ``rounds`` steps, one at a time."""
-    cpu = model.net.readout.weight.device.type == "cpu"
-    executor = InlineExecutor() if cpu else ThreadPoolExecutor(max_workers=1)  # as PSN_ENGINE_THREAD=auto
-    me = ModelEngine(TorchBackend(model, sessions), executor, Metrics(), max_batch_size=max_batch, max_wait_s=0,
-                     queue_depth=sessions * 2)
-    table = SessionTable(3600, 4, 0)
-    table.add_model(me.name, sessions)
-    ss = [table.open(me.name) for _ in range(sessions)]
-    me.batcher.start()
-    xs = list(torch.randn(sessions, 1, 28).unbind(0))  # one (1, 28) step per session
+def engine_core_rate(model: LoadedModel, sessions: int, L: int, max_batch: int, rounds: int) -> dict:
+    """Microseconds per session-step and per request of the engine core, and of the backend call alone."""
+    import msgpack
+    import numpy as np
 
-    async def client(s, x, n: int) -> None:  # one task per session, like one per connection
-        for _ in range(n):
-            await me.step(s, x, None)
+    from service.config import Settings
+    from service.core.engine import EngineCore
 
-    await asyncio.gather(*(client(s, x, 1) for s, x in zip(ss, xs, strict=True)))  # warm-up
+    settings = Settings(max_sessions=sessions, max_batch_size=max_batch, max_wait_ms=0, queue_depth=4 * sessions,
+                        warmup=False, idle_timeout_s=3600)
+    core = EngineCore([TorchBackend(model, sessions)], settings)
+    front = b"front-0"
+    sids = []
+    for i in range(sessions):
+        core.handle(front, [i + 1, "open", model.name, False])
+    for _rid, status, info in core.take_outbox()[front]:
+        assert status == 0, info
+        sids.append(info["session_id"])
+    rng = np.random.default_rng(0)
+    payloads = [rng.standard_normal((L, 28), dtype=np.float32).tobytes() for _ in range(sessions)]
+    # what a front end sends: its requests of one loop turn in one message (here: 64 per message)
+    messages = [msgpack.packb([[k + 1, "steps", sids[k], -1, L, payloads[k]] for k in range(i, min(i + 64, sessions))])
+                for i in range(0, sessions, 64)]
+
+    def one_round() -> None:
+        for m in messages:
+            for req in msgpack.unpackb(m):
+                core.handle(front, req)
+        while core.has_work():
+            core.step()
+        for items in core.take_outbox().values():
+            msgpack.packb(items)
+
+    one_round()
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(s, x, rounds) for s, x in zip(ss, xs, strict=True)))
-    rate = sessions * rounds / (time.perf_counter() - t0)
-    await me.batcher.drain(1)
-    executor.shutdown()
-    return rate
+    for _ in range(rounds):
+        one_round()
+    engine_s = (time.perf_counter() - t0) / rounds
+    be = core.runners[model.name].backend
+    xs = [torch.randn(L, min(max_batch, sessions - i), 28) for i in range(0, sessions, max_batch)]
+    slots = [torch.arange(i, i + x.shape[1]) for i, x in zip(range(0, sessions, max_batch), xs, strict=True)]
+
+    def backend_round() -> None:
+        for x, sl in zip(xs, slots, strict=True):
+            be.run(x, sl)
+
+    backend_s = timed(backend_round, rounds, lambda: None, warmup=1)
+    n = sessions * L
+    return {"us_per_session_step": engine_s / n * 1e6, "backend_us_per_session_step": backend_s / n * 1e6,
+            "us_per_request": engine_s / sessions * 1e6, "sessions": sessions, "steps_per_request": L,
+            "max_batch_size": max_batch, "ratio": engine_s / backend_s}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,16 +168,18 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch intra-op threads (default 1, as the service; 0 = torch's default)")
     ap.add_argument("--no-one-by-one", action="store_true", help="skip the one-by-one baselines (backend and engine)")
     ap.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
-                    help="also time the asyncio engine (default: on for CPU)")
+                    help="also time the engine core (default: on for CPU)")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--steps-per-request", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--max-batch-size", type=int, default=256, help="the engine core's (the service default)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="write the engine-core figures as JSON (alone: CPU, 1,024 sessions x 16 steps, engine only)")
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--bandwidth-gbs", type=float, default=4152.0)
     args = ap.parse_args(argv)
-    try:  # the service runs on uvloop (uvicorn[standard]); so does this
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
+    only_json = args.json is not None and argv is None and len(sys.argv) == 3
+    if only_json:
+        args.sessions, args.steps_per_request, args.engine = [1024], [16], True
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -162,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| sessions | batched ms/step | session-steps/s | one-by-one ms | one-by-one steps/s | speed-up |"
           + (cuda_cols if device.type == "cuda" else ""))
     print("| --- | --- | --- | --- | --- | --- |" + (" --- | --- | --- | --- |" if device.type == "cuda" else ""))
-    for n in args.sessions:
+    for n in ([] if only_json else args.sessions):
         row = backend_rows(model, n, args.repeat, not args.no_one_by_one and n <= 4096, args.cuda_graphs)
         b = row["batched_ms"]
         o = row.get("one_by_one_ms")
@@ -174,15 +205,20 @@ def main(argv: list[str] | None = None) -> None:
             line += f" {row['device_ms']:.3f} | {g:.3f} | {floor:.3f} | {g / floor:.2f}x |"
         print(line, flush=True)
     if args.engine if args.engine is not None else device.type == "cpu":
-        print("\n| sessions | engine max_batch=N steps/s | engine max_batch=1 steps/s | speed-up |")
-        print("| --- | --- | --- | --- |")
+        print("\n| sessions | steps/request | engine core us/session-step | backend alone us/session-step | ratio "
+              "| engine core us/request |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        results = []
         for n in args.sessions:
-            batched = asyncio.run(engine_rate(model, n, n, args.rounds))
-            if args.no_one_by_one:
-                print(f"| {n} | {batched:,.0f} | - | - |", flush=True)
-                continue
-            single = asyncio.run(engine_rate(model, n, 1, max(2, args.rounds // 5)))
-            print(f"| {n} | {batched:,.0f} | {single:,.0f} | {batched / single:.1f}x |", flush=True)
+            for L in args.steps_per_request:
+                r = engine_core_rate(model, n, L, args.max_batch_size, args.rounds)
+                results.append(r)
+                print(f"| {n} | {L} | {r['us_per_session_step']:.2f} | {r['backend_us_per_session_step']:.2f} | "
+                      f"{r['ratio']:.2f}x | {r['us_per_request']:.1f} |", flush=True)
+        if args.json is not None:
+            out = results[-1] if len(results) == 1 else {"runs": results}
+            args.json.write_text(json.dumps({**out, "machine": name, "cores": os.cpu_count(),
+                                             "torch_threads": torch.get_num_threads()}, indent=2))
 
 
 if __name__ == "__main__":

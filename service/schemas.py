@@ -101,6 +101,7 @@ class Health(BaseModel):
     models: list[str] = []
     worker: int | None = Field(None, description="index of the front-end process that answered")
     pid: int | None = Field(None, description="/healthz: its process id")
+    engine_pid: int | None = Field(None, description="/healthz: the engine core's process id (null: not connected)")
 
 
 # ----- WebSocket messages (JSON text frames on /v1/stream) ----------------------------------

@@ -35,8 +35,9 @@ class ModelRunner:
 
     def inputs(self, payloads: list, L: int) -> torch.Tensor:
         """``B`` payloads of ``L`` steps each -> (L, B, *input_shape) in the backend's dtype."""
-        x = np.frombuffer(bytearray().join(payloads), dtype=self.wire).reshape(len(payloads), L, *self.input_shape)
-        return torch.from_numpy(x).transpose(0, 1).to(self.backend.dtype)
+        x = np.frombuffer(b"".join(payloads), dtype=self.wire).reshape(len(payloads), L, *self.input_shape)
+        # time-major and contiguous: the backend's chunk runs 1.5x slower on the strided view (measured)
+        return torch.from_numpy(x.swapaxes(0, 1).copy()).to(self.backend.dtype)
 
     def outputs(self, spikes: torch.Tensor, scores: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Backend outputs (L, B, ...) -> packed spikes (B, L, spike_bytes) uint8, scores (B, L, C) wire."""

@@ -16,7 +16,10 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", response_model=Health, summary="Liveness: this front-end process answers")
 async def healthz(request: Request) -> dict:
-    return {"status": "ok", "worker": request.app.state.worker, "pid": os.getpid()}
+    fe = getattr(request.app.state, "frontend", None)
+    hello = fe.client.hello if fe is not None and fe.client.connected else None
+    return {"status": "ok", "worker": request.app.state.worker, "pid": os.getpid(),
+            "engine_pid": hello["engine"]["pid"] if hello else None}
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
