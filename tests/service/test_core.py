@@ -1,0 +1,261 @@
+"""The engine core's parts with injected time: the scheduler, the session table, the retry window, and
+EngineCore over a fake backend (so each decision is visible, not only its effect through the server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.folder import LoadedModel
+from model.network import LayerConfig, NetConfig, PSNNet
+from service.config import Settings
+from service.core.engine import EngineCore
+from service.core.scheduler import Request, Scheduler
+from service.core.sessions import RetryWindow, Session, SessionTable
+from service.errors import SessionGone, SessionNotFound, TooManySessions
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def req(s: Session, t: float, op: str = "steps") -> Request:
+    return Request(b"f", 1, s, op, t)
+
+
+# ----- scheduler ---------------------------------------------------------------------------------
+def test_batch_waits_for_max_wait_unless_full() -> None:
+    sched = Scheduler(max_batch_size=3, max_wait_s=0.01)
+    a, b, c = (Session(str(i), "m", i, 0.0) for i in range(3))
+    assert sched.wait_s(0.0) is None and sched.schedule(0.0) == []
+    sched.add(req(a, 1.000))
+    sched.add(req(b, 1.004))
+    assert sched.wait_s(1.005) == pytest.approx(0.005)  # the oldest (a) is 5 ms old of 10
+    assert sched.schedule(1.005) == []  # not due: not full, not old enough
+    assert [r.session for r in sched.schedule(1.005, force=True)] == [a, b]  # draining takes it anyway
+    a, b, c = (Session(str(i), "m", i, 0.0) for i in range(3))  # fresh queues
+    sched = Scheduler(max_batch_size=3, max_wait_s=0.01)
+    for s in (a, b):
+        sched.add(req(s, 1.0))
+    assert sched.schedule(1.0099) == []
+    assert len(sched.schedule(1.0101)) == 2  # due by age
+    a, b, c = (Session(str(i), "m", i, 0.0) for i in range(3))
+    sched = Scheduler(max_batch_size=3, max_wait_s=10)
+    for s in (a, b, c):
+        sched.add(req(s, 1.0))
+    assert sched.wait_s(1.0) == 0.0 and len(sched.schedule(1.0)) == 3  # full: due at once
+
+
+def test_one_request_per_session_per_batch_round_robin() -> None:
+    sched = Scheduler(max_batch_size=2, max_wait_s=0)
+    a, b, c = (Session(n, "m", i, 0.0) for i, n in enumerate("abc"))
+    for _ in range(3):
+        sched.add(req(a, 0.0))  # a floods
+    sched.add(req(b, 0.0))
+    sched.add(req(c, 0.0))
+    order = []
+    while True:
+        batch = sched.schedule(1.0)
+        if not batch:
+            break
+        ids = [r.session.id for r in batch]
+        assert len(set(ids)) == len(ids)  # distinct sessions in a batch
+        order.append(ids)
+        sched.done(batch)
+    assert order == [["a", "b"], ["c", "a"], ["a"]]  # b and c are not starved behind a's flood
+    assert sched.pending == 0 and not a.queue
+
+
+def test_drop_removes_a_sessions_queue() -> None:
+    sched = Scheduler(max_batch_size=4, max_wait_s=0)
+    a, b = Session("a", "m", 0, 0.0), Session("b", "m", 1, 0.0)
+    sched.add(req(a, 0.0))
+    sched.add(req(a, 0.0))
+    sched.add(req(b, 0.0))
+    assert len(sched.drop(a)) == 2 and sched.pending == 1
+    assert [r.session for r in sched.schedule(0.0)] == [b]
+
+
+# ----- session table ---------------------------------------------------------------------------
+def test_expiry_is_by_idleness_not_age_and_busy_sessions_never_expire() -> None:
+    clock = Clock()
+    table = SessionTable(idle_timeout_s=10, remember_gone=100, clock=clock)
+    table.add_model("m", 3)
+    old, idle, busy = table.open("m"), table.open("m"), table.open("m")
+    with pytest.raises(TooManySessions):
+        table.open("m")
+    clock.now += 8
+    old.last_used = clock.now  # used recently: its age (8 s) does not matter
+    busy.queue.append(object())  # has a request waiting
+    clock.now += 5  # idle: 13 s; old: 5 s since its last use; busy: 13 s but busy
+    assert table.expire_idle() == [idle]
+    with pytest.raises(SessionGone) as e:
+        table.get(idle.id)
+    assert e.value.code == "session_expired"
+    clock.now += 100
+    assert table.expire_idle() == [old]
+    busy.queue.clear()
+    assert table.expire_idle() == [busy]
+    with pytest.raises(SessionNotFound):
+        table.get("never-existed")
+    assert table.count("m") == 0 and table.open("m").slot in (0, 1, 2)
+
+
+def test_closed_ids_are_remembered_up_to_the_limit() -> None:
+    table = SessionTable(idle_timeout_s=10, remember_gone=2, clock=Clock())
+    table.add_model("m", 4)
+    ss = [table.open("m") for _ in range(3)]
+    for s in ss:
+        table.close(s)
+    with pytest.raises(SessionNotFound):  # the oldest was forgotten
+        table.get(ss[0].id)
+    for s in ss[1:]:
+        with pytest.raises(SessionGone) as e:
+            table.get(s.id)
+        assert e.value.code == "session_closed"
+
+
+def test_retry_window_keeps_the_last_steps_of_each_slot() -> None:
+    w = RetryWindow(slots=3, size=4, spike_bytes=1, classes=2, dtype=np.dtype(np.float32))
+    # slot 2 takes steps 0..5 (in chunks 0..2 and 3..5), slot 0 takes step 0..1
+    for slots, t0, L in (([2, 0], [0, 0], 3), ([2], [3], 3)):
+        t = np.array(t0)[:, None] + np.arange(L)[None]  # (B, L) step indexes
+        sp = (t * 10 + np.array(slots)[:, None]).astype(np.uint8)[..., None]
+        sc = np.stack([t, -t], -1).astype(np.float32)
+        w.write(np.array(slots), np.array(t0), sp, sc)
+    assert w.first_kept(6) == 2
+    sp, sc = w.read(2, 2, 4)
+    assert sp[:, 0].tolist() == [22, 32, 42, 52] and sc[:, 0].tolist() == [2, 3, 4, 5]
+    sp, sc = w.read(0, 0, 3)
+    assert sp[:, 0].tolist() == [0, 10, 20]
+
+
+# ----- the engine core over a fake backend -----------------------------------------------------
+class FakeBackend:
+    """Records each call; spikes = (x > 0) of the first input, scores = the running sum of x (per slot)."""
+
+    def __init__(self, max_slots: int):
+        cfg = NetConfig(input_shape=(2,), num_classes=2, layers=(LayerConfig("linear", 2),), neuron="sliding", k=2)
+        self.model = LoadedModel(name="fake", path=Path("."), net=PSNNet(cfg), config={})
+        self.max_slots, self.dtype = max_slots, torch.float64
+        self.sums = torch.zeros(max_slots, 2, dtype=torch.float64)
+        self.calls: list[tuple[int, list[int]]] = []
+        self.fail = False
+
+    def reset(self, slots: torch.Tensor) -> None:
+        self.sums[slots] = 0
+
+    def run(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fail:
+            raise RuntimeError("device lost")
+        self.calls.append((x.shape[0], slots.tolist()))
+        scores = self.sums[slots] + x.cumsum(0)  # (L, B, 2)
+        self.sums[slots] = scores[-1]
+        return (x > 0).to(self.dtype), scores
+
+    def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x > 0).to(self.dtype), x.cumsum(0)
+
+
+def make_core(**settings) -> tuple[EngineCore, FakeBackend, Clock]:
+    clock = Clock()
+    be = FakeBackend(4)
+    core = EngineCore([be], Settings(**{"max_batch_size": 8, "max_wait_ms": 5, "retry_window": 3, "warmup": False,
+                                        "idle_timeout_s": 10, **settings}), clock=clock)
+    return core, be, clock
+
+
+def answers(core: EngineCore) -> dict[int, list]:
+    return {rid: [status, body] for rid, status, body in core.take_outbox().get(b"f", [])}
+
+
+def test_engine_core_batches_orders_and_answers_each_request_once() -> None:
+    core, be, clock = make_core()
+    core.handle(b"f", [1, "open", "fake", True])
+    core.handle(b"f", [2, "open", "fake", False])
+    opened = answers(core)
+    a, b = (opened[i][1]["session_id"] for i in (1, 2))
+    x = np.arange(12, dtype=np.float64).reshape(6, 2) - 5
+    core.handle(b"f", [3, "steps", a, -1, 2, x[:2].tobytes()])
+    core.handle(b"f", [4, "steps", a, -1, 1, x[2:3].tobytes()])  # queued behind request 3
+    core.handle(b"f", [5, "steps", b, -1, 2, x[:2].tobytes()])
+    assert core.step() is False and be.calls == []  # not due before max_wait (5 ms)
+    clock.now += 0.006
+    assert core.step() is True
+    assert be.calls == [(2, [0, 1])]  # one backend call: a's first request and b's, same L
+    got = answers(core)
+    assert sorted(got) == [3, 5]
+    start, replayed, seen, spikes, scores = got[3][1]
+    assert (start, replayed, seen) == (0, 0, 2)
+    assert np.frombuffer(scores).reshape(2, 2).tolist() == np.cumsum(x[:2], 0).tolist()
+    assert np.unpackbits(np.frombuffer(spikes, np.uint8), bitorder="little").reshape(2, 8)[:, :2].tolist() == \
+        (x[:2] > 0).astype(int).tolist()
+    clock.now += 0.006
+    core.step()
+    assert be.calls[-1] == (1, [0]) and answers(core)[4][1][:3] == [2, 0, 3]
+    assert core.step() is False and answers(core) == {}  # nothing left, nothing answered twice
+
+
+def test_engine_core_retries_gaps_and_window() -> None:
+    core, be, clock = make_core(max_wait_ms=0)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    x = np.arange(20, dtype=np.float64).reshape(10, 2)
+    core.handle(b"f", [2, "steps", a, -1, 5, x[:5].tobytes()])
+    core.step()
+    first = answers(core)[2][1]
+    core.handle(b"f", [3, "steps", a, 3, 4, x[3:7].tobytes()])  # steps 3, 4 again, 5, 6 new
+    core.handle(b"f", [4, "steps", a, 9, 1, x[9:].tobytes()])  # a gap: step 7 is next
+    core.handle(b"f", [5, "steps", a, 0, 1, x[:1].tobytes()])  # older than the window (last 3)
+    for _ in range(3):
+        core.step()
+    got = answers(core)
+    start, replayed, seen, spikes, scores = got[3][1]
+    assert (start, replayed, seen) == (3, 2, 7)
+    assert np.frombuffer(scores).reshape(4, 2)[:2].tolist() == np.frombuffer(first[4]).reshape(5, 2)[3:].tolist()
+    assert np.frombuffer(scores).reshape(4, 2).tolist() == np.cumsum(x[:7], 0)[3:].tolist()
+    assert be.calls[-1] == (2, [0])  # only the two new steps reached the backend
+    assert got[4][0] == 409 and got[4][1][0] == "step_gap" and got[4][1][2] == "start"
+    assert got[5][0] == 409 and got[5][1][0] == "retry_too_old" and "before 4" in got[5][1][1]
+
+
+def test_engine_core_expiry_pushes_to_watchers_and_close_waits_for_queued_work() -> None:
+    core, be, clock = make_core(max_wait_ms=1000)
+    core.handle(b"f", [1, "open", "fake", True])
+    core.handle(b"f", [2, "open", "fake", False])
+    opened = answers(core)
+    a, b = (opened[i][1]["session_id"] for i in (1, 2))
+    core.handle(b"f", [3, "steps", b, -1, 1, np.zeros(2).tobytes()])
+    core.handle(b"f", [4, "close", b])  # queued behind request 3
+    assert answers(core) == {}
+    clock.now += 11  # both idle 11 s by the clock, but b has queued work
+    assert [s.id for s in core.reap()] == [a]
+    assert core.take_outbox() == {b"f": [[0, "expired", a]]}
+    clock.now += 2  # request 3 is due (max_wait 1 s)
+    core.step()  # request 3 runs
+    core.step()  # then the close behind it
+    got = answers(core)
+    assert got[3][0] == 0 and got[4][0] == 0 and got[4][1]["steps_seen"] == 1
+    core.handle(b"f", [5, "steps", b, -1, 1, np.zeros(2).tobytes()])
+    assert answers(core)[5][1][0] == "session_closed"
+
+
+def test_backend_failure_answers_its_requests_and_the_loop_keeps_serving() -> None:
+    core, be, clock = make_core(max_wait_ms=0)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    be.fail = True
+    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.step()
+    assert answers(core)[2][:2] == [500, ["internal", "internal error: RuntimeError", None, None]]
+    be.fail = False
+    core.handle(b"f", [3, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.step()
+    assert answers(core)[3][1][:3] == [0, 0, 1]
