@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     warmup: bool = True  # run each model once at start-up
     workers: int = Field(default_factory=default_workers, ge=1, le=64)  # front-end processes (HTTP + WebSocket)
     frontend_wait_s: float = Field(10.0, ge=0)  # a starting front end waits this long for the engine core
-    engine_address: str | None = None  # ZeroMQ endpoint of the engine core; default: ipc:// in a private temp dir
+    engine_address: str | None = None  # unix:PATH or tcp:HOST:PORT of the engine core; default: a private unix socket
     ws_compression: bool = False  # permessage-deflate on /v1/stream (costs CPU, helps only on slow links)
     # PSN_BACKEND=onnx only: where models without current ONNX files are exported once (default
     # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).

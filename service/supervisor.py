@@ -131,8 +131,8 @@ class Supervisor:
                 self.engine.kill()
         self.sock.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
-        if self.address.startswith("ipc://") and not self.settings.engine_address:
-            shutil.rmtree(Path(self.address[6:]).parent, ignore_errors=True)
+        if self.address.startswith("unix:") and not self.settings.engine_address:
+            shutil.rmtree(Path(self.address[5:]).parent, ignore_errors=True)
         log.info("stopped")
 
 

@@ -1,29 +1,34 @@
-"""The engine core process: load the models, bind the ZeroMQ ROUTER, run the busy loop until SIGTERM.
+"""The engine core process: load the models, listen for front ends, run the busy loop until SIGTERM.
 
-The loop, per turn: wait for requests (no longer than the next batch deadline), read every message
-that is there, run the due engine steps, send each front end one message with all its answers.
+The loop, per turn: wait for requests (no longer than the next batch deadline), read every frame
+that is there, run the due engine steps, send each front end one frame with all its answers.
+Sockets are non-blocking and served by one ``selectors`` loop: no threads.
 SIGTERM (or SIGINT) drains: new work is refused, queued work runs, then the process exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import selectors
 import signal
+import socket
 import time
 from pathlib import Path
 
 import torch
-import zmq
 
 from model.folder import find_model_folders, load_model_folder
 from service.backends import get_backend_class
 from service.config import Settings
 from service.core.engine import EngineCore
-from service.ipc import pack, unpack
+from service.ipc import LENGTH, MAX_FRAME, frame, parse_address, unpack
 
 log = logging.getLogger("psn.engine")
-MAX_MESSAGES_PER_TURN = 512  # read at most this many messages before running a step (bounds latency)
+READ_SIZE = 1 << 20
+MAX_READS_PER_TURN = 8  # per front end and turn, so one busy front end cannot hold the loop
+MAX_BACKLOG = 256 << 20  # answers a front end has not read; past it the front end is cut off
 
 
 def build_core(settings: Settings) -> EngineCore:
@@ -45,51 +50,135 @@ def build_core(settings: Settings) -> EngineCore:
     return core
 
 
-def bind(sock: zmq.Socket, address: str) -> None:
-    if address.startswith("ipc://"):
-        Path(address[6:]).unlink(missing_ok=True)  # a stale socket file of a crashed engine core
-    sock.bind(address)
+def listen(address: str) -> socket.socket:
+    kind, where, port = parse_address(address)
+    if kind == "unix":
+        Path(where).unlink(missing_ok=True)  # a stale socket file of a crashed engine core
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(where)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in where else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((where, port))
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+class FrontConnection:
+    """One front end: its socket, bytes read but not yet framed, bytes not yet sent."""
+
+    def __init__(self, sock: socket.socket, ident: bytes):
+        self.sock, self.ident = sock, ident
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
 
 
 class EngineProcess:
     def __init__(self, core: EngineCore, address: str):
         self.core, self.address = core, address
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        bind(self.sock, address)
+        self.listener = listen(address)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.fronts: dict[bytes, FrontConnection] = {}
+        self._next_ident = 0
         self.stop_requested = False
 
     def request_stop(self, *_: object) -> None:
         self.stop_requested = True
 
-    def receive(self, timeout_ms: int) -> None:
-        if not self.sock.poll(timeout_ms):
-            return
-        for _ in range(MAX_MESSAGES_PER_TURN):
+    # ----- in ----------------------------------------------------------------------------------
+    def receive(self, timeout: float) -> None:
+        for key, mask in self.sel.select(timeout):
+            if key.data is None:
+                self._accept()
+                continue
+            conn: FrontConnection = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._write(conn)
+            if mask & selectors.EVENT_READ and conn.ident in self.fronts:
+                self._read(conn)
+
+    def _accept(self) -> None:
+        while True:
             try:
-                front, data = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            except ValueError:  # not [identity, payload]: ignore
-                continue
+            sock.setblocking(False)
+            self._next_ident += 1
+            conn = FrontConnection(sock, self._next_ident.to_bytes(8, "little"))
+            self.fronts[conn.ident] = conn
+            self.sel.register(sock, selectors.EVENT_READ, conn)
+            log.info("engine: a front end connected (%d connected)", len(self.fronts))
+
+    def _read(self, conn: FrontConnection) -> None:
+        for _ in range(MAX_READS_PER_TURN):
             try:
-                requests = unpack(data)
+                data = conn.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(conn)
+                return
+            conn.inbuf += data
+            if len(data) < READ_SIZE:
+                break
+        buf, off = conn.inbuf, 0
+        while len(buf) - off >= LENGTH.size:
+            (n,) = LENGTH.unpack_from(buf, off)
+            if n > MAX_FRAME:
+                log.warning("engine: a front end sent a %d-byte frame; closing its connection", n)
+                self._drop(conn)
+                return
+            if len(buf) - off - LENGTH.size < n:
+                break
+            start = off + LENGTH.size
+            try:
+                requests = unpack(memoryview(buf)[start:start + n])
             except Exception:
-                log.warning("engine: undecodable message from a front end (%d bytes)", len(data))
-                continue
+                log.warning("engine: undecodable frame from a front end (%d bytes)", n)
+                requests = []
+            off = start + n
             for req in requests:
-                self.core.handle(front, req)
+                self.core.handle(conn.ident, req)
+        del buf[:off]
 
+    def _drop(self, conn: FrontConnection) -> None:
+        if self.fronts.pop(conn.ident, None) is None:
+            return
+        self.sel.unregister(conn.sock)
+        conn.sock.close()
+        log.info("engine: a front end disconnected (%d connected)", len(self.fronts))
+
+    # ----- out ---------------------------------------------------------------------------------
     def send(self) -> None:
-        for front, items in self.core.take_outbox().items():
-            try:
-                self.sock.send_multipart([front, pack(items)], zmq.NOBLOCK)
-            except zmq.Again:  # that front end is not reading (gone or stuck): its answers are dropped
-                log.warning("engine: %d answers for an unresponsive front end dropped", len(items))
+        for ident, items in self.core.take_outbox().items():
+            conn = self.fronts.get(ident)
+            if conn is None:  # that front end has gone: its answers have no one to go to
+                continue
+            conn.outbuf += frame(items)
+            self._write(conn)
 
+    def _write(self, conn: FrontConnection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(conn)
+            return
+        del conn.outbuf[:sent]
+        if len(conn.outbuf) > MAX_BACKLOG:
+            log.warning("engine: a front end is not reading (%d bytes unsent); closing its connection",
+                        len(conn.outbuf))
+            self._drop(conn)
+            return
+        self.sel.modify(conn.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0), conn)
+
+    # ----- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         core, settings = self.core, self.core.settings
         reap_every = min(1.0, settings.idle_timeout_s / 4)
@@ -108,14 +197,19 @@ class EngineProcess:
             wait = core.wait_s()
             now = time.monotonic()
             wait = next_reap - now if wait is None else min(wait, next_reap - now)
-            self.receive(max(0, int(wait * 1000 + 0.999)) if deadline is None else 0)
+            self.receive(max(0.0, wait) if deadline is None else 0.0)
             core.step()
             if time.monotonic() >= next_reap:
                 core.reap()
                 next_reap = time.monotonic() + reap_every
             self.send()
-        self.sock.close(0)
-        self.ctx.term()
+        for conn in list(self.fronts.values()):  # best effort: hand over the last answers
+            with contextlib.suppress(OSError):
+                conn.sock.setblocking(True)
+                conn.sock.settimeout(1.0)
+                conn.sock.sendall(conn.outbuf)
+            self._drop(conn)
+        self.listener.close()
         log.info("engine drained")
 
 

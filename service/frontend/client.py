@@ -1,10 +1,10 @@
 """The front end's end of the wire to the engine core (``service/ipc.py``).
 
 ``call(op, *args)`` queues a request and returns a future; everything queued during one turn of the
-event loop leaves as one ZeroMQ message. A reader task resolves futures from the engine core's
-answers and hands pushed events (session expiry) to listeners. A socket monitor notices at once when
-the engine core's end closes (crash or restart): pending requests fail with 503 ``engine_unavailable``
-and new ones are refused until it is back and has answered ``hello`` again.
+event loop leaves as one frame. A reader task resolves futures from the engine core's answers and
+hands pushed events (session expiry) to a listener. When the connection ends (the engine core
+crashed or is restarting), pending requests fail at once with 503 ``engine_unavailable``, new ones
+are refused, and the client reconnects every 50-500 ms, then says ``hello`` again.
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
-
 from service.errors import ServiceError
-from service.ipc import EVENT, OK, pack, raise_error, unpack
+from service.ipc import EVENT, LENGTH, MAX_FRAME, OK, frame, parse_address, raise_error, unpack
 
 log = logging.getLogger("psn.frontend")
 
@@ -32,43 +28,28 @@ class EngineUnavailable(ServiceError):
 class EngineClient:
     def __init__(self, address: str):
         self.address = address
-        self.ctx = zmq.asyncio.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for an engine core that is not there
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 50)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(address)
+        self.kind, self.where, self.port = parse_address(address)
         self._rid = 0
         self._pending: dict[int, asyncio.Future] = {}
         self._outbox: list[list[Any]] = []
         self._flush_scheduled = False
-        self._tasks: list[asyncio.Task] = []
-        self.connected = False  # a live connection to the engine core that has answered hello
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+        self.connected = False  # connected, and the engine core has answered hello
         self.hello: dict[str, Any] | None = None
+        self.hello_seen = asyncio.Event()
         self.on_hello: Callable[[dict[str, Any]], None] | None = None
         self.on_event: Callable[[str, Any], None] | None = None
-        self._closed = False
-        self.hello_seen = asyncio.Event()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read(), name="engine-reader"),
-                       loop.create_task(self._watch(), name="engine-monitor")]
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-client")
 
     async def close(self) -> None:
-        self._closed = True
-        for task in self._tasks:
-            task.cancel()
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._fail_pending(EngineUnavailable("the front end is shutting down", retry_after=1))
-        self._monitor.close(0)
-        self.sock.close(0)
-        self.ctx.term()
+                await self._task
+        self._disconnected(EngineUnavailable("the front end is shutting down", retry_after=1))
 
     # ----- requests ------------------------------------------------------------------------------
     def call(self, op: str, *args: Any) -> asyncio.Future:
@@ -94,23 +75,49 @@ class EngineClient:
         items, self._outbox = self._outbox, []
         if not items:
             return
-        try:
-            self.sock.send(pack(items), zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # no engine core connected (IMMEDIATE) or its queue is full
-            err = EngineUnavailable(f"the engine core is not reachable ({e.strerror}); retry shortly", retry_after=1)
+        if self._writer is None or self._writer.is_closing():
+            err = EngineUnavailable("the engine core is not reachable; retry shortly", retry_after=1)
             for item in items:
                 fut = self._pending.pop(item[0], None)
                 if fut is not None and not fut.done():
                     fut.set_exception(err)
+            return
+        self._writer.write(frame(items))
 
-    async def _read(self) -> None:
+    # ----- the connection --------------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = 0.05
         while True:
-            data = await self.sock.recv(copy=False)
             try:
-                answers = unpack(data.buffer)
-            except Exception:
-                log.warning("front end: undecodable message from the engine core")
+                if self.kind == "unix":
+                    reader, writer = await asyncio.open_unix_connection(self.where)
+                else:
+                    reader, writer = await asyncio.open_connection(self.where, self.port)
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(0.5, delay * 2)
                 continue
+            delay = 0.05
+            self._writer = writer
+            hello = asyncio.get_running_loop().create_task(self._hello())
+            try:
+                await self._read(reader)
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                pass
+            finally:
+                hello.cancel()
+                if self.connected:
+                    log.warning("front end: lost the engine core; refusing requests until it is back")
+                self._disconnected(EngineUnavailable("the engine core went away while this request was pending; "
+                                                     "retry shortly", retry_after=1))
+                writer.close()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            (n,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
+            if n > MAX_FRAME:
+                raise ConnectionError(f"a {n}-byte frame from the engine core")
+            answers = unpack(await reader.readexactly(n))
             for rid, status, body in answers:
                 if rid == EVENT:
                     if self.on_event is not None:
@@ -124,24 +131,13 @@ class EngineClient:
                 else:
                     fut.set_exception(raise_error(status, body))
 
-    async def _watch(self) -> None:
-        """Track the connection: hello after every (re)connect, fail everything on a disconnect."""
-        while True:
-            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                asyncio.get_running_loop().create_task(self._hello())
-            elif event == zmq.EVENT_DISCONNECTED:
-                if self.connected:
-                    log.warning("front end: lost the engine core; refusing requests until it is back")
-                self.connected = False
-                self._fail_pending(EngineUnavailable("the engine core went away while this request was pending; "
-                                                     "retry shortly", retry_after=1))
-
     async def _hello(self) -> None:
         try:
             hello = await asyncio.wait_for(self._call("hello"), 30)
-        except Exception as e:  # noqa: BLE001 - the next connection event tries again
+        except Exception as e:  # noqa: BLE001 - the connection is useless without it: drop it and retry
             log.warning("front end: hello to the engine core failed: %r", e)
+            if self._writer is not None:
+                self._writer.close()
             return
         self.hello = hello
         if self.on_hello is not None:
@@ -150,7 +146,9 @@ class EngineClient:
         self.hello_seen.set()
         log.info("front end: connected to the engine core (pid %s)", hello["engine"]["pid"])
 
-    def _fail_pending(self, err: ServiceError) -> None:
+    def _disconnected(self, err: ServiceError) -> None:
+        self.connected = False
+        self._writer = None
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
