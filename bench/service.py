@@ -157,6 +157,32 @@ async def drive(url: str, model: str, input_size: int, sessions: int, duration: 
 LOADGEN = ROOT / "bench" / "loadgen"
 
 
+class HealthProbe:
+    """GET /healthz every 20 ms from a thread while the load runs; ``stop()`` returns the p99 in ms."""
+
+    def __init__(self, url: str):
+        import threading
+
+        self.url, self.lat, self._stop = url, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=10) as c:
+            while not self._stop.wait(0.02):
+                t0 = time.perf_counter()
+                c.get(self.url)
+                self.lat.append(time.perf_counter() - t0)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        lat = sorted(self.lat)
+        return lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3 if lat else float("nan")
+
+
 def node_available() -> bool:
     return shutil.which("node") is not None and (LOADGEN / "node_modules" / "ws").is_dir()
 
@@ -319,17 +345,20 @@ def main(argv: list[str] | None = None) -> None:
                 ports[label] = port
             for n in args.sessions:
                 for rnd in range(args.rounds):  # interleaved, so a noisy neighbour hits all three alike
-                    for i, (label, _, _) in enumerate(runs):
+                    for i, (label, kind, _) in enumerate(runs):
                         cpu0 = cpu_seconds(procs[i].pid)
                         url = f"ws://127.0.0.1:{ports[label]}/v1/stream"
+                        probe = HealthProbe(f"http://127.0.0.1:{ports[label]}/healthz") if kind != "noop" else None
                         r = (node_drive(url, model, input_size, n, args.duration, args.warmup, L, frame) if node else
                              asyncio.run(drive(url, model, input_size, n, args.duration, args.warmup,
                                                args.max_messages, L, frame)))
                         r["server_cpu_us"] = (cpu_seconds(procs[i].pid) - cpu0) / (r["messages"] * L) * 1e6
+                        r["healthz_p99_ms"] = probe.stop() if probe is not None else float("nan")
                         results.setdefault((label, n), []).append(r)
                         print(f"  round {rnd + 1} {label:28s} {n:4d} sessions: {r['steps_per_s']:9,.0f} "
                               f"session-steps/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
-                              f"server CPU {r['server_cpu_us']:5.1f} us/step", flush=True)
+                              f"server CPU {r['server_cpu_us']:5.1f} us/step  /healthz p99 "
+                              f"{r['healthz_p99_ms']:.1f} ms", flush=True)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -344,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                        if args.unbatched else ""))
         print("| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if args.unbatched else ""))
         print(f"(medians of {args.rounds} rounds)")
-        keys = ("steps_per_s", "p50_ms", "p99_ms", "server_cpu_us")
+        keys = ("steps_per_s", "p50_ms", "p99_ms", "server_cpu_us", "healthz_p99_ms")
         summary = {}
         for n in args.sessions:
             a, b = ({k: med(label, n, k) for k in keys} for label in ("no-op", "service"))
@@ -361,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
                        "noop_p50_ms": a["p50_ms"], "noop_p99_ms": a["p99_ms"], "workers": args.workers,
                        "steps_per_message": L, "frame": frame, "sessions": n, "rounds": args.rounds,
                        "duration_s": args.duration, "cores": os.cpu_count(),
-                       "server_cpu_us_per_step": b["server_cpu_us"]}
+                       "server_cpu_us_per_step": b["server_cpu_us"], "healthz_p99_ms": b["healthz_p99_ms"]}
         if args.json is not None:
             args.json.write_text(json.dumps(summary, indent=2))
 

@@ -22,6 +22,8 @@ BAD_STEPS = [  # (body, status, code, words the message must contain)
     ({"steps": 5}, 422, "invalid_input", ["steps"]),
     ({"stepz": [[1.0, 2.0, 3.0]]}, 422, "invalid_input", ["steps", "required"]),
     ({"steps": [[1.0, 2.0, 3.0]], "start": -1}, 422, "invalid_input", ["start"]),
+    ({"steps": [[1.0, 2.0, 3.0]], "start": False}, 422, "invalid_input", ["start", "integer"]),  # not step 0
+    ({"steps": [[True, False, True]]}, 422, "invalid_input", ["steps", "booleans"]),
     ({"steps": [[0.0, 0.0, 0.0]] * 65}, 413, "too_many_steps", ["steps", "65", "64"]),
 ]
 
@@ -142,3 +144,23 @@ def test_queue_full(serve, ref: Reference) -> None:
     for r in rs:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "queue_full" and r.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize(("dtype", "big"), [("float32", 1e39), ("float16", 70000.0)])
+def test_finite_numbers_beyond_the_model_dtype_are_refused(serve, dtype: str, big: float) -> None:
+    """A finite JSON number that would become inf in the model's dtype is a 422 everywhere, not a 500."""
+    srv = serve(dtype=dtype)
+    with httpx.Client(base_url=srv.url, timeout=20) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        for url, body in ((f"/v1/sessions/{sid}/steps", {"steps": [[big, 0.0, 0.0]]}),
+                          ("/v1/classify", {"model": "sliding", "steps": [[0.0, -big, 0.0]]})):
+            _check(c.post(url, json=body), 422, "invalid_input", ["steps", dtype])
+        with ws_client.connect(srv.ws_url) as ws:
+            ws.send(json.dumps({"type": "attach", "session_id": sid}))
+            json.loads(ws.recv())
+            ws.send(json.dumps({"type": "steps", "steps": [[0.0, 0.0, big]]}))
+            err = json.loads(ws.recv())
+            assert err["type"] == "error" and err["error"]["code"] == "invalid_input" and dtype in \
+                err["error"]["message"]
+        r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[1.0, 0.5, -0.5]]})  # the session still works
+        assert r.status_code == 200 and r.json()["start"] == 0, r.text
