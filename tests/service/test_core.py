@@ -259,3 +259,19 @@ def test_backend_failure_answers_its_requests_and_the_loop_keeps_serving() -> No
     core.handle(b"f", [3, "steps", a, -1, 1, np.ones(2).tobytes()])
     core.step()
     assert answers(core)[3][1][:3] == [0, 0, 1]
+
+
+def test_every_request_counts_as_use_even_a_pure_retry() -> None:
+    core, be, clock = make_core(max_wait_ms=0)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.step()
+    clock.now += 9  # idle 9 of 10 s
+    core.handle(b"f", [3, "steps", a, 0, 1, np.ones(2).tobytes()])  # answered from the window, nothing new
+    core.step()
+    assert answers(core)[3][1][:2] == [0, 1] and len(be.calls) == 1
+    clock.now += 9  # 18 s after the last new step, 9 s after the retry
+    assert core.reap() == []
+    clock.now += 2
+    assert [s.id for s in core.reap()] == [a]
