@@ -311,11 +311,13 @@ class EngineCore:
             spikes, scores = res
             t0 = np.fromiter((it.req.session.t for it in items), np.int64, len(items))
             window.write(np.fromiter((it.req.session.slot for it in items), np.int64, len(items)), t0, spikes, scores)
+            sp_all, sc_all = spikes.tobytes(), scores.tobytes()  # one copy each; rows are slices of it
+            n_sp, n_sc = len(sp_all) // len(items), len(sc_all) // len(items)
             for b, it in enumerate(items):
                 s = it.req.session
                 s.t += L
                 s.last_used = now
-                sp, sc = spikes[b].tobytes(), scores[b].tobytes()
+                sp, sc = sp_all[b * n_sp:(b + 1) * n_sp], sc_all[b * n_sc:(b + 1) * n_sc]
                 if it.cached is not None:
                     sp, sc = it.cached[0].tobytes() + sp, it.cached[1].tobytes() + sc
                 self.answer(it.req.front, [it.req.rid, OK, [it.start, it.replayed, s.t, sp, sc]])

@@ -9,6 +9,7 @@ SIGTERM (or SIGINT) drains: new work is refused, queued work runs, then the proc
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import selectors
@@ -219,6 +220,8 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
                         format="%(asctime)s %(levelname)s %(name)s [engine %(process)d] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
     core = build_core(settings)
+    gc.collect()
+    gc.freeze()  # torch and the models live as long as the process: keep them out of every collection
     proc = EngineProcess(core, address)
     signal.signal(signal.SIGTERM, proc.request_stop)
     log.info("engine core ready: pid=%d, %d model(s), backend=%s, device=%s, max_sessions=%d, max_batch_size=%d, "
