@@ -82,3 +82,8 @@ class ShuttingDown(ServiceError):
 
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
+
+
+def internal(e: BaseException) -> ServiceError:
+    """A bug or a backend failure, answered 500 (never raised from bad input)."""
+    return ServiceError(f"internal error: {type(e).__name__}", status=500, code="internal")

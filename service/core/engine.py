@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from prometheus_client import generate_latest
 from service.backends.base import Backend
 from service.config import Settings
 from service.core.runner import ModelRunner
-from service.core.scheduler import Request, Scheduler
+from service.core.scheduler import Batch, ClassifyRequest, Item, Request, Scheduler
 from service.core.sessions import RetryWindow, Session, SessionTable
 from service.errors import (
     InvalidInput,
@@ -40,38 +39,13 @@ from service.errors import (
     SessionGone,
     ShuttingDown,
     StepGap,
+    internal,
 )
 from service.ipc import EVENT, OK, error_answer
 from service.metrics import EngineMetrics
 
 log = logging.getLogger("psn.engine")
 QUEUED = object()  # an op's result when its answer comes later (after an engine step)
-
-
-@dataclass(eq=False, slots=True)
-class Item:
-    """A step request that needs the backend: its last ``n_new`` steps are new."""
-
-    req: Request
-    start: int
-    replayed: int
-    n_new: int
-    payload: bytes
-    cached: tuple[np.ndarray, np.ndarray] | None  # outputs of the replayed steps (retry window)
-
-
-@dataclass(eq=False)
-class Batch:
-    requests: list[Request]  # everything scheduled (each is answered exactly once by commit)
-    runs: dict[int, list[Item]] = field(default_factory=dict)  # new-step count -> items
-
-
-@dataclass(eq=False, slots=True)
-class ClassifyRequest:
-    front: bytes
-    rid: int
-    T: int
-    payload: bytes
 
 
 class EngineCore:
@@ -393,6 +367,3 @@ class EngineCore:
             self.metrics.sessions.labels(name).set(self.sessions.count(name))
             self.metrics.queue_depth.labels(name).set(sched.pending + len(self.classify_queue[name]))
 
-
-def internal(e: BaseException) -> ServiceError:
-    return ServiceError(f"internal error: {type(e).__name__}", status=500, code="internal")

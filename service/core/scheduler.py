@@ -12,8 +12,10 @@ longest is ``max_wait_s`` old. Time comes from the caller (an injected clock in 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from service.core.sessions import Session
 
@@ -30,6 +32,32 @@ class Request:
     start: int = -1  # steps: first index, -1 = append
     L: int = 0  # steps in the payload
     payload: Any = None  # L * prod(input_shape) floats, wire dtype
+
+
+@dataclass(eq=False, slots=True)
+class Item:
+    """A step request that needs the backend: its last ``n_new`` steps are new."""
+
+    req: Request
+    start: int
+    replayed: int
+    n_new: int
+    payload: bytes
+    cached: tuple[np.ndarray, np.ndarray] | None  # outputs of the replayed steps (retry window)
+
+
+@dataclass(eq=False)
+class Batch:
+    requests: list[Request]  # everything scheduled (each is answered exactly once by commit)
+    runs: dict[int, list[Item]] = field(default_factory=dict)  # new-step count -> items
+
+
+@dataclass(eq=False, slots=True)
+class ClassifyRequest:
+    front: bytes
+    rid: int
+    T: int
+    payload: bytes
 
 
 class Scheduler:

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import InvalidInput, ServiceError
+from service.errors import InvalidInput, ServiceError, internal
 from service.schemas import ErrorResponse
 
 log = logging.getLogger("psn.api")
@@ -52,4 +52,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _respond(request, ServiceError(f"internal error: {type(exc).__name__}", status=500, code="internal"))
+        return _respond(request, internal(exc))

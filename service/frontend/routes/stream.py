@@ -23,7 +23,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, TypeAdapter, ValidationError
 from uvicorn.protocols.utils import ClientDisconnected
 
-from service.errors import InvalidInput, RequestTooLarge, ServiceError
+from service.errors import InvalidInput, RequestTooLarge, ServiceError, internal
 from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object
 from service.frontend.deps import get_frontend
 from service.frontend.state import Frontend
@@ -181,8 +181,7 @@ async def stream(ws: WebSocket) -> None:
                 raise
             except Exception as e:  # a bug, not bad input: say so and keep the connection
                 log.exception("unexpected error on /v1/stream")
-                await conn.send_error(ServiceError(f"internal error: {type(e).__name__}", status=500,
-                                                   code="internal"), _msg_id(text, data))
+                await conn.send_error(internal(e), _msg_id(text, data))
     except (WebSocketDisconnect, ClientDisconnected):
         pass
     except RuntimeError as e:  # starlette: sending on a socket the client has already closed
