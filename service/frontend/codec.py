@@ -51,6 +51,10 @@ class ModelCodec:
         self.model_dtype = info["model_dtype"]
         digits = 17 if self.wire == np.float64 else 9  # the fewest digits that give the float back exactly
         self._score_fmt = ",".join([f"%.{digits}g"] * self.classes)
+        # JSON text of each packed spike byte (bit 0 first); the last byte may hold fewer than 8 spikes
+        tail = self.n_out - 8 * (self.spike_bytes - 1)
+        self._byte_text = [",".join("01"[(b >> i) & 1] for i in range(8)) for b in range(256)]
+        self._last_text = [",".join("01"[(b >> i) & 1] for i in range(tail)) for b in range(256)]
 
     # ----- inputs ------------------------------------------------------------------------------
     def check_values(self, a: np.ndarray, field: str) -> None:
@@ -111,9 +115,12 @@ class ModelCodec:
 
     def json_outputs(self, start: int, L: int, spikes: bytes, scores: bytes) -> list[str]:
         """One JSON text per step: ``{"index","spikes","scores","predicted","label"}``."""
-        sp, sc = self.arrays(L, spikes, scores)
+        sc = np.frombuffer(scores, self.wire).reshape(L, self.classes)
         pred = sc.argmax(-1).tolist()
-        texts = self._spike_texts(sp)
+        if len(self.output_shape) == 1 and L * self.spike_bytes <= 512:  # few bytes: a table lookup per byte
+            texts = self._spike_texts_small(L, spikes)
+        else:
+            texts = self._spike_texts(self.arrays(L, spikes, scores)[0])
         fmt, labels = self._score_fmt, self._labels_json
         return [f'{{"index":{start + i},"spikes":{texts[i]},"scores":[{fmt % tuple(row)}],"predicted":{p},'
                 f'"label":{labels[p]}}}' for i, (row, p) in enumerate(zip(sc.tolist(), pred, strict=True))]
@@ -121,6 +128,15 @@ class ModelCodec:
     def score_text(self, row: np.ndarray) -> str:
         """One step's scores as JSON numbers (no brackets)."""
         return self._score_fmt % tuple(row.tolist())
+
+    def _spike_texts_small(self, L: int, spikes: bytes) -> list[str]:
+        nb, table, last = self.spike_bytes, self._byte_text, self._last_text
+        out = []
+        for k in range(L):
+            row = spikes[k * nb:(k + 1) * nb]
+            head = ",".join([table[b] for b in row[:-1]])
+            out.append(f"[{head},{last[row[-1]]}]" if head else f"[{last[row[-1]]}]")
+        return out
 
     def _spike_texts(self, sp: np.ndarray) -> list[str]:
         L = sp.shape[0]
