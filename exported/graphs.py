@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from model import functional as F
 from model.functional import NeuronState
-from model.network import NetState, PSNNet
+from model.network import NetState, PSNNet, normalise
 from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
 
 
@@ -78,7 +78,7 @@ class ParallelGraph(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         T, B = x.shape[0], x.shape[1]
-        h = _normalise(self.net, x)
+        h = normalise(self.net.cfg, x)
         for layer in self.net.layers:
             cur = layer.current(h.flatten(0, 1))  # (T*B, *out)
             cur = cur.reshape(T, B, *cur.shape[1:])  # (T, B, *out)
@@ -97,7 +97,7 @@ class StepGraph(nn.Module):
 
     def forward(self, x: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         state = unflatten_state(self.net, list(flat))
-        h = _normalise(self.net, x)
+        h = normalise(self.net.cfg, x)
         neurons = []
         for layer, ns in zip(self.net.layers, state.neurons, strict=True):
             cur = layer.current(h)  # (B, *out)
@@ -108,12 +108,6 @@ class StepGraph(nn.Module):
         scores = score_sum / t.unsqueeze(1).to(score_sum.dtype)
         new = NetState(neurons=tuple(neurons), score_sum=score_sum, t=t)
         return (h, scores, *flatten_state(self.net, new))
-
-
-def _normalise(net: PSNNet, x: Tensor) -> Tensor:
-    if net.cfg.input_mean == 0.0 and net.cfg.input_std == 1.0:
-        return x
-    return (x - net.cfg.input_mean) / net.cfg.input_std
 
 
 def _neuron_parallel(neuron: nn.Module, cur: Tensor) -> Tensor:

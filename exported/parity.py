@@ -21,7 +21,7 @@ from torch import Tensor
 from exported.onnx_export import dynamic_T, example_T
 from exported.runtime import OnnxModel
 from model.folder import LoadedModel
-from model.network import PSNNet
+from model.network import PSNNet, normalise
 from model.neurons import LIF
 
 SCORE_ATOL = 1e-4
@@ -62,7 +62,7 @@ def compare(ref_spikes: np.ndarray, ref_scores: np.ndarray, spikes: np.ndarray, 
 def min_abs_membrane(net: PSNNet, x: Tensor) -> np.ndarray:
     """Smallest ``|H|`` any spiking layer sees per sample of ``x`` (T, B, *input_shape): (B,)."""
     T, B = x.shape[:2]
-    h = net._normalise(x)
+    h = normalise(net.cfg, x)
     smallest = torch.full((B,), float("inf"))
     for layer in net.layers:
         cur = layer.current(h.reshape(T * B, *h.shape[2:]))
@@ -101,7 +101,7 @@ def random_inputs(model: LoadedModel, T: int, batch: int, seed: int) -> np.ndarr
     g = np.random.default_rng(seed)
     cfg = model.cfg
     x = g.standard_normal((T, batch, *cfg.input_shape)).astype(np.float32)
-    return (cfg.input_mean + cfg.input_std * x).astype(np.float32)
+    return (np.asarray(cfg.input_mean) + np.asarray(cfg.input_std) * x).astype(np.float32)
 
 
 def check_parity(model: LoadedModel, onnx_model: OnnxModel, samples: Samples | None = None, *,

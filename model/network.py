@@ -49,8 +49,10 @@ class NetConfig:
     T: int | None = None  # horizon: required by "masked" and "psn", None for "sliding" / "lif"
     alpha: float = 2.0  # arctan surrogate sharpness
     lif_tau: float = 2.0  # LIF baseline only
-    input_mean: float = 0.0  # inputs are normalised as (x - input_mean) / input_std before layer 0
-    input_std: float = 1.0
+    # inputs are normalised as (x - input_mean) / input_std before layer 0: one number each, or one per
+    # entry of the last input axis (a tuple of input_shape[-1] numbers: per-feature statistics)
+    input_mean: float | tuple[float, ...] = 0.0
+    input_std: float | tuple[float, ...] = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
@@ -64,7 +66,16 @@ class NetConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.neuron == "masked" and self.k > self.T:  # type: ignore[operator]
             raise ValueError(f"masked PSN needs k <= T, got k={self.k}, T={self.T}")
-        if not self.input_std > 0:
+        for name in ("input_mean", "input_std"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                v = tuple(float(e) for e in v)
+                if len(v) != self.input_shape[-1]:
+                    raise ValueError(f"{name}: {len(v)} values for a last input axis of {self.input_shape[-1]}")
+            else:
+                v = float(v)
+            object.__setattr__(self, name, v)
+        if not min(_as_tuple(self.input_std)) > 0:
             raise ValueError(f"input_std must be > 0, got {self.input_std}")
         if not self.layers:
             raise ValueError("layers: at least one spiking layer is needed")
@@ -87,7 +98,27 @@ class NetConfig:
     def from_dict(cls, d: dict[str, Any]) -> NetConfig:
         d = dict(d)
         d["layers"] = tuple(LayerConfig(**layer) for layer in d.get("layers", ()))
+        for name in ("input_mean", "input_std"):
+            if isinstance(d.get(name), list):
+                d[name] = tuple(d[name])
         return cls(**d)
+
+
+def _as_tuple(v: float | tuple[float, ...]) -> tuple[float, ...]:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def normalise(cfg: NetConfig, x: Tensor) -> Tensor:
+    """``(x - input_mean) / input_std`` for ``x`` (..., *input_shape): the one place inputs are normalised
+    (the network, its ONNX graphs and the parity checks all call it)."""
+    mean, std = cfg.input_mean, cfg.input_std
+    if mean == 0.0 and std == 1.0:
+        return x
+    if isinstance(mean, tuple):
+        mean = torch.tensor(mean, dtype=x.dtype, device=x.device)  # (F,) broadcast over the last axis
+    if isinstance(std, tuple):
+        std = torch.tensor(std, dtype=x.dtype, device=x.device)
+    return (x - mean) / std
 
 
 class NetState(NamedTuple):
@@ -131,12 +162,45 @@ class SpikingLayer(nn.Module):
         self.bn = nn.BatchNorm1d(layer.out) if layer.batch_norm else None
         self.neuron = _make_neuron(cfg)
 
-    def current(self, x: Tensor) -> Tensor:
-        """Input current of the neuron for ``x`` (M, *in_shape) -> (M, *out_shape); M = any rows."""
+    def current(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Input current of the neuron for ``x`` (M, *in_shape) -> (M, *out_shape); M = any rows.
+
+        ``valid`` (M,) bool, training only: batch norm takes its statistics from these rows alone
+        (the others are padding of variable-length sequences).
+        """
         if self.kind == "linear":
             x = x.flatten(1)
         y = self.op(x)
-        return self.bn(y) if self.bn is not None else y
+        if self.bn is None:
+            return y
+        if valid is None or not self.training:
+            return self.bn(y)
+        return masked_batch_norm(self.bn, y, valid)
+
+
+def masked_batch_norm(bn: nn.BatchNorm1d, y: Tensor, valid: Tensor) -> Tensor:
+    """Training-mode batch norm of ``y`` (M, C) or (M, C, L) with statistics over the ``valid`` rows only.
+
+    Every row is normalised with them; the running statistics are updated as ``bn`` itself would
+    (momentum, unbiased variance) from the valid rows.
+    """
+    dims = [0] + list(range(2, y.dim()))  # every axis but the channel axis
+    yv = y[valid]
+    mean = yv.mean(dims)
+    var = yv.var(dims, unbiased=False)
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        n = yv.numel() / yv.shape[1]
+        with torch.no_grad():
+            m = bn.momentum if bn.momentum is not None else 0.1
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            bn.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    out = (y - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out
 
 
 class PSNNet(nn.Module):
@@ -156,8 +220,14 @@ class PSNNet(nn.Module):
         self.readout = nn.Linear(math.prod(shape), cfg.num_classes)
 
     # ----- parallel form -------------------------------------------------------------------
-    def forward(self, x_seq: Tensor) -> NetOutput:
-        """``x_seq`` (T, B, *input_shape) -> spikes (T, B, *out_shape), running-mean scores (T, B, C)."""
+    def forward(self, x_seq: Tensor, lengths: Tensor | None = None) -> NetOutput:
+        """``x_seq`` (T, B, *input_shape) -> spikes (T, B, *out_shape), running-mean scores (T, B, C).
+
+        ``lengths`` (B,): valid steps of each sequence, the rest padding. Every layer is causal, so the
+        outputs up to a sequence's last step never see its padding; in training, batch norm also takes
+        its statistics from the valid steps only. (Read each answer at its own last step:
+        ``model.data.final_scores``.)
+        """
         self._check_input(x_seq, "x_seq", "T, B")
         T, B = x_seq.shape[:2]
         if self.cfg.neuron == "psn" and T != self.cfg.T:
@@ -165,8 +235,11 @@ class PSNNet(nn.Module):
         if self.cfg.neuron == "masked" and T > self.cfg.T:  # type: ignore[operator]
             raise InputError(f"x_seq: masked PSN network has a fixed horizon T={self.cfg.T}, got {T} steps")
         h = self._normalise(x_seq)
+        valid = None
+        if lengths is not None and self.training:
+            valid = (torch.arange(T, device=x_seq.device).unsqueeze(1) < lengths.unsqueeze(0)).reshape(T * B)
         for layer in self.layers:
-            cur = layer.current(h.reshape(T * B, *h.shape[2:]))  # (T*B, *out)
+            cur = layer.current(h.reshape(T * B, *h.shape[2:]), valid)  # (T*B, *out)
             h = layer.neuron(cur.reshape(T, B, *cur.shape[1:]))  # (T, B, *out)
         per_step = self.readout(h.reshape(T, B, -1))  # (T, B, C)
         steps = torch.arange(1, T + 1, device=x_seq.device, dtype=per_step.dtype).view(T, 1, 1)
@@ -246,9 +319,7 @@ class PSNNet(nn.Module):
 
     # ----- helpers -------------------------------------------------------------------------
     def _normalise(self, x: Tensor) -> Tensor:
-        if self.cfg.input_mean == 0.0 and self.cfg.input_std == 1.0:
-            return x
-        return (x - self.cfg.input_mean) / self.cfg.input_std
+        return normalise(self.cfg, x)
 
     def _check_streams(self) -> None:
         if not self.cfg.streams:
@@ -302,4 +373,4 @@ def state_size_bytes(net: PSNNet) -> int:
 
 
 __all__ = ["LayerConfig", "NetConfig", "NetState", "NetOutput", "PSNNet", "NEURONS", "STREAMING_NEURONS",
-           "state_size_bytes"]
+           "state_size_bytes", "normalise"]

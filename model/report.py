@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from model.data import Dataset
+from model.data import Dataset, final_scores
 from model.evaluate import stream_one
 from model.folder import load_model_folder, save_model_folder
 from model.network import PSNNet
@@ -28,11 +28,19 @@ MNIST1D_PUBLISHED = [("logistic regression", 0.32), ("MLP", 0.68), ("GRU", 0.91)
 
 @torch.no_grad()
 def reference(fused: PSNNet, data: Dataset, n: int = REFERENCE_SAMPLES) -> dict[str, Any]:
-    """The first ``n`` test samples (raw, time-major) with the folded net's final scores."""
+    """The first ``n`` test samples (raw, time-major) with the folded net's final scores.
+
+    Variable-length data adds ``lengths`` (n,): sample i is ``x[:lengths[i], i]``, the rest padding, and
+    its scores are those after its own last step.
+    """
     x = data.x_test[:n].transpose(0, 1)  # (T, n, *F)
-    scores = fused(x).scores[-1]  # (n, C)
-    return {"x": x.tolist(), "y": data.y_test[:n].tolist(), "scores": scores.tolist(),
-            "predictions": scores.argmax(1).tolist()}
+    lengths = None if data.lengths_test is None else data.lengths_test[:n]
+    scores = final_scores(fused(x).scores, lengths)  # (n, C)
+    ref = {"x": x.tolist(), "y": data.y_test[:n].tolist(), "scores": scores.tolist(),
+           "predictions": scores.argmax(1).tolist()}
+    if lengths is not None:
+        ref["lengths"] = lengths.tolist()
+    return ref
 
 
 def check_reference(folder: str | Path, atol: float = 1e-4) -> float:
@@ -42,8 +50,9 @@ def check_reference(folder: str | Path, atol: float = 1e-4) -> float:
     """
     model = load_model_folder(folder)
     ref = json.loads((Path(folder) / REFERENCE_FILE).read_text())
+    lengths = torch.tensor(ref["lengths"]) if "lengths" in ref else None
     with torch.no_grad():
-        scores = model.net(torch.tensor(ref["x"], dtype=torch.float32)).scores[-1]
+        scores = final_scores(model.net(torch.tensor(ref["x"], dtype=torch.float32)).scores, lengths)
     diff = float((scores - torch.tensor(ref["scores"])).abs().max())
     if scores.argmax(1).tolist() != ref["predictions"] or diff > atol:
         raise AssertionError(f"{folder}: reference predictions not reproduced (max score diff {diff:.2e})")
@@ -73,7 +82,8 @@ def figure_png(metrics: dict[str, Any], fused: PSNNet, data: Dataset) -> bytes:
     label = {"sliding": "sliding PSN", "masked": "masked PSN", "psn": "PSN", "lif": "LIF"}[metrics["neuron"]]
     ax_loss.set_title(f"{data.name}, {label}: training")
     if fused.cfg.streams:
-        spikes, scores = stream_one(fused, data.x_test[0])  # (T, N), (T, C)
+        n0 = data.T if data.lengths_test is None else int(data.lengths_test[0])
+        spikes, scores = stream_one(fused, data.x_test[0, :n0])  # (T, N), (T, C)
         t_idx, n_idx = spikes.nonzero(as_tuple=True)
         ax_raster.scatter(t_idx.numpy(), n_idx.numpy(), s=2, marker="|", color="black")
         pred = int(scores[-1].argmax())
@@ -109,6 +119,13 @@ def comparison_rows(metrics: dict[str, Any], name: str, compare: list[str | Path
     return rows
 
 
+def _normalisation(cfg) -> str:
+    if isinstance(cfg.input_mean, tuple):
+        return (f"(x - mean) / std per feature (the training set's {len(cfg.input_mean)} means and stds, "
+                "in config.json)")
+    return f"(x {'-' if cfg.input_mean >= 0 else '+'} {abs(cfg.input_mean):.4g}) / {cfg.input_std:.4g}"
+
+
 def model_card(name: str, net: PSNNet, data: Dataset, metrics: dict[str, Any], compare: list[str | Path]) -> str:
     cfg = net.cfg
     layers = " -> ".join(f"{lc.kind} {lc.out}{' + BN' if lc.batch_norm else ''}" for lc in cfg.layers)
@@ -123,8 +140,7 @@ def model_card(name: str, net: PSNNet, data: Dataset, metrics: dict[str, Any], c
         f"# {name}", "",
         f"A {neuron} network trained by this project's own command on {data.name}.", "",
         "## Architecture",
-        f"- input: {cfg.input_shape} per step, normalised inside the net as "
-        f"(x {'-' if cfg.input_mean >= 0 else '+'} {abs(cfg.input_mean):.4g}) / {cfg.input_std:.4g} (feed raw data)",
+        f"- input: {cfg.input_shape} per step, normalised inside the net as {_normalisation(cfg)} (feed raw data)",
         f"- hidden spiking layers: {layers}, each followed by a {neuron}",
         f"- readout: linear {cfg.num_classes} classes, averaged over the steps seen so far",
         f"- {metrics['params']} parameters", "",
@@ -158,7 +174,8 @@ def write_folder(out: Path, net: PSNNet, fused: PSNNet, data: Dataset, metrics: 
         FIGURE_FILE: figure_png(metrics, fused, data),
     }
     return save_model_folder(out, net.cpu(), name=name, dataset=data.name, class_names=data.class_names,
-                             metrics=metrics, extra_config={"preset": metrics["preset"]}, extra_files=extra)
+                             metrics=metrics, extra_config={"preset": metrics["preset"], "data": data.source},
+                             extra_files=extra)
 
 
 __all__ = ["write_folder", "check_reference", "model_card", "reference", "REFERENCE_FILE", "FIGURE_FILE"]

@@ -2,17 +2,23 @@
 
     python -m model.train --dataset mnist1d --neuron sliding -k 8 --preset mnist1d --epochs 60 \
         --out exported/mnist1d-sliding
+    psn train --data my_sensors.npz --neuron sliding -k 4 --layers L128,L128 --out exported/my-model
+
+``--data`` reads your own sequences (.npz, CSV, UEA/UCR .ts, ``sktime:<Name>``; see ``model.datafile``),
+checked before training starts; variable-length sequences are scored after their own last step.
 
 Adam or SGD with a cosine learning-rate schedule, a progress bar (loss, accuracy, ETA), deterministic
 for a seed. A masked PSN follows the mask relaxation schedule (``lam`` 0 -> 1 over the first 1/8 of
 training) and is saved with ``lam = 1``. After training the folder's ``metrics.json`` holds the
 measured test accuracy of the parallel form and of step-by-step streaming (see ``model.evaluate``).
-Every option is checked before any data is loaded or any step is taken.
+Every option is checked before any data is loaded or any step is taken (a ``--data`` file is read and
+checked as part of the options). Ctrl-C stops a run without writing anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -32,12 +38,13 @@ from model.data import (
     DATASETS,
     Dataset,
     DataUnavailable,
-    batches,
     check_available,
+    final_scores,
     load_dataset,
     time_major,
     with_channel_axis,
 )
+from model.datafile import DataFileError, load_data_file
 from model.evaluate import evaluate
 from model.network import NEURONS, LayerConfig, NetConfig, PSNNet
 from model.neurons import MaskedPSN, mask_schedule
@@ -76,7 +83,14 @@ def parse_layers(spec: str) -> tuple[LayerConfig, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="psn train", description="Train a PSN-family network and write a model folder.")
-    p.add_argument("--dataset", default="mnist1d", choices=DATASETS, help="data set (default: mnist1d)")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="built-in data set (default: mnist1d)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="your own data instead: .npz (x, y, optional lengths, x_test, y_test, class_names), "
+                        ".csv (sequence, step, features..., label), UEA/UCR .ts, or sktime:<Name> "
+                        "(a .ts data set shipped in the sktime wheel); see docs/training.md")
+    p.add_argument("--test-data", default=None, metavar="PATH", help="with --data: the test split, same format")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="with --data and no test split in it: hold out this fraction (fixed seed)")
     p.add_argument("--neuron", default="sliding", choices=NEURONS, help="neuron kind; lif is the serial baseline")
     p.add_argument("-k", "--k", type=int, default=8, help="order of the masked / sliding PSN")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture (default: the data set's)")
@@ -106,7 +120,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check every option; a bad one exits with a clear message before any work."""
     parser = build_parser()
     a = parser.parse_args(argv)
-    T = DATASET_STEPS[a.dataset]
+    if a.data is not None and a.dataset is not None:
+        parser.error("give --dataset or --data, not both")
+    if a.data is None and a.test_data is not None:
+        parser.error("--test-data needs --data")
+    a.loaded = None
+    if a.data is not None:
+        try:
+            a.loaded = load_data_file(a.data, test_path=a.test_data, test_fraction=a.test_fraction)
+        except (DataFileError, DataUnavailable) as e:
+            parser.error(f"--data: {e}")
+        a.dataset = a.loaded.name
+        T = a.loaded.T
+        if a.neuron == "psn" and a.loaded.variable_length:
+            parser.error("--neuron psn sees the whole sequence at once, so padding would change its answers; "
+                         "variable-length data needs a causal neuron: sliding, masked or lif")
+    else:
+        a.dataset = a.dataset or "mnist1d"
+        T = DATASET_STEPS[a.dataset]
     if a.k < 1:
         parser.error(f"-k must be >= 1, got {a.k}")
     if a.neuron == "masked" and a.k > T:
@@ -119,10 +150,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("train_limit", "test_limit"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    try:
-        check_available(a.dataset)
-    except DataUnavailable as e:
-        parser.error(str(e))
+    if a.loaded is None:
+        try:
+            check_available(a.dataset)
+        except DataUnavailable as e:
+            parser.error(str(e))
     try:
         a.device = resolve_device(a.device)
     except (RuntimeError, ValueError) as e:
@@ -163,7 +195,7 @@ def machine_name(device: torch.device) -> str:
 
 
 def net_config(a: argparse.Namespace, data: Dataset) -> NetConfig:
-    mean, std = data.input_stats()
+    mean, std = data.input_stats(per_feature=bool(data.source) and data.source not in DATASETS)
     return NetConfig(input_shape=data.input_shape, num_classes=data.num_classes, layers=a.layers,
                      neuron=a.neuron, k=a.k, T=data.T if a.neuron in ("masked", "psn") else None,
                      alpha=a.alpha, input_mean=mean, input_std=std)
@@ -189,6 +221,7 @@ def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
     dev = a.device
     net.to(dev)
     x_tr, y_tr = data.x_train.to(dev), data.y_train.to(dev)
+    len_tr = data.lengths_train.to(dev) if data.lengths_train is not None else None
     params = net.parameters()
     if a.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=a.lr, weight_decay=a.weight_decay)
@@ -205,10 +238,11 @@ def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
     for epoch in bar:
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for xb, yb in _device_batches(x_tr, y_tr, a.batch_size, gen):
-            xb = augment(xb, a.shift, a.noise, gen)
+        for xb, yb, lb in _device_batches(x_tr, y_tr, len_tr, a.batch_size, gen):
+            xb, lb = augment(xb, a.shift, a.noise, gen, lb)
             net.set_lam(mask_schedule(step / total))
-            scores = net(xb).scores[-1]  # (B, C) mean readout over all T steps
+            # (B, C) mean readout over each sequence's valid steps (causal: padding after them changes nothing)
+            scores = final_scores(net(xb, lb).scores, lb)
             loss = loss_fn(scores, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,15 +264,19 @@ def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
     return result
 
 
-def _device_batches(x: Tensor, y: Tensor, batch_size: int, gen: torch.Generator):
+def _device_batches(x: Tensor, y: Tensor, lengths: Tensor | None, batch_size: int, gen: torch.Generator):
     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
     for i in range(0, x.shape[0], batch_size):
         idx = order[i:i + batch_size]
-        yield time_major(x[idx]), y[idx]
+        yield time_major(x[idx]), y[idx], None if lengths is None else lengths[idx]
 
 
-def augment(x: Tensor, shift: int, noise: float, gen: torch.Generator) -> Tensor:
-    """Shift each sample of ``x`` (T, B, *F) in time by a random -shift..shift steps (zero fill), add noise."""
+def augment(x: Tensor, shift: int, noise: float, gen: torch.Generator,
+            lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Shift each sample of ``x`` (T, B, *F) in time by a random -shift..shift steps (zero fill), add noise.
+
+    With ``lengths`` (B,) a shifted sequence ends ``s`` steps later (earlier), within 1..T; returns the new lengths.
+    """
     if shift > 0:
         T, B = x.shape[:2]
         s = torch.randint(-shift, shift + 1, (B,), generator=gen).to(x.device)
@@ -246,9 +284,11 @@ def augment(x: Tensor, shift: int, noise: float, gen: torch.Generator) -> Tensor
         valid = ((src >= 0) & (src < T)).view(T, B, *([1] * (x.dim() - 2)))
         idx = src.clamp(0, T - 1).view(T, B, *([1] * (x.dim() - 2))).expand_as(x)
         x = torch.where(valid, x.gather(0, idx), torch.zeros((), device=x.device, dtype=x.dtype))
+        if lengths is not None:
+            lengths = (lengths + s).clamp(1, T)
     if noise > 0:
         x = x + noise * torch.randn(x.shape, generator=gen).to(x.device)
-    return x
+    return x, lengths
 
 
 @torch.no_grad()
@@ -256,15 +296,22 @@ def _quick_test_acc(net: PSNNet, data: Dataset, dev: torch.device) -> float:
     """Parallel-form test accuracy in eval mode at the current lam (for the progress bar and curve)."""
     net.eval()
     correct = 0
-    for xb, yb in batches(data.x_test, data.y_test, 1000):
-        correct += int((net(xb.to(dev)).scores[-1].argmax(1).cpu() == yb).sum())
+    for i in range(0, data.x_test.shape[0], 1000):
+        scores = net(time_major(data.x_test[i:i + 1000]).to(dev)).scores.cpu()
+        lengths = None if data.lengths_test is None else data.lengths_test[i:i + 1000]
+        correct += int((final_scores(scores, lengths).argmax(1) == data.y_test[i:i + 1000]).sum())
     net.train()
     return correct / data.x_test.shape[0]
 
 
 def limit(data: Dataset, train_n: int | None, test_n: int | None) -> Dataset:
-    return Dataset(data.name, data.x_train[:train_n], data.y_train[:train_n], data.x_test[:test_n],
-                   data.y_test[:test_n], data.class_names, data.description)
+    def cut(t: Tensor | None, n: int | None) -> Tensor | None:
+        return None if t is None else t[:n]
+
+    return dataclasses.replace(data, x_train=data.x_train[:train_n], y_train=data.y_train[:train_n],
+                               x_test=data.x_test[:test_n], y_test=data.y_test[:test_n],
+                               lengths_train=cut(data.lengths_train, train_n),
+                               lengths_test=cut(data.lengths_test, test_n))
 
 
 def run(a: argparse.Namespace) -> Path:
@@ -273,7 +320,7 @@ def run(a: argparse.Namespace) -> Path:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    data = limit(load_dataset(a.dataset), a.train_limit, a.test_limit)
+    data = limit(a.loaded if a.loaded is not None else load_dataset(a.dataset), a.train_limit, a.test_limit)
     if a.layers[0].kind == "conv" and len(data.input_shape) == 1:
         data = with_channel_axis(data)  # a step of F features becomes (1 channel, F) for the conv
     net = PSNNet(net_config(a, data))
@@ -283,9 +330,10 @@ def run(a: argparse.Namespace) -> Path:
     result = train(net, data, a)
     fused = result.net.fused().cpu()  # what the service loads
     t0 = time.perf_counter()
-    ev = evaluate(fused, data.x_test, data.y_test)
+    ev = evaluate(fused, data.x_test, data.y_test, lengths=data.lengths_test)
     metrics: dict[str, Any] = {
-        "dataset": data.name, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
+        "dataset": data.name, "data": data.source, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
+        "variable_length": data.variable_length,
         "test_acc_parallel": round(ev.acc_parallel, 5),
         "test_acc_streaming": None if ev.acc_streaming is None else round(ev.acc_streaming, 5),
         "streaming_agreement": ev.agreement, "streaming_max_score_diff": ev.max_score_diff,
@@ -309,8 +357,13 @@ def run(a: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    a.command = "python -m model.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    run(a)
+    a.command = "psn train " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        run(a)
+    except KeyboardInterrupt:
+        # The folder is only ever written at the very end, atomically (model.folder.save_model_folder).
+        print(f"\ninterrupted: nothing was written ({a.out} is as it was)", file=sys.stderr)
+        return 130
     return 0
 
 
