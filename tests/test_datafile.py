@@ -19,7 +19,7 @@ from model.data import Dataset, final_scores
 from model.datafile import DataFileError, load_data_file
 from model.evaluate import streamed_scores
 from model.folder import load_model_folder
-from model.network import LayerConfig, NetConfig, PSNNet
+from model.network import LayerConfig, NetConfig, PSNNet, masked_batch_norm
 from model.report import check_reference
 from model.train import main as train_main
 from model.train import parse_args, train
@@ -89,17 +89,19 @@ def _check_folder(out: Path, x: np.ndarray, y: np.ndarray, lengths: np.ndarray) 
     assert check_reference(out) < 1e-4
     model = load_model_folder(out)
     m = model.metrics
-    answers = []
+    answers, per_step = [], []  # per_step[n][t]: sample n's answer after t+1 steps (its final one past its end)
     for n in range(len(y)):
         xs = torch.tensor(x[n, :lengths[n]], dtype=torch.float32)
         with torch.no_grad():
-            par = model.net(xs.unsqueeze(1)).scores[-1, 0]
+            par = model.net(xs.unsqueeze(1)).scores[:, 0]  # (L, C)
         streamed = streamed_scores(model.net, xs.unsqueeze(0))[0]
-        assert float((par - streamed).abs().max()) < 1e-4
-        answers.append(int(par.argmax()))
+        assert float((par[-1] - streamed).abs().max()) < 1e-4
+        answers.append(int(par[-1].argmax()))
+        per_step.append([int(par[min(t, len(par) - 1)].argmax()) for t in range(m["T"])])
     acc = float(np.mean(np.array(answers) == y))
     assert m["test_acc_parallel"] == pytest.approx(acc, abs=1e-5)
     assert m["test_acc_streaming"] == pytest.approx(acc, abs=1e-5)
+    np.testing.assert_allclose(m["acc_per_step"], (np.array(per_step) == y[:, None]).mean(0), atol=1e-5)
     ref = json.loads((out / "reference.json").read_text())
     assert ref["predictions"] == answers[:len(ref["predictions"])]
 
@@ -198,6 +200,23 @@ def test_padding_does_not_change_training(tmp_path):
         assert torch.allclose(weights[0][k].double(), weights[1][k].double(), atol=1e-6), k
 
 
+def test_masked_batch_norm_is_batch_norm_of_the_valid_rows():
+    torch.manual_seed(0)
+    for shape in ((12, 4), (12, 3, 5)):
+        ours, ref = torch.nn.BatchNorm1d(shape[1]), torch.nn.BatchNorm1d(shape[1])
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 2.0)
+            ours.bias.uniform_(-1.0, 1.0)
+        ref.load_state_dict(ours.state_dict())
+        for _ in range(3):
+            y, valid = torch.randn(*shape) * 3 + 1, torch.rand(shape[0]) < 0.6
+            out = masked_batch_norm(ours, y, valid)
+            torch.testing.assert_close(out[valid], ref(y[valid]))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+        assert int(ours.num_batches_tracked) == 3
+
+
 def test_final_scores_reads_each_column_at_its_length():
     scores = torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(4, 3, 2)
     got = final_scores(scores, torch.tensor([1, 4, 2]))
@@ -212,7 +231,8 @@ def _bad_npz(tmp_path: Path, **override) -> str:
 BAD = {
     "x without a feature axis": (lambda p: _bad_npz(p, x=np.zeros((90, 10))), "expected shape (N, T, features...)"),
     "y of the wrong length": (lambda p: _bad_npz(p, y=np.zeros(7, dtype=int)), "y: expected shape (90,)"),
-    "NaN inside a sequence": (lambda p: _bad_npz(p, x=np.full((90, 10, 2), np.nan)), "NaN or Inf at sequence 0, step 0"),
+    "NaN inside a sequence": (lambda p: _bad_npz(p, x=np.full((90, 10, 2), np.nan)),
+                              "NaN or Inf at sequence 0, step 0"),
     "label out of range": (lambda p: _bad_npz(p, y=np.full(90, 3)), "label 3 of sequence 0 is out of range"),
     "negative label": (lambda p: _bad_npz(p, y_test=np.full(40, -1)), "y_test: label -1 of sequence 0"),
     "test set with other features": (lambda p: _bad_npz(p, x_test=np.zeros((40, 12, 3))),
