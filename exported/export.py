@@ -27,40 +27,39 @@ import onnxruntime
 from exported.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, check_opset, export_model
 from exported.parity import Samples, check_parity
 from exported.runtime import OnnxModel
+from model.data import DataUnavailable
+from model.datafile import DataFileError
 from model.folder import LoadedModel, ModelFolderError, find_model_folders, load_model_folder
 
 PARITY_FILE = "onnx_parity.json"
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str):
-    from model.data import load_dataset
+def _dataset(data: str, dataset: str, test_data: str | None):
+    from model.datafile import load_source
 
-    return load_dataset(name)
+    return load_source({"data": data, "dataset": dataset, "test_data": test_data})
 
 
 def load_test_samples(model: LoadedModel, n: int) -> tuple[Samples | None, str]:
-    """The first ``n`` test samples of the model's data set, time-major; or None and the reason."""
-    name = str(model.config.get("dataset") or "")
+    """The first ``n`` test samples of the model's data (built-in or its ``--data`` file), time-major;
+    or None and the reason."""
     if n <= 0:
         return None, "real samples not requested"
     try:
-        from model.data import DATASETS, DataUnavailable
-    except ImportError:
-        return None, "model.data is not available"
-    if name not in DATASETS:
-        return None, f"dataset {name!r} is not one this machine can load"
-    try:
-        ds = _dataset(name)
-    except DataUnavailable as e:
+        ds = _dataset(model.config.get("data") or "", str(model.config.get("dataset") or ""),
+                      model.config.get("test_data"))
+    except (DataUnavailable, DataFileError, ImportError) as e:
         return None, str(e)
+    name = ds.name
     shape = model.cfg.input_shape
     if math.prod(ds.input_shape) != math.prod(shape):
         return None, f"dataset {name!r} has input shape {ds.input_shape}, the model {shape}"
     x = ds.x_test[:n]
     x = x.reshape(*x.shape[:2], *shape)  # e.g. (F,) -> (1, F): the channel axis a conv model was trained with
     x = x.transpose(0, 1).contiguous().numpy().astype(np.float32)  # (T, n, *input_shape)
-    return Samples(x=x, y=ds.y_test[:n].numpy(), source=f"{name} test set, first {x.shape[1]}"), ""
+    lengths = None if ds.lengths_test is None else ds.lengths_test[:n].numpy()
+    return Samples(x=x, y=ds.y_test[:n].numpy(), source=f"{name} test set, first {x.shape[1]}", lengths=lengths), ""
 
 
 def export_folder(folder: str | Path, *, opset: int = DEFAULT_OPSET, samples: int = 512,

@@ -31,11 +31,13 @@ MAX_TIE_FRACTION = 0.01
 
 @dataclass
 class Samples:
-    """Real test samples: ``x`` (T, B, *input_shape) float32, labels ``y`` (B,)."""
+    """Real test samples: ``x`` (T, B, *input_shape) float32, labels ``y`` (B,); variable-length data has
+    ``lengths`` (B,) (padding past them; accuracy is read at each sample's own last step)."""
 
     x: np.ndarray
     y: np.ndarray
     source: str
+    lengths: np.ndarray | None = None
 
 
 def compare(ref_spikes: np.ndarray, ref_scores: np.ndarray, spikes: np.ndarray, scores: np.ndarray,
@@ -139,16 +141,19 @@ def _real(net: PSNNet, onnx_model: OnnxModel, samples: Samples) -> dict:
     par_s, par_sc = onnx_model.parallel(samples.x)
     out: dict = {"source": samples.source, "samples": int(samples.y.shape[0]),
                  "checks": [compare(ref_s, ref_sc, par_s, par_sc, tie)]}
-    acc = {"acc_torch": _acc(ref_sc, samples.y), "acc_onnx": _acc(par_sc, samples.y)}
+    acc = {"acc_torch": _acc(ref_sc, samples), "acc_onnx": _acc(par_sc, samples)}
     if onnx_model.streams:
         st_s, st_sc, _ = onnx_model.run_steps(samples.x)
         out["checks"].append(compare(par_s, par_sc, st_s, st_sc, tie))
-        acc["acc_onnx_step"] = _acc(st_sc, samples.y)
+        acc["acc_onnx_step"] = _acc(st_sc, samples)
     out.update(acc)
     slack = sum(c["samples_with_spike_mismatch"] for c in out["checks"]) / max(1, out["samples"])
     out["accuracy_ok"] = all(abs(a - acc["acc_torch"]) <= slack + 1e-12 for a in acc.values())
     return out
 
 
-def _acc(scores: np.ndarray, y: np.ndarray) -> float:
-    return float((scores[-1].argmax(-1) == y).mean())
+def _acc(scores: np.ndarray, samples: Samples) -> float:
+    """Accuracy of running-mean ``scores`` (T, B, C), each sample read after its own last step."""
+    B = scores.shape[1]
+    last = samples.lengths - 1 if samples.lengths is not None else np.full(B, scores.shape[0] - 1)
+    return float((scores[last, np.arange(B)].argmax(-1) == samples.y).mean())

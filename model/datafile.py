@@ -78,6 +78,18 @@ def load_data_file(path: str, *, test_path: str | None = None, test_fraction: fl
                    lengths_test=_lengths(test.lengths, T), source=path)
 
 
+def load_source(config: dict) -> Dataset:
+    """The data a model folder was trained on, from its config.json: a built-in data set or its ``--data`` file."""
+    from model.data import DATASETS, load_dataset
+
+    source = str(config.get("data") or config.get("dataset") or "")
+    if source in DATASETS:
+        return load_dataset(source)
+    if not source:
+        raise DataFileError("the model folder does not say which data it was trained on")
+    return load_data_file(source, test_path=config.get("test_data"))
+
+
 # ----- files ------------------------------------------------------------------------------------
 def _resolve(arg: str) -> list[Path]:
     """The file(s) an argument names: [train] or [train, test] (a .ts pair)."""
@@ -315,4 +327,4 @@ def _is_int(s: str) -> bool:
         return False
 
 
-__all__ = ["DataFileError", "load_data_file", "is_data_argument", "SKTIME_PREFIX"]
+__all__ = ["DataFileError", "load_data_file", "load_source", "is_data_argument", "SKTIME_PREFIX"]

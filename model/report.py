@@ -174,7 +174,8 @@ def write_folder(out: Path, net: PSNNet, fused: PSNNet, data: Dataset, metrics: 
         FIGURE_FILE: figure_png(metrics, fused, data),
     }
     return save_model_folder(out, net.cpu(), name=name, dataset=data.name, class_names=data.class_names,
-                             metrics=metrics, extra_config={"preset": metrics["preset"], "data": data.source},
+                             metrics=metrics, extra_config={"preset": metrics["preset"], "data": data.source,
+                                                           "test_data": metrics.get("test_data")},
                              extra_files=extra)
 
 

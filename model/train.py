@@ -333,7 +333,7 @@ def run(a: argparse.Namespace) -> Path:
     ev = evaluate(fused, data.x_test, data.y_test, lengths=data.lengths_test)
     metrics: dict[str, Any] = {
         "dataset": data.name, "data": data.source, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
-        "variable_length": data.variable_length,
+        "variable_length": data.variable_length, "test_data": a.test_data,
         "test_acc_parallel": round(ev.acc_parallel, 5),
         "test_acc_streaming": None if ev.acc_streaming is None else round(ev.acc_streaming, 5),
         "streaming_agreement": ev.agreement, "streaming_max_score_diff": ev.max_score_diff,

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from model.cli import main as psn_main
-from model.data import fit_input_shape, load_dataset
+from model.data import final_scores, fit_input_shape, load_dataset
+from model.datafile import load_source
 from model.evaluate import evaluate, parallel_scores, streamed_scores
 from model.folder import find_model_folders, load_model_folder
 from model.report import check_reference
@@ -89,19 +90,20 @@ def test_bad_options_fail_before_training(argv, message, tmp_path, capsys):
 
 
 @functools.cache
-def _test_subset(dataset: str, n: int = 300):
-    d = load_dataset(dataset)
-    return d.x_test[:n], d.y_test[:n], d
+def _data(data: str, dataset: str):
+    return load_source({"data": data, "dataset": dataset})
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_model_streams_exactly_like_the_parallel_form(folder):
     loaded = load_model_folder(folder)
     check_reference(folder)
-    x, y, d = _test_subset(loaded.config["dataset"])
-    x = fit_input_shape(d, loaded.cfg.input_shape).x_test[: x.shape[0]]
-    par = parallel_scores(loaded.net, x)[-1]  # (N, C)
-    stream = streamed_scores(loaded.net, x)
+    d = _data(loaded.config.get("data") or "", loaded.config["dataset"])
+    n = 300
+    x = fit_input_shape(d, loaded.cfg.input_shape).x_test[:n]
+    lengths = None if d.lengths_test is None else d.lengths_test[:n]
+    par = final_scores(parallel_scores(loaded.net, x), lengths)  # (N, C)
+    stream = streamed_scores(loaded.net, x, lengths=lengths)
     assert torch.equal(par.argmax(1), stream.argmax(1))
     assert float((par - stream).abs().max()) < 1e-4
     m = loaded.metrics
