@@ -11,6 +11,7 @@ import torch
 from fastapi import FastAPI
 
 from model.folder import find_model_folders, load_model_folder
+from service import demo
 from service.api.errors import install_error_handlers
 from service.api.limits import BodyLimit
 from service.api.routes import classify, health, models, sessions, stream
@@ -70,4 +71,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for r in (models.router, sessions.router, stream.router, classify.router, health.router):
         app.include_router(r)
+    app.include_router(demo.router)
     return app
