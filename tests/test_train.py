@@ -121,3 +121,23 @@ def test_psn_console_script_points_at_the_cli(capsys):
     entry = getattr(importlib.import_module(module), func)
     assert entry([]) == 2 and "psn {train}" in capsys.readouterr().out
     assert entry(["serve-nothing"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_says_nothing_was_written(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "never"
+    proc = subprocess.Popen([sys.executable, "-m", "model.train", *TINY[:-1], "--epochs", "100000", "--out", str(out)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # wait until training has started
+        lines.append(line)
+        if "parameters" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "Traceback" not in rest and "nothing was written" in rest.strip().splitlines()[-1], rest
+    assert not out.exists() and not list(tmp_path.iterdir())
