@@ -97,8 +97,9 @@ def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
         "class_names": json.dumps(model.class_names),
         "input_mean": _stat(cfg.input_mean),
         "input_std": _stat(cfg.input_std),
-        "input_normalisation": "inside the graph: feed raw inputs; it computes (x - input_mean) / input_std "
-                               "(a JSON list: one value per entry of the last input axis)",
+        "input_normalisation": "inside the graph: feed raw inputs; it computes (x - input_mean) / input_std"
+                               + (" (JSON lists: one value per entry of the last input axis)"
+                                  if isinstance(cfg.input_mean, tuple) else ""),
         "dataset": str(model.config.get("dataset", "")),
         "weights_sha256": weights_sha256(model.path),
         "opset": str(opset),
