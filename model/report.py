@@ -100,8 +100,9 @@ def figure_png(metrics: dict[str, Any], fused: PSNNet, data: Dataset) -> bytes:
         t_idx, n_idx = spikes.nonzero(as_tuple=True)
         ax_raster.scatter(t_idx.numpy(), n_idx.numpy(), s=2, marker="|", color="black")
         pred = int(scores[-1].argmax())
-        ax_raster.set_title(f"last layer spikes, test sample 0 streamed (label {int(data.y_test[0])}, "
-                            f"predicted {pred})", fontsize=9)
+        names = data.class_names
+        ax_raster.set_title(f"last layer spikes, test sample 0 streamed (label {names[int(data.y_test[0])]}, "
+                            f"predicted {names[pred]})", fontsize=9)
         ax_raster.set_xlim(-0.5, spikes.shape[0] - 0.5)
         ax_raster.set_xlabel("step")
         ax_raster.set_ylabel("neuron")

@@ -77,7 +77,7 @@ def test_demo_page_streams_a_sample_in_a_real_browser(shipped, tmp_path) -> None
             page.wait_for_selector("#status[data-state=idle]", timeout=20_000)
             assert page.input_value("#model") == name
             page.select_option("#sample", "1")
-            page.eval_on_selector("#delay", "e => { e.value = 5; }")
+            page.eval_on_selector("#delay", "e => { e.value = 5; e.dispatchEvent(new Event('input')); }")
             page.click("#play")
             page.wait_for_selector("#status[data-state=done]", timeout=60_000)
             shown = page.text_content("#prediction")
