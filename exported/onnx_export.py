@@ -52,7 +52,7 @@ def check_opset(opset: int) -> int:
 
 def dynamic_T(model: LoadedModel) -> bool:
     """Sliding and LIF models take any number of steps; masked and PSN models exactly their T."""
-    return model.cfg.neuron in ("sliding", "lif")
+    return model.cfg.kind.dynamic_T
 
 
 def example_T(model: LoadedModel) -> int:
@@ -117,7 +117,7 @@ def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
         meta["state"] = json.dumps(states)
         meta["inputs"] = json.dumps({"x": ["batch", *cfg.input_shape]})
         meta["outputs"] = json.dumps({"spikes": ["batch", *model.net.out_shape], "scores": ["batch", cfg.num_classes]})
-        if cfg.neuron == "masked":
+        if cfg.kind.horizon:
             meta["horizon"] = f"state_t must stay below T={cfg.T}: a masked PSN has weights for steps 0..T-1 only"
     return meta
 

@@ -24,10 +24,8 @@ from torch import Tensor, nn
 from model.checks import InputError, check_tensor, check_trailing_shape
 from model.functional import NeuronState
 from model.kernels import fused_available, sliding_step_slots_
+from model.kinds import NEURONS, STREAMING_NEURONS, NeuronKind, kind
 from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
-
-NEURONS = ("masked", "sliding", "psn", "lif")
-STREAMING_NEURONS = ("masked", "sliding", "lif")
 
 
 @dataclass(frozen=True)
@@ -58,14 +56,13 @@ class NetConfig:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         object.__setattr__(self, "layers", tuple(
             layer if isinstance(layer, LayerConfig) else LayerConfig(**layer) for layer in self.layers))
-        if self.neuron not in NEURONS:
-            raise ValueError(f"neuron: expected one of {NEURONS}, got {self.neuron!r}")
-        if self.neuron in ("masked", "psn") and (self.T is None or self.T < 1):
+        kd = kind(self.neuron)
+        if kd.horizon and (self.T is None or self.T < 1):
             raise ValueError(f"neuron {self.neuron!r} needs a horizon T >= 1, got T={self.T}")
-        if self.neuron in ("masked", "sliding") and self.k < 1:
+        if kd.has_k and self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.neuron == "masked" and self.k > self.T:  # type: ignore[operator]
-            raise ValueError(f"masked PSN needs k <= T, got k={self.k}, T={self.T}")
+        if kd.has_k and kd.horizon and self.k > self.T:  # type: ignore[operator]
+            raise ValueError(f"{kd.label} needs k <= T, got k={self.k}, T={self.T}")
         for name in ("input_mean", "input_std"):
             v = getattr(self, name)
             if isinstance(v, (list, tuple)):
@@ -88,8 +85,18 @@ class NetConfig:
                 raise ValueError(f"layers[{i}].kernel_size must be odd, got {layer.kernel_size}")
 
     @property
+    def kind(self) -> NeuronKind:
+        """What this network's neuron kind can do (``model.kinds``)."""
+        return kind(self.neuron)
+
+    @property
     def streams(self) -> bool:
-        return self.neuron in STREAMING_NEURONS
+        return self.kind.streams
+
+    @property
+    def horizon(self) -> int | None:
+        """The most steps a sequence may have (masked PSN, PSN), else None."""
+        return self.T if self.kind.horizon else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,10 +237,11 @@ class PSNNet(nn.Module):
         """
         self._check_input(x_seq, "x_seq", "T, B")
         T, B = x_seq.shape[:2]
-        if self.cfg.neuron == "psn" and T != self.cfg.T:
-            raise InputError(f"x_seq: a PSN network needs exactly T={self.cfg.T} steps, got {T}")
-        if self.cfg.neuron == "masked" and T > self.cfg.T:  # type: ignore[operator]
-            raise InputError(f"x_seq: masked PSN network has a fixed horizon T={self.cfg.T}, got {T} steps")
+        kd = self.cfg.kind
+        if kd.exact_T and T != self.cfg.T:
+            raise InputError(f"x_seq: a {kd.label} network needs exactly T={self.cfg.T} steps, got {T}")
+        if kd.horizon and T > self.cfg.T:  # type: ignore[operator]
+            raise InputError(f"x_seq: {kd.label} network has a fixed horizon T={self.cfg.T}, got {T} steps")
         h = self._normalise(x_seq)
         valid = None
         if lengths is not None and self.training:

@@ -18,6 +18,7 @@ import torch
 from model.data import Dataset, final_scores
 from model.evaluate import stream_one
 from model.folder import load_model_folder, save_model_folder
+from model.kinds import kind
 from model.network import PSNNet
 
 REFERENCE_FILE, FIGURE_FILE, CARD_FILE = "reference.json", "training.png", "README.md"
@@ -92,7 +93,7 @@ def figure_png(metrics: dict[str, Any], fused: PSNNet, data: Dataset) -> bytes:
     ax_acc.set_ylim(0, 1)
     ax_loss.legend(loc="center left")
     ax_acc.legend(loc="center right")
-    label = {"sliding": "sliding PSN", "masked": "masked PSN", "psn": "PSN", "lif": "LIF"}[metrics["neuron"]]
+    label = kind(metrics["neuron"]).label
     ax_loss.set_title(f"{data.name}, {label}: training")
     if fused.cfg.streams:
         n0 = data.T if data.lengths_test is None else int(data.lengths_test[0])

@@ -46,7 +46,8 @@ from model.data import (
 )
 from model.datafile import DataFileError, load_data_file
 from model.evaluate import evaluate
-from model.network import NEURONS, LayerConfig, NetConfig, PSNNet
+from model.kinds import KINDS, NEURONS, kind
+from model.network import LayerConfig, NetConfig, PSNNet
 from model.neurons import MaskedPSN, mask_schedule
 
 DATASET_STEPS = {"mnist1d": 40, "smnist": 28, "digits": 8}  # T of each data set, known before loading it
@@ -132,16 +133,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--data: {e}")
         a.dataset = a.loaded.name
         T = a.loaded.T
-        if a.neuron == "psn" and a.loaded.variable_length:
-            parser.error("--neuron psn sees the whole sequence at once, so padding would change its answers; "
-                         "variable-length data needs a causal neuron: sliding, masked or lif")
+        if not kind(a.neuron).causal and a.loaded.variable_length:
+            parser.error(f"--neuron {a.neuron} sees the whole sequence at once, so padding would change its "
+                         f"answers; variable-length data needs a causal neuron: "
+                         f"{', '.join(n for n, kd in KINDS.items() if kd.causal)}")
     else:
         a.dataset = a.dataset or "mnist1d"
         T = DATASET_STEPS[a.dataset]
     if a.k < 1:
         parser.error(f"-k must be >= 1, got {a.k}")
-    if a.neuron == "masked" and a.k > T:
-        parser.error(f"masked PSN needs k <= T; data set {a.dataset!r} has T={T} steps, got -k {a.k}")
+    if kind(a.neuron).has_k and kind(a.neuron).horizon and a.k > T:
+        parser.error(f"{kind(a.neuron).label} needs k <= T; data set {a.dataset!r} has T={T} steps, got -k {a.k}")
     for name in ("epochs", "batch_size", "threads"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -197,7 +199,7 @@ def machine_name(device: torch.device) -> str:
 def net_config(a: argparse.Namespace, data: Dataset) -> NetConfig:
     mean, std = data.input_stats(per_feature=bool(data.source) and data.source not in DATASETS)
     return NetConfig(input_shape=data.input_shape, num_classes=data.num_classes, layers=a.layers,
-                     neuron=a.neuron, k=a.k, T=data.T if a.neuron in ("masked", "psn") else None,
+                     neuron=a.neuron, k=a.k, T=data.T if kind(a.neuron).horizon else None,
                      alpha=a.alpha, input_mean=mean, input_std=std)
 
 
