@@ -83,9 +83,8 @@ class ParallelGraph(nn.Module):
             cur = layer.current(h.flatten(0, 1))  # (T*B, *out)
             cur = cur.reshape(T, B, *cur.shape[1:])  # (T, B, *out)
             h = _neuron_parallel(layer.neuron, cur)
-        per_step = self.net.readout(h.reshape(T, B, -1))  # (T, B, C)
-        steps = torch.arange(1, T + 1, dtype=per_step.dtype, device=x.device).reshape(T, 1, 1)
-        return h, per_step.cumsum(0) / steps
+        scores, _ = F.running_mean(self.net.readout(h.reshape(T, B, -1)))  # (T, B, C)
+        return h, scores
 
 
 class StepGraph(nn.Module):
@@ -103,9 +102,7 @@ class StepGraph(nn.Module):
             cur = layer.current(h)  # (B, *out)
             h, ns = _neuron_step(layer.neuron, cur, ns)
             neurons.append(ns)
-        score_sum = state.score_sum + self.net.readout(h.flatten(1))  # (B, C)
-        t = state.t + 1
-        scores = score_sum / t.unsqueeze(1).to(score_sum.dtype)
+        scores, score_sum, t = F.running_mean_step(self.net.readout(h.flatten(1)), state.score_sum, state.t)
         new = NetState(neurons=tuple(neurons), score_sum=score_sum, t=t)
         return (h, scores, *flatten_state(self.net, new))
 
@@ -118,7 +115,7 @@ def _neuron_parallel(neuron: nn.Module, cur: Tensor) -> Tensor:
     if isinstance(neuron, (MaskedPSN, PSN)):
         return F.matrix_forward(cur, neuron.effective_weight(T), neuron.bias[:T], neuron.alpha)[0]
     if isinstance(neuron, LIF):
-        return _scripted_lif_scan()(cur, neuron.tau, neuron.v_threshold)
+        return _scripted_lif_scan()(cur, neuron.tau, neuron.v_threshold)[0]
     raise TypeError(f"no parallel export for {type(neuron).__name__}")
 
 
@@ -137,19 +134,8 @@ def _neuron_step(neuron: nn.Module, cur: Tensor, ns: NeuronState) -> tuple[Tenso
 
 @functools.cache
 def _scripted_lif_scan():
-    """``_lif_scan`` compiled by TorchScript (its deprecation warning silenced: the exporter needs it)."""
+    """``model.functional.lif_scan`` compiled by TorchScript (its deprecation warning silenced: the exporter
+    needs it), so the ONNX graph keeps a Loop over T."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(_lif_scan)
-
-
-def _lif_scan(x_seq: Tensor, tau: float, v_threshold: float) -> Tensor:
-    """LIF with hard reset over (T, ...) as a scripted loop, so the ONNX graph keeps a Loop over T."""
-    v = torch.zeros_like(x_seq[0])
-    out = torch.empty_like(x_seq)
-    for i in range(x_seq.shape[0]):
-        v = v + (x_seq[i] - v) / tau
-        s = (v - v_threshold >= 0).to(x_seq.dtype)
-        out[i] = s
-        v = v * (1.0 - s)
-    return out
+        return torch.jit.script(F.lif_scan)

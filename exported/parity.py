@@ -20,6 +20,7 @@ from torch import Tensor
 
 from exported.onnx_export import dynamic_T, example_T
 from exported.runtime import OnnxModel
+from model import functional as F
 from model.folder import LoadedModel
 from model.network import PSNNet, normalise
 from model.neurons import LIF
@@ -79,16 +80,7 @@ def min_abs_membrane(net: PSNNet, x: Tensor) -> np.ndarray:
 
 
 def _lif_membrane(cur: Tensor, neuron: LIF) -> tuple[Tensor, Tensor]:
-    v = torch.zeros_like(cur[0])
-    spikes, mems = [], []
-    for x_t in cur:
-        v = v + (x_t - v) / neuron.tau
-        mem = v - neuron.v_threshold
-        s = (mem >= 0).to(cur.dtype)
-        spikes.append(s)
-        mems.append(mem)
-        v = v * (1.0 - s)
-    return torch.stack(spikes), torch.stack(mems)
+    return F.lif_scan(cur, neuron.tau, neuron.v_threshold)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from model.checks import InputError, check_tensor, check_trailing_shape
-from model.functional import NeuronState
+from model.functional import NeuronState, running_mean, running_mean_step
 from model.kernels import fused_available, sliding_step_slots_
 from model.kinds import NEURONS, STREAMING_NEURONS, NeuronKind, kind
 from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
@@ -249,9 +249,8 @@ class PSNNet(nn.Module):
         for layer in self.layers:
             cur = layer.current(h.reshape(T * B, *h.shape[2:]), valid)  # (T*B, *out)
             h = layer.neuron(cur.reshape(T, B, *cur.shape[1:]))  # (T, B, *out)
-        per_step = self.readout(h.reshape(T, B, -1))  # (T, B, C)
-        steps = torch.arange(1, T + 1, device=x_seq.device, dtype=per_step.dtype).view(T, 1, 1)
-        return NetOutput(spikes=h, scores=per_step.cumsum(0) / steps)
+        scores, _ = running_mean(self.readout(h.reshape(T, B, -1)))  # (T, B, C)
+        return NetOutput(spikes=h, scores=scores)
 
     # ----- step form -----------------------------------------------------------------------
     def initial_state(self, batch: int, *, device=None, dtype: torch.dtype | None = None) -> NetState:
@@ -292,11 +291,8 @@ class PSNNet(nn.Module):
             else:
                 h, ns = layer.neuron.chunk(cur, ns)
             new_neurons.append(ns)
-        per_step = self.readout(h.reshape(L, B, -1))  # (L, B, C)
-        sums = state.score_sum.unsqueeze(0) + per_step.cumsum(0)  # (L, B, C)
-        seen = (state.t.unsqueeze(0) + torch.arange(1, L + 1, device=state.t.device).unsqueeze(1))  # (L, B)
-        scores = sums / seen.unsqueeze(2).to(sums.dtype)
-        new = NetState(neurons=tuple(new_neurons), score_sum=sums[-1], t=state.t + L)
+        scores, score_sum = running_mean(self.readout(h.reshape(L, B, -1)), state.score_sum, state.t)  # (L, B, C)
+        new = NetState(neurons=tuple(new_neurons), score_sum=score_sum, t=state.t + L)
         return NetOutput(spikes=h, scores=scores), new
 
     # ----- slot tables (the service's session state) ------------------------------------
@@ -318,12 +314,11 @@ class PSNNet(nn.Module):
         for layer, ns in zip(self.layers, state.neurons, strict=True):
             cur = layer.current(h)  # (B, *out)
             h = sliding_step_slots_(ns.window, ns.t, idx, cur, layer.neuron.weight, layer.neuron.bias)
-        per_step = self.readout(h.reshape(h.shape[0], -1))  # (B, C)
-        sums = state.score_sum.index_select(0, idx) + per_step
-        t = state.t.index_select(0, idx) + 1
+        scores, sums, t = running_mean_step(self.readout(h.reshape(h.shape[0], -1)),
+                                            state.score_sum.index_select(0, idx), state.t.index_select(0, idx))
         state.score_sum.index_copy_(0, idx, sums)
         state.t.index_copy_(0, idx, t)
-        return NetOutput(spikes=h, scores=sums / t.unsqueeze(1).to(sums.dtype))
+        return NetOutput(spikes=h, scores=scores)
 
     # ----- helpers -------------------------------------------------------------------------
     def _normalise(self, x: Tensor) -> Tensor:
