@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.surrogate import spike
 
@@ -240,3 +240,28 @@ def running_mean_step(per_step: Tensor, score_sum: Tensor, seen: Tensor) -> tupl
     sums = score_sum + per_step
     seen = seen + 1
     return sums / seen.unsqueeze(1).to(sums.dtype), sums, seen
+
+
+def masked_batch_norm(bn: nn.BatchNorm1d, y: Tensor, valid: Tensor) -> Tensor:
+    """Training-mode batch norm of ``y`` (M, C) or (M, C, L) with statistics over the ``valid`` rows only.
+
+    Every row is normalised with them; the running statistics are updated as ``bn`` itself would
+    (momentum, unbiased variance) from the valid rows.
+    """
+    dims = [0] + list(range(2, y.dim()))  # every axis but the channel axis
+    yv = y[valid]
+    mean = yv.mean(dims)
+    var = yv.var(dims, unbiased=False)
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        n = yv.numel() / yv.shape[1]
+        with torch.no_grad():
+            m = bn.momentum if bn.momentum is not None else 0.1
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            bn.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    out = (y - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out
