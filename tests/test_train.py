@@ -141,3 +141,19 @@ def test_ctrl_c_during_training_says_nothing_was_written(tmp_path):
     assert proc.wait(timeout=60) == 130
     assert "Traceback" not in rest and "nothing was written" in rest.strip().splitlines()[-1], rest
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_japanesevowels_recipe_reproduces_the_shipped_model(tmp_path):
+    """The shipped JapaneseVowels run (about 30 s on one thread) writes the same weights again."""
+    pytest.importorskip("sktime")
+    folder = ROOT / "exported" / "japanesevowels-sliding"
+    argv = json.loads((folder / "metrics.json").read_text())["command"].split()[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "jv")
+    if "--compare" in argv:
+        argv = argv[:argv.index("--compare")]
+    assert psn_main(["train", *argv]) == 0
+    again = load_file(str(tmp_path / "jv" / "weights.safetensors"))
+    shipped = load_file(str(folder / "weights.safetensors"))
+    assert all(torch.equal(again[k], shipped[k]) for k in shipped)
+    assert json.loads((tmp_path / "jv" / "metrics.json").read_text())["test_acc_streaming"] >= 0.96
