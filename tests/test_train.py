@@ -157,3 +157,11 @@ def test_japanesevowels_recipe_reproduces_the_shipped_model(tmp_path):
     shipped = load_file(str(folder / "weights.safetensors"))
     assert all(torch.equal(again[k], shipped[k]) for k in shipped)
     assert json.loads((tmp_path / "jv" / "metrics.json").read_text())["test_acc_streaming"] >= 0.96
+
+
+def test_model_folder_is_readable_by_every_user(tmp_path):
+    """A container user other than the trainer must be able to read a written folder (weights included)."""
+    out = _train(tmp_path, "perm", "--epochs", "1")
+    assert out.stat().st_mode & 0o755 == 0o755
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o444 == 0o444, f"{f.name} is not world-readable"
