@@ -4,9 +4,13 @@ They hold the (batch-norm folded, eval) network and call the same pure functions
 (``model.functional``), minus the Python-side input checks, so the ONNX tracer sees only tensor ops:
 
 - ``ParallelGraph``: ``x`` (T, B, *input_shape) -> ``spikes`` (T, B, *out), ``scores`` (T, B, C).
-  T is read from the input (the sliding Toeplitz matrix is built from it by a gather on a lag
-  index), so sliding models keep a dynamic T; masked / PSN models use their fixed (T, T) weight.
+  It traces the network's own ``PSNNet.parallel`` (the code ``forward`` runs after its checks), with
+  the LIF loop swapped for its TorchScript version. T is read from the input (the sliding Toeplitz
+  matrix is built from it by a gather on a lag index), so sliding models keep a dynamic T; masked /
+  PSN models use their fixed (T, T) weight.
 - ``StepGraph``: ``x`` (B, *input_shape) and the flat state -> ``spikes``, ``scores``, new state.
+  It calls the neurons' pure step functions directly: the neuron modules' ``step`` checks a masked
+  PSN's horizon in Python, which a trace would freeze.
 
 The flat state order is ``state_spec(net)``: per spiking layer ``state_<i>_window`` (and
 ``state_<i>_t`` for masked layers), then ``state_score_sum`` and ``state_t``. Each output is the
@@ -77,14 +81,8 @@ class ParallelGraph(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        T, B = x.shape[0], x.shape[1]
-        h = normalise(self.net.cfg, x)
-        for layer in self.net.layers:
-            cur = layer.current(h.flatten(0, 1))  # (T*B, *out)
-            cur = cur.reshape(T, B, *cur.shape[1:])  # (T, B, *out)
-            h = _neuron_parallel(layer.neuron, cur)
-        scores, _ = F.running_mean(self.net.readout(h.reshape(T, B, -1)))  # (T, B, C)
-        return h, scores
+        out = self.net.parallel(x, neuron_forward=_neuron_parallel)  # the network's own code, traced
+        return out.spikes, out.scores
 
 
 class StepGraph(nn.Module):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -116,13 +117,22 @@ class PSNNet(nn.Module):
             raise InputError(f"x_seq: a {kd.label} network needs exactly T={self.cfg.T} steps, got {T}")
         if kd.horizon and T > self.cfg.T:  # type: ignore[operator]
             raise InputError(f"x_seq: {kd.label} network has a fixed horizon T={self.cfg.T}, got {T} steps")
-        h = self._normalise(x_seq)
         valid = None
         if lengths is not None and self.training:
             valid = (torch.arange(T, device=x_seq.device).unsqueeze(1) < lengths.unsqueeze(0)).reshape(T * B)
+        return self.parallel(x_seq, valid)
+
+    def parallel(self, x_seq: Tensor, valid: Tensor | None = None,
+                 neuron_forward: Callable[[nn.Module, Tensor], Tensor] | None = None) -> NetOutput:
+        """The parallel form without the input checks: plain tensor ops, so the ONNX export traces this
+        very code (``exported.graphs.ParallelGraph``). ``valid`` (T*B,): see ``forward``;
+        ``neuron_forward(neuron, current)`` replaces ``neuron(current)`` (the export's LIF loop)."""
+        T, B = x_seq.shape[0], x_seq.shape[1]
+        h = self._normalise(x_seq)
         for layer in self.layers:
-            cur = layer.current(h.reshape(T * B, *h.shape[2:]), valid)  # (T*B, *out)
-            h = layer.neuron(cur.reshape(T, B, *cur.shape[1:]))  # (T, B, *out)
+            cur = layer.current(h.flatten(0, 1), valid)  # (T*B, *out)
+            cur = cur.reshape(T, B, *cur.shape[1:])  # (T, B, *out)
+            h = layer.neuron(cur) if neuron_forward is None else neuron_forward(layer.neuron, cur)
         scores, _ = running_mean(self.readout(h.reshape(T, B, -1)))  # (T, B, C)
         return NetOutput(spikes=h, scores=scores)
 
