@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from model.data import Dataset, final_scores
 from model.evaluate import stream_one
@@ -27,7 +28,7 @@ REFERENCE_SAMPLES = 4
 MNIST1D_PUBLISHED = [("logistic regression", 0.32), ("MLP", 0.68), ("GRU", 0.91), ("CNN", 0.94)]
 # JapaneseVowels test accuracy (270 train / 370 test): the UEA archive paper's 1-NN benchmarks (Bagnall et al.
 # 2018, "The UEA multivariate time series classification archive, 2018", arXiv:1811.00075) and the kernel
-# methods of Toth, Oberhauser & Szabo 2023 ("Random Fourier Signature Features", arXiv:2311.12214, Table 2).
+# methods of Toth, Oberhauser & Szabo 2023 ("Random Fourier Signature Features", arXiv:2311.12214).
 PUBLISHED = {
     "mnist1d": [(f"{n} (Greydanus 2020, published)", acc) for n, acc in MNIST1D_PUBLISHED],
     "japanesevowels": [
@@ -40,17 +41,26 @@ PUBLISHED = {
 }
 
 
+def reference_indices(y: Tensor, n: int = REFERENCE_SAMPLES, most: int = 10) -> Tensor:
+    """Which test samples ``reference.json`` keeps: the first of each class (at most ``most`` classes), so
+    the demo page can play every class, topped up with the first other samples to at least ``n``."""
+    keep = [int((y == c).nonzero()[0]) for c in range(int(y.max()) + 1) if bool((y == c).any())][:most]
+    keep += [i for i in range(y.shape[0]) if i not in keep][:max(0, n - len(keep))]
+    return torch.tensor(sorted(keep))
+
+
 @torch.no_grad()
 def reference(fused: PSNNet, data: Dataset, n: int = REFERENCE_SAMPLES) -> dict[str, Any]:
-    """The first ``n`` test samples (raw, time-major) with the folded net's final scores.
+    """Some test samples (raw, time-major; ``reference_indices``) with the folded net's final scores.
 
-    Variable-length data adds ``lengths`` (n,): sample i is ``x[:lengths[i], i]``, the rest padding, and
-    its scores are those after its own last step.
+    ``test_index`` says which test samples they are. Variable-length data adds ``lengths``: sample i is
+    ``x[:lengths[i], i]``, the rest padding, and its scores are those after its own last step.
     """
-    x = data.x_test[:n].transpose(0, 1)  # (T, n, *F)
-    lengths = None if data.lengths_test is None else data.lengths_test[:n]
+    idx = reference_indices(data.y_test, n)
+    x = data.x_test[idx].transpose(0, 1)  # (T, n, *F)
+    lengths = None if data.lengths_test is None else data.lengths_test[idx]
     scores = final_scores(fused(x).scores, lengths)  # (n, C)
-    ref = {"x": x.tolist(), "y": data.y_test[:n].tolist(), "scores": scores.tolist(),
+    ref = {"test_index": idx.tolist(), "x": x.tolist(), "y": data.y_test[idx].tolist(), "scores": scores.tolist(),
            "predictions": scores.argmax(1).tolist()}
     if lengths is not None:
         ref["lengths"] = lengths.tolist()

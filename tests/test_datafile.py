@@ -103,7 +103,8 @@ def _check_folder(out: Path, x: np.ndarray, y: np.ndarray, lengths: np.ndarray) 
     assert m["test_acc_streaming"] == pytest.approx(acc, abs=1e-5)
     np.testing.assert_allclose(m["acc_per_step"], (np.array(per_step) == y[:, None]).mean(0), atol=1e-5)
     ref = json.loads((out / "reference.json").read_text())
-    assert ref["predictions"] == answers[:len(ref["predictions"])]
+    assert ref["predictions"] == [answers[i] for i in ref["test_index"]]
+    assert set(ref["y"]) == set(y.tolist())  # a sample of each class
 
 
 def test_fixed_length_npz_trains_a_loadable_folder(tmp_path):
@@ -127,7 +128,8 @@ def test_variable_length_npz_scores_each_sequence_at_its_own_end(tmp_path):
         x, lengths, xt, yt, lt = f["x"], f["lengths"], f["x_test"], f["y_test"], f["lengths_test"]
     m = json.loads((out / "metrics.json").read_text())
     assert m["variable_length"] is True and m["T"] == 12 and len(m["acc_per_step"]) == 12
-    assert json.loads((out / "reference.json").read_text())["lengths"] == lt[:4].tolist()
+    ref = json.loads((out / "reference.json").read_text())
+    assert ref["lengths"] == lt[ref["test_index"]].tolist()
     _check_folder(out, xt, yt, lt)
     # normalisation: per feature, from the valid training steps only (NaN padding ignored)
     valid = np.concatenate([x[n, :lengths[n]] for n in range(len(lengths))])
