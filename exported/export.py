@@ -3,7 +3,7 @@
 Usage:
     python -m exported.export exported/mnist1d-sliding        # one or more folders
     python -m exported.export --all [--root exported]          # every model folder under the root
-    options: --opset N (default 18), --samples N (real test samples for the parity check, default 512),
+    options: --opset N (default 18), --samples N (real test samples for the parity check, default 2000),
              --no-parity (write the files only)
 
 For each folder it writes ``model.onnx`` (parallel form), ``model_step.onnx`` (step form; not for
@@ -27,43 +27,45 @@ import onnxruntime
 from exported.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, check_opset, export_model
 from exported.parity import Samples, check_parity
 from exported.runtime import OnnxModel
+from model.data import DataUnavailable
+from model.datafile import DataFileError
 from model.folder import LoadedModel, ModelFolderError, find_model_folders, load_model_folder
 
 PARITY_FILE = "onnx_parity.json"
+# The shipped onnx_parity.json files were written with this many (MNIST-1D: its whole 1000-sample test set;
+# sequential MNIST: the first 2000), so `--all` with the defaults reproduces them.
+DEFAULT_SAMPLES = 2000
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(name: str):
-    from model.data import load_dataset
+def _dataset(data: str, dataset: str, test_data: str | None):
+    from model.datafile import load_source
 
-    return load_dataset(name)
+    return load_source({"data": data, "dataset": dataset, "test_data": test_data})
 
 
 def load_test_samples(model: LoadedModel, n: int) -> tuple[Samples | None, str]:
-    """The first ``n`` test samples of the model's data set, time-major; or None and the reason."""
-    name = str(model.config.get("dataset") or "")
+    """The first ``n`` test samples of the model's data (built-in or its ``--data`` file), time-major;
+    or None and the reason."""
     if n <= 0:
         return None, "real samples not requested"
     try:
-        from model.data import DATASETS, DataUnavailable
-    except ImportError:
-        return None, "model.data is not available"
-    if name not in DATASETS:
-        return None, f"dataset {name!r} is not one this machine can load"
-    try:
-        ds = _dataset(name)
-    except DataUnavailable as e:
+        ds = _dataset(model.config.get("data") or "", str(model.config.get("dataset") or ""),
+                      model.config.get("test_data"))
+    except (DataUnavailable, DataFileError, ImportError) as e:
         return None, str(e)
+    name = ds.name
     shape = model.cfg.input_shape
     if math.prod(ds.input_shape) != math.prod(shape):
         return None, f"dataset {name!r} has input shape {ds.input_shape}, the model {shape}"
     x = ds.x_test[:n]
     x = x.reshape(*x.shape[:2], *shape)  # e.g. (F,) -> (1, F): the channel axis a conv model was trained with
     x = x.transpose(0, 1).contiguous().numpy().astype(np.float32)  # (T, n, *input_shape)
-    return Samples(x=x, y=ds.y_test[:n].numpy(), source=f"{name} test set, first {x.shape[1]}"), ""
+    lengths = None if ds.lengths_test is None else ds.lengths_test[:n].numpy()
+    return Samples(x=x, y=ds.y_test[:n].numpy(), source=f"{name} test set, first {x.shape[1]}", lengths=lengths), ""
 
 
-def export_folder(folder: str | Path, *, opset: int = DEFAULT_OPSET, samples: int = 512,
+def export_folder(folder: str | Path, *, opset: int = DEFAULT_OPSET, samples: int = DEFAULT_SAMPLES,
                   parity: bool = True, out_dir: str | Path | None = None) -> dict:
     """Export one model folder (into ``out_dir``, default the folder itself); returns the summary."""
     model = load_model_folder(folder)
@@ -110,16 +112,21 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m exported.export", description=__doc__.split("\n")[0])
     ap.add_argument("folders", nargs="*", help="model folders to export")
     ap.add_argument("--all", action="store_true", help="export every model folder under --root")
     ap.add_argument("--root", default="exported", help="where --all looks (default: exported)")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                     help=f"ONNX opset, {OPSETS.start}..{OPSETS.stop - 1} (default {DEFAULT_OPSET})")
-    ap.add_argument("--samples", type=int, default=512, help="real test samples for the parity check (0: none)")
+    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                    help=f"real test samples for the parity check (default {DEFAULT_SAMPLES}; 0: none)")
     ap.add_argument("--no-parity", action="store_true", help="write the files, skip the parity check")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     def fail(msg: str) -> int:
         print(f"error: {msg}", file=sys.stderr)

@@ -4,9 +4,13 @@ They hold the (batch-norm folded, eval) network and call the same pure functions
 (``model.functional``), minus the Python-side input checks, so the ONNX tracer sees only tensor ops:
 
 - ``ParallelGraph``: ``x`` (T, B, *input_shape) -> ``spikes`` (T, B, *out), ``scores`` (T, B, C).
-  T is read from the input (the sliding Toeplitz matrix is built from it by a gather on a lag
-  index), so sliding models keep a dynamic T; masked / PSN models use their fixed (T, T) weight.
+  It traces the network's own ``PSNNet.parallel`` (the code ``forward`` runs after its checks), with
+  the LIF loop swapped for its TorchScript version. T is read from the input (the sliding Toeplitz
+  matrix is built from it by a gather on a lag index), so sliding models keep a dynamic T; masked /
+  PSN models use their fixed (T, T) weight.
 - ``StepGraph``: ``x`` (B, *input_shape) and the flat state -> ``spikes``, ``scores``, new state.
+  It calls the neurons' pure step functions directly: the neuron modules' ``step`` checks a masked
+  PSN's horizon in Python, which a trace would freeze.
 
 The flat state order is ``state_spec(net)``: per spiking layer ``state_<i>_window`` (and
 ``state_<i>_t`` for masked layers), then ``state_score_sum`` and ``state_t``. Each output is the
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 
 from model import functional as F
 from model.functional import NeuronState
-from model.network import NetState, PSNNet
+from model.network import NetState, PSNNet, normalise
 from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
 
 
@@ -77,15 +81,8 @@ class ParallelGraph(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        T, B = x.shape[0], x.shape[1]
-        h = _normalise(self.net, x)
-        for layer in self.net.layers:
-            cur = layer.current(h.flatten(0, 1))  # (T*B, *out)
-            cur = cur.reshape(T, B, *cur.shape[1:])  # (T, B, *out)
-            h = _neuron_parallel(layer.neuron, cur)
-        per_step = self.net.readout(h.reshape(T, B, -1))  # (T, B, C)
-        steps = torch.arange(1, T + 1, dtype=per_step.dtype, device=x.device).reshape(T, 1, 1)
-        return h, per_step.cumsum(0) / steps
+        out = self.net.parallel(x, neuron_forward=_neuron_parallel)  # the network's own code, traced
+        return out.spikes, out.scores
 
 
 class StepGraph(nn.Module):
@@ -97,23 +94,15 @@ class StepGraph(nn.Module):
 
     def forward(self, x: Tensor, *flat: Tensor) -> tuple[Tensor, ...]:
         state = unflatten_state(self.net, list(flat))
-        h = _normalise(self.net, x)
+        h = normalise(self.net.cfg, x)
         neurons = []
         for layer, ns in zip(self.net.layers, state.neurons, strict=True):
             cur = layer.current(h)  # (B, *out)
             h, ns = _neuron_step(layer.neuron, cur, ns)
             neurons.append(ns)
-        score_sum = state.score_sum + self.net.readout(h.flatten(1))  # (B, C)
-        t = state.t + 1
-        scores = score_sum / t.unsqueeze(1).to(score_sum.dtype)
+        scores, score_sum, t = F.running_mean_step(self.net.readout(h.flatten(1)), state.score_sum, state.t)
         new = NetState(neurons=tuple(neurons), score_sum=score_sum, t=t)
         return (h, scores, *flatten_state(self.net, new))
-
-
-def _normalise(net: PSNNet, x: Tensor) -> Tensor:
-    if net.cfg.input_mean == 0.0 and net.cfg.input_std == 1.0:
-        return x
-    return (x - net.cfg.input_mean) / net.cfg.input_std
 
 
 def _neuron_parallel(neuron: nn.Module, cur: Tensor) -> Tensor:
@@ -124,7 +113,7 @@ def _neuron_parallel(neuron: nn.Module, cur: Tensor) -> Tensor:
     if isinstance(neuron, (MaskedPSN, PSN)):
         return F.matrix_forward(cur, neuron.effective_weight(T), neuron.bias[:T], neuron.alpha)[0]
     if isinstance(neuron, LIF):
-        return _scripted_lif_scan()(cur, neuron.tau, neuron.v_threshold)
+        return _scripted_lif_scan()(cur, neuron.tau, neuron.v_threshold)[0]
     raise TypeError(f"no parallel export for {type(neuron).__name__}")
 
 
@@ -143,19 +132,8 @@ def _neuron_step(neuron: nn.Module, cur: Tensor, ns: NeuronState) -> tuple[Tenso
 
 @functools.cache
 def _scripted_lif_scan():
-    """``_lif_scan`` compiled by TorchScript (its deprecation warning silenced: the exporter needs it)."""
+    """``model.functional.lif_scan`` compiled by TorchScript (its deprecation warning silenced: the exporter
+    needs it), so the ONNX graph keeps a Loop over T."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(_lif_scan)
-
-
-def _lif_scan(x_seq: Tensor, tau: float, v_threshold: float) -> Tensor:
-    """LIF with hard reset over (T, ...) as a scripted loop, so the ONNX graph keeps a Loop over T."""
-    v = torch.zeros_like(x_seq[0])
-    out = torch.empty_like(x_seq)
-    for i in range(x_seq.shape[0]):
-        v = v + (x_seq[i] - v) / tau
-        s = (v - v_threshold >= 0).to(x_seq.dtype)
-        out[i] = s
-        v = v * (1.0 - s)
-    return out
+        return torch.jit.script(F.lif_scan)

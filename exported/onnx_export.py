@@ -52,7 +52,7 @@ def check_opset(opset: int) -> int:
 
 def dynamic_T(model: LoadedModel) -> bool:
     """Sliding and LIF models take any number of steps; masked and PSN models exactly their T."""
-    return model.cfg.neuron in ("sliding", "lif")
+    return model.cfg.kind.dynamic_T
 
 
 def example_T(model: LoadedModel) -> int:
@@ -95,9 +95,11 @@ def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
         "input_shape": json.dumps(list(cfg.input_shape)),
         "num_classes": str(cfg.num_classes),
         "class_names": json.dumps(model.class_names),
-        "input_mean": repr(float(cfg.input_mean)),
-        "input_std": repr(float(cfg.input_std)),
-        "input_normalisation": "inside the graph: feed raw inputs; it computes (x - input_mean) / input_std",
+        "input_mean": _stat(cfg.input_mean),
+        "input_std": _stat(cfg.input_std),
+        "input_normalisation": "inside the graph: feed raw inputs; it computes (x - input_mean) / input_std"
+                               + (" (JSON lists: one value per entry of the last input axis)"
+                                  if isinstance(cfg.input_mean, tuple) else ""),
         "dataset": str(model.config.get("dataset", "")),
         "weights_sha256": weights_sha256(model.path),
         "opset": str(opset),
@@ -115,9 +117,14 @@ def metadata(model: LoadedModel, form: str, opset: int) -> dict[str, str]:
         meta["state"] = json.dumps(states)
         meta["inputs"] = json.dumps({"x": ["batch", *cfg.input_shape]})
         meta["outputs"] = json.dumps({"spikes": ["batch", *model.net.out_shape], "scores": ["batch", cfg.num_classes]})
-        if cfg.neuron == "masked":
+        if cfg.kind.horizon:
             meta["horizon"] = f"state_t must stay below T={cfg.T}: a masked PSN has weights for steps 0..T-1 only"
     return meta
+
+
+def _stat(v: float | tuple[float, ...]) -> str:
+    """A normalisation statistic as metadata: a float's repr, or a JSON list of per-feature values."""
+    return json.dumps(list(v)) if isinstance(v, tuple) else repr(float(v))
 
 
 def as_float32(model: LoadedModel) -> LoadedModel:

@@ -20,8 +20,9 @@ from torch import Tensor
 
 from exported.onnx_export import dynamic_T, example_T
 from exported.runtime import OnnxModel
+from model import functional as F
 from model.folder import LoadedModel
-from model.network import PSNNet
+from model.network import PSNNet, normalise
 from model.neurons import LIF
 
 SCORE_ATOL = 1e-4
@@ -31,11 +32,13 @@ MAX_TIE_FRACTION = 0.01
 
 @dataclass
 class Samples:
-    """Real test samples: ``x`` (T, B, *input_shape) float32, labels ``y`` (B,)."""
+    """Real test samples: ``x`` (T, B, *input_shape) float32, labels ``y`` (B,); variable-length data has
+    ``lengths`` (B,) (padding past them; accuracy is read at each sample's own last step)."""
 
     x: np.ndarray
     y: np.ndarray
     source: str
+    lengths: np.ndarray | None = None
 
 
 def compare(ref_spikes: np.ndarray, ref_scores: np.ndarray, spikes: np.ndarray, scores: np.ndarray,
@@ -62,7 +65,7 @@ def compare(ref_spikes: np.ndarray, ref_scores: np.ndarray, spikes: np.ndarray, 
 def min_abs_membrane(net: PSNNet, x: Tensor) -> np.ndarray:
     """Smallest ``|H|`` any spiking layer sees per sample of ``x`` (T, B, *input_shape): (B,)."""
     T, B = x.shape[:2]
-    h = net._normalise(x)
+    h = normalise(net.cfg, x)
     smallest = torch.full((B,), float("inf"))
     for layer in net.layers:
         cur = layer.current(h.reshape(T * B, *h.shape[2:]))
@@ -77,16 +80,7 @@ def min_abs_membrane(net: PSNNet, x: Tensor) -> np.ndarray:
 
 
 def _lif_membrane(cur: Tensor, neuron: LIF) -> tuple[Tensor, Tensor]:
-    v = torch.zeros_like(cur[0])
-    spikes, mems = [], []
-    for x_t in cur:
-        v = v + (x_t - v) / neuron.tau
-        mem = v - neuron.v_threshold
-        s = (mem >= 0).to(cur.dtype)
-        spikes.append(s)
-        mems.append(mem)
-        v = v * (1.0 - s)
-    return torch.stack(spikes), torch.stack(mems)
+    return F.lif_scan(cur, neuron.tau, neuron.v_threshold)
 
 
 @torch.no_grad()
@@ -101,7 +95,7 @@ def random_inputs(model: LoadedModel, T: int, batch: int, seed: int) -> np.ndarr
     g = np.random.default_rng(seed)
     cfg = model.cfg
     x = g.standard_normal((T, batch, *cfg.input_shape)).astype(np.float32)
-    return (cfg.input_mean + cfg.input_std * x).astype(np.float32)
+    return (np.asarray(cfg.input_mean) + np.asarray(cfg.input_std) * x).astype(np.float32)
 
 
 def check_parity(model: LoadedModel, onnx_model: OnnxModel, samples: Samples | None = None, *,
@@ -139,16 +133,19 @@ def _real(net: PSNNet, onnx_model: OnnxModel, samples: Samples) -> dict:
     par_s, par_sc = onnx_model.parallel(samples.x)
     out: dict = {"source": samples.source, "samples": int(samples.y.shape[0]),
                  "checks": [compare(ref_s, ref_sc, par_s, par_sc, tie)]}
-    acc = {"acc_torch": _acc(ref_sc, samples.y), "acc_onnx": _acc(par_sc, samples.y)}
+    acc = {"acc_torch": _acc(ref_sc, samples), "acc_onnx": _acc(par_sc, samples)}
     if onnx_model.streams:
         st_s, st_sc, _ = onnx_model.run_steps(samples.x)
         out["checks"].append(compare(par_s, par_sc, st_s, st_sc, tie))
-        acc["acc_onnx_step"] = _acc(st_sc, samples.y)
+        acc["acc_onnx_step"] = _acc(st_sc, samples)
     out.update(acc)
     slack = sum(c["samples_with_spike_mismatch"] for c in out["checks"]) / max(1, out["samples"])
     out["accuracy_ok"] = all(abs(a - acc["acc_torch"]) <= slack + 1e-12 for a in acc.values())
     return out
 
 
-def _acc(scores: np.ndarray, y: np.ndarray) -> float:
-    return float((scores[-1].argmax(-1) == y).mean())
+def _acc(scores: np.ndarray, samples: Samples) -> float:
+    """Accuracy of running-mean ``scores`` (T, B, C), each sample read after its own last step."""
+    B = scores.shape[1]
+    last = samples.lengths - 1 if samples.lengths is not None else np.full(B, scores.shape[0] - 1)
+    return float((scores[last, np.arange(B)].argmax(-1) == samples.y).mean())

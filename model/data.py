@@ -13,6 +13,7 @@ network's layout (T, B, *input_shape).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import io
@@ -20,6 +21,7 @@ import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +48,9 @@ class Dataset:
     y_test: Tensor  # (M,) int64
     class_names: list[str]
     description: str  # one line for the model card
+    lengths_train: Tensor | None = None  # (N,) int64 valid steps of each sequence (the rest is padding); None: all T
+    lengths_test: Tensor | None = None  # (M,) likewise for the test split
+    source: str = ""  # how to load it again: a built-in name, or the --data argument (model.datafile)
 
     @property
     def T(self) -> int:
@@ -59,15 +64,42 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def input_stats(self) -> tuple[float, float]:
-        """Mean and std over all training values (the net normalises its raw input with them)."""
-        return float(self.x_train.mean()), float(self.x_train.std())
+    @property
+    def variable_length(self) -> bool:
+        return self.lengths_train is not None or self.lengths_test is not None
+
+    def input_stats(self, per_feature: bool = False) -> tuple[Any, Any]:
+        """Mean and std of the training values over valid steps (the net normalises its raw input with them).
+
+        ``per_feature``: one mean and std per entry of the last input axis (a feature whose training
+        values are all equal gets std 1); else one scalar over every value.
+        """
+        x = self.x_train
+        if self.lengths_train is not None:
+            x = x[valid_mask(self.lengths_train, self.T)]  # (valid steps, *F)
+        if not per_feature:
+            return float(x.mean()), float(x.std())
+        flat = x.reshape(-1, x.shape[-1]).double()
+        mean, std = flat.mean(0), flat.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def valid_mask(lengths: Tensor, T: int) -> Tensor:
+    """(N, T) bool: step t of sequence n is data (``t < lengths[n]``), not padding."""
+    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def final_scores(scores: Tensor, lengths: Tensor | None) -> Tensor:
+    """Each sequence's answer: running-mean ``scores`` (T, N, C) after its own last step -> (N, C)."""
+    if lengths is None:
+        return scores[-1]
+    return scores[lengths.to(scores.device) - 1, torch.arange(scores.shape[1], device=scores.device)]
 
 
 def with_channel_axis(data: Dataset) -> Dataset:
     """The same data with each step's features (F,) seen as one channel (1, F), for conv layers."""
-    return Dataset(data.name, data.x_train.unsqueeze(2), data.y_train, data.x_test.unsqueeze(2), data.y_test,
-                   data.class_names, data.description)
+    return dataclasses.replace(data, x_train=data.x_train.unsqueeze(2), x_test=data.x_test.unsqueeze(2))
 
 
 def fit_input_shape(data: Dataset, input_shape: tuple[int, ...]) -> Dataset:
@@ -192,7 +224,7 @@ def check_available(name: str) -> None:
 
 def load_dataset(name: str) -> Dataset:
     check_available(name)
-    return LOADERS[name]()
+    return dataclasses.replace(LOADERS[name](), source=name)
 
 
 def _require(module: str, dataset: str) -> None:
@@ -205,4 +237,5 @@ def _require(module: str, dataset: str) -> None:
 
 
 __all__ = ["Dataset", "DataUnavailable", "DATASETS", "load_dataset", "check_available", "restricted_loads",
-           "batches", "time_major", "with_channel_axis", "fit_input_shape", "mnist_pickle_path"]
+           "batches", "time_major", "with_channel_axis", "fit_input_shape", "mnist_pickle_path", "valid_mask",
+           "final_scores"]

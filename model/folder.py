@@ -82,6 +82,8 @@ def save_model_folder(path: str | os.PathLike, net: PSNNet, *, name: str | None 
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(tmp / fname, mode) as f:
                 f.write(content)
+        for f in tmp.iterdir():  # safetensors writes its file 0600; a served folder must be readable by all
+            f.chmod(0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

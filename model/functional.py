@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.surrogate import spike
 
@@ -161,14 +161,24 @@ def masked_step(x_t: Tensor, state: NeuronState, weight: Tensor, bias: Tensor, k
     return spike(h, alpha), h, NeuronState(window=window, t=state.t + 1)
 
 
+def lif_charge(v: Tensor, x_t: Tensor, tau: float) -> Tensor:
+    """One step of leaky integration: ``v + (x - v) / tau``."""
+    return v + (x_t - v) / tau
+
+
+def lif_reset(v: Tensor, s: Tensor) -> Tensor:
+    """Hard reset to 0 where the neuron spiked (``s`` = 1)."""
+    return v * (1.0 - s)
+
+
 def lif_step(x_t: Tensor, v: Tensor, tau: float, v_threshold: float, alpha: float) -> tuple[Tensor, Tensor]:
     """Leaky integrate-and-fire with hard reset to 0 (the paper's serial baseline).
 
     ``v <- v + (x - v) / tau``; ``s = Heaviside(v - v_th)``; ``v <- v * (1 - s)``.
     """
-    v = v + (x_t - v) / tau
+    v = lif_charge(v, x_t, tau)
     s = spike(v - v_threshold, alpha)
-    return s, v * (1.0 - s)
+    return s, lif_reset(v, s)
 
 
 def lif_forward(x_seq: Tensor, tau: float, v_threshold: float, alpha: float,
@@ -180,3 +190,78 @@ def lif_forward(x_seq: Tensor, tau: float, v_threshold: float, alpha: float,
         s, v = lif_step(x_t, v, tau, v_threshold, alpha)
         out.append(s)
     return torch.stack(out), v
+
+
+def lif_scan(x_seq: Tensor, tau: float, v_threshold: float) -> tuple[Tensor, Tensor]:
+    """Inference-only LIF over ``x_seq`` (T, ...): ``(spikes, v - v_th before the reset)`` per step.
+
+    The same dynamics as ``lif_step`` without the surrogate, in plain tensor ops so that TorchScript
+    compiles it (the ONNX export keeps it as a ``Loop`` over T) and the parity check reads membranes.
+    """
+    v = torch.zeros_like(x_seq[0])
+    spikes = torch.empty_like(x_seq)
+    membrane = torch.empty_like(x_seq)
+    for i in range(x_seq.shape[0]):
+        v = lif_charge(v, x_seq[i], tau)
+        m = v - v_threshold
+        s = (m >= 0).to(x_seq.dtype)
+        spikes[i] = s
+        membrane[i] = m
+        v = lif_reset(v, s)
+    return spikes, membrane
+
+
+def running_mean(per_step: Tensor, score_sum: Tensor | None = None,
+                 seen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The network's answer: the mean of its per-step readouts so far.
+
+    ``per_step`` (L, B, C) are L new readouts after ``seen`` (B,) earlier steps whose readouts sum to
+    ``score_sum`` (B, C) (both None: a fresh start). Returns the scores after each new step (L, B, C)
+    and the new sum (B, C). The parallel form, the chunk form and the parallel ONNX graph answer through
+    this function; single steps through ``running_mean_step``, its L = 1 case.
+    """
+    L = per_step.shape[0]
+    sums = per_step.cumsum(0)
+    if score_sum is not None:
+        sums = sums + score_sum.unsqueeze(0)
+    steps = torch.arange(1, L + 1, device=per_step.device, dtype=per_step.dtype).reshape(L, 1, 1)
+    if seen is not None:
+        steps = steps + seen.to(per_step.dtype).reshape(1, -1, 1)
+    return sums / steps, sums[-1]
+
+
+def running_mean_step(per_step: Tensor, score_sum: Tensor, seen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``running_mean`` for one new readout ``per_step`` (B, C): ``(scores (B, C), new sum, seen + 1)``.
+
+    Written out without the cumulative sum and step range so that the exported step graph stays a few
+    element-wise ops (the fused slot step and ``model_step.onnx`` use it); equal to ``running_mean``
+    with L = 1 (tests/test_network.py checks it).
+    """
+    sums = score_sum + per_step
+    seen = seen + 1
+    return sums / seen.unsqueeze(1).to(sums.dtype), sums, seen
+
+
+def masked_batch_norm(bn: nn.BatchNorm1d, y: Tensor, valid: Tensor) -> Tensor:
+    """Training-mode batch norm of ``y`` (M, C) or (M, C, L) with statistics over the ``valid`` rows only.
+
+    Every row is normalised with them; the running statistics are updated as ``bn`` itself would
+    (momentum, unbiased variance) from the valid rows.
+    """
+    dims = [0] + list(range(2, y.dim()))  # every axis but the channel axis
+    yv = y[valid]
+    mean = yv.mean(dims)
+    var = yv.var(dims, unbiased=False)
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        n = yv.numel() / yv.shape[1]
+        with torch.no_grad():
+            m = bn.momentum if bn.momentum is not None else 0.1
+            bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+            bn.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    out = (y - mean.view(shape)) / torch.sqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out

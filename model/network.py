@@ -13,81 +13,19 @@ fixed-size ``NetState``; equal to the parallel form step for step.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from model.checks import InputError, check_tensor, check_trailing_shape
-from model.functional import NeuronState
+from model.config import LayerConfig, NetConfig, normalise
+from model.functional import NeuronState, masked_batch_norm, running_mean, running_mean_step
 from model.kernels import fused_available, sliding_step_slots_
+from model.kinds import NEURONS, STREAMING_NEURONS
 from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
-
-NEURONS = ("masked", "sliding", "psn", "lif")
-STREAMING_NEURONS = ("masked", "sliding", "lif")
-
-
-@dataclass(frozen=True)
-class LayerConfig:
-    kind: str = "linear"  # "linear" (flattens its input) or "conv" (Conv1d over the features of one step)
-    out: int = 64  # output features (linear) or channels (conv)
-    kernel_size: int = 3  # conv only: odd kernel, "same" padding
-    stride: int = 1  # conv only
-    batch_norm: bool = True  # BatchNorm1d over the features/channels before the neuron
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    input_shape: tuple[int, ...]  # features of one step: (F,) or (channels, length) for conv layers
-    num_classes: int  # readout size
-    layers: tuple[LayerConfig, ...] = (LayerConfig(),)  # hidden spiking layers, in order
-    neuron: str = "sliding"  # one of NEURONS
-    k: int = 8  # order of the masked / sliding PSN
-    T: int | None = None  # horizon: required by "masked" and "psn", None for "sliding" / "lif"
-    alpha: float = 2.0  # arctan surrogate sharpness
-    lif_tau: float = 2.0  # LIF baseline only
-    input_mean: float = 0.0  # inputs are normalised as (x - input_mean) / input_std before layer 0
-    input_std: float = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
-        object.__setattr__(self, "layers", tuple(
-            layer if isinstance(layer, LayerConfig) else LayerConfig(**layer) for layer in self.layers))
-        if self.neuron not in NEURONS:
-            raise ValueError(f"neuron: expected one of {NEURONS}, got {self.neuron!r}")
-        if self.neuron in ("masked", "psn") and (self.T is None or self.T < 1):
-            raise ValueError(f"neuron {self.neuron!r} needs a horizon T >= 1, got T={self.T}")
-        if self.neuron in ("masked", "sliding") and self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.neuron == "masked" and self.k > self.T:  # type: ignore[operator]
-            raise ValueError(f"masked PSN needs k <= T, got k={self.k}, T={self.T}")
-        if not self.input_std > 0:
-            raise ValueError(f"input_std must be > 0, got {self.input_std}")
-        if not self.layers:
-            raise ValueError("layers: at least one spiking layer is needed")
-        if self.num_classes < 1 or not self.input_shape or min(self.input_shape) < 1:
-            raise ValueError(f"bad input_shape {self.input_shape} or num_classes {self.num_classes}")
-        for i, layer in enumerate(self.layers):
-            if layer.kind not in ("linear", "conv"):
-                raise ValueError(f"layers[{i}].kind: expected 'linear' or 'conv', got {layer.kind!r}")
-            if layer.kind == "conv" and layer.kernel_size % 2 == 0:
-                raise ValueError(f"layers[{i}].kernel_size must be odd, got {layer.kernel_size}")
-
-    @property
-    def streams(self) -> bool:
-        return self.neuron in STREAMING_NEURONS
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
-        d = dict(d)
-        d["layers"] = tuple(LayerConfig(**layer) for layer in d.get("layers", ()))
-        return cls(**d)
 
 
 class NetState(NamedTuple):
@@ -131,12 +69,20 @@ class SpikingLayer(nn.Module):
         self.bn = nn.BatchNorm1d(layer.out) if layer.batch_norm else None
         self.neuron = _make_neuron(cfg)
 
-    def current(self, x: Tensor) -> Tensor:
-        """Input current of the neuron for ``x`` (M, *in_shape) -> (M, *out_shape); M = any rows."""
+    def current(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Input current of the neuron for ``x`` (M, *in_shape) -> (M, *out_shape); M = any rows.
+
+        ``valid`` (M,) bool, training only: batch norm takes its statistics from these rows alone
+        (the others are padding of variable-length sequences).
+        """
         if self.kind == "linear":
             x = x.flatten(1)
         y = self.op(x)
-        return self.bn(y) if self.bn is not None else y
+        if self.bn is None:
+            return y
+        if valid is None or not self.training:
+            return self.bn(y)
+        return masked_batch_norm(self.bn, y, valid)
 
 
 class PSNNet(nn.Module):
@@ -156,21 +102,39 @@ class PSNNet(nn.Module):
         self.readout = nn.Linear(math.prod(shape), cfg.num_classes)
 
     # ----- parallel form -------------------------------------------------------------------
-    def forward(self, x_seq: Tensor) -> NetOutput:
-        """``x_seq`` (T, B, *input_shape) -> spikes (T, B, *out_shape), running-mean scores (T, B, C)."""
+    def forward(self, x_seq: Tensor, lengths: Tensor | None = None) -> NetOutput:
+        """``x_seq`` (T, B, *input_shape) -> spikes (T, B, *out_shape), running-mean scores (T, B, C).
+
+        ``lengths`` (B,): valid steps of each sequence, the rest padding. Every layer is causal, so the
+        outputs up to a sequence's last step never see its padding; in training, batch norm also takes
+        its statistics from the valid steps only. (Read each answer at its own last step:
+        ``model.data.final_scores``.)
+        """
         self._check_input(x_seq, "x_seq", "T, B")
         T, B = x_seq.shape[:2]
-        if self.cfg.neuron == "psn" and T != self.cfg.T:
-            raise InputError(f"x_seq: a PSN network needs exactly T={self.cfg.T} steps, got {T}")
-        if self.cfg.neuron == "masked" and T > self.cfg.T:  # type: ignore[operator]
-            raise InputError(f"x_seq: masked PSN network has a fixed horizon T={self.cfg.T}, got {T} steps")
+        kd = self.cfg.kind
+        if kd.exact_T and T != self.cfg.T:
+            raise InputError(f"x_seq: a {kd.label} network needs exactly T={self.cfg.T} steps, got {T}")
+        if kd.horizon and T > self.cfg.T:  # type: ignore[operator]
+            raise InputError(f"x_seq: {kd.label} network has a fixed horizon T={self.cfg.T}, got {T} steps")
+        valid = None
+        if lengths is not None and self.training:
+            valid = (torch.arange(T, device=x_seq.device).unsqueeze(1) < lengths.unsqueeze(0)).reshape(T * B)
+        return self.parallel(x_seq, valid)
+
+    def parallel(self, x_seq: Tensor, valid: Tensor | None = None,
+                 neuron_forward: Callable[[nn.Module, Tensor], Tensor] | None = None) -> NetOutput:
+        """The parallel form without the input checks: plain tensor ops, so the ONNX export traces this
+        very code (``exported.graphs.ParallelGraph``). ``valid`` (T*B,): see ``forward``;
+        ``neuron_forward(neuron, current)`` replaces ``neuron(current)`` (the export's LIF loop)."""
+        T, B = x_seq.shape[0], x_seq.shape[1]
         h = self._normalise(x_seq)
         for layer in self.layers:
-            cur = layer.current(h.reshape(T * B, *h.shape[2:]))  # (T*B, *out)
-            h = layer.neuron(cur.reshape(T, B, *cur.shape[1:]))  # (T, B, *out)
-        per_step = self.readout(h.reshape(T, B, -1))  # (T, B, C)
-        steps = torch.arange(1, T + 1, device=x_seq.device, dtype=per_step.dtype).view(T, 1, 1)
-        return NetOutput(spikes=h, scores=per_step.cumsum(0) / steps)
+            cur = layer.current(h.flatten(0, 1), valid)  # (T*B, *out)
+            cur = cur.reshape(T, B, *cur.shape[1:])  # (T, B, *out)
+            h = layer.neuron(cur) if neuron_forward is None else neuron_forward(layer.neuron, cur)
+        scores, _ = running_mean(self.readout(h.reshape(T, B, -1)))  # (T, B, C)
+        return NetOutput(spikes=h, scores=scores)
 
     # ----- step form -----------------------------------------------------------------------
     def initial_state(self, batch: int, *, device=None, dtype: torch.dtype | None = None) -> NetState:
@@ -211,11 +175,8 @@ class PSNNet(nn.Module):
             else:
                 h, ns = layer.neuron.chunk(cur, ns)
             new_neurons.append(ns)
-        per_step = self.readout(h.reshape(L, B, -1))  # (L, B, C)
-        sums = state.score_sum.unsqueeze(0) + per_step.cumsum(0)  # (L, B, C)
-        seen = (state.t.unsqueeze(0) + torch.arange(1, L + 1, device=state.t.device).unsqueeze(1))  # (L, B)
-        scores = sums / seen.unsqueeze(2).to(sums.dtype)
-        new = NetState(neurons=tuple(new_neurons), score_sum=sums[-1], t=state.t + L)
+        scores, score_sum = running_mean(self.readout(h.reshape(L, B, -1)), state.score_sum, state.t)  # (L, B, C)
+        new = NetState(neurons=tuple(new_neurons), score_sum=score_sum, t=state.t + L)
         return NetOutput(spikes=h, scores=scores), new
 
     # ----- slot tables (the service's session state) ------------------------------------
@@ -237,18 +198,15 @@ class PSNNet(nn.Module):
         for layer, ns in zip(self.layers, state.neurons, strict=True):
             cur = layer.current(h)  # (B, *out)
             h = sliding_step_slots_(ns.window, ns.t, idx, cur, layer.neuron.weight, layer.neuron.bias)
-        per_step = self.readout(h.reshape(h.shape[0], -1))  # (B, C)
-        sums = state.score_sum.index_select(0, idx) + per_step
-        t = state.t.index_select(0, idx) + 1
+        scores, sums, t = running_mean_step(self.readout(h.reshape(h.shape[0], -1)),
+                                            state.score_sum.index_select(0, idx), state.t.index_select(0, idx))
         state.score_sum.index_copy_(0, idx, sums)
         state.t.index_copy_(0, idx, t)
-        return NetOutput(spikes=h, scores=sums / t.unsqueeze(1).to(sums.dtype))
+        return NetOutput(spikes=h, scores=scores)
 
     # ----- helpers -------------------------------------------------------------------------
     def _normalise(self, x: Tensor) -> Tensor:
-        if self.cfg.input_mean == 0.0 and self.cfg.input_std == 1.0:
-            return x
-        return (x - self.cfg.input_mean) / self.cfg.input_std
+        return normalise(self.cfg, x)
 
     def _check_streams(self) -> None:
         if not self.cfg.streams:
@@ -302,4 +260,4 @@ def state_size_bytes(net: PSNNet) -> int:
 
 
 __all__ = ["LayerConfig", "NetConfig", "NetState", "NetOutput", "PSNNet", "NEURONS", "STREAMING_NEURONS",
-           "state_size_bytes"]
+           "state_size_bytes", "normalise"]

@@ -14,25 +14,57 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from model.data import Dataset
+from model.data import Dataset, final_scores
 from model.evaluate import stream_one
 from model.folder import load_model_folder, save_model_folder
+from model.kinds import kind
 from model.network import PSNNet
 
 REFERENCE_FILE, FIGURE_FILE, CARD_FILE = "reference.json", "training.png", "README.md"
 REFERENCE_SAMPLES = 4
 # MNIST-1D test accuracy of the published baselines (Greydanus 2020, "Scaling down deep learning").
 MNIST1D_PUBLISHED = [("logistic regression", 0.32), ("MLP", 0.68), ("GRU", 0.91), ("CNN", 0.94)]
+# JapaneseVowels test accuracy (270 train / 370 test): the UEA archive paper's 1-NN benchmarks (Bagnall et al.
+# 2018, "The UEA multivariate time series classification archive, 2018", arXiv:1811.00075) and the kernel
+# methods of Toth, Oberhauser & Szabo 2023 ("Random Fourier Signature Features", arXiv:2311.12214).
+PUBLISHED = {
+    "mnist1d": [(f"{n} (Greydanus 2020, published)", acc) for n, acc in MNIST1D_PUBLISHED],
+    "japanesevowels": [
+        ("1-NN DTW, independent (Bagnall et al. 2018, UEA archive)", 0.959),
+        ("1-NN DTW, dependent (Bagnall et al. 2018, UEA archive)", 0.949),
+        ("1-NN Euclidean (Bagnall et al. 2018, UEA archive)", 0.924),
+        ("signature kernel KSig (Toth et al. 2023)", 0.986),
+        ("GAK / RBF kernel SVM (Toth et al. 2023)", 0.981),
+    ],
+}
+
+
+def reference_indices(y: Tensor, n: int = REFERENCE_SAMPLES, most: int = 10) -> Tensor:
+    """Which test samples ``reference.json`` keeps: the first of each class (at most ``most`` classes), so
+    the demo page can play every class, topped up with the first other samples to at least ``n``."""
+    keep = [int((y == c).nonzero()[0]) for c in range(int(y.max()) + 1) if bool((y == c).any())][:most]
+    keep += [i for i in range(y.shape[0]) if i not in keep][:max(0, n - len(keep))]
+    return torch.tensor(sorted(keep))
 
 
 @torch.no_grad()
 def reference(fused: PSNNet, data: Dataset, n: int = REFERENCE_SAMPLES) -> dict[str, Any]:
-    """The first ``n`` test samples (raw, time-major) with the folded net's final scores."""
-    x = data.x_test[:n].transpose(0, 1)  # (T, n, *F)
-    scores = fused(x).scores[-1]  # (n, C)
-    return {"x": x.tolist(), "y": data.y_test[:n].tolist(), "scores": scores.tolist(),
-            "predictions": scores.argmax(1).tolist()}
+    """Some test samples (raw, time-major; ``reference_indices``) with the folded net's final scores.
+
+    ``test_index`` says which test samples they are. Variable-length data adds ``lengths``: sample i is
+    ``x[:lengths[i], i]``, the rest padding, and its scores are those after its own last step.
+    """
+    idx = reference_indices(data.y_test, n)
+    x = data.x_test[idx].transpose(0, 1)  # (T, n, *F)
+    lengths = None if data.lengths_test is None else data.lengths_test[idx]
+    scores = final_scores(fused(x).scores, lengths)  # (n, C)
+    ref = {"test_index": idx.tolist(), "x": x.tolist(), "y": data.y_test[idx].tolist(), "scores": scores.tolist(),
+           "predictions": scores.argmax(1).tolist()}
+    if lengths is not None:
+        ref["lengths"] = lengths.tolist()
+    return ref
 
 
 def check_reference(folder: str | Path, atol: float = 1e-4) -> float:
@@ -42,8 +74,9 @@ def check_reference(folder: str | Path, atol: float = 1e-4) -> float:
     """
     model = load_model_folder(folder)
     ref = json.loads((Path(folder) / REFERENCE_FILE).read_text())
+    lengths = torch.tensor(ref["lengths"]) if "lengths" in ref else None
     with torch.no_grad():
-        scores = model.net(torch.tensor(ref["x"], dtype=torch.float32)).scores[-1]
+        scores = final_scores(model.net(torch.tensor(ref["x"], dtype=torch.float32)).scores, lengths)
     diff = float((scores - torch.tensor(ref["scores"])).abs().max())
     if scores.argmax(1).tolist() != ref["predictions"] or diff > atol:
         raise AssertionError(f"{folder}: reference predictions not reproduced (max score diff {diff:.2e})")
@@ -70,15 +103,17 @@ def figure_png(metrics: dict[str, Any], fused: PSNNet, data: Dataset) -> bytes:
     ax_acc.set_ylim(0, 1)
     ax_loss.legend(loc="center left")
     ax_acc.legend(loc="center right")
-    label = {"sliding": "sliding PSN", "masked": "masked PSN", "psn": "PSN", "lif": "LIF"}[metrics["neuron"]]
+    label = kind(metrics["neuron"]).label
     ax_loss.set_title(f"{data.name}, {label}: training")
     if fused.cfg.streams:
-        spikes, scores = stream_one(fused, data.x_test[0])  # (T, N), (T, C)
+        n0 = data.T if data.lengths_test is None else int(data.lengths_test[0])
+        spikes, scores = stream_one(fused, data.x_test[0, :n0])  # (T, N), (T, C)
         t_idx, n_idx = spikes.nonzero(as_tuple=True)
         ax_raster.scatter(t_idx.numpy(), n_idx.numpy(), s=2, marker="|", color="black")
         pred = int(scores[-1].argmax())
-        ax_raster.set_title(f"last layer spikes, test sample 0 streamed (label {int(data.y_test[0])}, "
-                            f"predicted {pred})", fontsize=9)
+        names = data.class_names
+        ax_raster.set_title(f"last layer spikes, test sample 0 streamed (label {names[int(data.y_test[0])]}, "
+                            f"predicted {names[pred]})", fontsize=9)
         ax_raster.set_xlim(-0.5, spikes.shape[0] - 0.5)
         ax_raster.set_xlabel("step")
         ax_raster.set_ylabel("neuron")
@@ -104,9 +139,15 @@ def comparison_rows(metrics: dict[str, Any], name: str, compare: list[str | Path
             m = json.loads(f.read_text())
             rows.append(f"| {Path(folder).name} | {m['neuron']} | {_pct(m['test_acc_parallel'])} | "
                         f"{_pct(m['test_acc_streaming'])} | {m['params']} | {m['train_seconds']:.0f} s |")
-    if metrics["dataset"] == "mnist1d":
-        rows += [f"| {n} (Greydanus 2020, published) | - | {_pct(acc)} | - | - | - |" for n, acc in MNIST1D_PUBLISHED]
+    rows += [f"| {n} | - | {_pct(acc)} | - | - | - |" for n, acc in PUBLISHED.get(metrics["dataset"], [])]
     return rows
+
+
+def _normalisation(cfg) -> str:
+    if isinstance(cfg.input_mean, tuple):
+        return (f"(x - mean) / std per feature (the training set's {len(cfg.input_mean)} means and stds, "
+                "in config.json)")
+    return f"(x {'-' if cfg.input_mean >= 0 else '+'} {abs(cfg.input_mean):.4g}) / {cfg.input_std:.4g}"
 
 
 def model_card(name: str, net: PSNNet, data: Dataset, metrics: dict[str, Any], compare: list[str | Path]) -> str:
@@ -123,8 +164,7 @@ def model_card(name: str, net: PSNNet, data: Dataset, metrics: dict[str, Any], c
         f"# {name}", "",
         f"A {neuron} network trained by this project's own command on {data.name}.", "",
         "## Architecture",
-        f"- input: {cfg.input_shape} per step, normalised inside the net as "
-        f"(x {'-' if cfg.input_mean >= 0 else '+'} {abs(cfg.input_mean):.4g}) / {cfg.input_std:.4g} (feed raw data)",
+        f"- input: {cfg.input_shape} per step, normalised inside the net as {_normalisation(cfg)} (feed raw data)",
         f"- hidden spiking layers: {layers}, each followed by a {neuron}",
         f"- readout: linear {cfg.num_classes} classes, averaged over the steps seen so far",
         f"- {metrics['params']} parameters", "",
@@ -158,7 +198,9 @@ def write_folder(out: Path, net: PSNNet, fused: PSNNet, data: Dataset, metrics: 
         FIGURE_FILE: figure_png(metrics, fused, data),
     }
     return save_model_folder(out, net.cpu(), name=name, dataset=data.name, class_names=data.class_names,
-                             metrics=metrics, extra_config={"preset": metrics["preset"]}, extra_files=extra)
+                             metrics=metrics, extra_config={"preset": metrics["preset"], "data": data.source,
+                                                           "test_data": metrics.get("test_data")},
+                             extra_files=extra)
 
 
 __all__ = ["write_folder", "check_reference", "model_card", "reference", "REFERENCE_FILE", "FIGURE_FILE"]

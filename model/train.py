@@ -2,21 +2,26 @@
 
     python -m model.train --dataset mnist1d --neuron sliding -k 8 --preset mnist1d --epochs 60 \
         --out exported/mnist1d-sliding
+    psn train --data my_sensors.npz --neuron sliding -k 4 --layers L128,L128 --out exported/my-model
+
+``--data`` reads your own sequences (.npz, CSV, UEA/UCR .ts, ``sktime:<Name>``; see ``model.datafile``),
+checked before training starts; variable-length sequences are scored after their own last step.
 
 Adam or SGD with a cosine learning-rate schedule, a progress bar (loss, accuracy, ETA), deterministic
 for a seed. A masked PSN follows the mask relaxation schedule (``lam`` 0 -> 1 over the first 1/8 of
 training) and is saved with ``lam = 1``. After training the folder's ``metrics.json`` holds the
 measured test accuracy of the parallel form and of step-by-step streaming (see ``model.evaluate``).
-Every option is checked before any data is loaded or any step is taken.
+Every option is checked before any data is loaded or any step is taken (a ``--data`` file is read and
+checked as part of the options). Ctrl-C stops a run without writing anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -31,26 +36,16 @@ from tqdm import tqdm
 from model.data import (
     DATASETS,
     Dataset,
-    DataUnavailable,
-    batches,
-    check_available,
+    final_scores,
     load_dataset,
     time_major,
     with_channel_axis,
 )
 from model.evaluate import evaluate
-from model.network import NEURONS, LayerConfig, NetConfig, PSNNet
+from model.kinds import kind
+from model.network import NetConfig, PSNNet
 from model.neurons import MaskedPSN, mask_schedule
-
-DATASET_STEPS = {"mnist1d": 40, "smnist": 28, "digits": 8}  # T of each data set, known before loading it
-
-# Architecture presets: the hidden spiking layers (the readout is added by PSNNet).
-PRESETS: dict[str, tuple[LayerConfig, ...]] = {
-    "tiny": (LayerConfig("linear", 32),),
-    "mnist1d": tuple(LayerConfig("linear", 256) for _ in range(4)),  # receptive field 4(k-1)+1 steps
-    # a conv over the 28 pixels of a row (seen as 1 channel), then three linear layers
-    "smnist": (LayerConfig("conv", 16, kernel_size=5, stride=2), *(LayerConfig("linear", 256) for _ in range(3))),
-}
+from model.options import PRESETS, build_parser, parse_args, parse_layers, resolve_device  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -58,94 +53,6 @@ class TrainResult:
     net: PSNNet  # trained, eval mode, lam = 1 (batch norm not folded)
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
     train_seconds: float = 0.0
-
-
-def parse_layers(spec: str) -> tuple[LayerConfig, ...]:
-    """'L256,C16k5s2' -> layer configs (every layer batch-normalised)."""
-    layers = []
-    for item in spec.split(","):
-        m = re.fullmatch(r"L(\d+)|C(\d+)k(\d+)s(\d+)", item.strip())
-        if m is None:
-            raise argparse.ArgumentTypeError(f"bad layer {item!r}: expected L<out> or C<channels>k<kernel>s<stride>")
-        if m.group(1):
-            layers.append(LayerConfig("linear", int(m.group(1))))
-        else:
-            layers.append(LayerConfig("conv", int(m.group(2)), kernel_size=int(m.group(3)), stride=int(m.group(4))))
-    return tuple(layers)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="psn train", description="Train a PSN-family network and write a model folder.")
-    p.add_argument("--dataset", default="mnist1d", choices=DATASETS, help="data set (default: mnist1d)")
-    p.add_argument("--neuron", default="sliding", choices=NEURONS, help="neuron kind; lif is the serial baseline")
-    p.add_argument("-k", "--k", type=int, default=8, help="order of the masked / sliding PSN")
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture (default: the data set's)")
-    p.add_argument("--layers", default=None, type=parse_layers, metavar="SPEC",
-                   help="custom hidden layers instead of a preset, e.g. 'L256,L256' or 'C16k5s2,L128' "
-                        "(L<out>: linear; C<channels>k<kernel>s<stride>: conv over the features of a step)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--shift", type=int, default=0, help="augment: shift each training sample by up to N steps")
-    p.add_argument("--noise", type=float, default=0.0, help="augment: add Gaussian noise of this std (raw units)")
-    p.add_argument("--alpha", type=float, default=2.0, help="arctan surrogate sharpness")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training samples")
-    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test samples")
-    p.add_argument("--out", default=None, help="model folder (default: exported/<dataset>-<neuron>)")
-    p.add_argument("--compare", nargs="*", default=[], help="model folders whose metrics go in the card's table")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and check every option; a bad one exits with a clear message before any work."""
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    T = DATASET_STEPS[a.dataset]
-    if a.k < 1:
-        parser.error(f"-k must be >= 1, got {a.k}")
-    if a.neuron == "masked" and a.k > T:
-        parser.error(f"masked PSN needs k <= T; data set {a.dataset!r} has T={T} steps, got -k {a.k}")
-    for name in ("epochs", "batch_size", "threads"):
-        if getattr(a, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if not a.lr > 0:
-        parser.error(f"--lr must be > 0, got {a.lr}")
-    for name in ("train_limit", "test_limit"):
-        if getattr(a, name) is not None and getattr(a, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    try:
-        check_available(a.dataset)
-    except DataUnavailable as e:
-        parser.error(str(e))
-    try:
-        a.device = resolve_device(a.device)
-    except (RuntimeError, ValueError) as e:
-        parser.error(f"--device: {e}")
-    a.preset = a.preset or (a.dataset if a.dataset in PRESETS else "tiny")
-    if a.layers is None:
-        a.layers = PRESETS[a.preset]
-    else:
-        a.preset = "custom"
-    kinds = [lc.kind for lc in a.layers]
-    if "conv" in kinds and "linear" in kinds and kinds.index("linear") < len(kinds) - kinds[::-1].index("conv"):
-        parser.error("--layers: conv layers must all come before the linear layers")
-    a.out = a.out or f"exported/{a.dataset}-{a.neuron}"
-    return a
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("CUDA was asked for but is not available here")
-    return dev
 
 
 def machine_name(device: torch.device) -> str:
@@ -163,9 +70,9 @@ def machine_name(device: torch.device) -> str:
 
 
 def net_config(a: argparse.Namespace, data: Dataset) -> NetConfig:
-    mean, std = data.input_stats()
+    mean, std = data.input_stats(per_feature=bool(data.source) and data.source not in DATASETS)
     return NetConfig(input_shape=data.input_shape, num_classes=data.num_classes, layers=a.layers,
-                     neuron=a.neuron, k=a.k, T=data.T if a.neuron in ("masked", "psn") else None,
+                     neuron=a.neuron, k=a.k, T=data.T if kind(a.neuron).horizon else None,
                      alpha=a.alpha, input_mean=mean, input_std=std)
 
 
@@ -189,6 +96,7 @@ def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
     dev = a.device
     net.to(dev)
     x_tr, y_tr = data.x_train.to(dev), data.y_train.to(dev)
+    len_tr = data.lengths_train.to(dev) if data.lengths_train is not None else None
     params = net.parameters()
     if a.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=a.lr, weight_decay=a.weight_decay)
@@ -205,10 +113,11 @@ def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
     for epoch in bar:
         net.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for xb, yb in _device_batches(x_tr, y_tr, a.batch_size, gen):
-            xb = augment(xb, a.shift, a.noise, gen)
+        for xb, yb, lb in _device_batches(x_tr, y_tr, len_tr, a.batch_size, gen):
+            xb, lb = augment(xb, a.shift, a.noise, gen, lb)
             net.set_lam(mask_schedule(step / total))
-            scores = net(xb).scores[-1]  # (B, C) mean readout over all T steps
+            # (B, C) mean readout over each sequence's valid steps (causal: padding after them changes nothing)
+            scores = final_scores(net(xb, lb).scores, lb)
             loss = loss_fn(scores, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -230,15 +139,19 @@ def train(net: PSNNet, data: Dataset, a: argparse.Namespace) -> TrainResult:
     return result
 
 
-def _device_batches(x: Tensor, y: Tensor, batch_size: int, gen: torch.Generator):
+def _device_batches(x: Tensor, y: Tensor, lengths: Tensor | None, batch_size: int, gen: torch.Generator):
     order = torch.randperm(x.shape[0], generator=gen).to(x.device)
     for i in range(0, x.shape[0], batch_size):
         idx = order[i:i + batch_size]
-        yield time_major(x[idx]), y[idx]
+        yield time_major(x[idx]), y[idx], None if lengths is None else lengths[idx]
 
 
-def augment(x: Tensor, shift: int, noise: float, gen: torch.Generator) -> Tensor:
-    """Shift each sample of ``x`` (T, B, *F) in time by a random -shift..shift steps (zero fill), add noise."""
+def augment(x: Tensor, shift: int, noise: float, gen: torch.Generator,
+            lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Shift each sample of ``x`` (T, B, *F) in time by a random -shift..shift steps (zero fill), add noise.
+
+    With ``lengths`` (B,) a shifted sequence ends ``s`` steps later (earlier), within 1..T; returns the new lengths.
+    """
     if shift > 0:
         T, B = x.shape[:2]
         s = torch.randint(-shift, shift + 1, (B,), generator=gen).to(x.device)
@@ -246,9 +159,11 @@ def augment(x: Tensor, shift: int, noise: float, gen: torch.Generator) -> Tensor
         valid = ((src >= 0) & (src < T)).view(T, B, *([1] * (x.dim() - 2)))
         idx = src.clamp(0, T - 1).view(T, B, *([1] * (x.dim() - 2))).expand_as(x)
         x = torch.where(valid, x.gather(0, idx), torch.zeros((), device=x.device, dtype=x.dtype))
+        if lengths is not None:
+            lengths = (lengths + s).clamp(1, T)
     if noise > 0:
         x = x + noise * torch.randn(x.shape, generator=gen).to(x.device)
-    return x
+    return x, lengths
 
 
 @torch.no_grad()
@@ -256,15 +171,22 @@ def _quick_test_acc(net: PSNNet, data: Dataset, dev: torch.device) -> float:
     """Parallel-form test accuracy in eval mode at the current lam (for the progress bar and curve)."""
     net.eval()
     correct = 0
-    for xb, yb in batches(data.x_test, data.y_test, 1000):
-        correct += int((net(xb.to(dev)).scores[-1].argmax(1).cpu() == yb).sum())
+    for i in range(0, data.x_test.shape[0], 1000):
+        scores = net(time_major(data.x_test[i:i + 1000]).to(dev)).scores.cpu()
+        lengths = None if data.lengths_test is None else data.lengths_test[i:i + 1000]
+        correct += int((final_scores(scores, lengths).argmax(1) == data.y_test[i:i + 1000]).sum())
     net.train()
     return correct / data.x_test.shape[0]
 
 
 def limit(data: Dataset, train_n: int | None, test_n: int | None) -> Dataset:
-    return Dataset(data.name, data.x_train[:train_n], data.y_train[:train_n], data.x_test[:test_n],
-                   data.y_test[:test_n], data.class_names, data.description)
+    def cut(t: Tensor | None, n: int | None) -> Tensor | None:
+        return None if t is None else t[:n]
+
+    return dataclasses.replace(data, x_train=data.x_train[:train_n], y_train=data.y_train[:train_n],
+                               x_test=data.x_test[:test_n], y_test=data.y_test[:test_n],
+                               lengths_train=cut(data.lengths_train, train_n),
+                               lengths_test=cut(data.lengths_test, test_n))
 
 
 def run(a: argparse.Namespace) -> Path:
@@ -273,7 +195,7 @@ def run(a: argparse.Namespace) -> Path:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    data = limit(load_dataset(a.dataset), a.train_limit, a.test_limit)
+    data = limit(a.loaded if a.loaded is not None else load_dataset(a.dataset), a.train_limit, a.test_limit)
     if a.layers[0].kind == "conv" and len(data.input_shape) == 1:
         data = with_channel_axis(data)  # a step of F features becomes (1 channel, F) for the conv
     net = PSNNet(net_config(a, data))
@@ -283,9 +205,10 @@ def run(a: argparse.Namespace) -> Path:
     result = train(net, data, a)
     fused = result.net.fused().cpu()  # what the service loads
     t0 = time.perf_counter()
-    ev = evaluate(fused, data.x_test, data.y_test)
+    ev = evaluate(fused, data.x_test, data.y_test, lengths=data.lengths_test)
     metrics: dict[str, Any] = {
-        "dataset": data.name, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
+        "dataset": data.name, "data": data.source, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
+        "variable_length": data.variable_length, "test_data": a.test_data,
         "test_acc_parallel": round(ev.acc_parallel, 5),
         "test_acc_streaming": None if ev.acc_streaming is None else round(ev.acc_streaming, 5),
         "streaming_agreement": ev.agreement, "streaming_max_score_diff": ev.max_score_diff,
@@ -309,8 +232,13 @@ def run(a: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    a.command = "python -m model.train " + " ".join(sys.argv[1:] if argv is None else argv)
-    run(a)
+    a.command = "psn train " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        run(a)
+    except KeyboardInterrupt:
+        # The folder is only ever written at the very end, atomically (model.folder.save_model_folder).
+        print(f"\ninterrupted: nothing was written ({a.out} is as it was)", file=sys.stderr)
+        return 130
     return 0
 
 

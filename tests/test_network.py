@@ -143,3 +143,42 @@ def test_network_bad_inputs() -> None:
 def test_config_round_trips() -> None:
     cfg = _net("masked", T=9).cfg
     assert NetConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_running_mean_is_the_mean_of_the_readouts_so_far_and_its_step_case_agrees():
+    from model.functional import running_mean, running_mean_step
+
+    g = torch.Generator().manual_seed(0)
+    per_step = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    scores, total = running_mean(per_step)
+    for t in range(5):  # an independent reference: the plain mean of the first t+1 readouts
+        torch.testing.assert_close(scores[t], per_step[: t + 1].mean(0))
+    torch.testing.assert_close(total, per_step.sum(0))
+    # resuming after 5 steps with 2 more equals the mean over all 7
+    more = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    seen = torch.full((3,), 5)
+    resumed, _ = running_mean(more, total, seen)
+    torch.testing.assert_close(resumed[-1], torch.cat([per_step, more]).mean(0))
+    one, new_sum, new_seen = running_mean_step(more[0], total, seen)
+    torch.testing.assert_close(one, resumed[0])
+    torch.testing.assert_close(new_sum, total + more[0])
+    assert new_seen.tolist() == [6, 6, 6]
+
+
+def test_lif_scan_is_lif_step_without_the_surrogate():
+    from model.functional import lif_scan, lif_step
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, 7, generator=g, dtype=torch.float64) * 2
+    spikes, membrane = lif_scan(x, 2.0, 1.0)
+    v = torch.zeros(5, 7, dtype=torch.float64)
+    for t in range(12):  # reference: the equations written out here, v <- v + (x - v)/tau, reset to 0
+        v = v + (x[t] - v) / 2.0
+        torch.testing.assert_close(membrane[t], v - 1.0)
+        s = (v >= 1.0).to(v.dtype)
+        assert torch.equal(spikes[t], s)
+        v = v * (1 - s)
+    s_ref, v_ref = torch.zeros_like(x), torch.zeros(5, 7, dtype=torch.float64)
+    for t in range(12):
+        s_ref[t], v_ref = lif_step(x[t], v_ref, 2.0, 1.0, 2.0)
+    assert torch.equal(s_ref, spikes)

@@ -197,3 +197,16 @@ def test_cli_module_entry_point_exports_all(tmp_path):
     assert proc.stdout.count("parity: PASSED") == 2
     meta = OnnxModel(tmp_path / "tiny-sliding").meta
     assert meta["opset"] == "17" and meta["dynamic_T"] == "true"
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_export_defaults_reproduce_the_shipped_parity_files(folder):
+    """`python -m exported.export --all` with its defaults checks as many real samples as the shipped
+    onnx_parity.json records (so rerunning it leaves the tracked files as they are)."""
+    from exported.export import DEFAULT_SAMPLES, build_parser
+
+    shipped = json.loads((folder / PARITY_FILE).read_text())
+    test_samples = load_model_folder(folder).metrics["test_samples"]
+    assert shipped["parity"]["real"]["samples"] == min(DEFAULT_SAMPLES, test_samples)
+    assert build_parser().parse_args(["--all"]).samples == DEFAULT_SAMPLES
+    assert shipped["opset"] == build_parser().parse_args(["--all"]).opset

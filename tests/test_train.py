@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from model.cli import main as psn_main
-from model.data import fit_input_shape, load_dataset
+from model.data import final_scores, fit_input_shape, load_dataset
+from model.datafile import load_source
 from model.evaluate import evaluate, parallel_scores, streamed_scores
 from model.folder import find_model_folders, load_model_folder
 from model.report import check_reference
@@ -89,19 +90,20 @@ def test_bad_options_fail_before_training(argv, message, tmp_path, capsys):
 
 
 @functools.cache
-def _test_subset(dataset: str, n: int = 300):
-    d = load_dataset(dataset)
-    return d.x_test[:n], d.y_test[:n], d
+def _data(data: str, dataset: str):
+    return load_source({"data": data, "dataset": dataset})
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_model_streams_exactly_like_the_parallel_form(folder):
     loaded = load_model_folder(folder)
     check_reference(folder)
-    x, y, d = _test_subset(loaded.config["dataset"])
-    x = fit_input_shape(d, loaded.cfg.input_shape).x_test[: x.shape[0]]
-    par = parallel_scores(loaded.net, x)[-1]  # (N, C)
-    stream = streamed_scores(loaded.net, x)
+    d = _data(loaded.config.get("data") or "", loaded.config["dataset"])
+    n = 300
+    x = fit_input_shape(d, loaded.cfg.input_shape).x_test[:n]
+    lengths = None if d.lengths_test is None else d.lengths_test[:n]
+    par = final_scores(parallel_scores(loaded.net, x), lengths)  # (N, C)
+    stream = streamed_scores(loaded.net, x, lengths=lengths)
     assert torch.equal(par.argmax(1), stream.argmax(1))
     assert float((par - stream).abs().max()) < 1e-4
     m = loaded.metrics
@@ -119,3 +121,47 @@ def test_psn_console_script_points_at_the_cli(capsys):
     entry = getattr(importlib.import_module(module), func)
     assert entry([]) == 2 and "psn {train}" in capsys.readouterr().out
     assert entry(["serve-nothing"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_says_nothing_was_written(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "never"
+    proc = subprocess.Popen([sys.executable, "-m", "model.train", *TINY[:-1], "--epochs", "100000", "--out", str(out)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # wait until training has started
+        lines.append(line)
+        if "parameters" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "Traceback" not in rest and "nothing was written" in rest.strip().splitlines()[-1], rest
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_japanesevowels_recipe_reproduces_the_shipped_model(tmp_path):
+    """The shipped JapaneseVowels run (about 30 s on one thread) writes the same weights again."""
+    pytest.importorskip("sktime")
+    folder = ROOT / "exported" / "japanesevowels-sliding"
+    argv = json.loads((folder / "metrics.json").read_text())["command"].split()[2:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "jv")
+    if "--compare" in argv:
+        argv = argv[:argv.index("--compare")]
+    assert psn_main(["train", *argv]) == 0
+    again = load_file(str(tmp_path / "jv" / "weights.safetensors"))
+    shipped = load_file(str(folder / "weights.safetensors"))
+    assert all(torch.equal(again[k], shipped[k]) for k in shipped)
+    assert json.loads((tmp_path / "jv" / "metrics.json").read_text())["test_acc_streaming"] >= 0.96
+
+
+def test_model_folder_is_readable_by_every_user(tmp_path):
+    """A container user other than the trainer must be able to read a written folder (weights included)."""
+    out = _train(tmp_path, "perm", "--epochs", "1")
+    assert out.stat().st_mode & 0o755 == 0o755
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o444 == 0o444, f"{f.name} is not world-readable"

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import demo
 from service.config import Settings
 from service.frontend.client import EngineClient
 from service.frontend.errors import install_error_handlers
@@ -58,6 +59,6 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
-    for r in (models.router, sessions.router, stream.router, classify.router, health.router):
+    for r in (models.router, sessions.router, stream.router, classify.router, health.router, demo.router):
         app.include_router(r)
     return app

@@ -1,0 +1,283 @@
+"""``psn train --data``: .npz, CSV and .ts files, their checks, variable lengths, per-feature normalisation.
+
+Small data sets are generated here: a class is a tone of its own frequency on feature 0 and a ramp on
+feature 1, with noise, so a tiny net learns it in a few epochs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.cli import main as psn_main
+from model.data import Dataset, final_scores
+from model.datafile import DataFileError, load_data_file
+from model.evaluate import streamed_scores
+from model.folder import load_model_folder
+from model.network import LayerConfig, NetConfig, PSNNet, masked_batch_norm
+from model.report import check_reference
+from model.train import main as train_main
+from model.train import parse_args, train
+
+FAST = ["--neuron", "sliding", "-k", "3", "--layers", "L24", "--epochs", "3", "--batch-size", "16", "--lr", "2e-2",
+        "--threads", "1", "--quiet"]
+
+
+def make_sequences(n: int, T: int, *, seed: int, variable: bool, classes: int = 3):
+    """x (n, T, 2) with NaN padding past each length, y (n,), lengths (n,)."""
+    g = np.random.default_rng(seed)
+    y = g.integers(0, classes, n)
+    lengths = g.integers(3, T + 1, n) if variable else np.full(n, T)
+    t = np.arange(T)
+    x = np.stack([np.sin(t[None, :] * (y[:, None] + 1) * 0.7), (y[:, None] - 1.0) * t[None, :] / T], axis=2)
+    x = 5.0 + 3.0 * x + 0.1 * g.standard_normal((n, T, 2))
+    x[:, :, 1] *= 100.0  # a feature on another scale: per-feature normalisation matters
+    x[t[None, :] >= lengths[:, None]] = np.nan  # padding may hold anything
+    return x, y, lengths
+
+
+def write_npz(path: Path, *, variable: bool, **override) -> Path:
+    x, y, lengths = make_sequences(90, 10, seed=1, variable=variable)
+    xt, yt, lt = make_sequences(40, 12, seed=2, variable=variable)  # a test set with longer sequences
+    arrays = {"x": x, "y": y, "x_test": xt, "y_test": yt, "class_names": np.array(["low", "mid", "high"])}
+    if variable:
+        arrays |= {"lengths": lengths, "lengths_test": lt}
+    else:
+        arrays["x"], arrays["x_test"] = x, xt[:, :10]
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def write_csv(path: Path, x: np.ndarray, y, lengths, *, header: bool = True, shuffle: bool = True) -> Path:
+    rows = [[f"s{n:03d}", t, *x[n, t].tolist(), y[n]] for n in range(len(y)) for t in range(lengths[n])]
+    if shuffle:
+        rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(["sequence", "step", *(f"f{i}" for i in range(x.shape[2])), "label"])
+        w.writerows(rows)
+    return path
+
+
+def write_ts(path: Path, x: np.ndarray, y, lengths) -> Path:
+    """A multivariate, unequal-length .ts file (UEA/UCR archive format)."""
+    labels = sorted({str(v) for v in y})
+    lines = ["@problemName tiny", "@timeStamps false", "@missing false", "@univariate false",
+             f"@dimensions {x.shape[2]}", "@equalLength false", f"@classLabel true {' '.join(labels)}", "@data"]
+    for n in range(len(y)):
+        dims = [",".join(repr(float(v)) for v in x[n, :lengths[n], d]) for d in range(x.shape[2])]
+        lines.append(":".join(dims) + f":{y[n]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _train(data: str, out: Path, *extra: str) -> Path:
+    assert psn_main(["train", "--data", data, *FAST, *extra, "--out", str(out)]) == 0
+    return out
+
+
+def _check_folder(out: Path, x: np.ndarray, y: np.ndarray, lengths: np.ndarray) -> None:
+    """The folder alone reproduces its stored predictions; streaming each test sequence (unpadded, alone)
+    gives the parallel form's answer and the metrics' accuracy on the true lengths."""
+    assert check_reference(out) < 1e-4
+    model = load_model_folder(out)
+    m = model.metrics
+    answers, per_step = [], []  # per_step[n][t]: sample n's answer after t+1 steps (its final one past its end)
+    for n in range(len(y)):
+        xs = torch.tensor(x[n, :lengths[n]], dtype=torch.float32)
+        with torch.no_grad():
+            par = model.net(xs.unsqueeze(1)).scores[:, 0]  # (L, C)
+        streamed = streamed_scores(model.net, xs.unsqueeze(0))[0]
+        assert float((par[-1] - streamed).abs().max()) < 1e-4
+        answers.append(int(par[-1].argmax()))
+        per_step.append([int(par[min(t, len(par) - 1)].argmax()) for t in range(m["T"])])
+    acc = float(np.mean(np.array(answers) == y))
+    assert m["test_acc_parallel"] == pytest.approx(acc, abs=1e-5)
+    assert m["test_acc_streaming"] == pytest.approx(acc, abs=1e-5)
+    np.testing.assert_allclose(m["acc_per_step"], (np.array(per_step) == y[:, None]).mean(0), atol=1e-5)
+    ref = json.loads((out / "reference.json").read_text())
+    assert ref["predictions"] == [answers[i] for i in ref["test_index"]]
+    assert set(ref["y"]) == set(y.tolist())  # a sample of each class
+
+
+def test_fixed_length_npz_trains_a_loadable_folder(tmp_path):
+    path = write_npz(tmp_path / "tones.npz", variable=False)
+    out = _train(str(path), tmp_path / "tones")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dataset"] == "tones" and cfg["data"] == str(path) and cfg["class_names"] == ["low", "mid", "high"]
+    assert cfg["net"]["input_shape"] == [2] and cfg["net"]["T"] is None
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["T"] == 10 and m["test_samples"] == 40 and m["variable_length"] is False
+    assert m["test_acc_streaming"] > 0.5  # chance is 1/3
+    with np.load(path) as f:
+        xt, yt = f["x_test"], f["y_test"]
+    _check_folder(out, xt, yt, np.full(len(yt), 10))
+
+
+def test_variable_length_npz_scores_each_sequence_at_its_own_end(tmp_path):
+    path = write_npz(tmp_path / "var.npz", variable=True)
+    out = _train(str(path), tmp_path / "var")
+    with np.load(path) as f:
+        x, lengths, xt, yt, lt = f["x"], f["lengths"], f["x_test"], f["y_test"], f["lengths_test"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["variable_length"] is True and m["T"] == 12 and len(m["acc_per_step"]) == 12
+    ref = json.loads((out / "reference.json").read_text())
+    assert ref["lengths"] == lt[ref["test_index"]].tolist()
+    _check_folder(out, xt, yt, lt)
+    # normalisation: per feature, from the valid training steps only (NaN padding ignored)
+    valid = np.concatenate([x[n, :lengths[n]] for n in range(len(lengths))])
+    cfg = load_model_folder(out).cfg
+    np.testing.assert_allclose(cfg.input_mean, valid.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(cfg.input_std, valid.std(0, ddof=1), rtol=1e-6)
+
+
+def test_csv_and_ts_read_the_same_sequences_as_npz(tmp_path):
+    x, y, lengths = make_sequences(30, 8, seed=3, variable=True)
+    names = np.array(["low", "mid", "high"])[y]
+    ref = load_data_file(str(write_npz(tmp_path / "a.npz", variable=True, x=x, y=y, lengths=lengths, x_test=None,
+                                       y_test=None, lengths_test=None, class_names=None)))
+    from_csv = load_data_file(str(write_csv(tmp_path / "a.csv", x, y, lengths)))
+    no_header = load_data_file(str(write_csv(tmp_path / "b.csv", x, y, lengths, header=False, shuffle=False)))
+    from_ts = load_data_file(str(write_ts(tmp_path / "a_TRAIN.ts", x, y, lengths)))
+    for d in (from_csv, no_header, from_ts):
+        for part in ("x_train", "y_train", "x_test", "y_test", "lengths_train", "lengths_test"):
+            assert torch.allclose(getattr(d, part).double(), getattr(ref, part).double(), atol=1e-5), part
+    assert ref.class_names == ["0", "1", "2"] and from_ts.class_names == ["0", "1", "2"]
+    assert ref.x_test.shape[0] == 6  # no test split in the file: 20% held out with a fixed seed
+    # named labels (CSV) become classes in sorted order
+    named = load_data_file(str(write_csv(tmp_path / "n.csv", x, names, lengths)))
+    assert named.class_names == ["high", "low", "mid"]
+    assert [named.class_names[i] for i in named.y_train] == [str(v) for v in names[np.sort(
+        np.random.default_rng(0).permutation(30)[6:])]]
+
+
+def test_ts_pair_trains_and_takes_the_test_file(tmp_path):
+    x, y, lengths = make_sequences(60, 9, seed=4, variable=True)
+    xt, yt, lt = make_sequences(20, 9, seed=5, variable=True)
+    write_ts(tmp_path / "Tiny_TRAIN.ts", x, y, lengths)
+    write_ts(tmp_path / "Tiny_TEST.ts", xt, yt, lt)
+    out = _train(str(tmp_path / "Tiny_TRAIN.ts"), tmp_path / "tiny")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "tiny" and m["test_samples"] == 20 and m["train_samples"] == 60
+    _check_folder(out, xt, yt, lt)
+
+
+def test_shipped_sktime_data_set_is_found_in_the_wheel():
+    pytest.importorskip("sktime")
+    d = load_data_file("sktime:JapaneseVowels")
+    assert d.x_train.shape == (270, 29, 12) and d.x_test.shape == (370, 29, 12)
+    assert d.class_names == [str(i) for i in range(1, 10)]
+    assert int(d.lengths_train.min()) == 7 and int(d.lengths_test.max()) == 29
+    assert bool((d.x_train[0, int(d.lengths_train[0]):] == 0).all())
+
+
+def test_padding_does_not_change_training(tmp_path):
+    """Whatever the padding holds, a run gives the same weights: the loss reads each sequence at its own
+    end and batch norm takes statistics from valid steps only."""
+    x, y, lengths = make_sequences(64, 10, seed=6, variable=True)
+    x = np.nan_to_num(x, nan=0.0)
+    path = write_npz(tmp_path / "p.npz", variable=True, x=x, y=y, lengths=lengths)
+    a = parse_args(["--data", str(path), *FAST, "--out", str(tmp_path / "never")])
+    weights = []
+    for fill in (0.0, 1e3):
+        d = a.loaded
+        pad = ~(torch.arange(d.T).unsqueeze(0) < d.lengths_train.unsqueeze(1))
+        xp = d.x_train.clone()
+        xp[pad] = fill
+        data = Dataset(d.name, xp, d.y_train, d.x_test, d.y_test, d.class_names, d.description,
+                       lengths_train=d.lengths_train, lengths_test=d.lengths_test, source=d.source)
+        torch.manual_seed(0)
+        cfg = NetConfig(input_shape=(2,), num_classes=3, layers=(LayerConfig("linear", 16), LayerConfig("linear", 8)),
+                        neuron="sliding", k=3, input_mean=(5.0, 500.0), input_std=(3.0, 300.0))
+        net = train(PSNNet(cfg), data, a).net
+        weights.append({k: v.clone() for k, v in net.state_dict().items()})
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k].double(), weights[1][k].double(), atol=1e-6), k
+
+
+def test_masked_batch_norm_is_batch_norm_of_the_valid_rows():
+    torch.manual_seed(0)
+    for shape in ((12, 4), (12, 3, 5)):
+        ours, ref = torch.nn.BatchNorm1d(shape[1]), torch.nn.BatchNorm1d(shape[1])
+        with torch.no_grad():
+            ours.weight.uniform_(0.5, 2.0)
+            ours.bias.uniform_(-1.0, 1.0)
+        ref.load_state_dict(ours.state_dict())
+        for _ in range(3):
+            y, valid = torch.randn(*shape) * 3 + 1, torch.rand(shape[0]) < 0.6
+            out = masked_batch_norm(ours, y, valid)
+            torch.testing.assert_close(out[valid], ref(y[valid]))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+        assert int(ours.num_batches_tracked) == 3
+
+
+def test_final_scores_reads_each_column_at_its_length():
+    scores = torch.arange(4 * 3 * 2, dtype=torch.float32).reshape(4, 3, 2)
+    got = final_scores(scores, torch.tensor([1, 4, 2]))
+    assert got.tolist() == [scores[0, 0].tolist(), scores[3, 1].tolist(), scores[1, 2].tolist()]
+
+
+# ----- bad files: each gets its own clear error before training -----------------------------------------
+def _bad_npz(tmp_path: Path, **override) -> str:
+    return str(write_npz(tmp_path / "bad.npz", variable=True, **override))
+
+
+BAD = {
+    "x without a feature axis": (lambda p: _bad_npz(p, x=np.zeros((90, 10))), "expected shape (N, T, features...)"),
+    "y of the wrong length": (lambda p: _bad_npz(p, y=np.zeros(7, dtype=int)), "y: expected shape (90,)"),
+    "NaN inside a sequence": (lambda p: _bad_npz(p, x=np.full((90, 10, 2), np.nan)),
+                              "NaN or Inf at sequence 0, step 0"),
+    "label out of range": (lambda p: _bad_npz(p, y=np.full(90, 3)), "label 3 of sequence 0 is out of range"),
+    "negative label": (lambda p: _bad_npz(p, y_test=np.full(40, -1)), "y_test: label -1 of sequence 0"),
+    "test set with other features": (lambda p: _bad_npz(p, x_test=np.zeros((40, 12, 3))),
+                                     "test set: steps of shape (3,)"),
+    "length past T": (lambda p: _bad_npz(p, lengths=np.full(90, 11)), "lengths: sequence 0 has length 11"),
+    "fractional labels": (lambda p: _bad_npz(p, y=np.full(90, 0.5)), "labels must be whole numbers"),
+    "unknown format": (lambda p: str(_write(p / "data.parquet", "x")), "unknown format '.parquet'"),
+    "missing file": (lambda p: str(p / "nowhere.npz"), "no such file"),
+    "csv step twice": (lambda p: _csv_text(p, "a,0,1.0,x\na,0,2.0,x\n"), "sequence 'a' has step 0 twice"),
+    "csv two labels": (lambda p: _csv_text(p, "a,0,1.0,x\na,1,2.0,y\n"), "more than one label"),
+    "csv gap in steps": (lambda p: _csv_text(p, "a,0,1.0,x\na,2,2.0,x\n"), "expected 0..L-1"),
+    "csv text feature": (lambda p: _csv_text(p, "a,0,high,x\n"), "features numbers"),
+    "ts not a ts file": (lambda p: str(_write(p / "junk.ts", "hello\n")), "not a readable .ts file"),
+}
+
+
+def _csv_text(tmp_path: Path, text: str) -> str:
+    return str(_write(tmp_path / "bad.csv", "seq,step,f0,label\n" + text))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_file_fails_before_training_with_a_clear_error(case, tmp_path, capsys):
+    make, message = BAD[case]
+    data = make(tmp_path)
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as e:
+        train_main(["--data", data, *FAST, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not out.exists()
+    with pytest.raises(DataFileError, match="."):
+        load_data_file(data)
+
+
+def test_psn_neuron_refuses_variable_lengths_and_data_excludes_dataset(tmp_path, capsys):
+    path = str(write_npz(tmp_path / "v.npz", variable=True))
+    for argv, message in ((["--neuron", "psn"], "needs a causal neuron"), (["--dataset", "digits"], "not both")):
+        with pytest.raises(SystemExit):
+            train_main(["--data", path, *argv, "--out", str(tmp_path / "never"), "--quiet"])
+        assert message in capsys.readouterr().err

@@ -1,0 +1,83 @@
+"""The README's and docs' examples run, so they cannot rot.
+
+- every fenced ``python`` block that needs no running server runs as a script from the repository root
+  (the ones that talk to a server run in tests/service/test_docs_server.py);
+- every ``psn train`` / ``python -m model.train`` command in a ``bash`` block passes the training
+  command's own option checks (data available, options valid), without training;
+- every ``python -m exported.export`` command names folders that exist and options the exporter takes.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+SERVER = re.compile(r"localhost:8000|127\.0\.0\.1:8000|ws://")
+
+
+def fenced(lang: str) -> list[tuple[str, str]]:
+    """(id "file:line", code) of every ```lang block in the docs."""
+    out = []
+    for path in DOCS:
+        text = path.read_text()
+        for m in re.finditer(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M):
+            line = text[:m.start()].count("\n") + 1
+            out.append((f"{path.relative_to(REPO)}:{line}", m.group(1)))
+    return out
+
+
+def commands(prefixes: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """Shell commands (continuation lines joined, comments dropped) starting with one of ``prefixes``."""
+    found = []
+    for where, code in fenced("bash") + fenced(""):
+        for cmd in code.replace("\\\n", " ").splitlines():
+            for prefix in prefixes:
+                if cmd.strip().startswith(prefix + " "):
+                    found.append((where, shlex.split(cmd, comments=True)[len(prefix.split()):]))
+    return found
+
+
+LOCAL_PYTHON = [(w, c) for w, c in fenced("python") if not SERVER.search(c)]
+TRAIN = commands(("psn train", ".venv/bin/psn train", "python -m model.train", ".venv/bin/python -m model.train"))
+EXPORT = commands(("python -m exported.export",))
+
+
+def test_the_docs_have_examples_to_run():
+    assert len(LOCAL_PYTHON) >= 2 and len(TRAIN) >= 3 and len(EXPORT) >= 3
+
+
+@pytest.mark.parametrize("where,code", LOCAL_PYTHON, ids=[w for w, _ in LOCAL_PYTHON])
+def test_python_example_runs(where, code):
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{where}:\n{proc.stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("where,argv", TRAIN, ids=[w for w, _ in TRAIN])
+def test_training_command_passes_its_option_checks(where, argv):
+    from model.train import parse_args
+
+    for arg in argv:  # a data file the docs write in a python block first
+        makers = [c for _, c in LOCAL_PYTHON if arg in c]
+        if arg.startswith("/tmp/") and not Path(arg).exists() and makers:
+            subprocess.run([sys.executable, "-c", makers[0]], cwd=REPO, check=True, timeout=120)
+    a = parse_args(argv)  # exits with a usage error if an option is wrong or its data is missing
+    assert a.epochs >= 1
+
+
+@pytest.mark.parametrize("where,argv", EXPORT, ids=[w for w, _ in EXPORT])
+def test_export_command_names_real_folders(where, argv):
+    known = {"--all", "--no-parity", "--root", "--opset", "--samples"}
+    options = [a for a in argv if a.startswith("--")]
+    assert set(options) <= known, f"{where}: unknown options {set(options) - known}"
+    takes_value = {"--root", "--opset", "--samples"}
+    folders = [a for i, a in enumerate(argv) if not a.startswith("--") and argv[i - 1] not in takes_value]
+    for folder in folders:
+        if folder not in ("exported/foo",):  # the docs' placeholder name
+            assert (REPO / folder / "config.json").is_file(), f"{where}: no model folder {folder}"
