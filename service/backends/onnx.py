@@ -53,7 +53,8 @@ class OnnxBackend:
         self.onnx = OnnxModel(self.folder, threads=settings.onnx_threads)
         self.max_slots = max_slots if self.onnx.streams else 0
         self._state = self.onnx.initial_state(self.max_slots)  # per state input: (max_slots, ...)
-        self._pad_to = model.cfg.T if model.cfg.neuron == "masked" else None
+        kind = model.cfg.kind
+        self._pad_to = model.cfg.T if kind.horizon and not kind.exact_T else None  # model.onnx takes exactly T
 
     def reset(self, slots: Tensor) -> None:
         self._require_slots()

@@ -170,7 +170,7 @@ class EngineCore:
         if len(payload) != T * r.input_size * r.wire.itemsize or T < 1:
             raise InvalidInput(f"steps: {len(payload)} bytes for {T} steps of {r.input_size} {r.wire.name}",
                                field="steps")
-        if r.cfg.neuron == "psn" and T != r.cfg.T:
+        if r.exact_T is not None and T != r.exact_T:
             raise InvalidInput(f"steps: model {model!r} (plain PSN) needs exactly T={r.cfg.T} steps, got {T}",
                                field="steps")
         if r.horizon is not None and T > r.horizon:

@@ -27,7 +27,9 @@ class ModelRunner:
         self.n_out = math.prod(self.output_shape)
         self.spike_bytes = (self.n_out + 7) // 8
         self.classes = self.cfg.num_classes
-        self.horizon = self.cfg.T if self.cfg.neuron == "masked" else None  # steps a session may take
+        kind = self.cfg.kind
+        self.horizon = self.cfg.T if kind.horizon and kind.streams else None  # steps a session may take
+        self.exact_T = self.cfg.T if kind.exact_T else None  # classify needs exactly T steps
 
     @property
     def streams(self) -> bool:
@@ -76,8 +78,8 @@ class ModelRunner:
         """What a front end needs to validate inputs and encode outputs (plus GET /v1/models)."""
         cfg, model = self.cfg, self.backend.model
         return {"name": self.name, "neuron": cfg.neuron, "streams": self.streams,
-                "k": cfg.k if cfg.neuron in ("masked", "sliding") else None,
-                "horizon": cfg.T if cfg.neuron in ("masked", "psn") else None,
+                "k": cfg.k if cfg.kind.has_k else None,
+                "horizon": cfg.T if cfg.kind.horizon else None,
                 "input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
                 "num_classes": cfg.num_classes, "class_names": model.class_names,
                 "dataset": model.config.get("dataset", ""), "metrics": model.metrics, "config": cfg.to_dict(),

@@ -47,7 +47,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _respond(request, ServiceError(str(exc.detail), status=exc.status_code, code=code))
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        field = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else None
+        return _respond(request, ServiceError(message, status=exc.status_code, code=code, field=field))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

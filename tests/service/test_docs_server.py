@@ -58,3 +58,15 @@ def test_python_server_example_runs(shipped_server, where, code):
     proc = subprocess.run([sys.executable, "-c", _local(code, shipped_server.port)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{where}: {proc.stderr[-3000:]}"
+
+
+def test_model_list_is_small_and_detail_has_the_history(shipped_server) -> None:
+    import httpx
+
+    with httpx.Client(base_url=shipped_server.url, timeout=20) as c:
+        brief = c.get("/v1/models")
+        full = c.get("/v1/models", params={"detail": "true"}).json()["models"]
+        one = c.get(f"/v1/models/{full[0]['name']}").json()
+    assert len(brief.content) < 12_000 < len(str(full))
+    assert all("history" not in m["metrics"] and "test_acc_streaming" in m["metrics"] for m in brief.json()["models"])
+    assert "history" in full[0]["metrics"] and one["metrics"] == full[0]["metrics"]

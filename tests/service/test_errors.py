@@ -58,6 +58,12 @@ def test_bad_steps_are_refused_and_session_unharmed(client: httpx.Client, sessio
     assert 'psn_errors_total{code="invalid_input"}' in client.get("/metrics").text
 
 
+def test_unknown_route_names_the_path(client: httpx.Client) -> None:
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert r.json()["error"]["field"] == "path" and "/v1/nothing-here" in r.json()["error"]["message"]
+
+
 def test_unknown_things(client: httpx.Client) -> None:
     _check(client.post("/v1/sessions", json={"model": "nope"}), 404, "model_not_found", ["model", "nope", "sliding"])
     _check(client.get("/v1/models/nope"), 404, "model_not_found")

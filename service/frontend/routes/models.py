@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from service.frontend.deps import FrontendDep
 from service.frontend.errors import error_responses
@@ -12,9 +12,15 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelList, responses=error_responses(503), summary="Every served model")
-async def list_models(fe: FrontendDep) -> dict:
+async def list_models(fe: FrontendDep, detail: bool = Query(False, description=(  # noqa: B008
+        "true: each model's full metrics (training history included), as GET /v1/models/{name} gives"))) -> dict:
     fe.check_ready()
-    return {"models": list(fe.models.values())}
+    return {"models": [m if detail else summary(m) for m in fe.models.values()]}
+
+
+def summary(info: dict) -> dict:
+    """A model's info with only the scalar metrics (the per-epoch history is most of its size)."""
+    return {**info, "metrics": {k: v for k, v in info["metrics"].items() if not isinstance(v, list | dict)}}
 
 
 @router.get("/{name}", response_model=ModelInfo, responses=error_responses(404, 503), summary="One model")
