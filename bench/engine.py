@@ -139,11 +139,6 @@ def engine_core_rate(model: LoadedModel, sessions: int, L: int, max_batch: int, 
         for items in core.take_outbox().values():
             msgpack.packb(items)
 
-    one_round()
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        one_round()
-    engine_s = (time.perf_counter() - t0) / rounds
     be = core.runners[model.name].backend
     xs = [torch.randn(L, min(max_batch, sessions - i), 28) for i in range(0, sessions, max_batch)]
     slots = [torch.arange(i, i + x.shape[1]) for i, x in zip(range(0, sessions, max_batch), xs, strict=True)]
@@ -152,7 +147,17 @@ def engine_core_rate(model: LoadedModel, sessions: int, L: int, max_batch: int, 
         for x, sl in zip(xs, slots, strict=True):
             be.run(x, sl)
 
-    backend_s = timed(backend_round, rounds, lambda: None, warmup=1)
+    one_round()
+    backend_round()
+    engine_t, backend_t = [], []
+    for _ in range(rounds):  # interleaved, so a noisy neighbour slows both alike; medians
+        t0 = time.perf_counter()
+        one_round()
+        t1 = time.perf_counter()
+        backend_round()
+        engine_t.append(t1 - t0)
+        backend_t.append(time.perf_counter() - t1)
+    engine_s, backend_s = statistics.median(engine_t), statistics.median(backend_t)
     n = sessions * L
     return {"us_per_session_step": engine_s / n * 1e6, "backend_us_per_session_step": backend_s / n * 1e6,
             "us_per_request": engine_s / sessions * 1e6, "sessions": sessions, "steps_per_request": L,

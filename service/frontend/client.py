@@ -45,6 +45,7 @@ class EngineClient:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-client")
 
     async def close(self) -> None:
+        self.connected = False  # a planned close: not "lost the engine core"
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
