@@ -2,7 +2,8 @@
 
     python scripts/stream_check.py HOST:PORT MODELS_DIR [MODEL]
 
-For each sample: open a session, send the sequence 10 steps a message, close; the last output's
+For each sample (at its true length, ``lengths`` in reference.json): open a session, send the
+sequence 10 steps a message, close; the last output's
 prediction must equal the reference prediction and its scores be within 1e-3. Exits 1 on any failure.
 Used by scripts/docker-smoke (against the container) and by the GPU device check.
 """
@@ -26,9 +27,11 @@ failures = 0
 for name in names:
     assert name in served, f"{name} is not served"
     ref = json.load(open(os.path.join(models_dir, name, "reference.json")))
-    x = ref["x"]  # (T, B, *input_shape)
-    T, B = len(x), len(x[0])
+    x = ref["x"]  # (T, B, *input_shape), padded to the longest sample
+    B = len(x[0])
+    lengths = ref.get("lengths") or [len(x)] * B  # variable-length models keep each sample's true length
     for b in range(B):
+        T = lengths[b]
         steps = [x[t][b] for t in range(T)]
         with connect(ws_url, open_timeout=10, close_timeout=5) as ws:
             ws.send(json.dumps({"type": "open", "model": name}))
