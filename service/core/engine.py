@@ -119,13 +119,20 @@ class EngineCore:
         if self.closing:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
 
-    def open(self, front: bytes, rid: int, model: str, watch: bool = False) -> dict:
+    def open(self, front: bytes, rid: int, model: str, watch: bool = False, sid: str | None = None) -> dict:
+        """A new session; ``sid`` names it (an OIP sequence: a live session of that id starts over)."""
         self.check_open()
         r = self.runner(model)
         if not r.streams:
             raise ModelCannotStream(f"model {model!r} ({r.cfg.neuron} neurons) cannot stream: each output step "
                                     "reads the whole sequence; use POST /v1/classify", field="model")
-        s = self.sessions.open(model)
+        old = self.sessions.live.get(sid) if sid else None
+        if old is not None:
+            if old.busy:
+                raise StepGap(f"sequence {sid!r} still has requests in flight; start it again once they are answered",
+                              field="sequence_start", code="sequence_busy")
+            self.sessions.close(old)
+        s = self.sessions.open(model, sid)
         try:
             r.reset([s.slot])
         except BaseException:

@@ -63,14 +63,15 @@ class SessionTable:
     def add_model(self, name: str, slots: int) -> None:
         self.pools[name] = SlotPool(slots)
 
-    def open(self, model: str) -> Session:
+    def open(self, model: str, sid: str | None = None) -> Session:
+        """A new session of ``model`` (``sid``: a caller-chosen id, e.g. an OIP sequence; default: random)."""
         pool = self.pools[model]
         slot = pool.take()
         if slot is None:
             raise TooManySessions(f"model {model!r}: all {pool.size} session slots are in use; close a session or "
                                   f"wait for one to expire (idle timeout {self.idle_timeout_s:g} s)",
                                   retry_after=min(self.idle_timeout_s, 30.0))
-        s = Session(id=secrets.token_urlsafe(16), model=model, slot=slot, last_used=self.clock())
+        s = Session(id=sid or secrets.token_urlsafe(16), model=model, slot=slot, last_used=self.clock())
         self.live[s.id] = s
         return s
 

@@ -16,7 +16,7 @@ from service.config import Settings
 from service.frontend.client import EngineClient
 from service.frontend.errors import install_error_handlers
 from service.frontend.limits import BodyLimit
-from service.frontend.routes import classify, health, models, sessions, stream
+from service.frontend.routes import classify, health, models, oip, sessions, stream
 from service.frontend.state import Frontend
 from service.metrics import FrontendMetrics
 
@@ -59,6 +59,7 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     install_error_handlers(app)
-    for r in (models.router, sessions.router, stream.router, classify.router, health.router, demo.router):
+    for r in (models.router, sessions.router, stream.router, classify.router, health.router, oip.router,
+              demo.router):
         app.include_router(r)
     return app

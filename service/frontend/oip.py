@@ -1,0 +1,163 @@
+"""Open Inference Protocol v2 (KServe v2 / Triton) tensors: request and response models, and the
+binary tensor extension (``Inference-Header-Content-Length``: a JSON header, then raw tensor bytes).
+
+The tensors are fixed so clients can rely on them: input ``steps`` FP32 ``[B, L, *input_shape]``;
+outputs ``spikes`` UINT8 ``[B, L, n_out]``, ``scores`` FP32 ``[B, L, num_classes]``, ``predicted``
+INT64 ``[B, L]``. With Triton's sequence parameters B is 1 and L is the request's steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from service.errors import InvalidInput
+from service.frontend.codec import ModelCodec
+
+HEADER = "inference-header-content-length"
+FP32_MAX = float(np.finfo(np.float32).max)
+DTYPES = {"spikes": ("UINT8", np.uint8), "scores": ("FP32", np.float32), "predicted": ("INT64", np.int64)}
+
+
+class TensorParams(BaseModel):
+    binary_data_size: int | None = Field(None, ge=0)
+    binary_data: bool | None = None
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: TensorParams | None = None
+    data: list[Any] | None = None
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: TensorParams | None = None
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInput]
+    outputs: list[RequestedOutput] | None = None
+
+
+class TensorMeta(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMeta]
+    outputs: list[TensorMeta]
+
+
+class OutputTensor(TensorMeta):
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[OutputTensor]
+
+
+def metadata(codec: ModelCodec) -> ModelMetadata:
+    return ModelMetadata(name=codec.name, versions=["1"], platform="psn-stream", inputs=[
+        TensorMeta(name="steps", datatype="FP32", shape=[-1, -1, *codec.input_shape])], outputs=[
+        TensorMeta(name="spikes", datatype="UINT8", shape=[-1, -1, codec.n_out]),
+        TensorMeta(name="scores", datatype="FP32", shape=[-1, -1, codec.classes]),
+        TensorMeta(name="predicted", datatype="INT64", shape=[-1, -1])])
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+    """The JSON part (all of ``body`` without the binary extension) and the binary part."""
+    n = len(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a length within the "
+                               f"{len(body)}-byte body", field="Inference-Header-Content-Length")
+        n = int(header_length)
+    try:
+        return InferRequest.model_validate_json(body[:n]), body[n:]
+    except ValueError as e:
+        first = getattr(e, "errors", lambda: [{}])()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise InvalidInput(f"{where}: {first.get('msg', 'invalid inference request')}", field=where) from None
+
+
+def input_steps(req: InferRequest, binary: bytes, codec: ModelCodec, max_steps: int) -> np.ndarray:
+    """The ``steps`` input as float64 (B, L, *input_shape), checked like every other input."""
+    if len(req.inputs) != 1 or req.inputs[0].name != "steps":
+        raise InvalidInput(f"inputs: expected exactly one input named 'steps', got {[i.name for i in req.inputs]}",
+                           field="inputs")
+    inp = req.inputs[0]
+    want = f"[B, L, {', '.join(map(str, codec.input_shape))}]"
+    if inp.datatype != "FP32":
+        raise InvalidInput(f"steps: datatype must be FP32, got {inp.datatype}", field="steps")
+    if len(inp.shape) != 2 + len(codec.input_shape) or tuple(inp.shape[2:]) != codec.input_shape or \
+            min(inp.shape[:2]) < 1:
+        raise InvalidInput(f"steps: shape must be {want}, got {inp.shape}", field="steps")
+    if inp.shape[1] > max_steps:
+        raise InvalidInput(f"steps: {inp.shape[1]} steps in one request, at most {max_steps} allowed", field="steps")
+    count = math.prod(inp.shape)
+    size = inp.parameters.binary_data_size if inp.parameters else None
+    if size is not None:
+        if size != 4 * count or len(binary) != size:
+            raise InvalidInput(f"steps: binary_data_size {size} with {len(binary)} bytes after the header; shape "
+                               f"{inp.shape} FP32 needs {4 * count}", field="steps")
+        a = np.frombuffer(binary, "<f4").astype(np.float64)
+    else:
+        try:
+            a = np.asarray(inp.data, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            raise InvalidInput("steps: data must be numbers", field="steps") from None
+        if a.size != count:
+            raise InvalidInput(f"steps: {a.size} values for shape {inp.shape}", field="steps")
+        if np.isfinite(a).all() and a.size and float(np.abs(a).max()) > FP32_MAX:
+            raise InvalidInput("steps: a value's magnitude exceeds the largest finite FP32, the input's datatype",
+                               field="steps")
+    codec.check_values(a, "steps")
+    return a.reshape(inp.shape)
+
+
+def respond(req: InferRequest, codec: ModelCodec, spikes: np.ndarray, scores: np.ndarray
+            ) -> tuple[bytes, dict[str, str]]:
+    """Outputs (B, L, ...) as the client asked: JSON ``data`` or binary blobs after the JSON header."""
+    predicted = scores.argmax(-1).astype(np.int64)
+    arrays = {"spikes": spikes.astype(np.uint8), "scores": scores.astype(np.float32), "predicted": predicted}
+    default_binary = bool((req.parameters or {}).get("binary_data_output", False))
+    wanted = req.outputs or [RequestedOutput(name=n) for n in DTYPES]
+    tensors, blobs = [], []
+    for out in wanted:
+        if out.name not in arrays:
+            raise InvalidInput(f"outputs: no output named {out.name!r}; there are {list(DTYPES)}", field="outputs")
+        a = arrays[out.name]
+        binary = out.parameters.binary_data if out.parameters and out.parameters.binary_data is not None \
+            else default_binary
+        t = OutputTensor(name=out.name, datatype=DTYPES[out.name][0], shape=list(a.shape))
+        if binary:
+            blob = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+            t.parameters = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            t.data = a.ravel().tolist()
+        tensors.append(t)
+    head = InferResponse(model_name=codec.name, model_version="1", id=req.id, outputs=tensors)
+    text = json.dumps(head.model_dump(exclude_none=True), separators=(",", ":")).encode()
+    if not blobs:
+        return text, {"content-type": "application/json"}
+    return text + b"".join(blobs), {"content-type": "application/octet-stream", HEADER: str(len(text))}

@@ -1,0 +1,107 @@
+"""Open Inference Protocol v2 through tritonclient (its HTTP client, as a user would drive it) against
+the real service: health, metadata, and infer with Triton's sequence parameters, binary and JSON
+tensors; outputs equal the /v1 streaming and /v1/classify outputs for the same input."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from tests.service.conftest import Reference, Server, assert_outputs
+
+tritonclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
+
+
+def _client(srv: Server):
+    return tritonclient.InferenceServerClient(url=f"127.0.0.1:{srv.port}")
+
+
+def _infer(c, model: str, x: np.ndarray, binary: bool, **seq):
+    inp = tritonclient.InferInput("steps", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x.astype(np.float32), binary_data=binary)
+    outs = [tritonclient.InferRequestedOutput(n, binary_data=binary) for n in ("spikes", "scores", "predicted")]
+    r = c.infer(model, [inp], outputs=outs, **seq)
+    return r.as_numpy("spikes"), r.as_numpy("scores"), r.as_numpy("predicted")
+
+
+def test_health_and_metadata(server: Server) -> None:
+    c = _client(server)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("sliding")
+    assert not c.is_model_ready("nope")
+    meta = c.get_model_metadata("conv")
+    assert meta["inputs"] == [{"name": "steps", "datatype": "FP32", "shape": [-1, -1, 2, 5]}]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
+        ("spikes", "UINT8", [-1, -1, 7]), ("scores", "FP32", [-1, -1, 4]), ("predicted", "INT64", [-1, -1])]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_sequences_stream_like_v1_and_stay_independent(server: Server, ref: Reference, binary: bool) -> None:
+    c = _client(server)
+    xs = {s: ref.sequence("sliding", 9, seed=500 + s).numpy().astype(np.float32) for s in (11, 12)}
+    got: dict[int, list] = {11: [], 12: []}
+    chunks = [(0, 2), (2, 4), (6, 3)]
+    for k, (a, n) in enumerate(chunks):  # two sequences interleaved, request by request
+        for s in (11, 12):
+            out = _infer(c, "sliding", xs[s][None, a:a + n], binary, sequence_id=s, sequence_start=k == 0,
+                         sequence_end=k == len(chunks) - 1)
+            assert out[0].shape == (1, n, 6) and out[1].shape == (1, n, 4) and out[2].shape == (1, n)
+            got[s].append(out)
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        for s in (11, 12):
+            spikes = np.concatenate([g[0][0] for g in got[s]])
+            scores = np.concatenate([g[1][0] for g in got[s]])
+            predicted = np.concatenate([g[2][0] for g in got[s]])
+            sid = h.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+            v1 = h.post(f"/v1/sessions/{sid}/steps", json={"steps": xs[s].astype(np.float64).tolist()}).json()
+            whole = h.post("/v1/classify", json={"model": "sliding", "steps": xs[s].astype(np.float64).tolist()})
+            for o, w in zip(v1["outputs"], whole.json()["outputs"], strict=True):
+                t = o["index"]
+                assert spikes[t].tolist() == o["spikes"] == w["spikes"]
+                assert scores[t].tolist() == pytest.approx(o["scores"], rel=1e-6, abs=1e-6)
+                assert predicted[t] == o["predicted"] == w["predicted"]
+            expect = ref.outputs("sliding", ref.sequence("sliding", 9, seed=500 + s).float().double())
+            assert_outputs(v1["outputs"], expect, rel=1e-6, abs=1e-6)
+
+
+def test_sequence_reused_after_end_starts_fresh_and_needs_start(server: Server, ref: Reference) -> None:
+    c = _client(server)
+    x, y = (ref.sequence("sliding", 8, seed=s).float() for s in (3, 4))
+    first = _infer(c, "sliding", x.numpy()[None], True, sequence_id="abc", sequence_start=True, sequence_end=True)
+    again = _infer(c, "sliding", y.numpy()[None], True, sequence_id="abc", sequence_start=True)  # reused: fresh
+    cont = _infer(c, "sliding", x.numpy()[None], True, sequence_id="abc")  # continues: steps 8..15 after y
+    for out, seq, lo in ((first, x, 0), (again, y, 0), (cont, torch.cat([y, x]), 8)):
+        spikes, scores = ref.outputs("sliding", seq.double())
+        assert out[0][0].tolist() == spikes[lo:lo + 8]
+        assert out[1][0] == pytest.approx(np.asarray(scores[lo:lo + 8]), rel=1e-5, abs=1e-5)
+    not_reset = ref.outputs("sliding", torch.cat([x, y]).double())[1][8:]
+    assert again[1][0] != pytest.approx(np.asarray(not_reset), rel=1e-5, abs=1e-5)  # the test can tell
+    with pytest.raises(tritonclient.InferenceServerException, match="sequence_start"):
+        _infer(c, "sliding", x.numpy()[None], True, sequence_id="never-started")
+
+
+def test_plain_infer_is_classify_over_a_batch(server: Server, ref: Reference) -> None:
+    c = _client(server)
+    x = np.stack([ref.sequence("masked", 6, seed=s).numpy() for s in (1, 2, 3)]).astype(np.float32)  # [3, 6, 3]
+    spikes, scores, predicted = _infer(c, "masked", x, True)
+    assert spikes.shape == (3, 6, 8) and scores.shape == (3, 6, 4)
+    for b in range(3):
+        exp_spikes, exp_scores = ref.outputs("masked", ref.sequence("masked", 6, seed=b + 1).float().double())
+        assert spikes[b].tolist() == exp_spikes
+        assert scores[b] == pytest.approx(np.asarray(exp_scores), rel=1e-5, abs=1e-5)
+        assert predicted[b].tolist() == np.asarray(exp_scores).argmax(-1).tolist()
+
+
+def test_protocol_errors(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        bad = [({"inputs": [{"name": "x", "shape": [1, 1, 3], "datatype": "FP32", "data": [0, 0, 0]}]}, "steps"),
+               ({"inputs": [{"name": "steps", "shape": [1, 1, 2], "datatype": "FP32", "data": [0, 0]}]}, "[B, L, 3]"),
+               ({"inputs": [{"name": "steps", "shape": [1, 1, 3], "datatype": "FP32", "data": [0, 1e39, 0]}]},
+                "FP32"),
+               ({"inputs": [{"name": "steps", "shape": [1, 1, 3], "datatype": "INT8", "data": [0, 1, 0]}]}, "FP32")]
+        for body, words in bad:
+            r = h.post("/v2/models/sliding/infer", json=body)
+            assert r.status_code == 422 and words in r.json()["error"], r.text
+        r = h.post("/v2/models/nope/infer", json=bad[0][0])
+        assert r.status_code == 404 and "nope" in r.json()["error"]
