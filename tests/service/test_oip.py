@@ -69,6 +69,8 @@ def test_sequence_reused_after_end_starts_fresh_and_needs_start(server: Server, 
     c = _client(server)
     x, y = (ref.sequence("sliding", 8, seed=s).float() for s in (3, 4))
     first = _infer(c, "sliding", x.numpy()[None], True, sequence_id="abc", sequence_start=True, sequence_end=True)
+    with pytest.raises(tritonclient.InferenceServerException, match="sequence_start"):  # ended: closed
+        _infer(c, "sliding", x.numpy()[None], True, sequence_id="abc")
     again = _infer(c, "sliding", y.numpy()[None], True, sequence_id="abc", sequence_start=True)  # reused: fresh
     cont = _infer(c, "sliding", x.numpy()[None], True, sequence_id="abc")  # continues: steps 8..15 after y
     for out, seq, lo in ((first, x, 0), (again, y, 0), (cont, torch.cat([y, x]), 8)):
@@ -105,3 +107,30 @@ def test_protocol_errors(server: Server) -> None:
             assert r.status_code == 422 and words in r.json()["error"], r.text
         r = h.post("/v2/models/nope/infer", json=bad[0][0])
         assert r.status_code == 404 and "nope" in r.json()["error"]
+
+
+def test_binary_outputs_travel_as_bytes_after_the_json_header(server: Server, ref: Reference) -> None:
+    x = ref.sequence("sliding", 3, seed=9).numpy().astype("<f4")
+    head = (b'{"inputs":[{"name":"steps","shape":[1,3,3],"datatype":"FP32","parameters":{"binary_data_size":36}}],'
+            b'"outputs":[{"name":"scores","parameters":{"binary_data":true}},{"name":"predicted"}]}')
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        r = h.post("/v2/models/sliding/infer", content=head + x.tobytes(),
+                   headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    meta = httpx.Response(200, content=r.content[:n]).json()
+    scores_meta, predicted_meta = meta["outputs"]
+    assert scores_meta["parameters"]["binary_data_size"] == 3 * 4 * 4 == len(r.content) - n
+    scores = np.frombuffer(r.content[n:], "<f4").reshape(1, 3, 4)
+    expect = ref.outputs("sliding", ref.sequence("sliding", 3, seed=9).float().double())[1]
+    assert scores[0] == pytest.approx(np.asarray(expect), rel=1e-5, abs=1e-5)
+    assert predicted_meta["data"] == np.asarray(expect).argmax(-1).tolist()  # JSON, as asked
+
+
+def test_restarting_a_sequence_reuses_its_slot(serve, ref: Reference) -> None:
+    srv = serve(max_sessions=2)
+    c = _client(srv)
+    x = ref.sequence("sliding", 2, seed=5).numpy().astype(np.float32)[None]
+    for _ in range(4):  # more restarts than slots: each start frees the sequence's old session first
+        _infer(c, "sliding", x, True, sequence_id=7, sequence_start=True)
+    _infer(c, "sliding", x, True, sequence_id=8, sequence_start=True)  # the second slot is still free
