@@ -60,12 +60,26 @@ class SessionGone(ServiceError):
     status, code = 410, "session_expired"
 
 
+class SessionLost(ServiceError):
+    """The session's state may be damaged (its backend call failed part-way): it was closed."""
+
+    status, code = 410, "session_lost"
+
+
 class StepGap(ServiceError):
     status, code = 409, "step_gap"
 
 
 class RetryTooOld(ServiceError):
     status, code = 409, "retry_too_old"
+
+
+class SessionQueueFull(ServiceError):
+    status, code = 429, "session_queue_full"
+
+
+class RequestTimeout(ServiceError):
+    status, code = 504, "request_timeout"
 
 
 class TooManySessions(ServiceError):
@@ -82,6 +96,10 @@ class ShuttingDown(ServiceError):
 
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
+
+
+class TooManyConnections(ServiceError):
+    status, code = 503, "too_many_connections"
 
 
 def internal(e: BaseException) -> ServiceError:

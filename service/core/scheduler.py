@@ -32,6 +32,7 @@ class Request:
     start: int = -1  # steps: first index, -1 = append
     L: int = 0  # steps in the payload
     payload: Any = None  # L * prod(input_shape) floats, wire dtype
+    deadline: float = float("inf")  # not run by then: answered request_timeout, not applied
 
 
 @dataclass(eq=False, slots=True)
@@ -58,6 +59,7 @@ class ClassifyRequest:
     rid: int
     T: int
     payload: bytes
+    deadline: float = float("inf")
 
 
 class Scheduler:
