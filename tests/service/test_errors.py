@@ -50,8 +50,9 @@ def test_bad_steps_are_refused_and_session_unharmed(client: httpx.Client, sessio
     for raw in ('{"steps": [[NaN, 1, 2]]}', '{"steps": [[Infinity, 1, 2]]}'):
         _check(client.post(url, content=raw, headers={"content-type": "application/json"}), 422, "invalid_input",
                ["NaN or Inf"])
-    _check(client.post(url, content=b"{not json", headers={"content-type": "application/json"}), 422,
-           "invalid_input")
+    r = client.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    _check(r, 422, "invalid_input", ["body", "malformed JSON", "character 1"])
+    assert r.json()["error"]["field"] == "body"  # not the character offset
     r = client.post(url, json={"steps": x[2:].tolist()})
     assert r.status_code == 200 and r.json()["start"] == 2
     assert_outputs(r.json()["outputs"], ref.outputs("sliding", x), start=2)
@@ -170,3 +171,35 @@ def test_finite_numbers_beyond_the_model_dtype_are_refused(serve, dtype: str, bi
                 err["error"]["message"]
         r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[1.0, 0.5, -0.5]]})  # the session still works
         assert r.status_code == 200 and r.json()["start"] == 0, r.text
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any JSON parser here recurses
+
+
+def test_deeply_nested_json_is_invalid_input(client: httpx.Client, server: Server, session: str) -> None:
+    """Over HTTP a 422 naming the body (not a 400); over the WebSocket an error message, and the connection
+    stays usable (it used to drop with 1006)."""
+    json_headers = {"content-type": "application/json"}
+    for url, body in ((f"/v1/sessions/{session}/steps", DEEP), (f"/v1/sessions/{session}/steps",
+                      '{"steps": ' + DEEP + "}"), ("/v1/classify", '{"model": "sliding", "steps": ' + DEEP + "}"),
+                      ("/v1/sessions", '{"model": ' + DEEP + "}")):
+        r = client.post(url, content=body, headers=json_headers)
+        _check(r, 422, "invalid_input", ["body", "nested too deeply"])
+        assert r.json()["error"]["field"] == "body"
+    r = client.post(f"/v1/sessions/{session}/steps", content=b"\xff\xfe[", headers=json_headers)
+    _check(r, 422, "invalid_input", ["body"])
+    with ws_client.connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "attach", "session_id": session}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "attached"
+        for text in (DEEP, '{"type": "steps", "steps": ' + DEEP + "}", '{"type": "steps", "steps": [[0, 0, 0]], '
+                     '"id": ' + DEEP + "}"):
+            ws.send(text)
+            err = json.loads(ws.recv(timeout=5))
+            assert err["type"] == "error" and err["error"]["code"] == "invalid_input", err
+            assert err["error"]["field"] == "message"
+        ws.send("{not json")
+        err = json.loads(ws.recv(timeout=5))["error"]
+        assert err["field"] == "message" and "column 2" in err["message"]
+        ws.send(json.dumps({"type": "steps", "steps": [[0, 0, 0]], "id": 3}))
+        ok = json.loads(ws.recv(timeout=5))
+        assert ok["type"] == "steps" and ok["id"] == 3 and ok["start"] == 0
