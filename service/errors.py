@@ -22,8 +22,19 @@ class ServiceError(Exception):
             err["field"] = self.field
         return {"error": err}
 
+    def retry_after_s(self) -> int | None:
+        return None if self.retry_after is None else max(1, round(self.retry_after))
+
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after_s())}
+
+    def ws_error(self) -> dict:
+        """The ``error`` of a WebSocket ``error`` message: the body's, plus ``retry_after`` (seconds) when
+        waiting helps (what an HTTP answer says in its Retry-After header)."""
+        err = self.body()["error"]
+        if self.retry_after is not None:
+            err["retry_after"] = self.retry_after_s()
+        return err
 
 
 class InvalidInput(ServiceError):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 
 import httpx
+import numpy as np
 import pytest
 import websockets.sync.client as ws_client
 
@@ -203,3 +205,26 @@ def test_deeply_nested_json_is_invalid_input(client: httpx.Client, server: Serve
         ws.send(json.dumps({"type": "steps", "steps": [[0, 0, 0]], "id": 3}))
         ok = json.loads(ws.recv(timeout=5))
         assert ok["type"] == "steps" and ok["id"] == 3 and ok["start"] == 0
+
+
+def test_an_oversized_ws_message_is_refused_unparsed_and_the_connection_stays(server: Server) -> None:
+    big_steps = {"type": "steps", "steps": [[0.25, 0.25, 0.25]] * 150_000}  # 3 MB: too_many_steps if parsed
+    text = json.dumps(big_steps)
+    assert 3_000_000 < len(text) < 4_000_000
+    with ws_client.connect(server.ws_url, max_size=None) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        json.loads(ws.recv(timeout=5))
+        ws.send(text)
+        err = json.loads(ws.recv(timeout=30))
+        assert err["error"]["code"] == "request_too_large" and err["error"]["field"] == "message", err
+        ws.send(json.dumps({"type": "steps", "steps": [[0, 0, 0]]}))
+        assert json.loads(ws.recv(timeout=5))["start"] == 0
+    with ws_client.connect(server.ws_url, subprotocols=["psn.binary.v1"], max_size=None) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        json.loads(ws.recv(timeout=5))
+        frame = struct.pack("<IIq", 7, 1, -1) + bytes(3_000_000)  # L=1 with 3 MB: a length error if parsed
+        ws.send(frame)
+        err = json.loads(ws.recv(timeout=30))
+        assert err["error"]["code"] == "request_too_large" and err["id"] == 7, err
+        ws.send(struct.pack("<IIq", 8, 1, -1) + np.zeros(3, "<f4").tobytes())
+        assert struct.unpack_from("<IIq", ws.recv(timeout=5)) == (8, 1, 0)

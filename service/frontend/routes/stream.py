@@ -4,7 +4,11 @@ Client messages (JSON text): ``{"type": "open", "model", "frames"?}``, ``{"type"
 "session_id", "frames"?}``, ``{"type": "steps", "steps", "start"?, "id"?}``, ``{"type": "close"}``.
 Server messages: ``opened`` / ``attached`` (with ``session``), ``steps`` (``outputs``), ``closed``,
 ``expired`` (pushed when the idle timeout closes the session), ``error`` (``error.code``,
-``error.message``, ``error.field``); after an error the connection stays usable.
+``error.message``, ``error.field``, and ``error.retry_after`` where waiting helps); after an error the
+connection stays usable. A message over ``PSN_MAX_REQUEST_BYTES`` is refused before it is parsed.
+
+Every send waits at most ``PSN_WS_SEND_TIMEOUT_S`` for room in the connection's output buffer: a client
+that stops reading is dropped then (aborted: a polite close would wait for the same full buffer).
 
 Binary frames (``service/frontend/codec.py``, docs/api.md): chosen with the ``psn.binary.v1``
 subprotocol or ``"frames": "binary"`` on open/attach; then steps go as binary frames and are answered
@@ -26,6 +30,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from service.errors import InvalidInput, RequestTooLarge, ServiceError, internal
 from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object
 from service.frontend.deps import get_frontend
+from service.frontend.limits import ABORT
 from service.frontend.state import Frontend
 from service.schemas import WsAttach, WsClose, WsOpen, WsSteps
 
@@ -34,6 +39,10 @@ log = logging.getLogger("psn.stream")
 
 ClientMessage = TypeAdapter(Annotated[WsOpen | WsAttach | WsSteps | WsClose, Field(discriminator="type")])
 BINARY_SUBPROTOCOL = "psn.binary.v1"
+
+
+class ClientNotReading(Exception):
+    """A send found no room in the output buffer for PSN_WS_SEND_TIMEOUT_S: the connection was dropped."""
 
 
 class StreamConnection:
@@ -45,14 +54,29 @@ class StreamConnection:
         self.codec: ModelCodec | None = None
         self.send_lock = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
+        self.send_timeout_s = fe.settings.ws_send_timeout_s
+
+    async def send_raw(self, data: str | bytes) -> None:
+        """Send one message (text or binary), or drop a client that has not made room for it in time."""
+        async with self.send_lock:
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    if isinstance(data, str):
+                        await self.ws.send_text(data)
+                    else:
+                        await self.ws.send_bytes(data)
+            except TimeoutError:
+                abort = self.ws.scope.get(ABORT)
+                if abort is not None:
+                    abort()
+                raise ClientNotReading() from None
 
     async def send(self, msg: dict[str, Any]) -> None:
-        async with self.send_lock:
-            await self.ws.send_text(json.dumps(msg))
+        await self.send_raw(json.dumps(msg))
 
     async def send_error(self, err: ServiceError, msg_id: Any = None) -> None:
         self.fe.metrics.error(err.code)
-        await self.send({"type": "error", "error": err.body()["error"], "id": msg_id})
+        await self.send({"type": "error", "error": err.ws_error(), "id": msg_id})
 
     def _on_event(self, kind: str, sid: str) -> None:  # pushed by the engine core
         if kind == "expired":  # self.session stays: the next message about it is answered 410
@@ -89,9 +113,6 @@ class StreamConnection:
         return self.session, self.codec
 
     async def handle_text(self, text: str) -> None:
-        if len(text) > self.fe.settings.max_request_bytes:
-            raise RequestTooLarge(f"message: {len(text)} bytes, at most {self.fe.settings.max_request_bytes} "
-                                  "allowed (PSN_MAX_REQUEST_BYTES)", field="message")
         try:
             msg = ClientMessage.validate_json(text)
         except ValidationError as e:
@@ -110,10 +131,8 @@ class StreamConnection:
             start, replayed, _, spikes, scores = await fe.client.call(
                 "steps", sid, -1 if msg.start is None else msg.start, L, payload)
             fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
-            text = join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
-                                "replayed": replayed}, codec.json_outputs(start, L, spikes, scores))
-            async with self.send_lock:
-                await self.ws.send_text(text)
+            await self.send_raw(join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
+                                             "replayed": replayed}, codec.json_outputs(start, L, spikes, scores)))
         elif isinstance(msg, WsOpen):
             fe.codec(msg.model)
             info = await fe.client.call("open", msg.model, True)
@@ -138,17 +157,12 @@ class StreamConnection:
                                f"{BINARY_SUBPROTOCOL} subprotocol or \"frames\": \"binary\" on open/attach",
                                field="frame")
         fe = self.fe
-        if len(data) > fe.settings.max_request_bytes:
-            raise RequestTooLarge(f"frame: {len(data)} bytes, at most {fe.settings.max_request_bytes} allowed "
-                                  "(PSN_MAX_REQUEST_BYTES)", field="frame")
         msg_id, start, L, payload = codec.binary_steps(data, fe.settings.max_steps_per_request)
         fe.check_ready()
         t0 = time.perf_counter()
         start, replayed, _, spikes, scores = await fe.client.call("steps", sid, start, L, payload)
         fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
-        frame = codec.binary_answer(msg_id, start, replayed, L, spikes, scores)
-        async with self.send_lock:
-            await self.ws.send_bytes(frame)
+        await self.send_raw(codec.binary_answer(msg_id, start, replayed, L, spikes, scores))
 
 
 @router.websocket("/v1/stream")
@@ -159,11 +173,12 @@ async def stream(ws: WebSocket) -> None:
     try:
         fe = get_frontend(ws)
     except ServiceError as e:
-        await ws.send_text(json.dumps({"type": "error", "error": e.body()["error"]}))
+        await ws.send_text(json.dumps({"type": "error", "error": e.ws_error()}))
         await ws.close(code=1013)
         return
     conn = StreamConnection(ws, fe, binary)
     fe.metrics.connections.inc()
+    limit = fe.settings.max_request_bytes
     try:
         while True:
             msg = await ws.receive()
@@ -171,19 +186,25 @@ async def stream(ws: WebSocket) -> None:
                 break
             text, data = msg.get("text"), msg.get("bytes")
             try:
+                size = len(text if text is not None else data or b"")
+                if size > limit:  # before anything reads it (text: characters, at least as many as bytes / 4)
+                    raise RequestTooLarge(f"message: {size} {'characters' if text is not None else 'bytes'}, at "
+                                          f"most {limit} bytes allowed (PSN_MAX_REQUEST_BYTES)", field="message")
                 if text is not None:
                     await conn.handle_text(text)
                 elif data is not None:
                     await conn.handle_binary(data)
             except ServiceError as e:
-                await conn.send_error(e, _msg_id(text, data))
-            except (WebSocketDisconnect, ClientDisconnected):
+                await conn.send_error(e, _msg_id(text, data, limit))
+            except (WebSocketDisconnect, ClientDisconnected, ClientNotReading):
                 raise
             except Exception as e:  # a bug, not bad input: say so and keep the connection
                 log.exception("unexpected error on /v1/stream")
-                await conn.send_error(internal(e), _msg_id(text, data))
+                await conn.send_error(internal(e), _msg_id(text, data, limit))
     except (WebSocketDisconnect, ClientDisconnected):
         pass
+    except ClientNotReading:
+        log.info("websocket client not reading for %g s: dropped", conn.send_timeout_s)
     except RuntimeError as e:  # starlette: sending on a socket the client has already closed
         log.debug("websocket gone: %s", e)
     finally:
@@ -191,9 +212,11 @@ async def stream(ws: WebSocket) -> None:
         conn.unbind()
 
 
-def _msg_id(text: str | None, data: bytes | None) -> Any:
+def _msg_id(text: str | None, data: bytes | None, limit: int) -> Any:
     if data is not None:
         return REQUEST_HEADER.unpack_from(data)[0] if len(data) >= REQUEST_HEADER.size else None
+    if text is None or len(text) > limit:  # an oversized message is never parsed, not even for its id
+        return None
     try:
         d = json.loads(text or "")
         return d.get("id") if isinstance(d, dict) else None
