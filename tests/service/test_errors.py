@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets.sync.client as ws_client
+from websockets.exceptions import ConnectionClosed
 
 from tests.service.conftest import Reference, Server, assert_outputs
 
@@ -228,3 +229,9 @@ def test_an_oversized_ws_message_is_refused_unparsed_and_the_connection_stays(se
         assert err["error"]["code"] == "request_too_large" and err["id"] == 7, err
         ws.send(struct.pack("<IIq", 8, 1, -1) + np.zeros(3, "<f4").tobytes())
         assert struct.unpack_from("<IIq", ws.recv(timeout=5)) == (8, 1, 0)
+    with ws_client.connect(server.ws_url) as ws:  # past the frame limit (4 MiB here): refused from its header
+        with pytest.raises(ConnectionClosed) as e:
+            ws.send(bytes(5 << 20))
+            ws.recv(timeout=30)
+        # code 1009, when the close frame arrives before the reset of the half-sent message
+        assert e.value.rcvd is None or e.value.rcvd.code == 1009
