@@ -3,10 +3,12 @@ hold each front-end process to ``PSN_MAX_CONNECTIONS`` WebSockets plus HTTP requ
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.utils import ClientDisconnected
 
 from service.errors import RequestTooLarge, ServiceError, TooManyConnections
 
@@ -56,10 +58,11 @@ class ConnectionLimit:
             _count_error(scope, err)
             if (await receive())["type"] != "websocket.connect":
                 return
-            await send({"type": "websocket.accept"})
-            await send({"type": "websocket.send", "text": json.dumps({"type": "error", "error": err.ws_error(),
-                                                                      "id": None})})
-            await send({"type": "websocket.close", "code": 1013, "reason": "too many connections"})
+            with contextlib.suppress(ClientDisconnected, OSError):  # a client that has already gone
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.send", "text": json.dumps({"type": "error", "error": err.ws_error(),
+                                                                          "id": None})})
+                await send({"type": "websocket.close", "code": 1013, "reason": "too many connections"})
             return
         self.active += 1
         if scope["type"] == "websocket":
