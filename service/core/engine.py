@@ -37,7 +37,6 @@ from service.errors import (
     RequestTimeout,
     RetryTooOld,
     ServiceError,
-    SessionQueueFull,
     ShuttingDown,
     StepGap,
     internal,
@@ -52,6 +51,7 @@ QUEUED = object()  # an op's result when its answer comes later (after an engine
 class EngineCore:
     def __init__(self, backends: list[Backend], settings: Settings, clock: Callable[[], float] = time.monotonic):
         self.settings, self.clock = settings, clock
+        self.timeout_s = settings.request_timeout_s  # a queued request not run by then is refused, not applied
         self.metrics = EngineMetrics()
         self.runners = {b.model.name: ModelRunner(b) for b in backends}
         self.sessions = SessionTable(settings.idle_timeout_s, settings.remember_gone, clock)
@@ -61,7 +61,8 @@ class EngineCore:
         for name, r in self.runners.items():
             slots = r.backend.max_slots if r.streams else 0
             self.sessions.add_model(name, slots)
-            self.schedulers[name] = Scheduler(settings.max_batch_size, settings.max_wait_ms / 1000)
+            self.schedulers[name] = Scheduler(settings.max_batch_size, settings.max_wait_ms / 1000,
+                                              settings.session_queue)
             self.windows[name] = RetryWindow(slots, settings.retry_window, r.spike_bytes, r.classes, r.wire)
             self.classify_queue[name] = []
         self.outbox: dict[bytes, list[Any]] = {}
@@ -146,10 +147,8 @@ class EngineCore:
     def close(self, front: bytes, rid: int, sid: str) -> Any:
         s = self.sessions.get(sid)
         if s.busy:  # after the requests already queued
-            self.check_session_queue(s)
             now = self.clock()
-            self.schedulers[s.model].add(Request(front, rid, s, "close", now,
-                                                 deadline=now + self.settings.request_timeout_s))
+            self.schedulers[s.model].add(Request(front, rid, s, "close", now, deadline=now + self.timeout_s))
             return QUEUED
         self.sessions.close(s)
         return self.info(s)
@@ -164,16 +163,10 @@ class EngineCore:
         if sched.pending >= self.settings.queue_depth:
             raise QueueFull(f"model {s.model!r}: {self.settings.queue_depth} requests are already queued; retry "
                             "shortly", retry_after=1)
-        self.check_session_queue(s)
-        s.last_used = now = self.clock()
-        sched.add(Request(front, rid, s, "steps", now, start, L, payload, now + self.settings.request_timeout_s))
+        now = self.clock()
+        sched.add(Request(front, rid, s, "steps", now, start, L, payload, now + self.timeout_s))
+        s.last_used = now
         return QUEUED
-
-    def check_session_queue(self, s: Session) -> None:
-        if len(s.queue) >= self.settings.session_queue:
-            raise SessionQueueFull(f"session {s.id!r}: {len(s.queue)} requests are already waiting on it "
-                                   f"(PSN_SESSION_QUEUE); wait for their answers before sending more",
-                                   field="session_id", retry_after=1)
 
     def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes) -> Any:
         self.check_open()
@@ -191,7 +184,7 @@ class EngineCore:
         if len(queue) >= self.settings.queue_depth:
             raise QueueFull(f"model {model!r}: {self.settings.queue_depth} classify requests are queued; retry "
                             "shortly", retry_after=1)
-        queue.append(ClassifyRequest(front, rid, T, payload, self.clock() + self.settings.request_timeout_s))
+        queue.append(ClassifyRequest(front, rid, T, payload, self.clock() + self.timeout_s))
         return QUEUED
 
     def metrics_text(self, front: bytes, rid: int) -> str:
@@ -271,9 +264,8 @@ class EngineCore:
         return batch
 
     def timed_out(self, waited: float) -> RequestTimeout:
-        return RequestTimeout(f"the request waited {waited:.3g} s, past PSN_REQUEST_TIMEOUT_S="
-                              f"{self.settings.request_timeout_s:g} s, and was not applied; retry later",
-                              retry_after=1)
+        return RequestTimeout(f"the request waited {waited:.3g} s, past PSN_REQUEST_TIMEOUT_S={self.timeout_s:g} s, "
+                              "and was not applied; retry later", retry_after=1)
 
     def execute(self, name: str, batch: Batch) -> dict[int, tuple[np.ndarray, np.ndarray] | Exception]:
         """One backend call per distinct number of new steps: packed spikes (B, L, nb), scores (B, L, C)."""
@@ -326,10 +318,10 @@ class EngineCore:
         queue, r = self.classify_queue[name], self.runners[name]
         take, self.classify_queue[name] = queue[:self.settings.max_batch_size], queue[self.settings.max_batch_size:]
         by_T: dict[int, list[ClassifyRequest]] = {}
-        now, timeout = self.clock(), self.settings.request_timeout_s
+        now = self.clock()
         for c in take:
             if now > c.deadline:
-                self.answer(c.front, error_answer(c.rid, self.timed_out(now - c.deadline + timeout)))
+                self.answer(c.front, error_answer(c.rid, self.timed_out(now - c.deadline + self.timeout_s)))
             else:
                 by_T.setdefault(c.T, []).append(c)
         for T, reqs in by_T.items():

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.core.sessions import Session
+from service.errors import SessionQueueFull
 
 
 @dataclass(eq=False, slots=True)
@@ -63,13 +64,18 @@ class ClassifyRequest:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_wait_s: float):
-        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+    def __init__(self, max_batch_size: int, max_wait_s: float, session_queue: int = 1 << 30):
+        self.max_batch_size, self.max_wait_s, self.session_queue = max_batch_size, max_wait_s, session_queue
         self.ready: deque[Session] = deque()  # sessions with queued requests, in turn order
         self.pending = 0  # queued requests, all sessions
 
     def add(self, req: Request) -> None:
+        """Queue ``req`` behind its session's other requests, at most ``session_queue`` of them."""
         s = req.session
+        if len(s.queue) >= self.session_queue:
+            raise SessionQueueFull(f"session {s.id!r}: {len(s.queue)} requests are already waiting on it "
+                                   "(PSN_SESSION_QUEUE); wait for their answers before sending more",
+                                   field="session_id", retry_after=1)
         s.queue.append(req)
         if len(s.queue) == 1:
             self.ready.append(s)
