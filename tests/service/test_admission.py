@@ -45,7 +45,7 @@ def open_session(srv: Server) -> str:
 
 
 def test_one_sessions_queue_is_bounded_and_a_stuck_engine_times_out(serve) -> None:
-    srv = serve(session_queue=2, request_timeout_s=1)
+    srv = serve(session_queue=2, request_timeout_s=2)
     sid = open_session(srv)
     url, step = f"/v1/sessions/{sid}/steps", {"steps": [[0.5, 0.5, 0.5]]}
 
@@ -54,7 +54,7 @@ def test_one_sessions_queue_is_bounded_and_a_stuck_engine_times_out(serve) -> No
     async def flood(ws) -> tuple[list[httpx.Response], dict]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
             first = [asyncio.create_task(c.post(url, json=step)) for _ in range(2)]
-            await asyncio.sleep(0.3)  # those two reach the (paused) engine core's socket first
+            await asyncio.sleep(0.5)  # those two reach the (paused) engine core's socket first
             ws.send(json.dumps({"type": "steps", **step, "id": 1}))
             await asyncio.sleep(0.1)
             later = [asyncio.create_task(c.post(url, json=step)) for _ in range(2)]
