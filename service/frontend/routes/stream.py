@@ -45,7 +45,7 @@ BINARY_SUBPROTOCOL = "psn.binary.v1"
 class SendWatchdog:
     """Drops connections whose current send has waited longer than ``timeout_s``. One task per front end
     looks a few times a second while there are connections, so a send costs two attribute writes (a timer
-    per send, ``asyncio.timeout``, measured 7 us: a third of a one-step JSON message's budget)."""
+    per send, ``asyncio.timeout`` under uvloop, measured 7 us per send on the 2-core CPU)."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
