@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_steps_per_request: int = Field(1024, ge=1)  # steps in one request (streaming or classify)
     max_request_bytes: int = Field(1_000_000, ge=1024)  # HTTP body / WebSocket message size
     queue_depth: int = Field(4096, ge=1)  # pending requests per model before 503 queue_full
+    session_queue: int = Field(16, ge=1)  # requests waiting on one session before 429 session_queue_full
+    request_timeout_s: float = Field(30.0, gt=0)  # a queued request not run by then is answered 504, not applied
+    max_connections: int = Field(8192, ge=1)  # per front end: WebSockets + HTTP requests in flight (health aside)
+    ws_send_timeout_s: float = Field(10.0, gt=0)  # a WebSocket client not reading for this long is disconnected
     retry_window: int = Field(16, ge=0)  # recent step outputs kept per session to answer retries
     remember_gone: int = Field(100_000, ge=0)  # expired/closed ids remembered (answered 410, not 404)
     drain_timeout_s: float = Field(10.0, ge=0)  # shutdown: how long pending work may take to finish

@@ -22,8 +22,19 @@ class ServiceError(Exception):
             err["field"] = self.field
         return {"error": err}
 
+    def retry_after_s(self) -> int | None:
+        return None if self.retry_after is None else max(1, round(self.retry_after))
+
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after is not None else {}
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after_s())}
+
+    def ws_error(self) -> dict:
+        """The ``error`` of a WebSocket ``error`` message: the body's, plus ``retry_after`` (seconds) when
+        waiting helps (what an HTTP answer says in its Retry-After header)."""
+        err = self.body()["error"]
+        if self.retry_after is not None:
+            err["retry_after"] = self.retry_after_s()
+        return err
 
 
 class InvalidInput(ServiceError):
@@ -60,12 +71,26 @@ class SessionGone(ServiceError):
     status, code = 410, "session_expired"
 
 
+class SessionLost(ServiceError):
+    """The session's state may be damaged (its backend call failed part-way): it was closed."""
+
+    status, code = 410, "session_lost"
+
+
 class StepGap(ServiceError):
     status, code = 409, "step_gap"
 
 
 class RetryTooOld(ServiceError):
     status, code = 409, "retry_too_old"
+
+
+class SessionQueueFull(ServiceError):
+    status, code = 429, "session_queue_full"
+
+
+class RequestTimeout(ServiceError):
+    status, code = 504, "request_timeout"
 
 
 class TooManySessions(ServiceError):
@@ -82,6 +107,10 @@ class ShuttingDown(ServiceError):
 
 class NotReady(ServiceError):
     status, code = 503, "not_ready"
+
+
+class TooManyConnections(ServiceError):
+    status, code = 503, "too_many_connections"
 
 
 def internal(e: BaseException) -> ServiceError:

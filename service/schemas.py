@@ -13,6 +13,8 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="stable machine-readable code, e.g. invalid_input, session_expired, queue_full")
     message: str = Field(description="what was wrong, naming the field and the expected shape")
     field: str | None = Field(None, description="the request field at fault, if one is")
+    retry_after: int | None = Field(None, description="WebSocket only: seconds to wait before retrying, where "
+                                    "waiting helps (over HTTP: the Retry-After header)")
 
 
 class ErrorResponse(BaseModel):

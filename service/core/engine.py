@@ -34,9 +34,9 @@ from service.errors import (
     ModelNotFound,
     PastHorizon,
     QueueFull,
+    RequestTimeout,
     RetryTooOld,
     ServiceError,
-    SessionGone,
     ShuttingDown,
     StepGap,
     internal,
@@ -51,6 +51,7 @@ QUEUED = object()  # an op's result when its answer comes later (after an engine
 class EngineCore:
     def __init__(self, backends: list[Backend], settings: Settings, clock: Callable[[], float] = time.monotonic):
         self.settings, self.clock = settings, clock
+        self.timeout_s = settings.request_timeout_s  # a queued request not run by then is refused, not applied
         self.metrics = EngineMetrics()
         self.runners = {b.model.name: ModelRunner(b) for b in backends}
         self.sessions = SessionTable(settings.idle_timeout_s, settings.remember_gone, clock)
@@ -60,7 +61,8 @@ class EngineCore:
         for name, r in self.runners.items():
             slots = r.backend.max_slots if r.streams else 0
             self.sessions.add_model(name, slots)
-            self.schedulers[name] = Scheduler(settings.max_batch_size, settings.max_wait_ms / 1000)
+            self.schedulers[name] = Scheduler(settings.max_batch_size, settings.max_wait_ms / 1000,
+                                              settings.session_queue)
             self.windows[name] = RetryWindow(slots, settings.retry_window, r.spike_bytes, r.classes, r.wire)
             self.classify_queue[name] = []
         self.outbox: dict[bytes, list[Any]] = {}
@@ -152,7 +154,8 @@ class EngineCore:
     def close(self, front: bytes, rid: int, sid: str) -> Any:
         s = self.sessions.get(sid)
         if s.busy:  # after the requests already queued
-            self.schedulers[s.model].add(Request(front, rid, s, "close", self.clock()))
+            now = self.clock()
+            self.schedulers[s.model].add(Request(front, rid, s, "close", now, deadline=now + self.timeout_s))
             return QUEUED
         self.sessions.close(s)
         return self.info(s)
@@ -167,8 +170,9 @@ class EngineCore:
         if sched.pending >= self.settings.queue_depth:
             raise QueueFull(f"model {s.model!r}: {self.settings.queue_depth} requests are already queued; retry "
                             "shortly", retry_after=1)
-        s.last_used = now = self.clock()
-        sched.add(Request(front, rid, s, "steps", now, start, L, payload))
+        now = self.clock()
+        sched.add(Request(front, rid, s, "steps", now, start, L, payload, now + self.timeout_s))
+        s.last_used = now
         return QUEUED
 
     def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes) -> Any:
@@ -187,7 +191,7 @@ class EngineCore:
         if len(queue) >= self.settings.queue_depth:
             raise QueueFull(f"model {model!r}: {self.settings.queue_depth} classify requests are queued; retry "
                             "shortly", retry_after=1)
-        queue.append(ClassifyRequest(front, rid, T, payload))
+        queue.append(ClassifyRequest(front, rid, T, payload, self.clock() + self.timeout_s))
         return QUEUED
 
     def metrics_text(self, front: bytes, rid: int) -> str:
@@ -219,7 +223,8 @@ class EngineCore:
 
     def schedule(self, name: str) -> Batch | None:
         """The next due batch of ``name``; requests that need no backend call are answered here."""
-        requests = self.schedulers[name].schedule(self.clock(), force=self.closing)
+        now = self.clock()
+        requests = self.schedulers[name].schedule(now, force=self.closing)
         if not requests:
             return None
         batch = Batch(requests)
@@ -228,8 +233,10 @@ class EngineCore:
         for req in requests:
             s = req.session
             try:
+                if now > req.deadline:
+                    raise self.timed_out(now - req.arrived)
                 if s.slot < 0:
-                    raise SessionGone(f"session {s.id!r} was closed", field="session_id", code="session_closed")
+                    raise self.sessions.gone_error(s.id, s.ended)
                 if req.op == "close":
                     self.sessions.close(s)
                     self.answer(req.front, [req.rid, OK, self.info(s)])
@@ -263,6 +270,10 @@ class EngineCore:
                 self.answer(req.front, error_answer(req.rid, e))
         return batch
 
+    def timed_out(self, waited: float) -> RequestTimeout:
+        return RequestTimeout(f"the request waited {waited:.3g} s, past PSN_REQUEST_TIMEOUT_S={self.timeout_s:g} s, "
+                              "and was not applied; retry later", retry_after=1)
+
     def execute(self, name: str, batch: Batch) -> dict[int, tuple[np.ndarray, np.ndarray] | Exception]:
         """One backend call per distinct number of new steps: packed spikes (B, L, nb), scores (B, L, C)."""
         r = self.runners[name]
@@ -285,9 +296,12 @@ class EngineCore:
         window, now, steps = self.windows[name], self.clock(), 0
         for L, items in batch.runs.items():
             res = outputs[L]
-            if isinstance(res, Exception):
+            if isinstance(res, Exception):  # the call may have changed some of these slots: not to be trusted
                 for it in items:
-                    self.answer(it.req.front, error_answer(it.req.rid, internal(res)))
+                    s = it.req.session
+                    log.warning("session lost id=%s model=%s (its backend call failed)", s.id[:8], name)
+                    self.sessions.close(s, "session_lost")
+                    self.answer(it.req.front, error_answer(it.req.rid, self.sessions.gone_error(s.id, s.ended)))
                 continue
             spikes, scores = res
             t0 = np.fromiter((it.req.session.t for it in items), np.int64, len(items))
@@ -311,8 +325,12 @@ class EngineCore:
         queue, r = self.classify_queue[name], self.runners[name]
         take, self.classify_queue[name] = queue[:self.settings.max_batch_size], queue[self.settings.max_batch_size:]
         by_T: dict[int, list[ClassifyRequest]] = {}
+        now = self.clock()
         for c in take:
-            by_T.setdefault(c.T, []).append(c)
+            if now > c.deadline:
+                self.answer(c.front, error_answer(c.rid, self.timed_out(now - c.deadline + self.timeout_s)))
+            else:
+                by_T.setdefault(c.T, []).append(c)
         for T, reqs in by_T.items():
             try:
                 spikes, scores = r.classify([c.payload for c in reqs], T)

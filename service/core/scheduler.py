@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.core.sessions import Session
+from service.errors import SessionQueueFull
 
 
 @dataclass(eq=False, slots=True)
@@ -32,6 +33,7 @@ class Request:
     start: int = -1  # steps: first index, -1 = append
     L: int = 0  # steps in the payload
     payload: Any = None  # L * prod(input_shape) floats, wire dtype
+    deadline: float = float("inf")  # not run by then: answered request_timeout, not applied
 
 
 @dataclass(eq=False, slots=True)
@@ -58,16 +60,22 @@ class ClassifyRequest:
     rid: int
     T: int
     payload: bytes
+    deadline: float = float("inf")
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, max_wait_s: float):
-        self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
+    def __init__(self, max_batch_size: int, max_wait_s: float, session_queue: int = 1 << 30):
+        self.max_batch_size, self.max_wait_s, self.session_queue = max_batch_size, max_wait_s, session_queue
         self.ready: deque[Session] = deque()  # sessions with queued requests, in turn order
         self.pending = 0  # queued requests, all sessions
 
     def add(self, req: Request) -> None:
+        """Queue ``req`` behind its session's other requests, at most ``session_queue`` of them."""
         s = req.session
+        if len(s.queue) >= self.session_queue:
+            raise SessionQueueFull(f"session {s.id!r}: {len(s.queue)} requests are already waiting on it "
+                                   "(PSN_SESSION_QUEUE); wait for their answers before sending more",
+                                   field="session_id", retry_after=1)
         s.queue.append(req)
         if len(s.queue) == 1:
             self.ready.append(s)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import SessionGone, SessionNotFound, TooManySessions
+from service.errors import ServiceError, SessionGone, SessionLost, SessionNotFound, TooManySessions
 
 
 @dataclass(eq=False)
@@ -27,6 +27,7 @@ class Session:
     t: int = 0  # steps applied so far (the index the next new step gets)
     queue: deque[Any] = field(default_factory=deque)  # pending requests, oldest first
     watchers: set[bytes] = field(default_factory=set)  # front ends told when it expires
+    ended: str = ""  # once closed: session_closed | session_expired | session_lost
 
     @property
     def busy(self) -> bool:
@@ -58,7 +59,7 @@ class SessionTable:
         self.idle_timeout_s, self.remember_gone, self.clock = idle_timeout_s, remember_gone, clock
         self.live: dict[str, Session] = {}
         self.pools: dict[str, SlotPool] = {}
-        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> "session_expired" | "session_closed"
+        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> session_expired | session_closed | session_lost
 
     def add_model(self, name: str, slots: int) -> None:
         self.pools[name] = SlotPool(slots)
@@ -79,20 +80,28 @@ class SessionTable:
         s = self.live.get(sid)
         if s is not None:
             return s
-        gone = self._gone.get(sid)
+        raise self.gone_error(sid)
+
+    def gone_error(self, sid: str, reason: str | None = None) -> ServiceError:
+        """What a request to ``sid`` (not live) is told: 410 with why it went, or 404 if it never existed
+        (or was forgotten). ``reason``: the known reason of a session that just went."""
+        gone = reason or self._gone.get(sid)
         if gone == "session_expired":
-            raise SessionGone(f"session {sid!r} expired after {self.idle_timeout_s:g} s without requests; "
-                              "open a new one", field="session_id", code="session_expired")
+            return SessionGone(f"session {sid!r} expired after {self.idle_timeout_s:g} s without requests; "
+                               "open a new one", field="session_id", code="session_expired")
         if gone == "session_closed":
-            raise SessionGone(f"session {sid!r} was closed", field="session_id", code="session_closed")
-        raise SessionNotFound(f"session {sid!r} does not exist", field="session_id")
+            return SessionGone(f"session {sid!r} was closed", field="session_id", code="session_closed")
+        if gone == "session_lost":
+            return SessionLost(f"session {sid!r} was lost: a model step failed part-way, so its state could not "
+                               "be trusted; open a new session and resend its inputs", field="session_id")
+        return SessionNotFound(f"session {sid!r} does not exist", field="session_id")
 
     def close(self, s: Session, reason: str = "session_closed") -> None:
         """Free ``s``'s slot and remember its id as ``reason``."""
         if self.live.pop(s.id, None) is None:
             return
         self.pools[s.model].give(s.slot)
-        s.slot = -1
+        s.slot, s.ended = -1, reason
         if self.remember_gone:
             self._gone[s.id] = reason
             while len(self._gone) > self.remember_gone:

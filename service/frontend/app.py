@@ -15,12 +15,13 @@ from service import demo
 from service.config import Settings
 from service.frontend.client import EngineClient
 from service.frontend.errors import install_error_handlers
-from service.frontend.limits import BodyLimit
+from service.frontend.limits import BodyLimit, ConnectionLimit
 from service.frontend.routes import classify, health, models, oip, sessions, stream
 from service.frontend.state import Frontend
 from service.metrics import FrontendMetrics
 
 log = logging.getLogger("psn.frontend")
+REQUEST_TIMEOUT_GRACE_S = 1.0  # a front end waits this much longer than the engine core's request deadline
 
 DESCRIPTION = """Streaming inference for Parallel Spiking Neuron networks (arXiv 2304.12760).
 
@@ -34,7 +35,7 @@ class. Steps of many sessions are computed together in batches by the engine cor
 def create_app(settings: Settings, engine_address: str, worker: int = 0) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = EngineClient(engine_address)
+        client = EngineClient(engine_address, settings.request_timeout_s + REQUEST_TIMEOUT_GRACE_S)
         app.state.frontend = Frontend(settings, client, app.state.metrics, worker)
         await client.start()
         # Take traffic only once the engine core has answered (a restarted worker must not answer 503
@@ -58,6 +59,7 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.state.metrics = FrontendMetrics()
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)  # outermost: counts everything
     install_error_handlers(app)
     for r in (models.router, sessions.router, stream.router, classify.router, health.router, oip.router,
               demo.router):

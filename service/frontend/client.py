@@ -5,6 +5,11 @@ event loop leaves as one frame. A reader task resolves futures from the engine c
 hands pushed events (session expiry) to a listener. When the connection ends (the engine core
 crashed or is restarting), pending requests fail at once with 503 ``engine_unavailable``, new ones
 are refused, and the client reconnects every 50-500 ms, then says ``hello`` again.
+
+A request without an answer after ``timeout_s`` fails with 504 ``request_timeout`` (the engine core
+refuses what it could not run by ``PSN_REQUEST_TIMEOUT_S`` itself; this is for an engine core that is
+stuck). A sweeper checks a few times a second, so a request costs nothing extra: requests are issued in
+rid order, and each tick notes the last rid issued by then.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from service.errors import ServiceError
+from service.errors import RequestTimeout, ServiceError
 from service.ipc import EVENT, LENGTH, MAX_FRAME, OK, frame, parse_address, raise_error, unpack
 
 log = logging.getLogger("psn.frontend")
@@ -26,8 +32,9 @@ class EngineUnavailable(ServiceError):
 
 
 class EngineClient:
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, timeout_s: float = 60.0):
+        self.address, self.timeout_s = address, timeout_s
+        self._marks: deque[tuple[float, int]] = deque()  # (time, last rid issued by then), one per sweep
         self.kind, self.where, self.port = parse_address(address)
         self._rid = 0
         self._pending: dict[int, asyncio.Future] = {}
@@ -35,6 +42,7 @@ class EngineClient:
         self._flush_scheduled = False
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task | None = None
+        self._sweeper: asyncio.Task | None = None
         self.connected = False  # connected, and the engine core has answered hello
         self.hello: dict[str, Any] | None = None
         self.hello_seen = asyncio.Event()
@@ -42,14 +50,17 @@ class EngineClient:
         self.on_event: Callable[[str, Any], None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="engine-client")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="engine-client")
+        self._sweeper = loop.create_task(self._sweep(), name="engine-client-timeouts")
 
     async def close(self) -> None:
         self.connected = False  # a planned close: not "lost the engine core"
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         self._disconnected(EngineUnavailable("the front end is shutting down", retry_after=1))
 
     # ----- requests ------------------------------------------------------------------------------
@@ -84,6 +95,31 @@ class EngineClient:
                     fut.set_exception(err)
             return
         self._writer.write(frame(items))
+
+    async def _sweep(self) -> None:
+        """Fail requests that have waited longer than ``timeout_s`` (to within one tick)."""
+        loop = asyncio.get_running_loop()
+        tick = min(0.25, self.timeout_s / 4)
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            self._marks.append((now, self._rid))
+            cutoff = 0  # every rid up to this one was issued more than timeout_s ago
+            while self._marks and self._marks[0][0] <= now - self.timeout_s:
+                cutoff = self._marks.popleft()[1]
+            expired = []
+            for rid in self._pending:  # oldest first (insertion order is rid order)
+                if rid > cutoff:
+                    break
+                expired.append(rid)
+            if not expired:
+                continue
+            err = RequestTimeout(f"no answer from the engine core within {self.timeout_s:g} s; the request may or "
+                                 "may not have been applied (resend steps with start to find out)", retry_after=1)
+            for rid in expired:
+                fut = self._pending.pop(rid)
+                if not fut.done():
+                    fut.set_exception(err)
 
     # ----- the connection --------------------------------------------------------------------------
     async def _run(self) -> None:

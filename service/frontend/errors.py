@@ -23,9 +23,23 @@ def error_responses(*statuses: int) -> dict:
 def validation_error(exc: RequestValidationError) -> InvalidInput:
     errs = exc.errors()
     first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":  # FastAPI puts the character offset into loc: not a field
+        loc = first.get("loc", ())
+        where = f" at character {loc[-1]}" if len(loc) > 1 and isinstance(loc[-1], int) else ""
+        detail = (first.get("ctx") or {}).get("error", "")
+        return InvalidInput(f"body: malformed JSON{where}" + (f": {detail}" if detail else ""), field="body")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) or "body"
     return InvalidInput(f"{field}: {first.get('msg', 'invalid request')}", field=field)
+
+
+def body_parse_error(cause: BaseException) -> InvalidInput:
+    """A body FastAPI could not parse for another reason than bad JSON syntax (it answers 400 for those)."""
+    if isinstance(cause, RecursionError):
+        return InvalidInput("body: JSON nested too deeply to parse", field="body")
+    if isinstance(cause, UnicodeError):
+        return InvalidInput("body: not valid UTF-8 JSON", field="body")
+    return InvalidInput(f"body: could not be parsed as JSON ({type(cause).__name__})", field="body")
 
 
 def _respond(request: Request, err: ServiceError) -> JSONResponse:
@@ -46,6 +60,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI failed to parse the body
+            return _respond(request, body_parse_error(exc.__cause__))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = f"{request.method} {request.url.path}: {exc.detail}"
         field = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else None

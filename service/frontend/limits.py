@@ -1,12 +1,76 @@
-"""ASGI middleware: refuse HTTP bodies larger than ``max_bytes`` with 413 before the app reads them."""
+"""ASGI middleware: refuse HTTP bodies larger than ``max_bytes`` with 413 before the app reads them, and
+hold each front-end process to ``PSN_MAX_CONNECTIONS`` WebSockets plus HTTP requests in flight."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.utils import ClientDisconnected
 
-from service.errors import RequestTooLarge
+from service.errors import RequestTooLarge, ServiceError, TooManyConnections
+
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes answer even when the limit is reached
+ABORT = "psn.abort"  # scope key of a WebSocket: drops the connection at once (or None where that is not possible)
+
+
+def _count_error(scope: Scope, err: ServiceError) -> None:
+    metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+    if metrics is not None:
+        metrics.error(err.code)
+
+
+async def send_json_error(scope: Scope, send: Send, err: ServiceError, extra: list[tuple[bytes, bytes]]) -> None:
+    _count_error(scope, err)
+    data = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra,
+               *((k.lower().encode(), v.encode()) for k, v in err.headers().items())]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def transport_abort(send: Send) -> Callable[[], None] | None:
+    """uvicorn's way to drop a connection at once. ASGI has none: a close waits until the buffered output is
+    sent, which for a client that stopped reading is never. ``send`` here is the server's own (bound) method."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    return abort if callable(abort) else None
+
+
+class ConnectionLimit:
+    """At most ``max_connections`` WebSockets plus HTTP requests in flight; past it a WebSocket is accepted,
+    told why (an ``error`` message) and closed with 1013 (try again later), and HTTP gets 503."""
+
+    def __init__(self, app: ASGIApp, max_connections: int):
+        self.app, self.max_connections = app, max_connections
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in UNLIMITED_PATHS:
+            return await self.app(scope, receive, send)
+        if self.active >= self.max_connections:
+            err = TooManyConnections(f"this front end already serves {self.active} connections and requests "
+                                     f"(PSN_MAX_CONNECTIONS={self.max_connections}); retry shortly", retry_after=1)
+            if scope["type"] == "http":
+                return await send_json_error(scope, send, err, [])
+            _count_error(scope, err)
+            if (await receive())["type"] != "websocket.connect":
+                return
+            with contextlib.suppress(ClientDisconnected, OSError):  # a client that has already gone
+                await send({"type": "websocket.accept"})
+                await send({"type": "websocket.send", "text": json.dumps({"type": "error", "error": err.ws_error(),
+                                                                          "id": None})})
+                await send({"type": "websocket.close", "code": 1013, "reason": "too many connections"})
+            return
+        self.active += 1
+        if scope["type"] == "websocket":
+            scope[ABORT] = transport_abort(send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class BodyLimit:
@@ -41,11 +105,4 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
         err = RequestTooLarge(f"body: {size} bytes, at most {self.max_bytes} allowed (PSN_MAX_REQUEST_BYTES)",
                               field="body")
-        metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
-        if metrics is not None:
-            metrics.error(err.code)
-        data = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": err.status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": data})
+        await send_json_error(scope, send, err, [(b"connection", b"close")])

@@ -147,7 +147,8 @@ class FakeBackend:
         self.max_slots, self.dtype = max_slots, torch.float64
         self.sums = torch.zeros(max_slots, 2, dtype=torch.float64)
         self.calls: list[tuple[int, list[int]]] = []
-        self.fail = False
+        self.fail = False  # every call fails
+        self.fail_L: int | None = None  # calls of this many steps fail, after changing their slots' state
 
     def reset(self, slots: torch.Tensor) -> None:
         self.sums[slots] = 0
@@ -155,12 +156,17 @@ class FakeBackend:
     def run(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.fail:
             raise RuntimeError("device lost")
+        if self.fail_L == x.shape[0]:
+            self.sums[slots] += 1  # half-updated, as a call that dies part-way may leave them
+            raise RuntimeError("device lost part-way")
         self.calls.append((x.shape[0], slots.tolist()))
         scores = self.sums[slots] + x.cumsum(0)  # (L, B, 2)
         self.sums[slots] = scores[-1]
         return (x > 0).to(self.dtype), scores
 
     def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fail:
+            raise RuntimeError("device lost")
         return (x > 0).to(self.dtype), x.cumsum(0)
 
 
@@ -247,18 +253,77 @@ def test_engine_core_expiry_pushes_to_watchers_and_close_waits_for_queued_work()
     assert answers(core)[5][1][0] == "session_closed"
 
 
-def test_backend_failure_answers_its_requests_and_the_loop_keeps_serving() -> None:
+def test_backend_failure_loses_the_sessions_of_that_call_and_the_loop_keeps_serving() -> None:
     core, be, clock = make_core(max_wait_ms=0)
+    for rid in (1, 2):
+        core.handle(b"f", [rid, "open", "fake", False])
+    opened = answers(core)
+    a, b = (opened[i][1]["session_id"] for i in (1, 2))
+    be.fail_L = 2  # b's call (2 steps) fails after touching its slot; a's call (1 step) works
+    core.handle(b"f", [3, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [4, "steps", b, -1, 2, np.ones(4).tobytes()])
+    core.handle(b"f", [5, "steps", b, -1, 1, np.ones(2).tobytes()])  # queued behind the failing one
+    core.step()
+    got = answers(core)
+    assert got[3][0] == 0 and got[3][1][:3] == [0, 0, 1]  # the other call of the batch is committed
+    assert got[4][0] == 410 and got[4][1][0] == "session_lost" and got[4][1][2] == "session_id"
+    core.step()
+    assert answers(core)[5][:2] == [410, got[4][1]]  # what was queued behind it is told too, not applied
+    core.handle(b"f", [6, "get", b])
+    core.handle(b"f", [7, "steps", b, 2, 1, np.ones(2).tobytes()])
+    got = answers(core)
+    assert got[6][1][0] == got[7][1][0] == "session_lost"  # not 404, not session_closed
+    assert core.sessions.count("fake") == 1  # its slot is free again
+    be.fail_L = None
+    core.handle(b"f", [8, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.step()
+    assert answers(core)[8][1][:3] == [1, 0, 2]
+    be.fail = True  # a failed classify touches no session: a plain 500
+    core.handle(b"f", [9, "classify", "fake", 1, np.ones(2).tobytes()])
+    core.step()
+    assert answers(core)[9][:2] == [500, ["internal", "internal error: RuntimeError", None, None]]
+
+
+def test_one_sessions_queue_is_bounded() -> None:
+    core, be, clock = make_core(max_wait_ms=1000, session_queue=2)
+    for rid in (1, 2):
+        core.handle(b"f", [rid, "open", "fake", False])
+    opened = answers(core)
+    a, b = (opened[i][1]["session_id"] for i in (1, 2))
+    x = np.ones(2).tobytes()
+    for rid in (3, 4, 5):
+        core.handle(b"f", [rid, "steps", a, -1, 1, x])
+    core.handle(b"f", [6, "close", a])
+    core.handle(b"f", [7, "steps", b, -1, 1, x])  # another session is not affected
+    got = answers(core)
+    assert sorted(got) == [5, 6]
+    assert got[5][0] == 429 and got[5][1] == ["session_queue_full", got[5][1][1], "session_id", 1]
+    assert "2 requests" in got[5][1][1] and got[6][1][0] == "session_queue_full"
+    clock.now += 2
+    core.step()  # a's first request runs: room for one more
+    assert sorted(answers(core)) == [3, 7]
+    core.handle(b"f", [8, "steps", a, -1, 1, x])
+    assert answers(core) == {}
+
+
+def test_a_request_past_its_deadline_is_refused_not_applied() -> None:
+    core, be, clock = make_core(max_wait_ms=0, request_timeout_s=5, max_batch_size=1)
     core.handle(b"f", [1, "open", "fake", False])
     a = answers(core)[1][1]["session_id"]
-    be.fail = True
-    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])  # deadline 1005
+    core.handle(b"f", [4, "classify", "fake", 1, np.ones(2).tobytes()])  # deadline 1005
+    clock.now += 3
+    core.handle(b"f", [3, "steps", a, -1, 1, np.full(2, 2.0).tobytes()])  # deadline 1008
+    clock.now += 3  # 1006: request 2 and the classify are past their deadline, request 3 is not
     core.step()
-    assert answers(core)[2][:2] == [500, ["internal", "internal error: RuntimeError", None, None]]
-    be.fail = False
-    core.handle(b"f", [3, "steps", a, -1, 1, np.ones(2).tobytes()])
+    got = answers(core)
+    assert got[2][0] == 504 and got[2][1][0] == "request_timeout" and got[2][1][3] == 1
+    assert "6 s" in got[2][1][1] and "not applied" in got[2][1][1]
+    assert got[4][0] == 504 and got[4][1][0] == "request_timeout"
+    assert be.calls == []
     core.step()
-    assert answers(core)[3][1][:3] == [0, 0, 1]
+    start, replayed, seen, spikes, scores = answers(core)[3][1]
+    assert (start, seen) == (0, 1) and np.frombuffer(scores).tolist() == [2.0, 2.0]  # only request 3 applied
 
 
 def test_every_request_counts_as_use_even_a_pure_retry() -> None:

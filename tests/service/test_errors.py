@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 
 import httpx
+import numpy as np
 import pytest
 import websockets.sync.client as ws_client
+from websockets.exceptions import ConnectionClosed
 
 from tests.service.conftest import Reference, Server, assert_outputs
 
@@ -50,8 +53,9 @@ def test_bad_steps_are_refused_and_session_unharmed(client: httpx.Client, sessio
     for raw in ('{"steps": [[NaN, 1, 2]]}', '{"steps": [[Infinity, 1, 2]]}'):
         _check(client.post(url, content=raw, headers={"content-type": "application/json"}), 422, "invalid_input",
                ["NaN or Inf"])
-    _check(client.post(url, content=b"{not json", headers={"content-type": "application/json"}), 422,
-           "invalid_input")
+    r = client.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    _check(r, 422, "invalid_input", ["body", "malformed JSON", "character 1"])
+    assert r.json()["error"]["field"] == "body"  # not the character offset
     r = client.post(url, json={"steps": x[2:].tolist()})
     assert r.status_code == 200 and r.json()["start"] == 2
     assert_outputs(r.json()["outputs"], ref.outputs("sliding", x), start=2)
@@ -170,3 +174,64 @@ def test_finite_numbers_beyond_the_model_dtype_are_refused(serve, dtype: str, bi
                 err["error"]["message"]
         r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[1.0, 0.5, -0.5]]})  # the session still works
         assert r.status_code == 200 and r.json()["start"] == 0, r.text
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than any JSON parser here recurses
+
+
+def test_deeply_nested_json_is_invalid_input(client: httpx.Client, server: Server, session: str) -> None:
+    """Over HTTP a 422 naming the body (not a 400); over the WebSocket an error message, and the connection
+    stays usable (it used to drop with 1006)."""
+    json_headers = {"content-type": "application/json"}
+    for url, body in ((f"/v1/sessions/{session}/steps", DEEP), (f"/v1/sessions/{session}/steps",
+                      '{"steps": ' + DEEP + "}"), ("/v1/classify", '{"model": "sliding", "steps": ' + DEEP + "}"),
+                      ("/v1/sessions", '{"model": ' + DEEP + "}")):
+        r = client.post(url, content=body, headers=json_headers)
+        _check(r, 422, "invalid_input", ["body", "nested too deeply"])
+        assert r.json()["error"]["field"] == "body"
+    r = client.post(f"/v1/sessions/{session}/steps", content=b"\xff\xfe[", headers=json_headers)
+    _check(r, 422, "invalid_input", ["body"])
+    with ws_client.connect(server.ws_url) as ws:
+        ws.send(json.dumps({"type": "attach", "session_id": session}))
+        assert json.loads(ws.recv(timeout=5))["type"] == "attached"
+        for text in (DEEP, '{"type": "steps", "steps": ' + DEEP + "}", '{"type": "steps", "steps": [[0, 0, 0]], '
+                     '"id": ' + DEEP + "}"):
+            ws.send(text)
+            err = json.loads(ws.recv(timeout=5))
+            assert err["type"] == "error" and err["error"]["code"] == "invalid_input", err
+            assert err["error"]["field"] == "message"
+        ws.send("{not json")
+        err = json.loads(ws.recv(timeout=5))["error"]
+        assert err["field"] == "message" and "column 2" in err["message"]
+        ws.send(json.dumps({"type": "steps", "steps": [[0, 0, 0]], "id": 3}))
+        ok = json.loads(ws.recv(timeout=5))
+        assert ok["type"] == "steps" and ok["id"] == 3 and ok["start"] == 0
+
+
+def test_an_oversized_ws_message_is_refused_unparsed_and_the_connection_stays(server: Server) -> None:
+    big_steps = {"type": "steps", "steps": [[0.25, 0.25, 0.25]] * 150_000}  # 3 MB: too_many_steps if parsed
+    text = json.dumps(big_steps)
+    assert 3_000_000 < len(text) < 4_000_000
+    with ws_client.connect(server.ws_url, max_size=None) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        json.loads(ws.recv(timeout=5))
+        ws.send(text)
+        err = json.loads(ws.recv(timeout=30))
+        assert err["error"]["code"] == "request_too_large" and err["error"]["field"] == "message", err
+        ws.send(json.dumps({"type": "steps", "steps": [[0, 0, 0]]}))
+        assert json.loads(ws.recv(timeout=5))["start"] == 0
+    with ws_client.connect(server.ws_url, subprotocols=["psn.binary.v1"], max_size=None) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        json.loads(ws.recv(timeout=5))
+        frame = struct.pack("<IIq", 7, 1, -1) + bytes(3_000_000)  # L=1 with 3 MB: a length error if parsed
+        ws.send(frame)
+        err = json.loads(ws.recv(timeout=30))
+        assert err["error"]["code"] == "request_too_large" and err["id"] == 7, err
+        ws.send(struct.pack("<IIq", 8, 1, -1) + np.zeros(3, "<f4").tobytes())
+        assert struct.unpack_from("<IIq", ws.recv(timeout=5)) == (8, 1, 0)
+    with ws_client.connect(server.ws_url) as ws:  # past the frame limit (4 MiB here): refused from its header
+        with pytest.raises(ConnectionClosed) as e:
+            ws.send(bytes(5 << 20))
+            ws.recv(timeout=30)
+        # code 1009, when the close frame arrives before the reset of the half-sent message
+        assert e.value.rcvd is None or e.value.rcvd.code == 1009

@@ -4,7 +4,12 @@ Client messages (JSON text): ``{"type": "open", "model", "frames"?}``, ``{"type"
 "session_id", "frames"?}``, ``{"type": "steps", "steps", "start"?, "id"?}``, ``{"type": "close"}``.
 Server messages: ``opened`` / ``attached`` (with ``session``), ``steps`` (``outputs``), ``closed``,
 ``expired`` (pushed when the idle timeout closes the session), ``error`` (``error.code``,
-``error.message``, ``error.field``); after an error the connection stays usable.
+``error.message``, ``error.field``, and ``error.retry_after`` where waiting helps); after an error the
+connection stays usable. A message over ``PSN_MAX_REQUEST_BYTES`` is refused before it is parsed.
+
+A send that has waited ``PSN_WS_SEND_TIMEOUT_S`` for room in the connection's output buffer drops the
+client (it stopped reading): ``SendWatchdog`` aborts the connection (a polite close would wait for the
+same full buffer).
 
 Binary frames (``service/frontend/codec.py``, docs/api.md): chosen with the ``psn.binary.v1``
 subprotocol or ``"frames": "binary"`` on open/attach; then steps go as binary frames and are answered
@@ -26,6 +31,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from service.errors import InvalidInput, RequestTooLarge, ServiceError, internal
 from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object
 from service.frontend.deps import get_frontend
+from service.frontend.limits import ABORT
 from service.frontend.state import Frontend
 from service.schemas import WsAttach, WsClose, WsOpen, WsSteps
 
@@ -34,6 +40,32 @@ log = logging.getLogger("psn.stream")
 
 ClientMessage = TypeAdapter(Annotated[WsOpen | WsAttach | WsSteps | WsClose, Field(discriminator="type")])
 BINARY_SUBPROTOCOL = "psn.binary.v1"
+
+
+class SendWatchdog:
+    """Drops connections whose current send has waited longer than ``timeout_s``. One task per front end
+    looks a few times a second while there are connections, so a send costs two attribute writes (a timer
+    per send, ``asyncio.timeout`` under uvloop, measured 7 us per send on the 2-core CPU)."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.conns: set[StreamConnection] = set()
+        self.task: asyncio.Task | None = None
+
+    def add(self, conn: StreamConnection) -> None:
+        self.conns.add(conn)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self.run(), name="ws-send-watchdog")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.conns:
+            await asyncio.sleep(min(0.25, self.timeout_s / 4))
+            now = loop.time()
+            for conn in list(self.conns):
+                if conn.sending_since is not None and now - conn.sending_since > self.timeout_s:
+                    self.conns.discard(conn)
+                    conn.drop(now - conn.sending_since)
 
 
 class StreamConnection:
@@ -45,14 +77,35 @@ class StreamConnection:
         self.codec: ModelCodec | None = None
         self.send_lock = asyncio.Lock()
         self.tasks: set[asyncio.Task] = set()
+        self.time = asyncio.get_running_loop().time
+        self.sending_since: float | None = None  # while a send waits (SendWatchdog)
+
+    async def send_raw(self, data: str | bytes) -> None:
+        """Send one message (text or binary); it may wait for room in the output buffer (SendWatchdog)."""
+        async with self.send_lock:
+            self.sending_since = self.time()
+            try:
+                if isinstance(data, str):
+                    await self.ws.send_text(data)
+                else:
+                    await self.ws.send_bytes(data)
+            finally:
+                self.sending_since = None
+
+    def drop(self, waited: float) -> None:
+        """The client has not read for ``waited`` s: abort the connection (its pending send then fails)."""
+        abort = self.ws.scope.get(ABORT)
+        log.info("websocket client not reading (a send waited %.3g s): %s", waited,
+                 "dropped" if abort is not None else "cannot drop it (no transport to abort)")
+        if abort is not None:
+            abort()
 
     async def send(self, msg: dict[str, Any]) -> None:
-        async with self.send_lock:
-            await self.ws.send_text(json.dumps(msg))
+        await self.send_raw(json.dumps(msg))
 
     async def send_error(self, err: ServiceError, msg_id: Any = None) -> None:
         self.fe.metrics.error(err.code)
-        await self.send({"type": "error", "error": err.body()["error"], "id": msg_id})
+        await self.send({"type": "error", "error": err.ws_error(), "id": msg_id})
 
     def _on_event(self, kind: str, sid: str) -> None:  # pushed by the engine core
         if kind == "expired":  # self.session stays: the next message about it is answered 410
@@ -89,9 +142,6 @@ class StreamConnection:
         return self.session, self.codec
 
     async def handle_text(self, text: str) -> None:
-        if len(text) > self.fe.settings.max_request_bytes:
-            raise RequestTooLarge(f"message: {len(text)} bytes, at most {self.fe.settings.max_request_bytes} "
-                                  "allowed (PSN_MAX_REQUEST_BYTES)", field="message")
         try:
             msg = ClientMessage.validate_json(text)
         except ValidationError as e:
@@ -110,10 +160,8 @@ class StreamConnection:
             start, replayed, _, spikes, scores = await fe.client.call(
                 "steps", sid, -1 if msg.start is None else msg.start, L, payload)
             fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
-            text = join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
-                                "replayed": replayed}, codec.json_outputs(start, L, spikes, scores))
-            async with self.send_lock:
-                await self.ws.send_text(text)
+            await self.send_raw(join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
+                                             "replayed": replayed}, codec.json_outputs(start, L, spikes, scores)))
         elif isinstance(msg, WsOpen):
             fe.codec(msg.model)
             info = await fe.client.call("open", msg.model, True)
@@ -138,17 +186,12 @@ class StreamConnection:
                                f"{BINARY_SUBPROTOCOL} subprotocol or \"frames\": \"binary\" on open/attach",
                                field="frame")
         fe = self.fe
-        if len(data) > fe.settings.max_request_bytes:
-            raise RequestTooLarge(f"frame: {len(data)} bytes, at most {fe.settings.max_request_bytes} allowed "
-                                  "(PSN_MAX_REQUEST_BYTES)", field="frame")
         msg_id, start, L, payload = codec.binary_steps(data, fe.settings.max_steps_per_request)
         fe.check_ready()
         t0 = time.perf_counter()
         start, replayed, _, spikes, scores = await fe.client.call("steps", sid, start, L, payload)
         fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
-        frame = codec.binary_answer(msg_id, start, replayed, L, spikes, scores)
-        async with self.send_lock:
-            await self.ws.send_bytes(frame)
+        await self.send_raw(codec.binary_answer(msg_id, start, replayed, L, spikes, scores))
 
 
 @router.websocket("/v1/stream")
@@ -159,11 +202,16 @@ async def stream(ws: WebSocket) -> None:
     try:
         fe = get_frontend(ws)
     except ServiceError as e:
-        await ws.send_text(json.dumps({"type": "error", "error": e.body()["error"]}))
+        await ws.send_text(json.dumps({"type": "error", "error": e.ws_error()}))
         await ws.close(code=1013)
         return
     conn = StreamConnection(ws, fe, binary)
+    watchdog: SendWatchdog | None = getattr(ws.app.state, "send_watchdog", None)
+    if watchdog is None:
+        watchdog = ws.app.state.send_watchdog = SendWatchdog(fe.settings.ws_send_timeout_s)
+    watchdog.add(conn)
     fe.metrics.connections.inc()
+    limit = fe.settings.max_request_bytes
     try:
         while True:
             msg = await ws.receive()
@@ -171,29 +219,36 @@ async def stream(ws: WebSocket) -> None:
                 break
             text, data = msg.get("text"), msg.get("bytes")
             try:
+                size = len(text if text is not None else data or b"")
+                if size > limit:  # before anything reads it (text: characters, at least as many as bytes / 4)
+                    raise RequestTooLarge(f"message: {size} {'characters' if text is not None else 'bytes'}, at "
+                                          f"most {limit} bytes allowed (PSN_MAX_REQUEST_BYTES)", field="message")
                 if text is not None:
                     await conn.handle_text(text)
                 elif data is not None:
                     await conn.handle_binary(data)
             except ServiceError as e:
-                await conn.send_error(e, _msg_id(text, data))
+                await conn.send_error(e, _msg_id(text, data, limit))
             except (WebSocketDisconnect, ClientDisconnected):
                 raise
             except Exception as e:  # a bug, not bad input: say so and keep the connection
                 log.exception("unexpected error on /v1/stream")
-                await conn.send_error(internal(e), _msg_id(text, data))
+                await conn.send_error(internal(e), _msg_id(text, data, limit))
     except (WebSocketDisconnect, ClientDisconnected):
         pass
     except RuntimeError as e:  # starlette: sending on a socket the client has already closed
         log.debug("websocket gone: %s", e)
     finally:
+        watchdog.conns.discard(conn)
         fe.metrics.connections.dec()
         conn.unbind()
 
 
-def _msg_id(text: str | None, data: bytes | None) -> Any:
+def _msg_id(text: str | None, data: bytes | None, limit: int) -> Any:
     if data is not None:
         return REQUEST_HEADER.unpack_from(data)[0] if len(data) >= REQUEST_HEADER.size else None
+    if text is None or len(text) > limit:  # an oversized message is never parsed, not even for its id
+        return None
     try:
         d = json.loads(text or "")
         return d.get("id") if isinstance(d, dict) else None

@@ -1,0 +1,167 @@
+"""Bounded admission through the real server: one session's queue, request deadlines, the connection
+limit, and clients that stop reading (oversized WebSocket messages: test_errors.py). Each refusal is a clear error (with
+Retry-After / ``retry_after`` where waiting helps), never a hang.
+
+The engine core is paused with SIGSTOP where a test needs requests to pile up in a known order (they
+wait in its socket, and it reads them all in one turn when SIGCONT wakes it)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import websockets.sync.client as ws_client
+from websockets.exceptions import ConnectionClosed
+
+from tests.service.conftest import Server
+
+
+def engine_pid(srv: Server) -> int:
+    return httpx.get(f"{srv.url}/healthz").json()["engine_pid"]
+
+
+@contextmanager
+def engine_paused(srv: Server) -> Iterator[None]:
+    pid = engine_pid(srv)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def open_session(srv: Server) -> str:
+    return httpx.post(f"{srv.url}/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+
+
+def test_one_sessions_queue_is_bounded_and_a_stuck_engine_times_out(serve) -> None:
+    srv = serve(session_queue=2, request_timeout_s=2)
+    sid = open_session(srv)
+    url, step = f"/v1/sessions/{sid}/steps", {"steps": [[0.5, 0.5, 0.5]]}
+
+    pid = engine_pid(srv)
+
+    async def flood(ws) -> tuple[list[httpx.Response], dict]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+            first = [asyncio.create_task(c.post(url, json=step)) for _ in range(2)]
+            await asyncio.sleep(0.5)  # those two reach the (paused) engine core's socket first
+            ws.send(json.dumps({"type": "steps", **step, "id": 1}))
+            await asyncio.sleep(0.1)
+            later = [asyncio.create_task(c.post(url, json=step)) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            os.kill(pid, signal.SIGCONT)
+            return await asyncio.gather(*first, *later), json.loads(ws.recv(timeout=10))
+
+    with ws_client.connect(srv.ws_url) as ws:
+        ws.send(json.dumps({"type": "attach", "session_id": sid}))
+        json.loads(ws.recv(timeout=5))
+        os.kill(pid, signal.SIGSTOP)
+        rs, ws_answer = asyncio.run(flood(ws))
+        assert [r.status_code for r in rs] == [200, 200, 429, 429], [r.text for r in rs]
+        assert sorted(r.json()["start"] for r in rs[:2]) == [0, 1]
+        for r in rs[2:]:
+            assert r.json()["error"]["code"] == "session_queue_full" and r.headers["Retry-After"] == "1"
+        assert ws_answer["type"] == "error" and ws_answer["id"] == 1
+        assert ws_answer["error"]["code"] == "session_queue_full" and ws_answer["error"]["retry_after"] == 1
+
+        # the engine core stops answering: the front end gives up about a second after the deadline
+        with engine_paused(srv):
+            ws.send(json.dumps({"type": "steps", **step, "id": 2}))
+            r = httpx.post(f"{srv.url}{url}", json=step, timeout=30)
+            assert r.status_code == 504 and r.headers["Retry-After"] == "1", r.text
+            assert r.json()["error"]["code"] == "request_timeout" and "may or may not" in r.json()["error"]["message"]
+            err = json.loads(ws.recv(timeout=30))
+            assert err["error"]["code"] == "request_timeout" and err["error"]["retry_after"] == 1 and err["id"] == 2
+        # both reached the engine core, which took them when it woke: a resend with start finds them applied
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{srv.url}/v1/sessions/{sid}").json()["steps_seen"] < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.post(f"{srv.url}{url}", json={"steps": [[0.5, 0.5, 0.5]] * 2, "start": 2}, timeout=30)
+        assert r.status_code == 200 and r.json()["replayed"] == 2 and r.json()["steps_seen"] == 4, r.text
+
+
+def test_connection_limit_per_front_end(serve) -> None:
+    srv = serve(max_connections=2)
+    with ws_client.connect(srv.ws_url) as a, ws_client.connect(srv.ws_url) as b:
+        for ws in (a, b):
+            ws.send(json.dumps({"type": "open", "model": "sliding"}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "opened"
+        with ws_client.connect(srv.ws_url) as c:
+            err = json.loads(c.recv(timeout=5))
+            assert err["type"] == "error" and err["error"]["code"] == "too_many_connections"
+            assert err["error"]["retry_after"] == 1
+            try:
+                c.recv(timeout=5)
+                raise AssertionError("the connection should have been closed")
+            except ConnectionClosed as e:
+                assert e.rcvd is not None and e.rcvd.code == 1013
+        r = httpx.post(f"{srv.url}/v1/sessions", json={"model": "sliding"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "too_many_connections", r.text
+        assert r.headers["Retry-After"] == "1"
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200  # probes are never refused
+        assert httpx.get(f"{srv.url}/readyz").status_code == 200
+    deadline = time.monotonic() + 20  # the server notices the two closes on its own time
+    while (r := httpx.post(f"{srv.url}/v1/sessions", json={"model": "sliding"})).status_code == 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.05)
+    assert r.status_code == 201
+
+
+def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One masked client frame (RFC 6455)."""
+    n = len(payload)
+    head = bytes([0x80 | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    mask = os.urandom(4)
+    data = np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), n)
+    return head + mask + data.tobytes()
+
+
+def test_a_client_that_stops_reading_is_disconnected(serve) -> None:
+    srv = serve(ws_send_timeout_s=1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up soon
+    sock.connect(("127.0.0.1", srv.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    sock.sendall(ws_frame(json.dumps({"type": "open", "model": "sliding"}).encode()))
+    steps = ws_frame(json.dumps({"type": "steps", "steps": [[0.5, -0.5, 0.25]] * 1024}).encode())  # ~130 kB answers
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + 30
+    try:
+        while True:  # never read: the server's buffers fill, then it must drop the connection
+            assert time.monotonic() < deadline, "the server kept a client that does not read"
+            try:
+                sock.sendall(steps)
+            except TimeoutError:
+                pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while "not reading" not in srv.log():
+        assert time.monotonic() < deadline, srv.log()[-2000:]
+        time.sleep(0.05)
+    assert httpx.get(f"{srv.url}/healthz").status_code == 200
