@@ -12,7 +12,8 @@ from uvicorn.protocols.utils import ClientDisconnected
 
 from service.errors import RequestTooLarge, ServiceError, TooManyConnections
 
-UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes answer even when the limit is reached
+# probes answer even when the limit is reached
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 ABORT = "psn.abort"  # scope key of a WebSocket: drops the connection at once (or None where that is not possible)
 
 
