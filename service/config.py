@@ -15,8 +15,12 @@ if TYPE_CHECKING:  # the front ends never import torch (only the engine core run
 
 
 def default_workers() -> int:
-    """Front-end processes: one per core left over by the engine core, at least one, at most 16."""
-    return max(1, min(16, (os.cpu_count() or 2) - 1))
+    """Front-end processes: one per core left over by the engine core, at least two, at most 16.
+
+    At least two: on the 2-core box two front ends gave 1.3x (binary frames) and 1.2-1.5x (JSON) the
+    session-steps/s of one (BENCHMARKS.md, quiet-box runs): a front end waits on its socket often
+    enough that a second one fills the gaps."""
+    return max(2, min(16, (os.cpu_count() or 2) - 1))
 
 
 class Settings(BaseSettings):
