@@ -37,8 +37,10 @@ Answers: ``[rid, 0, result]`` or ``[rid, status, [code, message, field, retry_af
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -66,6 +68,21 @@ def parse_address(address: str) -> tuple[str, str, int]:
         if host and port.isdigit():
             return "tcp", host.strip("[]"), int(port)
     raise ValueError(f"PSN_ENGINE_ADDRESS: expected unix:PATH or tcp:HOST:PORT, got {address!r}")
+
+
+def listen(address: str, backlog: int) -> socket.socket:
+    """A listening stream socket on ``unix:PATH`` (a stale socket file is replaced) or ``tcp:HOST:PORT``."""
+    kind, where, port = parse_address(address)
+    if kind == "unix":
+        Path(where).unlink(missing_ok=True)  # left by a crashed engine core
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(where)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in where else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((where, port))
+    sock.listen(backlog)
+    return sock
 
 
 def pack(items: list[Any]) -> bytes:

@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -24,27 +23,19 @@ from pathlib import Path
 from prometheus_client.multiprocess import mark_process_dead
 
 from service.config import Settings, get_settings
-from service.ipc import default_address
+from service.ipc import default_address, listen
 
 log = logging.getLogger("psn.supervisor")
-ctx = mp.get_context("spawn")  # no fork: children start clean (torch and ZeroMQ dislike forked state)
-
-
-def listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+ctx = mp.get_context("spawn")  # no fork: children start clean (torch dislikes forked state)
 
 
 class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.address = settings.engine_address or default_address()
-        self.sock = listen(settings.host, settings.port)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
+        self.sock = listen(f"tcp:{host}:{settings.port}", 2048)
+        self.sock.set_inheritable(True)  # handed to every front-end process
         self.engine: mp.Process | None = None
         self.frontends: list[mp.Process | None] = [None] * settings.workers
         self.stopping = False

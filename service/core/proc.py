@@ -16,7 +16,6 @@ import selectors
 import signal
 import socket
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from model.folder import find_model_folders, load_model_folder
 from service.backends import get_backend_class
 from service.config import Settings
 from service.core.engine import EngineCore
-from service.ipc import LENGTH, MAX_FRAME, frame, parse_address, unpack
+from service.ipc import LENGTH, MAX_FRAME, frame, listen, unpack
 
 log = logging.getLogger("psn.engine")
 READ_SIZE = 1 << 20
@@ -51,21 +50,6 @@ def build_core(settings: Settings) -> EngineCore:
     return core
 
 
-def listen(address: str) -> socket.socket:
-    kind, where, port = parse_address(address)
-    if kind == "unix":
-        Path(where).unlink(missing_ok=True)  # a stale socket file of a crashed engine core
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(where)
-    else:
-        sock = socket.socket(socket.AF_INET6 if ":" in where else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((where, port))
-    sock.listen(256)
-    sock.setblocking(False)
-    return sock
-
-
 class FrontConnection:
     """One front end: its socket, bytes read but not yet framed, bytes not yet sent."""
 
@@ -78,7 +62,8 @@ class FrontConnection:
 class EngineProcess:
     def __init__(self, core: EngineCore, address: str):
         self.core, self.address = core, address
-        self.listener = listen(address)
+        self.listener = listen(address, 256)
+        self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self.fronts: dict[bytes, FrontConnection] = {}
