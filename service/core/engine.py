@@ -155,7 +155,7 @@ class EngineCore:
         s = self.sessions.get(sid)
         if s.busy:  # after the requests already queued
             now = self.clock()
-            self.schedulers[s.model].add(Request(front, rid, s, "close", now, deadline=now + self.timeout_s))
+            self.schedulers[s.model].add(Request(front, rid, s, "close", now))
             return QUEUED
         self.sessions.close(s)
         return self.info(s)
@@ -164,23 +164,19 @@ class EngineCore:
         self.check_open()
         s = self.sessions.get(sid)
         r, sched = self.runners[s.model], self.schedulers[s.model]
-        if len(payload) != L * r.input_size * r.wire.itemsize or L < 1:
-            raise InvalidInput(f"steps: {len(payload)} bytes for {L} steps of {r.input_size} {r.wire.name}",
-                               field="steps")
+        r.check_payload(payload, L)
         if sched.pending >= self.settings.queue_depth:
             raise QueueFull(f"model {s.model!r}: {self.settings.queue_depth} requests are already queued; retry "
                             "shortly", retry_after=1)
         now = self.clock()
-        sched.add(Request(front, rid, s, "steps", now, start, L, payload, now + self.timeout_s))
+        sched.add(Request(front, rid, s, "steps", now, start, L, payload))
         s.last_used = now
         return QUEUED
 
     def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes) -> Any:
         self.check_open()
         r = self.runner(model)
-        if len(payload) != T * r.input_size * r.wire.itemsize or T < 1:
-            raise InvalidInput(f"steps: {len(payload)} bytes for {T} steps of {r.input_size} {r.wire.name}",
-                               field="steps")
+        r.check_payload(payload, T)
         if r.exact_T is not None and T != r.exact_T:
             raise InvalidInput(f"steps: model {model!r} (plain PSN) needs exactly T={r.cfg.T} steps, got {T}",
                                field="steps")
@@ -191,7 +187,7 @@ class EngineCore:
         if len(queue) >= self.settings.queue_depth:
             raise QueueFull(f"model {model!r}: {self.settings.queue_depth} classify requests are queued; retry "
                             "shortly", retry_after=1)
-        queue.append(ClassifyRequest(front, rid, T, payload, self.clock() + self.timeout_s))
+        queue.append(ClassifyRequest(front, rid, T, payload, self.clock()))
         return QUEUED
 
     def metrics_text(self, front: bytes, rid: int) -> str:
@@ -233,7 +229,7 @@ class EngineCore:
         for req in requests:
             s = req.session
             try:
-                if now > req.deadline:
+                if now - req.arrived > self.timeout_s:
                     raise self.timed_out(now - req.arrived)
                 if s.slot < 0:
                     raise self.sessions.gone_error(s.id, s.ended)
@@ -327,8 +323,8 @@ class EngineCore:
         by_T: dict[int, list[ClassifyRequest]] = {}
         now = self.clock()
         for c in take:
-            if now > c.deadline:
-                self.answer(c.front, error_answer(c.rid, self.timed_out(now - c.deadline + self.timeout_s)))
+            if now - c.arrived > self.timeout_s:
+                self.answer(c.front, error_answer(c.rid, self.timed_out(now - c.arrived)))
             else:
                 by_T.setdefault(c.T, []).append(c)
         for T, reqs in by_T.items():

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from service.backends.base import Backend
+from service.errors import InvalidInput
 
 
 class ModelRunner:
@@ -34,6 +35,12 @@ class ModelRunner:
     @property
     def streams(self) -> bool:
         return self.cfg.streams and self.backend.max_slots > 0
+
+    def check_payload(self, payload: bytes, L: int) -> None:
+        """A payload must hold ``L`` >= 1 steps in the wire dtype (front ends check shapes before this)."""
+        if L < 1 or len(payload) != L * self.input_size * self.wire.itemsize:
+            raise InvalidInput(f"steps: {len(payload)} bytes for {L} steps of {self.input_size} {self.wire.name}",
+                               field="steps")
 
     def inputs(self, payloads: list, L: int) -> torch.Tensor:
         """``B`` payloads of ``L`` steps each -> (L, B, *input_shape) in the backend's dtype."""

@@ -25,7 +25,7 @@ from service.errors import SessionQueueFull
 class Request:
     """One queued request of a session: ``op`` is "steps" or "close"."""
 
-    front: bytes  # the front end that asked (its ZeroMQ identity)
+    front: bytes  # the front end that asked (its connection's identity in the engine core)
     rid: int
     session: Session
     op: str
@@ -33,7 +33,6 @@ class Request:
     start: int = -1  # steps: first index, -1 = append
     L: int = 0  # steps in the payload
     payload: Any = None  # L * prod(input_shape) floats, wire dtype
-    deadline: float = float("inf")  # not run by then: answered request_timeout, not applied
 
 
 @dataclass(eq=False, slots=True)
@@ -60,7 +59,7 @@ class ClassifyRequest:
     rid: int
     T: int
     payload: bytes
-    deadline: float = float("inf")
+    arrived: float
 
 
 class Scheduler:
