@@ -16,10 +16,10 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from service.errors import InvalidInput
-from service.frontend.codec import ModelCodec
+from service.frontend.codec import MAX_FINITE, ModelCodec
 
 HEADER = "inference-header-content-length"
-FP32_MAX = float(np.finfo(np.float32).max)
+FP32_MAX = MAX_FINITE["float32"]
 DTYPES = {"spikes": ("UINT8", np.uint8), "scores": ("FP32", np.float32), "predicted": ("INT64", np.int64)}
 
 

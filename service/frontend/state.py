@@ -4,6 +4,7 @@ before the engine core sees it). Made in the lifespan; routes reach it through `
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -65,6 +66,17 @@ class Frontend:
         if model is None:
             model = self.remember(await self.client.call("get", sid, False))["model"]
         return self.codec(model)
+
+    async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes) -> list[Any]:
+        """Apply ``L`` steps to session ``sid`` from ``start`` (None: append), timing the round trip.
+
+        Returns the engine core's ``[start, replayed, steps_seen, spikes, scores]``.
+        """
+        self.check_ready()
+        t0 = time.perf_counter()
+        answer = await self.client.call("steps", sid, -1 if start is None else start, L, payload)
+        self.metrics.latency(codec.name).observe(time.perf_counter() - t0)
+        return answer
 
     def watch(self, sid: str, callback: Callable[[str, str], None]) -> None:
         self.watchers.setdefault(sid, set()).add(callback)

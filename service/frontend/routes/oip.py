@@ -94,8 +94,7 @@ async def _sequence(fe: Frontend, model: str, seq: Any, params: dict, x: np.ndar
         await fe.client.call("open", model, False, sid)
     L = x.shape[1]
     try:
-        start, replayed, seen, spikes, scores = await fe.client.call(
-            "steps", sid, -1, L, x[0].astype(codec.wire).tobytes())
+        start, replayed, seen, spikes, scores = await fe.steps(sid, codec, None, L, x[0].astype(codec.wire).tobytes())
     except ServiceError as e:
         if e.code in ("session_not_found", "session_closed", "session_expired", "session_lost"):
             raise InvalidInput(f"sequence_id {seq!r} of model {model!r} is not open ({e.code}): the first request "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Body, Response
 
 from service.frontend.codec import join_object
@@ -50,9 +48,6 @@ async def post_steps(session_id: str, fe: FrontendDep,
     fe.check_ready()
     codec = await fe.session_codec(session_id)
     L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request)
-    t0 = time.perf_counter()
-    start, replayed, seen, spikes, scores = await fe.client.call(
-        "steps", session_id, -1 if body.start is None else body.start, L, payload)
-    fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
+    start, replayed, seen, spikes, scores = await fe.steps(session_id, codec, body.start, L, payload)
     return JSONText(join_object({"session_id": session_id, "start": start, "replayed": replayed, "steps_seen": seen},
                                 codec.json_outputs(start, L, spikes, scores)))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -155,11 +154,7 @@ class StreamConnection:
                 raise InvalidInput("steps: this connection uses binary frames (psn.binary.v1): send steps as a "
                                    "binary frame, or reopen/attach with \"frames\": \"json\"", field="type")
             L, payload = codec.json_steps(msg.steps, fe.settings.max_steps_per_request)
-            fe.check_ready()
-            t0 = time.perf_counter()
-            start, replayed, _, spikes, scores = await fe.client.call(
-                "steps", sid, -1 if msg.start is None else msg.start, L, payload)
-            fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
+            start, replayed, _, spikes, scores = await fe.steps(sid, codec, msg.start, L, payload)
             await self.send_raw(join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
                                              "replayed": replayed}, codec.json_outputs(start, L, spikes, scores)))
         elif isinstance(msg, WsOpen):
@@ -187,10 +182,7 @@ class StreamConnection:
                                field="frame")
         fe = self.fe
         msg_id, start, L, payload = codec.binary_steps(data, fe.settings.max_steps_per_request)
-        fe.check_ready()
-        t0 = time.perf_counter()
-        start, replayed, _, spikes, scores = await fe.client.call("steps", sid, start, L, payload)
-        fe.metrics.latency(codec.name).observe(time.perf_counter() - t0)
+        start, replayed, _, spikes, scores = await fe.steps(sid, codec, start, L, payload)
         await self.send_raw(codec.binary_answer(msg_id, start, replayed, L, spikes, scores))
 
 
