@@ -340,3 +340,18 @@ def test_every_request_counts_as_use_even_a_pure_retry() -> None:
     assert core.reap() == []
     clock.now += 2
     assert [s.id for s in core.reap()] == [a]
+
+
+def test_engine_core_refuses_payloads_that_do_not_hold_L_steps() -> None:
+    """The engine core does not trust a front end's sizes: a short payload or L = 0 is refused, not applied."""
+    core, be, clock = make_core(max_wait_ms=0)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"f", [2, "steps", a, -1, 2, np.ones(3).tobytes()])  # 2 steps of 2 floats need 4
+    core.handle(b"f", [3, "steps", a, -1, 0, b""])
+    core.handle(b"f", [4, "classify", "fake", 1, np.ones(3).tobytes()])
+    got = answers(core)
+    for rid in (2, 3, 4):
+        assert got[rid][0] == 422 and got[rid][1][0] == "invalid_input" and got[rid][1][2] == "steps", got[rid]
+    core.step()
+    assert be.calls == [] and core.handle(b"f", [5, "get", a]) is None and answers(core)[5][1]["steps_seen"] == 0
