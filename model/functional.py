@@ -97,28 +97,50 @@ def _next_state(ctx: Tensor, state: NeuronState, L: int) -> NeuronState:
     return NeuronState(window=window.contiguous(), t=state.t + L)
 
 
+def band_sum(ctx: Tensor, weights: list[Tensor], L: int) -> Tensor:
+    """``H`` (before the bias) of new steps from a time-first context ``ctx``.
+
+    ``L >= 1``: ``ctx`` is (k + L, B, ...) and step l reads ``ctx[l+1 .. l+k]``; ``L = 0``: ``ctx`` is
+    the (k, B, ...) window of one step, read whole. ``weights[j]`` multiplies the j-th input read (a
+    scalar, or a tensor broadcast over the output). The sum runs in one fixed order, j = 0 .. k-1, as
+    separate element-wise multiplies and adds (no fused multiply-add, no matrix product whose
+    reduction order depends on the shapes): each output element is the same float whatever the
+    batch, its neighbours and the chunk length. So the step form, the chunk form and a replay after a
+    restart give bit-identical spikes (issue 11).
+    """
+    def term(j: int) -> Tensor:
+        return ctx[j] if L == 0 else ctx[1 + j:1 + j + L]
+
+    h = torch.mul(term(0), weights[0])
+    if torch.is_grad_enabled() or torch.jit.is_tracing():  # autograd, ONNX export: the same operations, out of place
+        for j in range(1, len(weights)):
+            h = h + term(j) * weights[j]
+    elif len(weights) > 1:
+        tmp = torch.empty_like(h)  # in place: fresh temporaries per term measured 7x slower
+        for j in range(1, len(weights)):
+            h.add_(torch.mul(term(j), weights[j], out=tmp))
+    return h
+
+
 def sliding_chunk(x_chunk: Tensor, state: NeuronState, weight: Tensor, bias: Tensor,
                   alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
-    """L new steps ``x_chunk`` (L, B, *features) over the stored window, in parallel form.
+    """L new steps ``x_chunk`` (L, B, *features) over the stored window: ``H[t] = sum_i w_i X[t-k+1+i] + b``.
 
-    Returns ``(spikes, H, new_state)``; equal to L single steps.
+    Returns ``(spikes, H, new_state)``; bit-identical to L single steps (``band_sum``).
     """
     L = x_chunk.shape[0]
-    k = weight.shape[0]
     ctx = _context(x_chunk, state)  # (k + L, B, N)
-    # Toeplitz rows for the new steps: output l reads ctx[l+1 .. l+k].
-    full = sliding_matrix(weight, k + L)[k:]  # (L, k + L)
-    h = torch.einsum("lc,cbn->lbn", full, ctx) + bias
+    h = band_sum(ctx, list(weight.unbind(0)), L) + bias
     h = h.reshape(x_chunk.shape)
     return spike(h, alpha), h, _next_state(ctx, state, L)
 
 
 def sliding_step(x_t: Tensor, state: NeuronState, weight: Tensor, bias: Tensor,
                  alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
-    """One step ``x_t`` (B, *features): ``H = sum_i w_i window_i + b``. Returns ``(spikes, H, new_state)``."""
+    """One step ``x_t`` (B, *features), bit-identical to ``sliding_chunk`` of one step (the same
+    ``band_sum`` over the window, without the time-major copies). Returns ``(spikes, H, new_state)``."""
     window = torch.cat([state.window[:, 1:], x_t.unsqueeze(1)], dim=1)  # (B, k, *features)
-    B, k = window.shape[:2]
-    h = (weight @ window.reshape(B, k, -1)).reshape(x_t.shape) + bias  # (B, *features)
+    h = band_sum(window.transpose(0, 1), list(weight.unbind(0)), 0) + bias  # read as (k, B, ...): no copy
     return spike(h, alpha), h, NeuronState(window=window, t=state.t + 1)
 
 
@@ -138,25 +160,26 @@ def masked_chunk(x_chunk: Tensor, state: NeuronState, weight: Tensor, bias: Tens
                  alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
     """L new steps of a masked PSN (lam = 1) over the stored window; rows may be at different t.
 
-    The caller checks ``t + L <= T``. Returns ``(spikes, H, new_state)``.
+    Row b's step s uses ``weight[s, s-k+1 .. s]``. The caller checks ``t + L <= T``. Returns
+    ``(spikes, H, new_state)``; bit-identical to L single steps (``band_sum``).
     """
     L = x_chunk.shape[0]
     ctx = _context(x_chunk, state)  # (k + L, B, N)
-    windows = ctx.unfold(0, k, 1)[1:]  # (L, B, N, k): step l reads ctx[l+1 .. l+k]
-    band = masked_band_weights(weight, state.t, k, L)  # (B, L, k)
+    band = masked_band_weights(weight, state.t, k, L).permute(2, 1, 0).unsqueeze(3)  # (k, L, B, 1)
     steps = state.t.unsqueeze(1) + torch.arange(L, device=state.t.device)  # (B, L)
-    h = torch.einsum("lbnk,blk->lbn", windows, band) + bias[steps].transpose(0, 1).unsqueeze(2)
+    h = band_sum(ctx, list(band.unbind(0)), L) + bias[steps].transpose(0, 1).unsqueeze(2)
     h = h.reshape(x_chunk.shape)
     return spike(h, alpha), h, _next_state(ctx, state, L)
 
 
 def masked_step(x_t: Tensor, state: NeuronState, weight: Tensor, bias: Tensor, k: int,
                 alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
-    """One step of a masked PSN (lam = 1): row b uses ``weight[t_b, t_b-k+1 .. t_b]``."""
+    """One step of a masked PSN (lam = 1): row b uses ``weight[t_b, t_b-k+1 .. t_b]``; bit-identical
+    to ``masked_chunk`` of one step."""
     window = torch.cat([state.window[:, 1:], x_t.unsqueeze(1)], dim=1)  # (B, k, *features)
     B = window.shape[0]
-    band = masked_band_weights(weight, state.t, k, 1)[:, 0]  # (B, k)
-    h = torch.bmm(band.unsqueeze(1), window.reshape(B, k, -1)).reshape(x_t.shape)
+    band = masked_band_weights(weight, state.t, k, 1)[:, 0].T.reshape(k, B, *([1] * (x_t.dim() - 1)))
+    h = band_sum(window.transpose(0, 1), list(band.unbind(0)), 0)
     h = h + bias[state.t].reshape((B,) + (1,) * (x_t.dim() - 1))
     return spike(h, alpha), h, NeuronState(window=window, t=state.t + 1)
 

@@ -41,6 +41,9 @@ class NetOutput(NamedTuple):
     scores: Tensor  # (T, B, num_classes) mean readout over steps 0..t
 
 
+ROW_TILE = 8  # the step form's matrix products run on a multiple of this many rows (``current_rows``)
+
+
 def _make_neuron(cfg: NetConfig) -> nn.Module:
     if cfg.neuron == "masked":
         return MaskedPSN(cfg.k, cfg.T, alpha=cfg.alpha, validate=False)  # type: ignore[arg-type]
@@ -83,6 +86,18 @@ class SpikingLayer(nn.Module):
         if valid is None or not self.training:
             return self.bn(y)
         return masked_batch_norm(self.bn, y, valid)
+
+    def current_rows(self, x: Tensor) -> Tensor:
+        """``current`` for the step form, batch-invariant: row i's result does not depend on the
+        other rows or their number. A matrix product may sum in another order for another number of
+        rows (on this CPU a product of 1-7 rows differs from the same rows inside a larger one; a row
+        count that is a multiple of ``ROW_TILE`` measured invariant), so the rows are padded with
+        zeros to a multiple of ``ROW_TILE`` (tests/test_network.py checks it on the machine at hand).
+        """
+        pad = -x.shape[0] % ROW_TILE
+        if not pad:
+            return self.current(x)
+        return self.current(torch.cat([x, x.new_zeros(pad, *x.shape[1:])]))[:x.shape[0]]
 
 
 class PSNNet(nn.Module):
@@ -167,7 +182,7 @@ class PSNNet(nn.Module):
         h = self._normalise(x_chunk)
         new_neurons = []
         for layer, ns in zip(self.layers, state.neurons, strict=True):
-            cur = layer.current(h.reshape(L * B, *h.shape[2:]))
+            cur = layer.current_rows(h.reshape(L * B, *h.shape[2:]))
             cur = cur.reshape(L, B, *cur.shape[1:])  # (L, B, *out)
             if L == 1:
                 s, ns = layer.neuron.step(cur[0], ns)
@@ -196,7 +211,7 @@ class PSNNet(nn.Module):
         """
         h = self._normalise(x_t)
         for layer, ns in zip(self.layers, state.neurons, strict=True):
-            cur = layer.current(h)  # (B, *out)
+            cur = layer.current_rows(h)  # (B, *out)
             h = sliding_step_slots_(ns.window, ns.t, idx, cur, layer.neuron.weight, layer.neuron.bias)
         scores, sums, t = running_mean_step(self.readout(h.reshape(h.shape[0], -1)),
                                             state.score_sum.index_select(0, idx), state.t.index_select(0, idx))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model import InputError
-from model.network import LayerConfig, NetConfig, PSNNet, state_size_bytes
+from model.functional import NeuronState
+from model.network import LayerConfig, NetConfig, NetState, PSNNet, state_size_bytes
 from tests.nets import make_spiking
 
 CONV_NET = (LayerConfig("conv", 4, kernel_size=3), LayerConfig("conv", 3, kernel_size=5, stride=2),
@@ -182,3 +183,54 @@ def test_lif_scan_is_lif_step_without_the_surrogate():
     for t in range(12):
         s_ref[t], v_ref = lif_step(x[t], v_ref, 2.0, 1.0, 2.0)
     assert torch.equal(s_ref, spikes)
+
+
+def _stack(states: list[NetState]) -> NetState:
+    return NetState(neurons=tuple(NeuronState(torch.cat([s.neurons[i].window for s in states]),
+                                              torch.cat([s.neurons[i].t for s in states]))
+                                  for i in range(len(states[0].neurons))),
+                    score_sum=torch.cat([s.score_sum for s in states]), t=torch.cat([s.t for s in states]))
+
+
+def _row(state: NetState, b: int) -> NetState:
+    return NetState(neurons=tuple(NeuronState(ns.window[b:b + 1], ns.t[b:b + 1]) for ns in state.neurons),
+                    score_sum=state.score_sum[b:b + 1], t=state.t[b:b + 1])
+
+
+@pytest.mark.parametrize("neuron,T,k", [("sliding", None, 4), ("masked", 48, 3)])
+def test_step_form_is_batch_invariant(neuron: str, T: int | None, k: int) -> None:
+    """A session's spikes and state are bit-identical streamed alone one step at a time and inside
+    batches of other sizes, other sessions and other chunk lengths (float32, where the rounding of a
+    matrix product over a different number of rows shows first): a replayed session must reproduce
+    its spikes exactly (issue 11)."""
+    torch.manual_seed(5)
+    cfg = NetConfig(input_shape=(12,), num_classes=5, neuron=neuron, k=k, T=T,
+                    layers=(LayerConfig("linear", 96), LayerConfig("linear", 80), LayerConfig("linear", 64)))
+    net = make_spiking(PSNNet(cfg), bn_mean=0.5, bn_affine=True).fused()
+    steps, n = 40, 23
+    x = torch.randn(steps, n, 12)
+    with torch.no_grad():
+        alone, st = [], net.initial_state(1)
+        for t in range(steps):  # session 0 alone, one step at a time
+            out, st = net.chunk(x[t:t + 1, :1], st)
+            alone.append(out.spikes[0, 0])
+        assert 0.1 < torch.stack(alone).mean() < 0.9
+        rng = random.Random(1)
+        for _ in range(4):  # session 0 among others: random batch sizes, positions and chunk lengths
+            states, pos, got = [net.initial_state(1) for _ in range(n)], [0] * n, []
+            while pos[0] < steps:
+                L = rng.choice([1, 1, 2, 3, 5, 8])
+                members = [0] + rng.sample(range(1, n), rng.randint(0, n - 1))
+                members = [b for b in members if pos[b] + L <= steps]
+                if pos[0] + L > steps:
+                    L, members = steps - pos[0], [0]
+                rng.shuffle(members)
+                xb = torch.stack([x[pos[b]:pos[b] + L, b] for b in members], dim=1)  # (L, B, 12)
+                out, new = net.chunk(xb, _stack([states[b] for b in members]))
+                for i, b in enumerate(members):
+                    states[b], pos[b] = _row(new, i), pos[b] + L
+                    if b == 0:
+                        got.extend(out.spikes[:, i])
+            assert torch.equal(torch.stack(got), torch.stack(alone))
+            for a, b in zip(states[0].neurons, st.neurons, strict=True):
+                assert torch.equal(a.window, b.window)  # the state too, not only its rarely-flipping spikes

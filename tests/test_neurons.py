@@ -286,3 +286,48 @@ def test_masked_band_cache_follows_weight_updates() -> None:
         neuron.band_weight(T + 1)
     neuron.lam = 0.5
     assert neuron.band_weight(T) is None  # a relaxed mask is not banded
+
+
+@pytest.mark.parametrize("kind", ["sliding", "masked"])
+def test_step_form_membrane_is_bit_identical_across_chunks_and_batches(kind: str) -> None:
+    """``H`` of one session, float32: one step at a time alone == chunks of any length inside batches
+    of other sessions at other step counts (the fixed-order ``band_sum``), bit for bit. A replayed
+    session after a restart depends on it (issue 11); spikes alone would show a difference rarely."""
+    import random
+
+    from model.functional import NeuronState, masked_chunk, masked_step, sliding_chunk, sliding_step
+
+    k, T, n, N = 6, 48, 9, 200
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(T, T, generator=g) if kind == "masked" else torch.randn(k, generator=g)
+    bias = torch.randn(T, generator=g) if kind == "masked" else torch.tensor(0.1)
+    x = torch.randn(T, n, N, generator=g)
+
+    def step(x_t, st):
+        return masked_step(x_t, st, w, bias, k, 2.0) if kind == "masked" else sliding_step(x_t, st, w, bias, 2.0)
+
+    def chunk(xc, st):
+        return masked_chunk(xc, st, w, bias, k, 2.0) if kind == "masked" else sliding_chunk(xc, st, w, bias, 2.0)
+
+    def zero(b: int) -> NeuronState:
+        return NeuronState(torch.zeros(b, k, N), torch.zeros(b, dtype=torch.long))
+
+    st, alone = zero(1), []
+    for t in range(T):
+        _, h, st = step(x[t, :1], st)
+        alone.append(h[0])
+    alone_h = torch.stack(alone)
+    rng = random.Random(0)
+    states, pos, got = [zero(1) for _ in range(n)], [0] * n, []
+    while pos[0] < T:
+        L = min(rng.choice([1, 2, 3, 7, 11]), T - pos[0])
+        members = [0] + [b for b in rng.sample(range(1, n), rng.randint(0, n - 1)) if pos[b] + L <= T]
+        rng.shuffle(members)
+        st = NeuronState(torch.cat([states[b].window for b in members]), torch.cat([states[b].t for b in members]))
+        xb = torch.stack([x[pos[b]:pos[b] + L, b] for b in members], dim=1)
+        _, h, new = chunk(xb, st)
+        for i, b in enumerate(members):
+            states[b], pos[b] = NeuronState(new.window[i:i + 1], new.t[i:i + 1]), pos[b] + L
+            if b == 0:
+                got.append(h[:, i])
+    assert torch.equal(torch.cat(got), alone_h)
