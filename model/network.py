@@ -263,6 +263,20 @@ class PSNNet(nn.Module):
             layer.bn = None
         return net
 
+    @property
+    def replay_steps(self) -> int | None:
+        """How many of a session's last inputs rebuild its streaming state exactly (score sum and step
+        count aside), or None when no finite number does (LIF: its membrane carries all history).
+
+        A masked or sliding PSN layer of order k keeps k-1 past inputs; each layer's inputs at those
+        steps read k-1 steps further back in the layer below, so a net of n such layers depends on its
+        last n(k-1) inputs (the paper's finite receptive field). Replaying them from zero windows at
+        step t - n(k-1) (a masked PSN also needs its t) reproduces the state bit for bit, given a
+        batch-invariant step form."""
+        if not self.cfg.kind.has_k or not self.cfg.streams:
+            return None
+        return len(self.layers) * (self.cfg.k - 1)  # type: ignore[operator]
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

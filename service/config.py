@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     frontend_wait_s: float = Field(10.0, ge=0)  # a starting front end waits this long for the engine core
     engine_address: str | None = None  # unix:PATH or tcp:HOST:PORT of the engine core; default: a private unix socket
     ws_compression: bool = False  # permessage-deflate on /v1/stream (costs CPU, helps only on slow links)
+    # Durable sessions (service/core/journal.py): a session log under state_dir, or in Redis at state_url
+    # (redis://HOST:PORT/DB); neither: sessions live in memory only and a restart loses them.
+    state_dir: Path | None = None
+    state_url: str | None = None
+    state_fsync: bool = False  # fsync each append: survive a power loss too, not only a crash of the engine
+    state_compact_bytes: int = Field(64 << 20, ge=1 << 16)  # rewrite the log as one snapshot past this size
     # PSN_BACKEND=onnx only: where models without current ONNX files are exported once (default
     # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).
     onnx_cache_dir: Path | None = None

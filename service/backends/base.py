@@ -22,6 +22,10 @@ Contract (the engine guarantees the preconditions, the backend need not re-check
   (as one parallel chunk over the stored window, equal to L single steps), scatters the new state
   back. Returns ``spikes`` (L, B, *output_shape) of the last spiking layer (0/1 in ``dtype``) and
   ``scores`` (L, B, num_classes): running mean of the readout over each session's steps so far.
+- ``seek(slots, t)``, ``t`` (B,) int64: zero windows and score sums, step counters set to ``t``: the
+  start of a replay (a recovered session re-runs its last inputs from there, ``service/core/journal.py``).
+- ``score_sums(slots)`` -> (B, num_classes) and ``set_score_sums(slots, sums)``: the running sums of
+  the readout (in ``dtype``), logged at each step and put back after a replay.
 - ``classify(x)``: ``x`` (T, B, *input_shape): the parallel form from an empty state (no slots
   touched). Returns ``spikes`` (T, B, *output_shape), ``scores`` (T, B, num_classes).
 - Threading: the engine calls all methods from one engine thread per device, never concurrently.
@@ -49,6 +53,12 @@ class Backend(Protocol):
     def reset(self, slots: Tensor) -> None: ...
 
     def run(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def seek(self, slots: Tensor, t: Tensor) -> None: ...
+
+    def score_sums(self, slots: Tensor) -> Tensor: ...
+
+    def set_score_sums(self, slots: Tensor, sums: Tensor) -> None: ...
 
     def classify(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
 

@@ -62,6 +62,23 @@ class OnnxBackend:
         for arr in self._state:
             arr[idx] = 0
 
+    def seek(self, slots: Tensor, t: Tensor) -> None:
+        self._require_slots()
+        idx, tn = slots.numpy(), t.numpy()
+        for spec, arr in zip(self.onnx.states, self._state, strict=True):
+            arr[idx] = tn.reshape(-1, *([1] * (arr.ndim - 1))) if spec.name.endswith("_t") else 0
+
+    def score_sums(self, slots: Tensor) -> Tensor:
+        return torch.from_numpy(self._state[self._sum_index][slots.numpy()])
+
+    def set_score_sums(self, slots: Tensor, sums: Tensor) -> None:
+        arr = self._state[self._sum_index]
+        arr[slots.numpy()] = sums.numpy().astype(arr.dtype, copy=False)
+
+    @property
+    def _sum_index(self) -> int:
+        return [s.name for s in self.onnx.states].index("state_score_sum")
+
     def run(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         self._require_slots()
         idx = slots.numpy()

@@ -39,6 +39,26 @@ class TorchBackend:
         st.t.index_fill_(0, idx, 0)
 
     @torch.no_grad()
+    def seek(self, slots: Tensor, t: Tensor) -> None:
+        """Zero windows and score sums, step counters set to ``t`` (B,): the start of a replay."""
+        st = self._slots()
+        idx, t = slots.to(self.device), t.to(self.device, torch.long)
+        for ns in st.neurons:
+            ns.window.index_fill_(0, idx, 0)
+            ns.t.index_copy_(0, idx, t)
+        st.score_sum.index_fill_(0, idx, 0)
+        st.t.index_copy_(0, idx, t)
+
+    @torch.no_grad()
+    def score_sums(self, slots: Tensor) -> Tensor:
+        return self._slots().score_sum.index_select(0, slots.to(self.device)).cpu()
+
+    @torch.no_grad()
+    def set_score_sums(self, slots: Tensor, sums: Tensor) -> None:
+        st = self._slots()
+        st.score_sum.index_copy_(0, slots.to(self.device), sums.to(self.device, st.score_sum.dtype))
+
+    @torch.no_grad()
     def run(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
         spikes, scores = self.step_device(x.to(self.device, self.dtype), slots.to(self.device))
         if self.device.type != "cpu":  # 0/1 spikes cross the bus as bytes: 4x less to copy than float32

@@ -25,9 +25,10 @@ from prometheus_client import generate_latest
 
 from service.backends.base import Backend
 from service.config import Settings
+from service.core.journal import END, Recovered, SessionLog, Store, frame, read_log, snapshot_frame
 from service.core.runner import ModelRunner
 from service.core.scheduler import Batch, ClassifyRequest, Item, Request, Scheduler
-from service.core.sessions import RetryWindow, Session, SessionTable
+from service.core.sessions import RetryWindow, Session, SessionTable, StepRing
 from service.errors import (
     InvalidInput,
     ModelCannotStream,
@@ -39,6 +40,7 @@ from service.errors import (
     ServiceError,
     ShuttingDown,
     StepGap,
+    TooManySessions,
     internal,
 )
 from service.ipc import EVENT, OK, error_answer
@@ -49,7 +51,8 @@ QUEUED = object()  # an op's result when its answer comes later (after an engine
 
 
 class EngineCore:
-    def __init__(self, backends: list[Backend], settings: Settings, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, backends: list[Backend], settings: Settings, clock: Callable[[], float] = time.monotonic,
+                 store: Store | None = None):
         self.settings, self.clock = settings, clock
         self.timeout_s = settings.request_timeout_s  # a queued request not run by then is refused, not applied
         self.metrics = EngineMetrics()
@@ -71,6 +74,18 @@ class EngineCore:
         self._ops: dict[str, Callable[..., Any]] = {
             "hello": self.hello, "ping": self.ping, "open": self.open, "get": self.get, "close": self.close,
             "steps": self.steps, "classify": self.classify, "metrics": self.metrics_text}
+        self.log: SessionLog | None = None  # durable sessions (service/core/journal.py)
+        self.input_rings: dict[str, StepRing] = {}  # each slot's last inputs, for the log's snapshots
+        if store is not None:
+            specs = {name: r.log_spec(settings.retry_window, settings.backend)
+                     for name, r in self.runners.items() if r.streams}
+            self.log = SessionLog(store, specs, settings.state_compact_bytes)
+            for name, spec in specs.items():
+                if spec.replay:
+                    slots = self.sessions.pools[name].size
+                    self.input_rings[name] = StepRing(slots, spec.replay, (spec.row,), np.uint8)
+            self.sessions.on_close = self._log_end
+        self._log_failures = 0
         m = self.metrics
         self._m = {name: (m.steps.labels(name), m.batch_size.labels(name), m.batch_seconds.labels(name))
                    for name in self.runners}
@@ -142,6 +157,8 @@ class EngineCore:
             raise
         if watch:
             s.watchers.add(front)
+        if self.log is not None:
+            self.log.opened(model, s.id, s.owner)
         self.metrics.sessions_opened.labels(model).inc()
         return self.info(s)
 
@@ -301,7 +318,10 @@ class EngineCore:
                 continue
             spikes, scores = res
             t0 = np.fromiter((it.req.session.t for it in items), np.int64, len(items))
-            window.write(np.fromiter((it.req.session.slot for it in items), np.int64, len(items)), t0, spikes, scores)
+            slots = np.fromiter((it.req.session.slot for it in items), np.int64, len(items))
+            window.write(slots, t0, spikes, scores)
+            if self.log is not None:  # written before this turn's answers are sent (EngineProcess.run)
+                self._log_steps(name, L, items, slots, t0, spikes, scores)
             sp_all, sc_all = spikes.tobytes(), scores.tobytes()  # one copy each; rows are slices of it
             n_sp, n_sc = len(sp_all) // len(items), len(sc_all) // len(items)
             for b, it in enumerate(items):
@@ -316,6 +336,142 @@ class EngineCore:
         if steps:
             self._m[name][0].inc(steps)
         self.schedulers[name].done(batch.requests)
+
+    # ----- durable sessions -----------------------------------------------------------------------
+    def _log_steps(self, name: str, L: int, items: list[Item], slots: np.ndarray, t0: np.ndarray,
+                   spikes: np.ndarray, scores: np.ndarray) -> None:
+        assert self.log is not None
+        inputs = b"".join(it.payload for it in items)
+        ring = self.input_rings.get(name)
+        if ring is not None:
+            ring.write(slots, t0, np.frombuffer(inputs, np.uint8).reshape(len(items), L, -1))
+        self.log.steps(name, L, [it.req.session.id for it in items], t0, inputs, spikes, scores,
+                       self.runners[name].score_sums(slots))
+
+    def _log_end(self, s: Session, reason: str) -> None:
+        assert self.log is not None
+        self.log.ended([s.id], [reason])
+
+    def flush_log(self) -> None:
+        """Hand this turn's log records to the store (before the turn's answers go out); compact when due.
+
+        A store that fails (disk full, Redis gone) is logged and serving goes on without durability
+        for those records: refusing every request would turn a degraded store into an outage."""
+        if self.log is None:
+            return
+        try:
+            self.log.flush()
+            if self.log.due:
+                self.compact()
+            self._log_failures = 0
+        except Exception:
+            self._log_failures += 1
+            if self._log_failures == 1 or self._log_failures % 1000 == 0:
+                log.exception("session log: writing to the store failed (%d times in a row); sessions of this "
+                              "period may not survive a restart", self._log_failures)
+            self.log.pending = []
+
+    def compact(self) -> None:
+        """Rewrite the log as one snapshot of every live session (and the remembered ended ids)."""
+        assert self.log is not None
+        t0 = time.perf_counter()
+        frames = [self.log.header(self.sessions.tag)]
+        for name, spec in self.log.specs.items():
+            groups: dict[tuple[int, int], list[Session]] = {}
+            for s in self.sessions.live.values():
+                if s.model == name:
+                    groups.setdefault((min(s.t, spec.replay or 0), min(s.t, spec.window)), []).append(s)
+            r, window, ring = self.runners[name], self.windows[name], self.input_rings.get(name)
+            for (n_in, n_out), members in groups.items():
+                for i in range(0, len(members), 4096):
+                    chunk = members[i:i + 4096]
+                    slots = np.fromiter((s.slot for s in chunk), np.int64, len(chunk))
+                    t = np.fromiter((s.t for s in chunk), np.int64, len(chunk))
+                    inputs = (ring.read(slots, t - n_in, n_in) if ring is not None and n_in
+                              else np.zeros((len(chunk), 0, spec.row), np.uint8))
+                    frames.append(snapshot_frame(spec, [s.id for s in chunk], [s.owner for s in chunk], t, n_in,
+                                                 n_out, inputs, window.spikes.read(slots, t - n_out, n_out),
+                                                 window.scores.read(slots, t - n_out, n_out), r.score_sums(slots)))
+        gone = self.sessions.gone()
+        if gone:
+            frames.append(frame([END, [g[0] for g in gone], [g[1] for g in gone]]))
+        n = self.log.rewrite(frames)
+        log.info("session log compacted: %d live sessions, %d ended ids, %d bytes in %.3f s",
+                 len(self.sessions.live), len(gone), n, time.perf_counter() - t0)
+
+    def recover(self) -> dict[str, Any]:
+        """Rebuild every live session of the log (before the engine turns ready); the rest are lost."""
+        if self.log is None:
+            return {}
+        t_start = time.perf_counter()
+        data = self.log.store.load()
+        st = read_log(data, self.log.specs)
+        if st.tag:
+            self.sessions.tag = st.tag  # ids issued before the restart stay ids of this store
+        for sid, reason in st.gone.items():
+            self.sessions.remember(sid, reason)
+        groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
+        lost: list[tuple[str, str]] = []
+        for sid, rec in st.live.items():
+            spec = self.log.specs.get(rec.model)
+            if spec is None:
+                lost.append((sid, f"model {rec.model!r} is not served any more"))
+            elif st.fingerprints.get(rec.model) != spec.fingerprint:
+                lost.append((sid, f"model {rec.model!r} changed (weights, dtype or backend): {spec.fingerprint} "
+                                  f"now, {st.fingerprints.get(rec.model)} in the log"))
+            elif spec.replay is None:
+                lost.append((sid, f"model {rec.model!r} keeps state no finite input history rebuilds (LIF)"))
+            elif rec.t < 0 or rec.n_inputs < min(rec.t, spec.replay):
+                lost.append((sid, "its records in the log are incomplete"))
+            else:
+                groups.setdefault((rec.model, min(rec.t, spec.replay)), []).append((sid, rec))
+        rebuilt = 0
+        for (model, n), members in groups.items():
+            for i in range(0, len(members), self.settings.max_batch_size):
+                rebuilt += self._rebuild(model, n, members[i:i + self.settings.max_batch_size], lost)
+        for sid, why in lost:
+            self.sessions.remember(sid, "session_lost")
+            log.warning("session lost id=%s: %s", sid[:8], why)
+        self.compact()
+        stats = {"sessions": rebuilt, "lost": len(lost), "log_bytes": len(data), "records": st.records,
+                 "seconds": round(time.perf_counter() - t_start, 3)}
+        log.info("recovered %d sessions (%d lost) from %d log records (%d bytes) in %.3f s", rebuilt, len(lost),
+                 st.records, len(data), stats["seconds"])
+        return stats
+
+    def _rebuild(self, model: str, n: int, members: list[tuple[str, Recovered]], lost: list[tuple[str, str]]) -> int:
+        """Open ``members`` again and replay their last ``n`` inputs in one batch."""
+        assert self.log is not None
+        spec, r = self.log.specs[model], self.runners[model]
+        back: list[tuple[Session, Recovered]] = []
+        for sid, rec in members:
+            try:
+                s = self.sessions.open(model, sid)
+            except TooManySessions:
+                lost.append((sid, f"no free session slot of model {model!r} (PSN_MAX_SESSIONS is lower than before)"))
+                continue
+            s.t, s.owner = rec.t, rec.owner
+            back.append((s, rec))
+        if not back:
+            return 0
+        slots = np.fromiter((s.slot for s, _ in back), np.int64, len(back))
+        t = np.fromiter((s.t for s, _ in back), np.int64, len(back))
+        payloads = [rec.last_inputs(n, spec.row) for _, rec in back]
+        zeros = bytes(spec.classes * spec.sums.itemsize)
+        sums = np.frombuffer(b"".join(rec.sums or zeros for _, rec in back), spec.sums).reshape(len(back), -1)
+        r.rebuild(slots, t - n, payloads, n, sums.copy())
+        ring = self.input_rings.get(model)
+        if ring is not None and n:
+            ring.write(slots, t - n, np.frombuffer(b"".join(payloads), np.uint8).reshape(len(back), n, spec.row))
+        window = self.windows[model]
+        for s, rec in back:
+            m = min(rec.n_outputs, spec.window, s.t)
+            if m:
+                sp, sc = rec.last_outputs(m, spec.spike_bytes, spec.classes * spec.wire.itemsize)
+                window.write(np.array([s.slot]), np.array([s.t - m]),
+                             np.frombuffer(sp, np.uint8).reshape(1, m, -1),
+                             np.frombuffer(sc, spec.wire).reshape(1, m, -1))
+        return len(back)
 
     def run_classify(self, name: str) -> None:
         queue, r = self.classify_queue[name], self.runners[name]

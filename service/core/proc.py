@@ -23,6 +23,7 @@ from model.folder import find_model_folders, load_model_folder
 from service.backends import get_backend_class
 from service.config import Settings
 from service.core.engine import EngineCore
+from service.core.journal import open_store
 from service.ipc import LENGTH, MAX_FRAME, frame, listen, unpack
 
 log = logging.getLogger("psn.engine")
@@ -44,9 +45,12 @@ def build_core(settings: Settings) -> EngineCore:
         log.info("loaded model=%s neuron=%s device=%s dtype=%s", m.name, m.cfg.neuron, settings.torch_device,
                  settings.dtype)
         backends.append(backend_cls(m, settings.max_sessions, settings))
-    core = EngineCore(backends, settings)
+    store = open_store(settings.state_dir, settings.state_url, settings.state_fsync)
+    core = EngineCore(backends, settings, store=store)
     if settings.warmup:
         core.warmup()
+    if store is not None:
+        core.recover()  # before the engine turns ready: every logged session is back, or answered session_lost
     return core
 
 
@@ -141,6 +145,7 @@ class EngineProcess:
 
     # ----- out ---------------------------------------------------------------------------------
     def send(self) -> None:
+        self.core.flush_log()  # the log first: no answer leaves before what it answers is recorded
         for ident, items in self.core.take_outbox().items():
             conn = self.fronts.get(ident)
             if conn is None:  # that front end has gone: its answers have no one to go to

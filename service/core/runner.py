@@ -12,7 +12,9 @@ import math
 import numpy as np
 import torch
 
+from model.folder import WEIGHTS_FILE
 from service.backends.base import Backend
+from service.core.journal import LogSpec, fingerprint
 from service.errors import InvalidInput
 
 
@@ -68,6 +70,32 @@ class ModelRunner:
 
     def reset(self, slots: list[int]) -> None:
         self.backend.reset(torch.tensor(slots, dtype=torch.long))
+
+    # ----- durable sessions (service/core/journal.py) -------------------------------------------
+    @property
+    def sums_dtype(self) -> np.dtype:
+        return np.dtype(str(self.backend.dtype).removeprefix("torch."))
+
+    def score_sums(self, slots: np.ndarray) -> np.ndarray:
+        """(B, C) running readout sums of ``slots``, in the backend's dtype."""
+        return self.backend.score_sums(torch.from_numpy(slots)).numpy()
+
+    def rebuild(self, slots: np.ndarray, t0: np.ndarray, payloads: list[bytes], n: int, sums: np.ndarray) -> None:
+        """Put recovered sessions back: from zero windows at steps ``t0`` replay their last ``n`` inputs
+        (one backend call; outputs dropped), then set their score sums."""
+        idx = torch.from_numpy(slots)
+        self.backend.seek(idx, torch.from_numpy(t0))
+        if n:
+            self.backend.run(self.inputs(payloads, n), idx)
+        self.backend.set_score_sums(idx, torch.from_numpy(sums))
+
+    def log_spec(self, window: int, backend_name: str) -> LogSpec:
+        net = getattr(self.backend.model, "net", None)
+        return LogSpec(name=self.name, row=self.input_size * self.wire.itemsize, spike_bytes=self.spike_bytes,
+                       classes=self.classes, wire=self.wire, sums=self.sums_dtype,
+                       replay=net.replay_steps if net is not None and self.streams else None, window=window,
+                       fingerprint=fingerprint(self.backend.model.path / WEIGHTS_FILE, self.sums_dtype.name,
+                                               backend_name))
 
     def warmup(self) -> None:
         def zeros(n: int) -> bytes:

@@ -7,6 +7,8 @@ one after another, so a session with queued work is busy and never expires.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -16,6 +18,32 @@ from typing import Any
 import numpy as np
 
 from service.errors import ServiceError, SessionGone, SessionLost, SessionNotFound, TooManySessions
+
+ID_LENGTH = 24  # a generated session id: 4 characters of issuer tag, 16 random, 4 of check
+
+
+def new_tag() -> str:
+    """An issuer tag: 4 url-safe characters naming one session store (or one run without a store)."""
+    return secrets.token_urlsafe(3)
+
+
+def _check(body: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.blake2b(body.encode(), digest_size=3, person=b"psn-sid").digest()).decode()
+
+
+def make_id(tag: str) -> str:
+    """A new session id issued under ``tag``: ``tag + random + check`` (the check is not a secret: it
+    tells an id this service issued from a mistyped or made-up one, so an id of a lost store can be
+    answered 410 session_lost instead of 404)."""
+    body = tag + secrets.token_urlsafe(12)
+    return body + _check(body)
+
+
+def id_tag(sid: str) -> str | None:
+    """The issuer tag of a well-formed generated id, else None."""
+    if len(sid) != ID_LENGTH or _check(sid[:-4]) != sid[-4:]:
+        return None
+    return sid[:4]
 
 
 @dataclass(eq=False)
@@ -28,6 +56,7 @@ class Session:
     queue: deque[Any] = field(default_factory=deque)  # pending requests, oldest first
     watchers: set[bytes] = field(default_factory=set)  # front ends told when it expires
     ended: str = ""  # once closed: session_closed | session_expired | session_lost
+    owner: str = ""  # who opened it (access control); kept in the session log
 
     @property
     def busy(self) -> bool:
@@ -55,24 +84,26 @@ class SlotPool:
 class SessionTable:
     """Every live session by id, plus the ids that expired or were closed."""
 
-    def __init__(self, idle_timeout_s: float, remember_gone: int, clock: Callable[[], float]):
+    def __init__(self, idle_timeout_s: float, remember_gone: int, clock: Callable[[], float], tag: str | None = None):
         self.idle_timeout_s, self.remember_gone, self.clock = idle_timeout_s, remember_gone, clock
+        self.tag = tag or new_tag()  # the issuer tag of new ids (a session store keeps its own across restarts)
         self.live: dict[str, Session] = {}
         self.pools: dict[str, SlotPool] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> session_expired | session_closed | session_lost
+        self.on_close: Callable[[Session, str], None] | None = None  # the session log's hook
 
     def add_model(self, name: str, slots: int) -> None:
         self.pools[name] = SlotPool(slots)
 
     def open(self, model: str, sid: str | None = None) -> Session:
-        """A new session of ``model`` (``sid``: a caller-chosen id, e.g. an OIP sequence; default: random)."""
+        """A new session of ``model`` (``sid``: a caller-chosen id, e.g. an OIP sequence; default: a new one)."""
         pool = self.pools[model]
         slot = pool.take()
         if slot is None:
             raise TooManySessions(f"model {model!r}: all {pool.size} session slots are in use; close a session or "
                                   f"wait for one to expire (idle timeout {self.idle_timeout_s:g} s)",
                                   retry_after=min(self.idle_timeout_s, 30.0))
-        s = Session(id=sid or secrets.token_urlsafe(16), model=model, slot=slot, last_used=self.clock())
+        s = Session(id=sid or make_id(self.tag), model=model, slot=slot, last_used=self.clock())
         self.live[s.id] = s
         return s
 
@@ -92,9 +123,27 @@ class SessionTable:
         if gone == "session_closed":
             return SessionGone(f"session {sid!r} was closed", field="session_id", code="session_closed")
         if gone == "session_lost":
-            return SessionLost(f"session {sid!r} was lost: a model step failed part-way, so its state could not "
-                               "be trusted; open a new session and resend its inputs", field="session_id")
+            return SessionLost(f"session {sid!r} was lost: its state could not be trusted or rebuilt (a model step "
+                               "failed part-way, or its record in the session store was missing or unusable after a "
+                               "restart); open a new session and resend its inputs", field="session_id")
+        tag = id_tag(sid)
+        if tag is not None and tag != self.tag:
+            return SessionLost(f"session {sid!r} was lost: it was opened before the engine restarted, and this run "
+                               "has no record of it (no session store, PSN_STATE_DIR / PSN_STATE_URL, or another "
+                               "one); open a new session and resend its inputs", field="session_id")
         return SessionNotFound(f"session {sid!r} does not exist", field="session_id")
+
+    def remember(self, sid: str, reason: str) -> None:
+        """Answer ``sid`` with ``reason`` (session_closed | session_expired | session_lost) from now on."""
+        if self.remember_gone:
+            self._gone[sid] = reason
+            self._gone.move_to_end(sid)
+            while len(self._gone) > self.remember_gone:
+                self._gone.popitem(last=False)
+
+    def gone(self) -> list[tuple[str, str]]:
+        """The remembered ids that are gone, oldest first, with why."""
+        return list(self._gone.items())
 
     def close(self, s: Session, reason: str = "session_closed") -> None:
         """Free ``s``'s slot and remember its id as ``reason``."""
@@ -102,10 +151,9 @@ class SessionTable:
             return
         self.pools[s.model].give(s.slot)
         s.slot, s.ended = -1, reason
-        if self.remember_gone:
-            self._gone[s.id] = reason
-            while len(self._gone) > self.remember_gone:
-                self._gone.popitem(last=False)
+        self.remember(s.id, reason)
+        if self.on_close is not None:
+            self.on_close(s, reason)
 
     def expire_idle(self) -> list[Session]:
         """Close every session idle (no request) for longer than the timeout and not busy."""
@@ -119,34 +167,52 @@ class SessionTable:
         return self.pools[model].in_use
 
 
-class RetryWindow:
-    """The outputs of each slot's last ``size`` steps, so a retried request is answered, not re-applied.
+class StepRing:
+    """The last ``size`` steps of each slot, one fixed-size row per step: ``(slots, size, *row)``,
+    preallocated. A batch is written with one fancy-indexed assignment (no Python object per step);
+    step ``i`` of a slot lives at ``i % size``."""
 
-    Rings of preallocated arrays, ``(slots, size, ...)``; a batch's outputs are written with one
-    fancy-indexed assignment per array (no Python object per step). Step ``i`` of a slot lives at
-    ``i % size``.
-    """
+    def __init__(self, slots: int, size: int, row: tuple[int, ...], dtype: np.dtype | type):
+        self.size = size
+        self.data = np.zeros((slots, max(size, 1), *row), dtype)
+
+    def write(self, slots: np.ndarray, t0: np.ndarray, rows: np.ndarray) -> None:
+        """Row ``b`` of ``rows`` (B, L, *row): slot ``slots[b]`` took steps ``t0[b] .. t0[b] + L - 1``."""
+        if not self.size:
+            return
+        L = rows.shape[1]
+        keep = min(L, self.size)  # of a chunk longer than the ring only its last steps are kept
+        pos = (t0[:, None] + np.arange(L - keep, L)[None, :]) % self.size  # (B, keep)
+        self.data[slots[:, None], pos] = rows[:, L - keep:]
+
+    def first_kept(self, t: int) -> int:
+        """The oldest step index of a slot at ``t`` that is still here."""
+        return t - min(t, self.size)
+
+    def read(self, slots: np.ndarray, start: np.ndarray, n: int) -> np.ndarray:
+        """Steps ``start[b] .. start[b] + n - 1`` of ``slots[b]``: (B, n, *row)."""
+        pos = (start[:, None] + np.arange(n)[None, :]) % max(self.size, 1)
+        return self.data[slots[:, None], pos]
+
+
+class RetryWindow:
+    """The outputs of each slot's last ``size`` steps, so a retried request is answered, not re-applied:
+    packed spikes and scores, one ``StepRing`` each."""
 
     def __init__(self, slots: int, size: int, spike_bytes: int, classes: int, dtype: np.dtype):
         self.size = size
-        self.spikes = np.zeros((slots, max(size, 1), spike_bytes), np.uint8)
-        self.scores = np.zeros((slots, max(size, 1), classes), dtype)
+        self.spikes = StepRing(slots, size, (spike_bytes,), np.uint8)
+        self.scores = StepRing(slots, size, (classes,), dtype)
 
     def write(self, slots: np.ndarray, t0: np.ndarray, spikes: np.ndarray, scores: np.ndarray) -> None:
         """Rows ``b``: slot ``slots[b]`` took steps ``t0[b] .. t0[b] + L - 1``; ``spikes`` (B, L, nb)."""
-        if not self.size:
-            return
-        L = spikes.shape[1]
-        keep = min(L, self.size)  # of a chunk longer than the window only its last steps are kept
-        pos = (t0[:, None] + np.arange(L - keep, L)[None, :]) % self.size  # (B, keep)
-        rows = slots[:, None]
-        self.spikes[rows, pos] = spikes[:, L - keep:]
-        self.scores[rows, pos] = scores[:, L - keep:]
+        self.spikes.write(slots, t0, spikes)
+        self.scores.write(slots, t0, scores)
 
     def first_kept(self, t: int) -> int:
         """The oldest step index of a session at ``t`` whose outputs are still here."""
-        return t - min(t, self.size)
+        return self.spikes.first_kept(t)
 
     def read(self, slot: int, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.arange(start, start + n) % self.size
-        return self.spikes[slot, pos], self.scores[slot, pos]
+        where, at = np.array([slot]), np.array([start])
+        return self.spikes.read(where, at, n)[0], self.scores.read(where, at, n)[0]

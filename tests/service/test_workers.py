@@ -142,7 +142,7 @@ def test_engine_core_crash_answers_503_then_recovers(serve, ref: Reference) -> N
             time.sleep(0.05)
         assert c.get("/healthz").json()["engine_pid"] not in (None, engine_pid)
         r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.0, 0.0, 0.0]]})
-        assert r.status_code == 404  # its sessions were in the dead engine core's memory
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost"  # died with the engine (no store)
         sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
         x = ref.sequence("sliding", 3, seed=2)
         r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": x.tolist()})

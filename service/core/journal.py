@@ -1,0 +1,396 @@
+"""Durable sessions: the engine core's session log, and rebuilding every session from it on start.
+
+What a session needs to be rebuilt exactly is small, because a masked or sliding PSN net has a finite
+receptive field (``PSNNet.replay_steps``): its last ``n(k-1)`` inputs, the running score sum, the
+step count, plus the outputs of its last steps for retries (the retry window). The log records, at
+each committed batch and before the answers leave the engine core, one record with that batch's
+new inputs, outputs and score sums; opens and ends get their own records. On start the engine core
+reads the log, keeps for each live session the tail it needs, and replays those inputs through the
+step form from zero windows at step ``t - n(k-1)``, batched (``EngineCore.recover``). The step form
+is batch-invariant (``model.functional.band_sum``, ``SpikingLayer.current_rows``), so the replayed
+state equals the lost one bit for bit.
+
+The log is a sequence of frames ``u32 length | u32 crc32 | body``; a body is ``u32 n | msgpack
+header (n bytes) | raw arrays``. A torn last frame (a crash mid-write) or a bad checksum ends the
+read there. Records (header first element):
+
+- ``[0, {"tag": issuer tag, "models": {name: fingerprint}}]``: the first record of every generation;
+- ``[1, model, sid, owner]``: a session opened (t = 0);
+- ``[2, model, L, [sids], t0 int64 bytes]`` + inputs (B, L, row) + packed spikes (B, L, nb) + scores
+  (B, L, C) + score sums (B, C): one committed batch of ``L`` new steps per session;
+- ``[3, [sids], [reasons]]``: sessions that ended (closed, expired, lost): remembered, not rebuilt;
+- ``[4, model, [sids], [owners], t int64 bytes, n_in, n_out]`` + inputs (B, n_in, row) + spikes
+  (B, n_out, nb) + scores (B, n_out, C) + score sums (B, C): a snapshot of live sessions.
+
+The log grows by appends; past ``PSN_STATE_COMPACT_BYTES`` (and after each recovery) it is rewritten
+as a new generation holding one snapshot of the live sessions, so a restart reads little. Stores:
+``FileStore`` (``PSN_STATE_DIR``: one append-only file per generation, the new one written to a
+temporary name and renamed into place) and ``RedisStore`` (``PSN_STATE_URL=redis://...``: a list of
+frames per generation, switched in one transaction). Writes go to the OS at the end of each engine
+turn, before the answers are sent: a killed engine loses nothing; a machine that loses power may
+lose the OS's unwritten pages unless ``PSN_STATE_FSYNC=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+import numpy as np
+
+log = logging.getLogger("psn.journal")
+FRAME = struct.Struct("<II")  # length of body, crc32 of body
+HEADER_LEN = struct.Struct("<I")
+HEADER, OPEN, STEPS, END, SNAPSHOT = range(5)
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    """The sizes the log needs for one model (from its ``ModelRunner``)."""
+
+    name: str
+    row: int  # bytes of one input step (wire dtype)
+    spike_bytes: int
+    classes: int
+    wire: np.dtype  # scores
+    sums: np.dtype  # score sums (the backend's dtype)
+    replay: int | None  # inputs that rebuild the state (None: not rebuildable, e.g. LIF)
+    window: int  # retry window (outputs kept)
+    fingerprint: str  # weights, dtype and backend: a replay on other ones would not reproduce the outputs
+
+    @property
+    def out_row(self) -> int:
+        return self.spike_bytes + self.classes * self.wire.itemsize
+
+
+def frame(header: list[Any], *arrays: bytes | memoryview) -> bytes:
+    head = msgpack.packb(header, use_bin_type=True)
+    body = b"".join((HEADER_LEN.pack(len(head)), head, *arrays))
+    return FRAME.pack(len(body), zlib.crc32(body)) + body
+
+
+def read_frames(data: bytes | memoryview) -> Iterator[tuple[list[Any], memoryview]]:
+    """(header, raw tail) of each whole, intact frame; stops at a torn or corrupt one."""
+    mv, off = memoryview(data), 0
+    while len(mv) - off >= FRAME.size:
+        n, crc = FRAME.unpack_from(mv, off)
+        body = mv[off + FRAME.size:off + FRAME.size + n]
+        if len(body) < n or zlib.crc32(body) != crc:
+            log.warning("session log: a torn or corrupt record at byte %d; reading stops there", off)
+            return
+        (h,) = HEADER_LEN.unpack_from(body, 0)
+        yield msgpack.unpackb(body[4:4 + h], raw=False), body[4 + h:]
+        off += FRAME.size + n
+
+
+# ----- stores ------------------------------------------------------------------------------------
+class Store(Protocol):
+    def load(self) -> bytes: ...  # the current generation, whole
+
+    def append(self, data: bytes) -> None: ...
+
+    def rewrite(self, data: bytes) -> None: ...  # a new generation holding ``data``, atomically
+
+    def close(self) -> None: ...
+
+
+class FileStore:
+    """``dir/log.<generation>``: appended with ``os.write``; a new generation is written to
+    ``log.<g>.tmp``, renamed into place, and the old one removed."""
+
+    def __init__(self, directory: Path, fsync: bool = False):
+        self.dir, self.fsync = Path(directory), fsync
+        self.dir.mkdir(parents=True, exist_ok=True)
+        gens = sorted(int(p.name.split(".")[1]) for p in self.dir.glob("log.*") if p.name.count(".") == 1
+                      and p.name.split(".")[1].isdigit())
+        self.gen = gens[-1] if gens else 0
+        for g in gens[:-1]:  # a crash between rename and unlink leaves the older one behind
+            (self.dir / f"log.{g}").unlink(missing_ok=True)
+        self.fd = os.open(self._path(self.gen), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def _path(self, gen: int) -> Path:
+        return self.dir / f"log.{gen}"
+
+    def load(self) -> bytes:
+        return self._path(self.gen).read_bytes()
+
+    def append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        if self.fsync:
+            os.fsync(self.fd)
+
+    def rewrite(self, data: bytes) -> None:
+        new = self.gen + 1
+        tmp = self.dir / f"log.{new}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)  # the old generation goes next: this one must be whole on disk first
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._path(new))
+        os.close(self.fd)
+        self.fd = os.open(self._path(new), os.O_WRONLY | os.O_APPEND)
+        self._path(self.gen).unlink(missing_ok=True)
+        self.gen = new
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class RedisStore:
+    """``<prefix>:gen`` names the current generation; ``<prefix>:log:<g>`` is a list of appended chunks.
+    A new generation is written, then ``gen`` switched and the old list deleted in one transaction."""
+
+    def __init__(self, url: str, prefix: str = "psn"):
+        import redis  # optional dependency: only with PSN_STATE_URL
+
+        self.r = redis.Redis.from_url(url, socket_timeout=10)
+        self.prefix = prefix
+        self.r.ping()
+        self.gen = int(self.r.get(f"{prefix}:gen") or 0)
+
+    def _key(self, gen: int) -> str:
+        return f"{self.prefix}:log:{gen}"
+
+    def load(self) -> bytes:
+        return b"".join(self.r.lrange(self._key(self.gen), 0, -1))
+
+    def append(self, data: bytes) -> None:
+        self.r.rpush(self._key(self.gen), data)
+
+    def rewrite(self, data: bytes) -> None:
+        new = self.gen + 1
+        self.r.delete(self._key(new))
+        self.r.rpush(self._key(new), data)
+        with self.r.pipeline(transaction=True) as p:
+            p.set(f"{self.prefix}:gen", new)
+            p.delete(self._key(self.gen))
+            p.execute()
+        self.gen = new
+
+    def close(self) -> None:
+        self.r.close()
+
+
+def open_store(state_dir: Path | None, state_url: str | None, fsync: bool) -> Store | None:
+    if state_url:
+        if not state_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"PSN_STATE_URL: expected redis://HOST:PORT/DB (or rediss://, unix://), got {state_url!r}")
+        return RedisStore(state_url)
+    if state_dir:
+        return FileStore(state_dir, fsync)
+    return None
+
+
+# ----- reading a log back --------------------------------------------------------------------------
+@dataclass
+class Recovered:
+    """One live session as the log left it."""
+
+    model: str
+    owner: str
+    t: int = 0
+    inputs: deque[bytes] = field(default_factory=deque)  # chunks of whole input rows, newest last
+    n_inputs: int = 0  # steps held in ``inputs``
+    outputs: deque[tuple[bytes, bytes]] = field(default_factory=deque)  # (spikes, scores) chunks
+    n_outputs: int = 0
+    sums: bytes = b""  # score sum after step t - 1 (empty: zeros)
+
+    def add_inputs(self, chunk: bytes, n: int, keep: int, row: int) -> None:
+        self.inputs.append(chunk)
+        self.n_inputs += n
+        while self.inputs and self.n_inputs - len(self.inputs[0]) // max(row, 1) >= keep:
+            self.n_inputs -= len(self.inputs.popleft()) // max(row, 1)
+
+    def add_outputs(self, spikes: bytes, scores: bytes, n: int, keep: int, spike_bytes: int) -> None:
+        self.outputs.append((spikes, scores))
+        self.n_outputs += n
+        while self.outputs and self.n_outputs - len(self.outputs[0][0]) // spike_bytes >= keep:
+            self.n_outputs -= len(self.outputs.popleft()[0]) // spike_bytes
+
+    def last_inputs(self, n: int, row: int) -> bytes:
+        data = b"".join(self.inputs)
+        return data[len(data) - n * row:] if n else b""
+
+    def last_outputs(self, n: int, spike_bytes: int, score_row: int) -> tuple[bytes, bytes]:
+        sp, sc = b"".join(o[0] for o in self.outputs), b"".join(o[1] for o in self.outputs)
+        return (sp[len(sp) - n * spike_bytes:], sc[len(sc) - n * score_row:]) if n else (b"", b"")
+
+
+@dataclass
+class LogState:
+    tag: str | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    live: dict[str, Recovered] = field(default_factory=dict)
+    gone: dict[str, str] = field(default_factory=dict)  # id -> reason, oldest first
+    records: int = 0
+
+
+def read_log(data: bytes, specs: dict[str, LogSpec]) -> LogState:
+    """Replay the records of ``data``; sessions of models not in ``specs`` are kept (and later lost)."""
+    st = LogState()
+    for header, raw in read_frames(data):
+        st.records += 1
+        kind = header[0]
+        if kind == HEADER:
+            st.tag = header[1].get("tag")
+            st.fingerprints.update(header[1].get("models", {}))
+        elif kind == OPEN:
+            _, model, sid, owner = header
+            st.live[sid] = Recovered(model, owner)
+            st.gone.pop(sid, None)
+        elif kind == END:
+            for sid, reason in zip(header[1], header[2], strict=True):
+                st.live.pop(sid, None)
+                st.gone.pop(sid, None)
+                st.gone[sid] = reason
+        elif kind == STEPS:
+            _, model, L, sids, t0b = header
+            spec = specs.get(model)
+            if spec is None:
+                for sid in sids:
+                    rec = st.live.get(sid)
+                    if rec is not None:
+                        rec.t = -1  # unknown model: cannot be rebuilt
+                continue
+            _read_rows(st, spec, sids, np.frombuffer(t0b, np.int64), L, raw)
+        elif kind == SNAPSHOT:
+            _, model, sids, owners, tb, n_in, n_out = header
+            for sid, owner in zip(sids, owners, strict=True):
+                st.live[sid] = Recovered(model, owner)
+            spec = specs.get(model)
+            if spec is None:
+                for sid in sids:
+                    st.live[sid].t = -1
+                continue
+            t = np.frombuffer(tb, np.int64)
+            _read_snapshot(st, spec, sids, t, n_in, n_out, raw)
+    return st
+
+
+def _split(raw: memoryview, sizes: list[int]) -> list[memoryview]:
+    out, off = [], 0
+    for n in sizes:
+        out.append(raw[off:off + n])
+        off += n
+    if off != len(raw):
+        raise ValueError(f"session log: a record holds {len(raw)} bytes of arrays, expected {off}")
+    return out
+
+
+def _read_rows(st: LogState, spec: LogSpec, sids: list[str], t0: np.ndarray, L: int, raw: memoryview) -> None:
+    B, score_row = len(sids), spec.classes * spec.wire.itemsize
+    sum_row = spec.classes * spec.sums.itemsize
+    inputs, spikes, scores, sums = _split(raw, [B * L * spec.row, B * L * spec.spike_bytes, B * L * score_row,
+                                                B * sum_row])
+    keep_in = spec.replay or 0
+    for b, sid in enumerate(sids):
+        rec = st.live.get(sid)
+        if rec is None or rec.t < 0:
+            continue
+        if int(t0[b]) != rec.t:  # a gap: the log does not hold this session's whole history
+            rec.t = -1
+            continue
+        rec.t += L
+        if keep_in:
+            rec.add_inputs(bytes(inputs[b * L * spec.row:(b + 1) * L * spec.row]), L, keep_in, spec.row)
+        if spec.window:
+            rec.add_outputs(bytes(spikes[b * L * spec.spike_bytes:(b + 1) * L * spec.spike_bytes]),
+                            bytes(scores[b * L * score_row:(b + 1) * L * score_row]), L, spec.window,
+                            spec.spike_bytes)
+        rec.sums = bytes(sums[b * sum_row:(b + 1) * sum_row])
+
+
+def _read_snapshot(st: LogState, spec: LogSpec, sids: list[str], t: np.ndarray, n_in: int, n_out: int,
+                   raw: memoryview) -> None:
+    B, score_row = len(sids), spec.classes * spec.wire.itemsize
+    sum_row = spec.classes * spec.sums.itemsize
+    inputs, spikes, scores, sums = _split(raw, [B * n_in * spec.row, B * n_out * spec.spike_bytes,
+                                                B * n_out * score_row, B * sum_row])
+    for b, sid in enumerate(sids):
+        rec = st.live[sid]
+        rec.t = int(t[b])
+        if n_in:
+            rec.add_inputs(bytes(inputs[b * n_in * spec.row:(b + 1) * n_in * spec.row]), n_in, n_in, spec.row)
+        if n_out:
+            rec.add_outputs(bytes(spikes[b * n_out * spec.spike_bytes:(b + 1) * n_out * spec.spike_bytes]),
+                            bytes(scores[b * n_out * score_row:(b + 1) * n_out * score_row]), n_out, n_out,
+                            spec.spike_bytes)
+        rec.sums = bytes(sums[b * sum_row:(b + 1) * sum_row])
+
+
+def fingerprint(weights_file: Path, dtype: str, backend: str) -> str:
+    """What a replay's outputs depend on besides the inputs: the weights, the dtype, the backend."""
+    h = hashlib.sha256()
+    if weights_file.is_file():
+        with open(weights_file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return json.dumps({"weights": h.hexdigest()[:16], "dtype": dtype, "backend": backend}, sort_keys=True)
+
+
+# ----- writing -------------------------------------------------------------------------------------
+class SessionLog:
+    """Records collect during an engine turn and go to the store in one write (``flush``), before the
+    turn's answers are sent."""
+
+    def __init__(self, store: Store, specs: dict[str, LogSpec], compact_bytes: int):
+        self.store, self.specs, self.compact_bytes = store, specs, compact_bytes
+        self.pending: list[bytes] = []
+        self.written = 0  # bytes appended since the last rewrite
+
+    def header(self, tag: str) -> bytes:
+        return frame([HEADER, {"tag": tag, "models": {n: s.fingerprint for n, s in self.specs.items()}}])
+
+    def opened(self, model: str, sid: str, owner: str) -> None:
+        self.pending.append(frame([OPEN, model, sid, owner]))
+
+    def ended(self, sids: list[str], reasons: list[str]) -> None:
+        self.pending.append(frame([END, sids, reasons]))
+
+    def steps(self, model: str, L: int, sids: list[str], t0: np.ndarray, inputs: bytes, spikes: np.ndarray,
+              scores: np.ndarray, sums: np.ndarray) -> None:
+        self.pending.append(frame([STEPS, model, L, sids, t0.astype(np.int64).tobytes()], inputs, spikes.data,
+                                  scores.data, np.ascontiguousarray(sums).data))
+
+    def flush(self) -> None:
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending = []
+            self.store.append(data)
+            self.written += len(data)
+
+    @property
+    def due(self) -> bool:
+        """Time to rewrite the log as one snapshot."""
+        return self.written > self.compact_bytes
+
+    def rewrite(self, frames: list[bytes]) -> int:
+        """Replace the log with ``frames`` (a header and a snapshot); bytes written."""
+        self.flush()
+        data = b"".join(frames)
+        self.store.rewrite(data)
+        self.written = 0
+        return len(data)
+
+
+def snapshot_frame(spec: LogSpec, sids: list[str], owners: list[str], t: np.ndarray, n_in: int, n_out: int,
+                   inputs: np.ndarray, spikes: np.ndarray, scores: np.ndarray, sums: np.ndarray) -> bytes:
+    return frame([SNAPSHOT, spec.name, sids, owners, t.astype(np.int64).tobytes(), n_in, n_out],
+                 np.ascontiguousarray(inputs).data, np.ascontiguousarray(spikes).data,
+                 np.ascontiguousarray(scores).data, np.ascontiguousarray(sums).data)

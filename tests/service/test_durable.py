@@ -1,0 +1,285 @@
+"""Durable sessions (issue 11): the engine core logs every committed step, and a restarted engine core
+(kill -9, SIGTERM, or the whole service) rebuilds every session before /readyz turns ready.
+
+Clients here behave as the docs tell them to: on a failed request they re-send from their last
+acknowledged index with ``start``. Every session's full output sequence must equal the float64
+reference of the uninterrupted sequence, and no step may be applied twice (``steps_seen``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from tests.service.conftest import Reference, Server, assert_outputs
+
+MODELS = ("sliding", "masked", "conv")
+T = 22
+
+
+class Stream:
+    """One session streamed in uneven chunks, re-sent from the last acknowledged step after a failure."""
+
+    def __init__(self, srv: Server, ref: Reference, i: int, ws: bool):
+        self.srv, self.model, self.ws_mode = srv, MODELS[i % len(MODELS)], ws
+        self.x = ref.sequence(self.model, T, seed=100 + i)
+        self.rng = random.Random(i)
+        self.outputs: list[dict] = []
+        self.retries = 0
+        self.http = httpx.Client(base_url=srv.url, timeout=30)
+        self.sid = self.http.post("/v1/sessions", json={"model": self.model}).json()["session_id"]
+        self.ws = None
+
+    @property
+    def acked(self) -> int:
+        return len(self.outputs)
+
+    def send_chunk(self) -> bool:
+        """One request of 1-5 steps from the last acknowledged index; False if it failed (retry later)."""
+        start = self.acked
+        steps = self.x[start:start + self.rng.randint(1, 5)].tolist()
+        try:
+            if self.ws_mode:
+                if self.ws is None:
+                    self.ws = connect(self.srv.ws_url, open_timeout=10).__enter__()
+                    self.ws.send(json.dumps({"type": "attach", "session_id": self.sid}))
+                    a = json.loads(self.ws.recv(timeout=30))
+                    if a.get("type") != "attached":
+                        self.ws.close()
+                        self.ws = None
+                        return False
+                self.ws.send(json.dumps({"type": "steps", "start": start, "steps": steps}))
+                body = json.loads(self.ws.recv(timeout=30))
+                ok = body.get("type") == "steps"
+            else:
+                r = self.http.post(f"/v1/sessions/{self.sid}/steps", json={"start": start, "steps": steps})
+                body, ok = r.json(), r.status_code == 200
+        except (httpx.TransportError, ConnectionClosed, OSError, TimeoutError):
+            if self.ws is not None:
+                self.ws.close()
+            self.ws, ok, body = None, False, {}
+        if not ok:
+            code = body.get("error", {}).get("code") if isinstance(body.get("error"), dict) else None
+            assert code in (None, "engine_unavailable", "shutting_down", "not_ready"), body
+            self.retries += 1
+            return False
+        assert body["start"] == start
+        self.outputs.extend(body["outputs"])
+        return True
+
+    def close(self) -> None:
+        if self.ws is not None:
+            self.ws.close()
+        self.http.close()
+
+
+def run_streams(streams: list[Stream], stop_at: int | None = None) -> None:
+    """Drive every stream to the end (or until ``stop_at`` steps are acknowledged), 8 threads."""
+    def worker(mine: list[Stream]) -> None:
+        while any(s.acked < (stop_at or T) for s in mine):
+            for s in mine:
+                if s.acked < (stop_at or T) and not s.send_chunk():
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=worker, args=(streams[i::8],)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(180)
+        assert not th.is_alive(), "a client hung"
+
+
+def check(streams: list[Stream], ref: Reference) -> None:
+    with httpx.Client(base_url=streams[0].srv.url, timeout=30) as c:
+        for s in streams:
+            assert len(s.outputs) == T
+            assert_outputs(s.outputs, ref.outputs(s.model, s.x))  # spikes bit for bit, scores within 1e-9
+            assert c.get(f"/v1/sessions/{s.sid}").json()["steps_seen"] == T  # nothing applied twice
+
+
+def engine_pid(srv: Server) -> int:
+    return httpx.get(f"{srv.url}/healthz", timeout=10).json()["engine_pid"]
+
+
+def wait_new_engine(srv: Server, old: int) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            h = httpx.get(f"{srv.url}/healthz", timeout=5).json()
+            if h.get("engine_pid") not in (None, old) and httpx.get(f"{srv.url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, srv.log()
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_of_the_engine_mid_stream_loses_no_session(serve, ref: Reference, tmp_path: Path, workers: int) -> None:
+    """64 sessions (half HTTP, half WebSocket, three models, uneven chunks) stream while the engine
+    core is killed with SIGKILL; the supervisor restarts it on the same session log."""
+    srv = serve(state_dir=tmp_path / "state", workers=workers, max_sessions=128)
+    streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(64)]
+    pid = engine_pid(srv)
+    killer_done = threading.Event()
+
+    def killer() -> None:  # mid-stream: once some steps are acknowledged, with requests in flight
+        while sum(s.acked for s in streams) < 64 * T // 3:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        killer_done.set()
+
+    k = threading.Thread(target=killer)
+    k.start()
+    run_streams(streams)
+    k.join(60)
+    assert killer_done.is_set()
+    wait_new_engine(srv, pid)
+    check(streams, ref)
+    assert sum(s.retries for s in streams) > 0  # requests did fail and were re-sent
+    assert "recovered 64 sessions (0 lost)" in srv.log()
+    for s in streams:
+        s.close()
+
+
+def test_sigterm_restart_of_the_whole_service_loses_no_session(serve, ref: Reference, tmp_path: Path) -> None:
+    """A graceful restart (SIGTERM, then a new process on the same store: a new image) loses nothing;
+    the retry window survives it (a re-sent answered request is answered again, not re-applied)."""
+    state = tmp_path / "state"
+    srv = serve(state_dir=state, max_sessions=128)
+    streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(64)]
+    run_streams(streams, stop_at=T // 2)
+    for s in streams:
+        s.close()
+    assert srv.stop() == 0
+    srv2 = serve(state_dir=state, max_sessions=128)
+    with httpx.Client(base_url=srv2.url, timeout=30) as c:
+        s = streams[0]
+        last = s.acked - 2  # its last two steps again: answered from the restored retry window
+        r = c.post(f"/v1/sessions/{s.sid}/steps", json={"start": last, "steps": s.x[last:s.acked].tolist()})
+        assert r.status_code == 200 and r.json()["replayed"] == 2, r.text
+        assert r.json()["outputs"] == s.outputs[last:]
+    for s in streams:
+        s.srv, s.http = srv2, httpx.Client(base_url=srv2.url, timeout=30)
+    run_streams(streams)
+    check(streams, ref)
+    for s in streams:
+        s.close()
+
+
+def test_lost_store_answers_410_session_lost_not_404(serve, ref: Reference, tmp_path: Path) -> None:
+    """Ids the restarted engine cannot rebuild answer 410 session_lost; a made-up id stays 404; a
+    session of a model whose weights changed is lost, not silently continued on other weights."""
+    state = tmp_path / "state"
+    srv = serve(state_dir=state)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        sids = [c.post("/v1/sessions", json={"model": m}).json()["session_id"] for m in ("sliding", "lif")]
+        for sid in sids:
+            assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]]}).status_code == 200
+        closed = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        c.delete(f"/v1/sessions/{closed}")
+    srv.stop()
+    srv = serve(state_dir=state)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get(f"/v1/sessions/{sids[0]}").json()["steps_seen"] == 1
+        r = c.get(f"/v1/sessions/{sids[1]}")  # LIF: no finite input history rebuilds its membrane
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost"
+        r = c.get(f"/v1/sessions/{closed}")  # closed before the restart: still known as closed
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_closed"
+        assert c.get("/v1/sessions/not-a-session-id-at-all").status_code == 404
+    srv.stop()
+    shutil.rmtree(state)  # the store is lost
+    srv = serve(state_dir=state)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.get(f"/v1/sessions/{sids[0]}")
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost", r.text
+        mistyped = sids[0][:10] + ("A" if sids[0][10] != "A" else "B") + sids[0][11:]
+        assert c.get(f"/v1/sessions/{mistyped}").status_code == 404
+    srv.stop()
+
+
+def test_changed_weights_lose_the_session(serve, ref: Reference, tmp_path: Path, model_dir: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(model_dir / "sliding", models / "sliding")
+    state = tmp_path / "state"
+    srv = serve(state_dir=state, model_dir=models)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]]}).status_code == 200
+    srv.stop()
+    shutil.rmtree(models / "sliding")
+    shutil.copytree(model_dir / "masked", models / "sliding")  # other weights under the same name
+    cfg = json.loads((models / "sliding" / "config.json").read_text())
+    cfg["name"] = "sliding"
+    (models / "sliding" / "config.json").write_text(json.dumps(cfg))
+    srv = serve(state_dir=state, model_dir=models)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.get(f"/v1/sessions/{sid}")
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost"
+    assert "changed (weights, dtype or backend)" in srv.log()
+
+
+def test_restart_without_a_store_answers_410_for_old_ids(serve) -> None:
+    """Without PSN_STATE_DIR sessions die with the engine, but their ids answer 410 session_lost
+    afterwards, not 404 as if mistyped."""
+    srv = serve()
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        r = c.get(f"/v1/sessions/{sid}")
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost", r.text
+
+
+def redis_server(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server); the Redis store is "
+                    "tested only where it is")
+    from tests.service.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    import redis
+
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc, port
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+
+def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> None:
+    proc, port = redis_server(tmp_path)
+    try:
+        srv = serve(state_url=f"redis://127.0.0.1:{port}/0", max_sessions=128)
+        streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(64)]
+        run_streams(streams, stop_at=T // 2)
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        run_streams(streams)
+        check(streams, ref)
+        assert "recovered 64 sessions (0 lost)" in srv.log()
+        for s in streams:
+            s.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
