@@ -355,3 +355,20 @@ def test_engine_core_refuses_payloads_that_do_not_hold_L_steps() -> None:
         assert got[rid][0] == 422 and got[rid][1][0] == "invalid_input" and got[rid][1][2] == "steps", got[rid]
     core.step()
     assert be.calls == [] and core.handle(b"f", [5, "get", a]) is None and answers(core)[5][1]["steps_seen"] == 0
+
+
+def test_ids_of_another_run_answer_session_lost_and_mistyped_ids_404() -> None:
+    """Generated ids carry their issuer's tag and a check: an id issued before a restart that this run
+    does not know is 410 session_lost; a mistyped or made-up one stays 404."""
+    before = SessionTable(10, 100, Clock())
+    before.add_model("m", 2)
+    sid = before.open("m").id
+    after = SessionTable(10, 100, Clock())  # a new run, a new tag (no session store)
+    assert after.tag != before.tag
+    err = after.gone_error(sid)
+    assert err.status == 410 and err.code == "session_lost"
+    mistyped = sid[:6] + ("x" if sid[6] != "x" else "y") + sid[7:]
+    assert isinstance(after.gone_error(mistyped), SessionNotFound)
+    assert isinstance(after.gone_error("made-up"), SessionNotFound)
+    same_store = SessionTable(10, 100, Clock(), tag=before.tag)  # a restart that kept its store's tag
+    assert isinstance(same_store.gone_error(sid), SessionNotFound)  # its log would have had it: never issued

@@ -130,7 +130,7 @@ def wait_new_engine(srv: Server, old: int) -> None:
 def test_kill_9_of_the_engine_mid_stream_loses_no_session(serve, ref: Reference, tmp_path: Path, workers: int) -> None:
     """64 sessions (half HTTP, half WebSocket, three models, uneven chunks) stream while the engine
     core is killed with SIGKILL; the supervisor restarts it on the same session log."""
-    srv = serve(state_dir=tmp_path / "state", workers=workers, max_sessions=128)
+    srv = serve(state_dir=tmp_path / "state", workers=workers, max_sessions=128, state_compact_bytes=65536)
     streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(64)]
     pid = engine_pid(srv)
     killer_done = threading.Event()
@@ -150,6 +150,7 @@ def test_kill_9_of_the_engine_mid_stream_loses_no_session(serve, ref: Reference,
     check(streams, ref)
     assert sum(s.retries for s in streams) > 0  # requests did fail and were re-sent
     assert "recovered 64 sessions (0 lost)" in srv.log()
+    assert srv.log().count("session log compacted") >= 3  # mid-stream snapshots (64 KiB), then the recovery's
     for s in streams:
         s.close()
 

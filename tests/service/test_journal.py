@@ -1,0 +1,107 @@
+"""The session log's parts without a server: frames, stores, reading a log back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.core.journal import (
+    END,
+    OPEN,
+    STEPS,
+    FileStore,
+    LogSpec,
+    SessionLog,
+    frame,
+    read_frames,
+    read_log,
+    snapshot_frame,
+)
+
+SPEC = LogSpec(name="m", row=8, spike_bytes=1, classes=2, wire=np.dtype(np.float32), sums=np.dtype(np.float64),
+               replay=3, window=2, fingerprint="f")
+
+
+def steps_frame(sids: list[str], t0: list[int], L: int, seed: int) -> tuple[bytes, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    B = len(sids)
+    inputs = rng.integers(0, 255, (B, L, SPEC.row), np.uint8)
+    spikes = rng.integers(0, 255, (B, L, 1), np.uint8)
+    scores = rng.random((B, L, 2), np.float32)
+    sums = rng.random((B, 2))
+    return frame([STEPS, "m", L, sids, np.array(t0, np.int64).tobytes()], inputs.data, spikes.data, scores.data,
+                 sums.data), inputs
+
+
+def test_frames_stop_at_a_torn_or_corrupt_record() -> None:
+    a, b = frame([OPEN, "m", "s1", ""]), frame([OPEN, "m", "s2", ""])
+    assert [h[2] for h, _ in read_frames(a + b)] == ["s1", "s2"]
+    assert [h[2] for h, _ in read_frames(a + b[:-3])] == ["s1"]  # a crash mid-write
+    bad = bytearray(b)
+    bad[-1] ^= 0xFF
+    assert [h[2] for h, _ in read_frames(a + bytes(bad) + a)] == ["s1"]  # nothing after a bad checksum is trusted
+
+
+def test_read_log_keeps_the_replay_tail_outputs_and_sums() -> None:
+    log = frame([OPEN, "m", "a", "k1"]) + frame([OPEN, "m", "b", ""])
+    chunks = []
+    t = 0
+    for i, L in enumerate([2, 1, 3, 1]):
+        f, inputs = steps_frame(["a", "b"], [t, t], L, seed=i)
+        log += f
+        chunks.append(inputs)
+        t += L
+    log += frame([END, ["b"], ["session_closed"]])
+    st = read_log(log, {"m": SPEC})
+    assert set(st.live) == {"a"} and st.gone == {"b": "session_closed"}
+    a = st.live["a"]
+    assert a.t == 7 and a.owner == "k1"
+    all_inputs = np.concatenate([c[0] for c in chunks])  # (7, row)
+    assert a.last_inputs(3, SPEC.row) == all_inputs[-3:].tobytes()
+    assert a.n_inputs >= 3 and a.n_outputs >= 2
+
+
+def test_a_gap_in_a_sessions_records_makes_it_unrebuildable() -> None:
+    f1, _ = steps_frame(["a"], [0], 2, seed=1)
+    f2, _ = steps_frame(["a"], [3], 1, seed=2)  # steps 2 was never logged
+    st = read_log(frame([OPEN, "m", "a", ""]) + f1 + f2, {"m": SPEC})
+    assert st.live["a"].t == -1
+
+
+def test_snapshot_then_steps_round_trip() -> None:
+    inputs = np.arange(2 * 3 * 8, dtype=np.uint8).reshape(2, 3, 8)
+    snap = snapshot_frame(SPEC, ["a", "b"], ["", "k"], np.array([10, 3]), 3, 2, inputs,
+                          np.zeros((2, 2, 1), np.uint8), np.zeros((2, 2, 2), np.float32), np.ones((2, 2)))
+    f, more = steps_frame(["b"], [3], 2, seed=4)
+    st = read_log(snap + f, {"m": SPEC})
+    assert st.live["a"].t == 10 and st.live["a"].last_inputs(3, 8) == inputs[0].tobytes()
+    b = st.live["b"]
+    assert b.t == 5 and b.owner == "k"
+    assert b.last_inputs(3, 8) == np.concatenate([inputs[1], more[0]])[-3:].tobytes()
+
+
+def test_file_store_generations(tmp_path) -> None:
+    store = FileStore(tmp_path)
+    log = SessionLog(store, {"m": SPEC}, compact_bytes=100)
+    log.opened("m", "a", "")
+    log.flush()
+    assert not log.due
+    log.opened("m", "b" * 200, "")
+    log.flush()
+    assert log.due  # past 100 bytes since the last rewrite
+    log.rewrite([log.header("tag1"), frame([OPEN, "m", "c", ""])])
+    log.opened("m", "d", "")
+    log.flush()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.1"]  # the old generation is gone
+    st = read_log(FileStore(tmp_path).load(), {"m": SPEC})  # a new process finds the newest one
+    assert st.tag == "tag1" and set(st.live) == {"c", "d"}
+    (tmp_path / "log.2.tmp").write_bytes(b"half a snapshot")  # a crash while writing the next one
+    assert set(read_log(FileStore(tmp_path).load(), {"m": SPEC}).live) == {"c", "d"}
+
+
+@pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
+def test_bad_state_url_is_refused(url: str) -> None:
+    from service.core.journal import open_store
+
+    with pytest.raises(ValueError, match="PSN_STATE_URL"):
+        open_store(None, url, False)
