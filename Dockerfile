@@ -103,12 +103,15 @@ RUN set -eu; \
 FROM base AS runtime
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /models /app/exported
+# the session log (durable sessions): a volume here keeps sessions across new containers too
+RUN mkdir -p /var/lib/psn && chown psn:psn /var/lib/psn
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONSAFEPATH=1 \
     HOME=/app \
     PSN_HOST=0.0.0.0 \
     PSN_PORT=8000 \
-    PSN_MODEL_DIR=/app/exported
+    PSN_MODEL_DIR=/app/exported \
+    PSN_STATE_DIR=/var/lib/psn
 WORKDIR /app
 USER psn:psn
 EXPOSE 8000

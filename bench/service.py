@@ -253,6 +253,14 @@ def start(kind: str, port: int, model_dir: Path, env_extra: dict[str, str], size
         cmd = [sys.executable, "-m", "service"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     wait_port(port, proc)
+    if kind != "noop":  # the port is bound at once; the engine core (models, a session log) takes longer
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the service on port {port} did not become ready")
+            time.sleep(0.1)
     time.sleep(0.3)
     return proc
 
@@ -299,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps-per-message", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="front-end processes of the service and of the no-op")
     ap.add_argument("--unbatched", action="store_true", help="also run the service with PSN_MAX_BATCH_SIZE=1")
+    ap.add_argument("--logging", action="store_true",
+                    help="also run the service with its session log on (PSN_STATE_DIR in a temporary folder) and "
+                         "report logged / unlogged throughput (issue 11's target: >= 0.9x)")
     ap.add_argument("--json", type=Path, default=None, help="write the last session count's figures here")
     ap.add_argument("--client", choices=["auto", "node", "python"], default="auto",
                     help="load generator: bench/loadgen (Node.js + ws, `npm ci` there; 3-8x faster than the "
@@ -329,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         runs = [("no-op", "noop", {}), ("service", "service", wait)]
         if args.unbatched:
             runs.append(("service, max_batch_size=1", "service", {"PSN_MAX_BATCH_SIZE": "1", "PSN_MAX_WAIT_MS": "0"}))
+        if args.logging:
+            runs.append(("service, session log", "service", {**wait, "PSN_STATE_DIR": str(Path(tmp) / "state")}))
         L, frame = args.steps_per_message, args.frame
         node = args.client == "node" or (args.client == "auto" and node_available())
         print(f"# service bench: {os.cpu_count()} cores, model {model} (input {input_size}, spikes {out_size}, "
@@ -391,6 +404,13 @@ def main(argv: list[str] | None = None) -> None:
                        "steps_per_message": L, "frame": frame, "sessions": n, "rounds": args.rounds,
                        "duration_s": args.duration, "cores": os.cpu_count(),
                        "server_cpu_us_per_step": b["server_cpu_us"], "healthz_p99_ms": b["healthz_p99_ms"]}
+            if args.logging:
+                d = {k: med("service, session log", n, k) for k in keys}
+                print(f"  {n} sessions, session log on: {d['steps_per_s']:,.0f} session-steps/s = "
+                      f"{d['steps_per_s'] / b['steps_per_s']:.2f}x of log off (p50/p99 {d['p50_ms']:.1f} / "
+                      f"{d['p99_ms']:.1f} ms, server CPU {d['server_cpu_us']:.1f} us/step)")
+                summary.update(logged_session_steps_per_s=d["steps_per_s"],
+                               logged_ratio=d["steps_per_s"] / b["steps_per_s"], logged_p99_ms=d["p99_ms"])
         if args.json is not None:
             args.json.write_text(json.dumps(summary, indent=2))
 

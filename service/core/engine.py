@@ -86,6 +86,7 @@ class EngineCore:
                     self.input_rings[name] = StepRing(slots, spec.replay, (spec.row,), np.uint8)
             self.sessions.on_close = self._log_end
         self._log_failures = 0
+        self.recovery: dict[str, Any] = {}  # what the last recover() did
         m = self.metrics
         self._m = {name: (m.steps.labels(name), m.batch_size.labels(name), m.batch_seconds.labels(name))
                    for name in self.runners}
@@ -437,6 +438,7 @@ class EngineCore:
                  "seconds": round(time.perf_counter() - t_start, 3)}
         log.info("recovered %d sessions (%d lost) from %d log records (%d bytes) in %.3f s", rebuilt, len(lost),
                  st.records, len(data), stats["seconds"])
+        self.recovery = stats
         return stats
 
     def _rebuild(self, model: str, n: int, members: list[tuple[str, Recovered]], lost: list[tuple[str, str]]) -> int:
