@@ -295,7 +295,8 @@ class EngineCore:
         t0 = time.perf_counter()
         for L, items in batch.runs.items():
             try:
-                out[L] = r.run([it.req.session.slot for it in items], [it.payload for it in items], L)
+                batch.inputs[L] = joined = b"".join(it.payload for it in items)  # joined once: run, then the log
+                out[L] = r.run([it.req.session.slot for it in items], joined, L)
             except Exception as e:  # a backend failure fails these requests only; the loop keeps serving
                 log.exception("engine: backend call of model %r failed (%d sessions x %d steps)", name, len(items), L)
                 out[L] = e
@@ -322,7 +323,7 @@ class EngineCore:
             slots = np.fromiter((it.req.session.slot for it in items), np.int64, len(items))
             window.write(slots, t0, spikes, scores)
             if self.log is not None:  # written before this turn's answers are sent (EngineProcess.run)
-                self._log_steps(name, L, items, slots, t0, spikes, scores)
+                self._log_steps(name, L, items, batch.inputs[L], slots, t0, spikes, scores)
             sp_all, sc_all = spikes.tobytes(), scores.tobytes()  # one copy each; rows are slices of it
             n_sp, n_sc = len(sp_all) // len(items), len(sc_all) // len(items)
             for b, it in enumerate(items):
@@ -339,10 +340,9 @@ class EngineCore:
         self.schedulers[name].done(batch.requests)
 
     # ----- durable sessions -----------------------------------------------------------------------
-    def _log_steps(self, name: str, L: int, items: list[Item], slots: np.ndarray, t0: np.ndarray,
+    def _log_steps(self, name: str, L: int, items: list[Item], inputs: bytes, slots: np.ndarray, t0: np.ndarray,
                    spikes: np.ndarray, scores: np.ndarray) -> None:
         assert self.log is not None
-        inputs = b"".join(it.payload for it in items)
         ring = self.input_rings.get(name)
         if ring is not None:
             ring.write(slots, t0, np.frombuffer(inputs, np.uint8).reshape(len(items), L, -1))

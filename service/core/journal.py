@@ -52,6 +52,7 @@ log = logging.getLogger("psn.journal")
 FRAME = struct.Struct("<II")  # length of body, crc32 of body
 HEADER_LEN = struct.Struct("<I")
 HEADER, OPEN, STEPS, END, SNAPSHOT = range(5)
+IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,33 @@ class LogSpec:
         return self.spike_bytes + self.classes * self.wire.itemsize
 
 
-def frame(header: list[Any], *arrays: bytes | memoryview) -> bytes:
+Buffer = bytes | memoryview
+
+
+def flat(a: np.ndarray | Buffer) -> Buffer:
+    """A byte view of an array or buffer (no copy when it is C-contiguous)."""
+    if isinstance(a, np.ndarray):
+        return memoryview(np.ascontiguousarray(a)).cast("B")
+    if isinstance(a, bytes):
+        return a
+    mv = memoryview(a)
+    return mv if mv.ndim == 1 and mv.itemsize == 1 else mv.cast("B")
+
+
+def frame_parts(header: list[Any], *arrays: np.ndarray | Buffer) -> list[Buffer]:
+    """One record as buffers to write one after the other: no copy of the arrays (a batch's inputs and
+    outputs are most of a record; joining them measured 1.2 ms per 700 KB, mostly page faults)."""
     head = msgpack.packb(header, use_bin_type=True)
-    body = b"".join((HEADER_LEN.pack(len(head)), head, *arrays))
-    return FRAME.pack(len(body), zlib.crc32(body)) + body
+    parts = [HEADER_LEN.pack(len(head)) + head, *(flat(a) for a in arrays)]
+    n, crc = 0, 0
+    for p in parts:
+        n += len(p)
+        crc = zlib.crc32(p, crc)
+    return [FRAME.pack(n, crc), *parts]
+
+
+def frame(header: list[Any], *arrays: np.ndarray | Buffer) -> bytes:
+    return b"".join(frame_parts(header, *arrays))
 
 
 def read_frames(data: bytes | memoryview) -> Iterator[tuple[list[Any], memoryview]]:
@@ -97,7 +121,7 @@ def read_frames(data: bytes | memoryview) -> Iterator[tuple[list[Any], memoryvie
 class Store(Protocol):
     def load(self) -> bytes: ...  # the current generation, whole
 
-    def append(self, data: bytes) -> None: ...
+    def append(self, parts: list[Buffer]) -> None: ...
 
     def rewrite(self, data: bytes) -> None: ...  # a new generation holding ``data``, atomically
 
@@ -124,10 +148,18 @@ class FileStore:
     def load(self) -> bytes:
         return self._path(self.gen).read_bytes()
 
-    def append(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+    def append(self, parts: list[Buffer]) -> None:
+        parts = [p for p in parts if len(p)]
+        while parts:
+            batch = parts[:IOV_MAX]
+            n = os.writev(self.fd, batch)
+            for p in batch:  # drop what was written (a short write leaves the rest of a part)
+                if n >= len(p):
+                    n -= len(p)
+                    parts.pop(0)
+                else:
+                    parts[0] = memoryview(p)[n:]
+                    break
         if self.fsync:
             os.fsync(self.fd)
 
@@ -170,8 +202,8 @@ class RedisStore:
     def load(self) -> bytes:
         return b"".join(self.r.lrange(self._key(self.gen), 0, -1))
 
-    def append(self, data: bytes) -> None:
-        self.r.rpush(self._key(self.gen), data)
+    def append(self, parts: list[Buffer]) -> None:
+        self.r.rpush(self._key(self.gen), b"".join(parts))
 
     def rewrite(self, data: bytes) -> None:
         new = self.gen + 1
@@ -351,29 +383,28 @@ class SessionLog:
 
     def __init__(self, store: Store, specs: dict[str, LogSpec], compact_bytes: int):
         self.store, self.specs, self.compact_bytes = store, specs, compact_bytes
-        self.pending: list[bytes] = []
+        self.pending: list[Buffer] = []
         self.written = 0  # bytes appended since the last rewrite
 
     def header(self, tag: str) -> bytes:
         return frame([HEADER, {"tag": tag, "models": {n: s.fingerprint for n, s in self.specs.items()}}])
 
     def opened(self, model: str, sid: str, owner: str) -> None:
-        self.pending.append(frame([OPEN, model, sid, owner]))
+        self.pending += frame_parts([OPEN, model, sid, owner])
 
     def ended(self, sids: list[str], reasons: list[str]) -> None:
-        self.pending.append(frame([END, sids, reasons]))
+        self.pending += frame_parts([END, sids, reasons])
 
     def steps(self, model: str, L: int, sids: list[str], t0: np.ndarray, inputs: bytes, spikes: np.ndarray,
               scores: np.ndarray, sums: np.ndarray) -> None:
-        self.pending.append(frame([STEPS, model, L, sids, t0.astype(np.int64).tobytes()], inputs, spikes.data,
-                                  scores.data, np.ascontiguousarray(sums).data))
+        self.pending += frame_parts([STEPS, model, L, sids, t0.astype(np.int64).tobytes()], inputs, spikes, scores,
+                                    sums)
 
     def flush(self) -> None:
         if self.pending:
-            data = b"".join(self.pending)
-            self.pending = []
-            self.store.append(data)
-            self.written += len(data)
+            parts, self.pending = self.pending, []
+            self.store.append(parts)
+            self.written += sum(len(p) for p in parts)
 
     @property
     def due(self) -> bool:
@@ -391,6 +422,5 @@ class SessionLog:
 
 def snapshot_frame(spec: LogSpec, sids: list[str], owners: list[str], t: np.ndarray, n_in: int, n_out: int,
                    inputs: np.ndarray, spikes: np.ndarray, scores: np.ndarray, sums: np.ndarray) -> bytes:
-    return frame([SNAPSHOT, spec.name, sids, owners, t.astype(np.int64).tobytes(), n_in, n_out],
-                 np.ascontiguousarray(inputs).data, np.ascontiguousarray(spikes).data,
-                 np.ascontiguousarray(scores).data, np.ascontiguousarray(sums).data)
+    return frame([SNAPSHOT, spec.name, sids, owners, t.astype(np.int64).tobytes(), n_in, n_out], inputs, spikes,
+                 scores, sums)

@@ -44,9 +44,9 @@ class ModelRunner:
             raise InvalidInput(f"steps: {len(payload)} bytes for {L} steps of {self.input_size} {self.wire.name}",
                                field="steps")
 
-    def inputs(self, payloads: list, L: int) -> torch.Tensor:
-        """``B`` payloads of ``L`` steps each -> (L, B, *input_shape) in the backend's dtype."""
-        x = np.frombuffer(b"".join(payloads), dtype=self.wire).reshape(len(payloads), L, *self.input_shape)
+    def inputs(self, data: bytes, B: int, L: int) -> torch.Tensor:
+        """``B`` payloads of ``L`` steps each, joined -> (L, B, *input_shape) in the backend's dtype."""
+        x = np.frombuffer(data, dtype=self.wire).reshape(B, L, *self.input_shape)
         # time-major and contiguous: the backend's chunk runs 1.5x slower on the strided view (measured)
         return torch.from_numpy(x.swapaxes(0, 1).copy()).to(self.backend.dtype)
 
@@ -58,14 +58,15 @@ class ModelRunner:
         sc = scores.to(torch.float64 if self.wire == np.float64 else torch.float32).numpy().transpose(1, 0, 2)
         return packed, np.ascontiguousarray(sc)
 
-    def run(self, slots: list[int], payloads: list, L: int) -> tuple[np.ndarray, np.ndarray]:
-        """``L`` new steps for each slot (one backend call): packed spikes (B, L, nb), scores (B, L, C)."""
-        spikes, scores = self.backend.run(self.inputs(payloads, L), torch.tensor(slots, dtype=torch.long))
+    def run(self, slots: list[int], data: bytes, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """``L`` new steps for each slot (one backend call; ``data``: the payloads joined in slot order):
+        packed spikes (B, L, nb), scores (B, L, C)."""
+        spikes, scores = self.backend.run(self.inputs(data, len(slots), L), torch.tensor(slots, dtype=torch.long))
         return self.outputs(spikes, scores)
 
     def classify(self, payloads: list, T: int) -> tuple[np.ndarray, np.ndarray]:
         """Whole sequences of ``T`` steps from an empty state, no slots touched."""
-        spikes, scores = self.backend.classify(self.inputs(payloads, T))
+        spikes, scores = self.backend.classify(self.inputs(b"".join(payloads), len(payloads), T))
         return self.outputs(spikes, scores)
 
     def reset(self, slots: list[int]) -> None:
@@ -86,7 +87,7 @@ class ModelRunner:
         idx = torch.from_numpy(slots)
         self.backend.seek(idx, torch.from_numpy(t0))
         if n:
-            self.backend.run(self.inputs(payloads, n), idx)
+            self.backend.run(self.inputs(b"".join(payloads), len(payloads), n), idx)
         self.backend.set_score_sums(idx, torch.from_numpy(sums))
 
     def log_spec(self, window: int, backend_name: str) -> LogSpec:
@@ -106,7 +107,7 @@ class ModelRunner:
         if self.streams:
             for L in (1, 2, 16):
                 if self.horizon is None or L <= self.horizon:
-                    self.run([0], [zeros(L)], L)
+                    self.run([0], zeros(L), L)
             self.reset([0])
 
     def info(self) -> dict:

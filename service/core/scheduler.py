@@ -51,6 +51,7 @@ class Item:
 class Batch:
     requests: list[Request]  # everything scheduled (each is answered exactly once by commit)
     runs: dict[int, list[Item]] = field(default_factory=dict)  # new-step count -> items
+    inputs: dict[int, bytes] = field(default_factory=dict)  # new-step count -> the items' payloads, joined
 
 
 @dataclass(eq=False, slots=True)

@@ -105,3 +105,12 @@ def test_bad_state_url_is_refused(url: str) -> None:
 
     with pytest.raises(ValueError, match="PSN_STATE_URL"):
         open_store(None, url, False)
+
+
+def test_one_flush_of_more_records_than_one_writev_takes(tmp_path) -> None:
+    store = FileStore(tmp_path)
+    log = SessionLog(store, {"m": SPEC}, compact_bytes=1 << 30)
+    for i in range(700):  # 2 buffers each: 1400 > IOV_MAX
+        log.opened("m", f"s{i}", "")
+    log.flush()
+    assert len(read_log(store.load(), {"m": SPEC}).live) == 700
