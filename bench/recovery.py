@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         same = sum(a[s] == b[s] for s in sids)
     result = {"sessions": args.sessions, "steps_before": args.steps, "model": args.model, "device": args.device,
               "dtype": args.dtype, "log_bytes": log_bytes, "recover_s": round(recover_s, 3),
+              **{k: stats[k] for k in ("read_s", "replay_s", "compact_s")},
               "recovered": stats["sessions"], "lost": stats["lost"], "next_step_identical": same,
               "cores": os.cpu_count(), "store": "redis" if args.state_url else "file"}
     print(json.dumps(result, indent=2))

@@ -26,7 +26,7 @@ from prometheus_client import generate_latest
 from service.backends.base import Backend
 from service.config import Settings
 from service.core.journal import END, Recovered, SessionLog, Store, frame, read_log, snapshot_frame
-from service.core.runner import ModelRunner
+from service.core.runner import ModelRunner, all_cores
 from service.core.scheduler import Batch, ClassifyRequest, Item, Request, Scheduler
 from service.core.sessions import RetryWindow, Session, SessionTable, StepRing
 from service.errors import (
@@ -407,6 +407,7 @@ class EngineCore:
         t_start = time.perf_counter()
         data = self.log.store.load()
         st = read_log(data, self.log.specs)
+        t_read = time.perf_counter()
         if st.tag:
             self.sessions.tag = st.tag  # ids issued before the restart stay ids of this store
         for sid, reason in st.gone.items():
@@ -427,15 +428,20 @@ class EngineCore:
             else:
                 groups.setdefault((rec.model, min(rec.t, spec.replay)), []).append((sid, rec))
         rebuilt = 0
-        for (model, n), members in groups.items():
-            for i in range(0, len(members), self.settings.max_batch_size):
-                rebuilt += self._rebuild(model, n, members[i:i + self.settings.max_batch_size], lost)
+        with all_cores():  # the engine core serves nothing until this is done
+            size = max(self.settings.max_batch_size, 1024)  # larger products than serving uses: fewer calls
+            for (model, n), members in groups.items():
+                for i in range(0, len(members), size):
+                    rebuilt += self._rebuild(model, n, members[i:i + size], lost)
         for sid, why in lost:
             self.sessions.remember(sid, "session_lost")
             log.warning("session lost id=%s: %s", sid[:8], why)
+        t_replay = time.perf_counter()
         self.compact()
+        t_end = time.perf_counter()
         stats = {"sessions": rebuilt, "lost": len(lost), "log_bytes": len(data), "records": st.records,
-                 "seconds": round(time.perf_counter() - t_start, 3)}
+                 "seconds": round(t_end - t_start, 3), "read_s": round(t_read - t_start, 3),
+                 "replay_s": round(t_replay - t_read, 3), "compact_s": round(t_end - t_replay, 3)}
         log.info("recovered %d sessions (%d lost) from %d log records (%d bytes) in %.3f s", rebuilt, len(lost),
                  st.records, len(data), stats["seconds"])
         self.recovery = stats
