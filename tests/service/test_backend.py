@@ -46,3 +46,46 @@ def test_classify_and_shapes(ref: Reference) -> None:
     spikes, scores = be.classify(x)
     assert spikes.shape == (5, 1, 7) and scores.shape == (5, 1, 4) and spikes.device.type == "cpu"
     assert get_backend_class("torch")(ref.models["full"], 4).max_slots == 0  # plain PSN: classify only
+
+
+def test_a_sessions_outputs_do_not_depend_on_its_batch_float32(model_dir) -> None:
+    """CPU, float32: session 0's spikes and state are bit-identical streamed alone one step at a time and
+    inside batches of other sizes, other sessions and other chunk lengths (what a replay after a restart
+    relies on), through the backend's gather / run / scatter, and after seek + replay of its last
+    n(k-1) inputs the next outputs are identical too (issue 11)."""
+    import random
+
+    from model.folder import load_model_folder
+
+    for name in ("sliding", "masked", "conv"):
+        model = load_model_folder(model_dir / name, dtype=torch.float32)
+        n, steps = 13, 20
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(steps + 1, n, *model.cfg.input_shape, generator=g) * 1.5
+        alone = get_backend_class("torch")(model, 1)
+        alone.reset(torch.tensor([0]))
+        want = [alone.run(x[t:t + 1, :1], torch.tensor([0])) for t in range(steps)]
+        be = get_backend_class("torch")(model, n)
+        be.reset(torch.arange(n))
+        rng, pos, got = random.Random(3), [0] * n, []
+        while pos[0] < steps:
+            L = min(rng.choice([1, 2, 3, 5]), steps - pos[0])
+            members = [0] + [b for b in rng.sample(range(1, n), rng.randint(0, n - 1)) if pos[b] + L <= steps]
+            rng.shuffle(members)
+            sp, sc = be.run(torch.stack([x[pos[b]:pos[b] + L, b] for b in members], dim=1), torch.tensor(members))
+            for i, b in enumerate(members):
+                pos[b] += L
+                if b == 0:
+                    got.extend((sp[t:t + 1, i:i + 1], sc[t:t + 1, i:i + 1]) for t in range(L))
+        assert all(torch.equal(g_[0], w[0]) for g_, w in zip(got, want, strict=True)), name
+        for a, b in zip(alone._state.neurons, be._state.neurons, strict=True):
+            assert torch.equal(a.window[0], b.window[0]), name
+        # a replay: from zero windows at step steps - n(k-1), the last inputs again, then the score sum
+        r = model.net.replay_steps
+        fresh = get_backend_class("torch")(model, 2)
+        fresh.seek(torch.tensor([1]), torch.tensor([steps - r]))
+        fresh.run(x[steps - r:steps, :1], torch.tensor([1]))
+        fresh.set_score_sums(torch.tensor([1]), alone.score_sums(torch.tensor([0])))
+        nxt = x[steps:steps + 1, :1]
+        a, b = alone.run(nxt, torch.tensor([0])), fresh.run(nxt, torch.tensor([1]))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), name
