@@ -401,11 +401,30 @@ class EngineCore:
                  len(self.sessions.live), len(gone), n, time.perf_counter() - t0)
 
     def recover(self) -> dict[str, Any]:
-        """Rebuild every live session of the log (before the engine turns ready); the rest are lost."""
+        """Rebuild every live session of the log (before the engine turns ready); the rest are lost.
+
+        A log this code cannot read (a bug, or records of another version) must not keep the engine
+        core from starting, or the supervisor would restart it forever: it is kept aside for a
+        person to look at, its sessions answer 410 session_lost, and the engine starts empty."""
         if self.log is None:
             return {}
-        t_start = time.perf_counter()
         data = self.log.store.load()
+        try:
+            return self._recover(data)
+        except Exception:
+            where = self.log.store.keep_aside(data)
+            log.exception("session log: recovery failed; the log was kept aside at %s and the engine core starts "
+                          "without its sessions (their ids answer 410 session_lost)", where)
+            for s in list(self.sessions.live.values()):
+                self.sessions.close(s, "session_lost")
+            self.log.pending = []
+            self.compact()
+            self.recovery = {"sessions": 0, "lost": -1, "failed": True, "kept_aside": where}
+            return self.recovery
+
+    def _recover(self, data: bytes) -> dict[str, Any]:
+        assert self.log is not None
+        t_start = time.perf_counter()
         st = read_log(data, self.log.specs)
         t_read = time.perf_counter()
         if st.tag:

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import struct
+import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
@@ -80,10 +81,12 @@ Buffer = bytes | memoryview
 def flat(a: np.ndarray | Buffer) -> Buffer:
     """A byte view of an array or buffer (no copy when it is C-contiguous)."""
     if isinstance(a, np.ndarray):
-        return memoryview(np.ascontiguousarray(a)).cast("B")
+        return memoryview(np.ascontiguousarray(a)).cast("B") if a.size else b""
     if isinstance(a, bytes):
         return a
     mv = memoryview(a)
+    if mv.nbytes == 0:
+        return b""
     return mv if mv.ndim == 1 and mv.itemsize == 1 else mv.cast("B")
 
 
@@ -124,6 +127,8 @@ class Store(Protocol):
     def append(self, parts: list[Buffer]) -> None: ...
 
     def rewrite(self, data: bytes) -> None: ...  # a new generation holding ``data``, atomically
+
+    def keep_aside(self, data: bytes) -> str: ...  # save a log recovery could not read; where it went
 
     def close(self) -> None: ...
 
@@ -180,6 +185,11 @@ class FileStore:
         self._path(self.gen).unlink(missing_ok=True)
         self.gen = new
 
+    def keep_aside(self, data: bytes) -> str:
+        path = self.dir / f"unreadable.{self.gen}.{int(time.time())}"
+        path.write_bytes(data)
+        return str(path)
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -214,6 +224,11 @@ class RedisStore:
             p.delete(self._key(self.gen))
             p.execute()
         self.gen = new
+
+    def keep_aside(self, data: bytes) -> str:
+        key = f"{self.prefix}:unreadable:{self.gen}:{int(time.time())}"
+        self.r.set(key, data)
+        return key
 
     def close(self) -> None:
         self.r.close()

@@ -177,9 +177,12 @@ class EngineClient:
                 self._writer.close()
             return
         self.hello = hello
+        self.connected = True  # before on_hello: it may send requests (re-watching sessions)
         if self.on_hello is not None:
-            self.on_hello(hello)
-        self.connected = True
+            try:
+                self.on_hello(hello)
+            except Exception:  # a bug there must not leave the front end disconnected for good
+                log.exception("front end: handling the engine core's hello failed")
         self.hello_seen.set()
         log.info("front end: connected to the engine core (pid %s)", hello["engine"]["pid"])
 

@@ -18,6 +18,12 @@ from service.metrics import FrontendMetrics
 INTERNAL_INFO = ("wire_dtype", "model_dtype")  # model info fields for front ends only
 
 
+def _consume(fut: Any) -> None:
+    """A fire-and-forget call's answer: failures (the session is gone) need no one told here."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Frontend:
     def __init__(self, settings: Settings, client: EngineClient, metrics: FrontendMetrics, worker: int):
         self.settings, self.client, self.metrics, self.worker = settings, client, metrics, worker
@@ -34,6 +40,8 @@ class Frontend:
         self.models = {m["name"]: {k: v for k, v in m.items() if k not in INTERNAL_INFO} for m in infos}
         for name in self.models:  # every model's latency series exists from the start (at zero)
             self.metrics.latency(name)
+        for sid in list(self.watchers):  # a restarted engine core (durable sessions) must know who watches what
+            self.client.call("get", sid, True).add_done_callback(_consume)
 
     def _on_event(self, kind: str, sid: Any) -> None:
         for callback in list(self.watchers.get(sid, ())):

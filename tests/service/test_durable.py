@@ -284,3 +284,37 @@ def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_watching_websocket_still_hears_of_expiry_after_the_engine_restarted(serve, tmp_path: Path) -> None:
+    """The front end tells a restarted engine core which sessions its WebSockets watch, so an expiry
+    after the restart is still pushed to the client."""
+    srv = serve(state_dir=tmp_path / "state", idle_timeout_s=3)
+    with connect(srv.ws_url) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        sid = json.loads(ws.recv(timeout=10))["session"]["session_id"]
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        msg = json.loads(ws.recv(timeout=20))  # nothing else is sent on this connection
+        assert msg["type"] == "expired" and msg["session_id"] == sid, msg
+
+
+def test_an_unreadable_log_is_kept_aside_and_the_service_starts(serve, tmp_path: Path) -> None:
+    """A log recovery cannot read (here: a record whose arrays do not match its model) must not keep
+    the engine core from ever starting: it is kept aside, and its sessions answer 410 session_lost."""
+    from service.core.journal import HEADER, OPEN, STEPS, frame
+    from service.core.sessions import make_id
+
+    state = tmp_path / "state"
+    state.mkdir()
+    sid = make_id("abcd")
+    (state / "log.0").write_bytes(frame([HEADER, {"tag": "abcd", "models": {}}]) + frame([OPEN, "sliding", sid, ""])
+                                  + frame([STEPS, "sliding", 1, [sid], bytes(8)], b"far too short"))
+    srv = serve(state_dir=state)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.get(f"/v1/sessions/{sid}")
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost", r.text
+        assert c.post("/v1/sessions", json={"model": "sliding"}).status_code == 201
+    assert "recovery failed" in srv.log()
+    assert [p.name for p in state.iterdir() if p.name.startswith("unreadable.")]

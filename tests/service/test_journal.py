@@ -114,3 +114,11 @@ def test_one_flush_of_more_records_than_one_writev_takes(tmp_path) -> None:
         log.opened("m", f"s{i}", "")
     log.flush()
     assert len(read_log(store.load(), {"m": SPEC}).live) == 700
+
+
+def test_a_snapshot_of_sessions_that_took_no_step_yet() -> None:
+    z = np.zeros((2, 0, 8), np.uint8)
+    snap = snapshot_frame(SPEC, ["a", "b"], ["", ""], np.array([0, 0]), 0, 0, z, np.zeros((2, 0, 1), np.uint8),
+                          np.zeros((2, 0, 2), np.float32), np.zeros((2, 2)))
+    st = read_log(snap, {"m": SPEC})
+    assert st.live["a"].t == 0 and st.live["b"].last_inputs(0, 8) == b""
