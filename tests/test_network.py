@@ -234,3 +234,32 @@ def test_step_form_is_batch_invariant(neuron: str, T: int | None, k: int) -> Non
             assert torch.equal(torch.stack(got), torch.stack(alone))
             for a, b in zip(states[0].neurons, st.neurons, strict=True):
                 assert torch.equal(a.window, b.window)  # the state too, not only its rarely-flipping spikes
+
+
+@pytest.mark.parametrize("neuron,T,k", [("sliding", None, 4), ("masked", 40, 3)])
+def test_replay_of_the_receptive_field_continues_a_session_exactly(neuron: str, T: int | None, k: int) -> None:
+    """``replay`` of a session's last n(k-1) inputs from zero windows at step t - n(k-1) (each layer
+    computed only where the next one reads it) gives a state whose next outputs and step counters
+    equal the original's, bit for bit (float32, 3 layers: what recovery after a restart relies on)."""
+    torch.manual_seed(2)
+    cfg = NetConfig(input_shape=(5,), num_classes=3, neuron=neuron, k=k, T=T,
+                    layers=(LayerConfig("linear", 32), LayerConfig("linear", 24), LayerConfig("linear", 16)))
+    net = make_spiking(PSNNet(cfg), bn_mean=0.5, bn_affine=True).fused()
+    B, t = 6, 25
+    x = torch.randn(t + 6, B, 5) * 1.5
+    n = net.replay_steps
+    assert n == 3 * (k - 1)
+    with torch.no_grad():
+        _, st = net.chunk(x[:t], net.initial_state(B))
+        fresh = net.initial_state(B)
+        fresh = NetState(neurons=tuple(NeuronState(ns.window, ns.t + (t - n)) for ns in fresh.neurons),
+                         score_sum=st.score_sum, t=fresh.t + (t - n))
+        rebuilt = net.replay(x[t - n:t], fresh)
+        for a, b in zip(rebuilt.neurons, st.neurons, strict=True):
+            assert torch.equal(a.t, b.t)
+        assert torch.equal(rebuilt.t, st.t)
+        for i in range(t, t + 6):
+            (oa, st), (ob, rebuilt) = net.chunk(x[i:i + 1], st), net.chunk(x[i:i + 1], rebuilt)
+            assert torch.equal(oa.spikes, ob.spikes) and torch.equal(oa.scores, ob.scores)
+        for a, b in zip(rebuilt.neurons, st.neurons, strict=True):  # windows exact from here on
+            assert torch.equal(a.window[:, 1:], b.window[:, 1:])

@@ -50,6 +50,21 @@ class TorchBackend:
         st.t.index_copy_(0, idx, t)
 
     @torch.no_grad()
+    def replay(self, x: Tensor, slots: Tensor) -> None:
+        """``run`` without outputs, for recovery: ``PSNNet.replay`` (computes each layer only where the
+        next one reads it) over the gathered rows, scattered back."""
+        st = self._slots()
+        idx = slots.to(self.device)
+        rows = NetState(
+            neurons=tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx)) for ns in st.neurons),
+            score_sum=st.score_sum.index_select(0, idx), t=st.t.index_select(0, idx))
+        new = self.model.net.replay(x.to(self.device, self.dtype), rows)
+        for ns, nn_ in zip(st.neurons, new.neurons, strict=True):
+            ns.window.index_copy_(0, idx, nn_.window)
+            ns.t.index_copy_(0, idx, nn_.t)
+        st.t.index_copy_(0, idx, new.t)
+
+    @torch.no_grad()
     def score_sums(self, slots: Tensor) -> Tensor:
         return self._slots().score_sum.index_select(0, slots.to(self.device)).cpu()
 

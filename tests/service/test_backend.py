@@ -84,7 +84,7 @@ def test_a_sessions_outputs_do_not_depend_on_its_batch_float32(model_dir) -> Non
         r = model.net.replay_steps
         fresh = get_backend_class("torch")(model, 2)
         fresh.seek(torch.tensor([1]), torch.tensor([steps - r]))
-        fresh.run(x[steps - r:steps, :1], torch.tensor([1]))
+        fresh.replay(x[steps - r:steps, :1], torch.tensor([1]))  # each layer only where the next one reads it
         fresh.set_score_sums(torch.tensor([1]), alone.score_sums(torch.tensor([0])))
         nxt = x[steps:steps + 1, :1]
         a, b = alone.run(nxt, torch.tensor([0])), fresh.run(nxt, torch.tensor([1]))
