@@ -288,12 +288,20 @@ def test_masked_band_cache_follows_weight_updates() -> None:
     assert neuron.band_weight(T) is None  # a relaxed mask is not banded
 
 
+@pytest.mark.parametrize("block", [None, 500], ids=["unblocked", "blocked"])
 @pytest.mark.parametrize("kind", ["sliding", "masked"])
-def test_step_form_membrane_is_bit_identical_across_chunks_and_batches(kind: str) -> None:
+def test_step_form_membrane_is_bit_identical_across_chunks_and_batches(kind: str, block: int | None,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``H`` of one session, float32: one step at a time alone == chunks of any length inside batches
-    of other sessions at other step counts (the fixed-order ``band_sum``), bit for bit. A replayed
-    session after a restart depends on it (issue 11); spikes alone would show a difference rarely."""
+    of other sessions at other step counts (the fixed-order ``band_sum``, also when it runs in blocks
+    of sessions), bit for bit. A replayed session after a restart depends on it (issue 11); spikes
+    alone would show a difference rarely."""
     import random
+
+    import model.functional
+
+    if block is not None:
+        monkeypatch.setattr(model.functional, "BAND_BLOCK", block)  # blocks of 1-2 sessions here
 
     from model.functional import NeuronState, masked_chunk, masked_step, sliding_chunk, sliding_step
 
