@@ -10,6 +10,10 @@ runs one engine step per model whose batch is due::
 
 Answers collect in ``outbox`` (front end -> list) and leave in one message per front end per turn.
 Time comes from ``clock`` (injected in tests), so idle expiry and batch deadlines are testable.
+
+With access control on, session and step requests carry an ``owner`` (derived from the API key by
+the front end): a session is visible to the owner that opened it only, and ``quotas`` holds each
+owner to PSN_KEY_MAX_SESSIONS and PSN_KEY_STEPS_PER_S, whichever front end asks.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from prometheus_client import generate_latest
 
 from service.backends.base import Backend
 from service.config import Settings
+from service.core.quotas import OwnerQuotas
 from service.core.runner import ModelRunner
 from service.core.scheduler import Batch, ClassifyRequest, Item, Request, Scheduler
 from service.core.sessions import RetryWindow, Session, SessionTable
@@ -55,6 +60,7 @@ class EngineCore:
         self.metrics = EngineMetrics()
         self.runners = {b.model.name: ModelRunner(b) for b in backends}
         self.sessions = SessionTable(settings.idle_timeout_s, settings.remember_gone, clock)
+        self.quotas = OwnerQuotas(settings, clock)
         self.schedulers: dict[str, Scheduler] = {}
         self.windows: dict[str, RetryWindow] = {}
         self.classify_queue: dict[str, list[ClassifyRequest]] = {}
@@ -121,7 +127,8 @@ class EngineCore:
         if self.closing:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
 
-    def open(self, front: bytes, rid: int, model: str, watch: bool = False, sid: str | None = None) -> dict:
+    def open(self, front: bytes, rid: int, model: str, watch: bool = False, sid: str | None = None,
+             owner: str = "") -> dict:
         """A new session; ``sid`` names it (an OIP sequence: a live session of that id starts over)."""
         self.check_open()
         r = self.runner(model)
@@ -129,12 +136,15 @@ class EngineCore:
             raise ModelCannotStream(f"model {model!r} ({r.cfg.neuron} neurons) cannot stream: each output step "
                                     "reads the whole sequence; use POST /v1/classify", field="model")
         old = self.sessions.live.get(sid) if sid else None
+        if old is not None and old.owner != owner:  # front ends put the owner into such ids: never happens
+            raise InvalidInput(f"session id {sid!r} is taken", field="session_id")
+        self.quotas.check_open(owner, self.sessions.owned[owner] - (old is not None))
         if old is not None:
             if old.busy:
                 raise StepGap(f"sequence {sid!r} still has requests in flight; start it again once they are answered",
                               field="sequence_start", code="sequence_busy")
             self.sessions.close(old)
-        s = self.sessions.open(model, sid)
+        s = self.sessions.open(model, sid, owner)
         try:
             r.reset([s.slot])
         except BaseException:
@@ -145,14 +155,14 @@ class EngineCore:
         self.metrics.sessions_opened.labels(model).inc()
         return self.info(s)
 
-    def get(self, front: bytes, rid: int, sid: str, watch: bool = False) -> dict:
-        s = self.sessions.get(sid)
+    def get(self, front: bytes, rid: int, sid: str, watch: bool = False, owner: str = "") -> dict:
+        s = self.sessions.get(sid, owner)
         if watch:
             s.watchers.add(front)
         return self.info(s)
 
-    def close(self, front: bytes, rid: int, sid: str) -> Any:
-        s = self.sessions.get(sid)
+    def close(self, front: bytes, rid: int, sid: str, owner: str = "") -> Any:
+        s = self.sessions.get(sid, owner)
         if s.busy:  # after the requests already queued
             now = self.clock()
             self.schedulers[s.model].add(Request(front, rid, s, "close", now))
@@ -160,20 +170,22 @@ class EngineCore:
         self.sessions.close(s)
         return self.info(s)
 
-    def steps(self, front: bytes, rid: int, sid: str, start: int, L: int, payload: bytes) -> Any:
+    def steps(self, front: bytes, rid: int, sid: str, start: int, L: int, payload: bytes, owner: str = "") -> Any:
         self.check_open()
-        s = self.sessions.get(sid)
+        s = self.sessions.get(sid, owner)
         r, sched = self.runners[s.model], self.schedulers[s.model]
         r.check_payload(payload, L)
         if sched.pending >= self.settings.queue_depth:
             raise QueueFull(f"model {s.model!r}: {self.settings.queue_depth} requests are already queued; retry "
                             "shortly", retry_after=1)
+        self.quotas.check_steps(owner, L)
         now = self.clock()
         sched.add(Request(front, rid, s, "steps", now, start, L, payload))
+        self.quotas.take_steps(owner, L)
         s.last_used = now
         return QUEUED
 
-    def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes) -> Any:
+    def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes, owner: str = "") -> Any:
         self.check_open()
         r = self.runner(model)
         r.check_payload(payload, T)
@@ -187,7 +199,9 @@ class EngineCore:
         if len(queue) >= self.settings.queue_depth:
             raise QueueFull(f"model {model!r}: {self.settings.queue_depth} classify requests are queued; retry "
                             "shortly", retry_after=1)
+        self.quotas.check_steps(owner, T)
         queue.append(ClassifyRequest(front, rid, T, payload, self.clock()))
+        self.quotas.take_steps(owner, T)
         return QUEUED
 
     def metrics_text(self, front: bytes, rid: int) -> str:
