@@ -126,21 +126,23 @@ def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.head_size = 0  # of the current request's head, as parsed (url and headers)
-            self.head_raw = 0  # bytes received while the current head was incomplete
-            self.in_head = True
+            self.head_raw = 0  # bytes read while the current request's head was incomplete
+            self.in_head = False  # between a request's first byte and the end of its headers
+            self.ended = False  # a request ended in the bytes being read (they are not all head)
             self.too_large = False
 
         def data_received(self, data: bytes) -> None:
+            self.ended = False
             super().data_received(data)
-            if self.in_head and not self.too_large and not self.transport.is_closing():
-                self.head_raw += len(data)  # a head that never ends (one endless header) stops here
+            if self.in_head and not self.ended and not self.too_large and not self.transport.is_closing():
+                self.head_raw += len(data)  # a head that does not end (one endless header) is stopped here
                 if self.head_raw > max_bytes:
                     self.too_large = True
                     self.send_400_response("")
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.in_head, self.head_size = True, 0
+            self.in_head, self.head_size, self.head_raw = True, 0, 0
 
         def on_url(self, url: bytes) -> None:
             self.head_size += len(url)
@@ -151,15 +153,15 @@ def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            self.in_head, self.head_raw = False, 0
+            self.in_head = False
             if self.head_size > max_bytes:  # a whole head that came in one read
                 self.too_large = True
                 raise HeadersTooLarge("")  # httptools stops parsing; uvicorn then calls send_400_response
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
+            self.ended = True
             super().on_message_complete()
-            self.in_head = True
 
         def send_400_response(self, msg: str) -> None:
             if not self.too_large:

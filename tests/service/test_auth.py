@@ -177,7 +177,7 @@ def test_a_session_belongs_to_the_key_that_opened_it(keyed: Server, ref: Referen
         http = clients_on_workers(keyed, stack)
         a, b = auth(KEY_A), auth(KEY_B)
         sid = http[0].post("/v1/sessions", json={"model": "sliding"}, headers=a).json()["session_id"]
-        for w, c in http.items():  # each worker (the one A opened it on has its model cached for A)
+        for w, c in sorted(http.items()):  # each worker (the one A opened it on has its model cached for A)
             r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": x[2 * w:2 * w + 2].tolist()}, headers=a)
             assert r.status_code == 200 and r.json()["start"] == 2 * w, r.text
             for method, path, body in (("GET", "", None), ("DELETE", "", None),
@@ -187,12 +187,18 @@ def test_a_session_belongs_to_the_key_that_opened_it(keyed: Server, ref: Referen
                 theirs = c.request(method, f"/v1/sessions/{sid}{path}", json=body, headers=b)
                 nothing = c.request(method, f"/v1/sessions/{missing}{path}", json=body, headers=b)
                 assert theirs.status_code == 404 and same_error(theirs, nothing, sid, missing), (w, method, theirs.text)
-        # over the WebSocket, on each worker: attach is answered as for an id that never existed
+        # over the WebSocket, on each worker: attach is answered as for an id that never existed, whether the
+        # session was opened over HTTP or over a WebSocket
+        ws_a = stack.enter_context(connect(keyed.ws_url, additional_headers=a))
+        sid_ws = ask(ws_a, {"type": "open", "model": "sliding"})["session"]["session_id"]
         for ws in ws_on_workers(keyed, stack, KEY_B).values():
-            theirs, nothing = (ask(ws, {"type": "attach", "session_id": s}) for s in (sid, missing))
-            assert theirs["error"]["code"] == "session_not_found", theirs
-            assert theirs == json.loads(json.dumps(nothing).replace(missing, sid))
+            for s in (sid, sid_ws):
+                theirs, nothing = (ask(ws, {"type": "attach", "session_id": i}) for i in (s, missing))
+                assert theirs["error"]["code"] == "session_not_found", theirs
+                assert theirs == json.loads(json.dumps(nothing).replace(missing, s))
             assert ask(ws, {"type": "steps", "steps": x[:1].tolist()})["error"]["field"] == "type"  # nothing bound
+        assert http[1].get(f"/v1/sessions/{sid_ws}", headers=b).status_code == 404
+        assert http[1].get(f"/v1/sessions/{sid_ws}", headers=a).status_code == 200
         info = http[1].get(f"/v1/sessions/{sid}", headers=a).json()
         assert info["steps_seen"] == 4  # B's requests changed nothing
         r = http[1].post(f"/v1/sessions/{sid}/steps", json={"steps": x[4:].tolist()}, headers=a)
@@ -295,6 +301,10 @@ def test_an_oversized_request_head_is_answered_431(keyed: Server) -> None:
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "headers_too_large"
         assert time.monotonic() - t0 < 5
     assert httpx.get(f"{keyed.url}/healthz").status_code == 200
+    with httpx.Client(base_url=keyed.url, timeout=20, headers=auth(KEY_A)) as c:  # bodies are not heads
+        for _ in range(3):  # one kept-alive connection: what one request's head used is not carried over
+            r = c.post("/v1/sessions", json={"model": "sliding", "pad": "a" * 300_000}, headers={"X-Pad": "a" * 20_000})
+            assert r.status_code == 201, r.text
 
 
 # ----- per-key limits -------------------------------------------------------------------------------
