@@ -162,6 +162,8 @@ def test_websocket_handshake_needs_a_valid_key(keyed: Server) -> None:
         assert ws.subprotocol == "psn.json.v1" and KEY_C not in str(ws.response.headers)
         assert ask(ws, {"type": "open", "model": "sliding"})["type"] == "opened"
         assert ask(ws, {"type": "steps", "steps": [[0.5, 0.5, 0.5]]})["start"] == 0
+    with connect(keyed.ws_url, subprotocols=[f"psn.key.{KEY_A}"]) as ws:  # accepted, the key is never selected
+        assert ws.subprotocol is None and KEY_A not in str(ws.response.headers)  # (a browser then fails the handshake)
     with connect(keyed.ws_url, subprotocols=[f"psn.key.{KEY_B}", "psn.binary.v1"]) as ws:
         assert ws.subprotocol == "psn.binary.v1"
         ask(ws, {"type": "open", "model": "sliding"})
@@ -301,6 +303,18 @@ def test_an_oversized_request_head_is_answered_431(keyed: Server) -> None:
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "headers_too_large"
         assert time.monotonic() - t0 < 5
     assert httpx.get(f"{keyed.url}/healthz").status_code == 200
+    # a pipelined request whose head starts in the same read as the end of the body before it
+    body = json.dumps({"model": "sliding", "pad": "a" * 40_000}).encode()
+    with socket.create_connection(("127.0.0.1", keyed.port), timeout=10) as s:
+        head = b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n" \
+               b"Content-Type: application/json\r\n\r\n"
+        s.sendall(head % (KEY_A.encode(), len(body)) + body + b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.2)
+        s.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+        answers = b""
+        while data := s.recv(65536):
+            answers += data
+    assert answers.startswith(b"HTTP/1.1 201") and answers.count(b"HTTP/1.1 200") == 1, answers[:300]
     with httpx.Client(base_url=keyed.url, timeout=20, headers=auth(KEY_A)) as c:  # bodies are not heads
         for _ in range(3):  # one kept-alive connection: what one request's head used is not carried over
             r = c.post("/v1/sessions", json={"model": "sliding", "pad": "a" * 300_000}, headers={"X-Pad": "a" * 20_000})
