@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # the front ends never import torch (only the engine core runs models)
     import torch
+
+
+# An API key: long enough not to be guessed, and only characters that fit in an HTTP token, so a browser can
+# send it as a WebSocket subprotocol (``psn.key.<key>``) and no key can hold a list separator.
+KEY_CHARS = re.compile(r"[A-Za-z0-9._~+-]+")
+KEY_MIN_CHARS, KEY_MAX_CHARS = 16, 256
+
+
+def key_hash(key: str) -> bytes:
+    """What the service keeps of an API key (keys are random strings, not passwords: one SHA-256 is enough)."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+class KeySettingsError(Exception):
+    """A bad PSN_API_KEYS / PSN_API_KEYS_FILE. Not a ValueError on purpose: pydantic would wrap that in a
+    ValidationError that prints the settings' input, keys included."""
+
+
+def parse_keys(text: str, where: str, sep: str) -> list[str]:
+    """The keys in ``text`` (split on ``sep``; blank entries and ``#`` comment lines skipped), each checked.
+    Errors name the key by its position, never by its value (they end up in logs)."""
+    keys = [k.strip() for k in text.split(sep)]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    for i, k in enumerate(keys, 1):
+        if not KEY_MIN_CHARS <= len(k) <= KEY_MAX_CHARS or not KEY_CHARS.fullmatch(k):
+            raise KeySettingsError(f"{where}: key {i} must be {KEY_MIN_CHARS}-{KEY_MAX_CHARS} characters of A-Z a-z "
+                                   "0-9 . _ ~ + - (e.g. the output of `openssl rand -hex 32`)")
+    return keys
 
 
 def default_workers() -> int:
@@ -64,6 +94,45 @@ class Settings(BaseSettings):
     # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).
     onnx_cache_dir: Path | None = None
     onnx_threads: int | None = Field(None, ge=1)
+    # Access control (off unless keys are given; docs/api.md "Access control"). Only SHA-256 hashes of the
+    # keys are kept: both settings are read once, hashed, and the raw value dropped.
+    api_keys: SecretStr | None = None  # comma-separated API keys; setting it turns access control on
+    api_keys_file: Path | None = None  # a file of API keys, one per line (# comments); also turns it on
+    key_max_sessions: int = Field(0, ge=0)  # live sessions one key may hold (0: no limit but PSN_MAX_SESSIONS)
+    key_steps_per_s: float = Field(0.0, ge=0)  # steps per second one key may send, token bucket (0: no limit)
+    # Origins (scheme://host[:port]) whose pages may use the API: WebSocket handshakes and CORS. A page of the
+    # server's own origin (Origin matching Host) and clients that send no Origin are always allowed; "*": any.
+    allowed_origins: str = ""
+    max_header_bytes: int = Field(32768, ge=1024)  # request line + headers; past it: 431, connection closed
+    _key_hashes: tuple[bytes, ...] = PrivateAttr(())
+
+    @model_validator(mode="after")
+    def _hash_keys(self) -> Settings:
+        keys: list[str] = []
+        if self.api_keys is not None:
+            keys += parse_keys(self.api_keys.get_secret_value(), "PSN_API_KEYS", ",")
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as e:
+                raise KeySettingsError(f"PSN_API_KEYS_FILE: cannot read {self.api_keys_file}: {e.strerror}") from None
+            file_keys = parse_keys(text, f"PSN_API_KEYS_FILE ({self.api_keys_file})", "\n")
+            if not file_keys:  # starting without access control when it was asked for would be worse than not starting
+                raise KeySettingsError(f"PSN_API_KEYS_FILE: no keys in {self.api_keys_file}")
+            keys += file_keys
+        self._key_hashes = tuple(sorted({key_hash(k) for k in keys}))
+        self.api_keys = None  # the raw keys go no further (not to the engine core or the front ends)
+        return self
+
+    @property
+    def key_hashes(self) -> tuple[bytes, ...]:
+        """SHA-256 of each API key; empty when access control is off."""
+        return self._key_hashes
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """PSN_ALLOWED_ORIGINS as lower-case origins without a trailing slash."""
+        return tuple(o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip())
 
     @property
     def torch_device(self) -> torch.device:

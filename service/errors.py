@@ -113,6 +113,34 @@ class TooManyConnections(ServiceError):
     status, code = 503, "too_many_connections"
 
 
+class Unauthorized(ServiceError):
+    """No API key, or not one of PSN_API_KEYS (access control on)."""
+
+    status, code = 401, "unauthorized"
+
+
+class OriginNotAllowed(ServiceError):
+    """A browser page from an origin outside PSN_ALLOWED_ORIGINS (and not this server's own)."""
+
+    status, code = 403, "origin_not_allowed"
+
+
+class HeadersTooLarge(ServiceError):
+    status, code = 431, "headers_too_large"
+
+
+class TooManyKeySessions(ServiceError):
+    """The key already holds PSN_KEY_MAX_SESSIONS live sessions."""
+
+    status, code = 429, "too_many_key_sessions"
+
+
+class RateLimited(ServiceError):
+    """The key has used its PSN_KEY_STEPS_PER_S for now."""
+
+    status, code = 429, "rate_limited"
+
+
 def internal(e: BaseException) -> ServiceError:
     """A bug or a backend failure, answered 500 (never raised from bad input)."""
     return ServiceError(f"internal error: {type(e).__name__}", status=500, code="internal")

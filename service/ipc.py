@@ -16,16 +16,18 @@ batch, not per request.
 
 Requests: ``[rid, op, *args]`` (``rid`` > 0, unique per front end)::
 
-    ["hello"]                               -> {"models": [model info...], "engine": {...}}
-    ["ping"]                                -> {"ready": bool}
-    ["open", model, watch]                  -> session info
-    ["get", session_id, watch]              -> session info (watch: push "expired" to this front end)
-    ["close", session_id]                   -> session info (as it was closed)
-    ["steps", session_id, start, L, bytes]  -> [start, replayed, steps_seen, spikes, scores]
-    ["classify", model, T, bytes]           -> [spikes, scores]
-    ["metrics"]                             -> Prometheus text of the engine core
+    ["hello"]                                      -> {"models": [model info...], "engine": {...}}
+    ["ping"]                                       -> {"ready": bool}
+    ["open", model, watch, sid, owner]             -> session info (sid: None, or an OIP sequence's id)
+    ["get", session_id, watch, owner]              -> session info (watch: push "expired" to this front end)
+    ["close", session_id, owner]                   -> session info (as it was closed)
+    ["steps", session_id, start, L, bytes, owner]  -> [start, replayed, steps_seen, spikes, scores]
+    ["classify", model, T, bytes, owner]           -> [spikes, scores]
+    ["metrics"]                                    -> Prometheus text of the engine core
 
-``start`` is -1 to append. Step payloads are ``L * prod(input_shape)`` floats in the model's wire dtype
+``owner`` (optional, default "") is who asks: a short id derived from the API key's hash, "" with
+access control off; another owner's session is answered as one that does not exist, and per-owner
+limits apply. ``start`` is -1 to append. Step payloads are ``L * prod(input_shape)`` floats in the model's wire dtype
 (``float64`` for float64 models, else ``float32``). Output ``spikes`` are ``(L, ceil(n_out / 8))``
 bytes, bit-packed little-endian per step (bit ``i`` of a step: byte ``i // 8``, bit ``i % 8``);
 ``scores`` are ``(L, num_classes)`` floats in the wire dtype.

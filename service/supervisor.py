@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service.config import Settings, get_settings
+from service.config import KeySettingsError, Settings, get_settings
 from service.ipc import default_address, listen
 
 log = logging.getLogger("psn.supervisor")
@@ -128,7 +128,12 @@ class Supervisor:
 
 
 def main() -> None:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except KeySettingsError as e:  # says which key is bad by its position, never its value
+        raise SystemExit(f"psn-stream: {e}") from None
+    # Only the keys' hashes go on (in settings); children must not inherit the keys in their environment.
+    os.environ.pop("PSN_API_KEYS", None)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [supervisor %(process)d] %(message)s")
     raise SystemExit(Supervisor(settings).run())

@@ -10,6 +10,10 @@ runs one engine step per model whose batch is due::
 
 Answers collect in ``outbox`` (front end -> list) and leave in one message per front end per turn.
 Time comes from ``clock`` (injected in tests), so idle expiry and batch deadlines are testable.
+
+With access control on, session and step requests carry an ``owner`` (derived from the API key by
+the front end): a session is visible to the owner that opened it only, and ``quotas`` holds each
+owner to PSN_KEY_MAX_SESSIONS and PSN_KEY_STEPS_PER_S, whichever front end asks.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from prometheus_client import generate_latest
 from service.backends.base import Backend
 from service.config import Settings
 from service.core.journal import END, Recovered, SessionLog, Store, frame, read_log, snapshot_frame
+from service.core.quotas import OwnerQuotas
 from service.core.runner import ModelRunner, all_cores
 from service.core.scheduler import Batch, ClassifyRequest, Item, Request, Scheduler
 from service.core.sessions import RetryWindow, Session, SessionTable, StepRing
@@ -58,6 +63,7 @@ class EngineCore:
         self.metrics = EngineMetrics()
         self.runners = {b.model.name: ModelRunner(b) for b in backends}
         self.sessions = SessionTable(settings.idle_timeout_s, settings.remember_gone, clock)
+        self.quotas = OwnerQuotas(settings, clock)
         self.schedulers: dict[str, Scheduler] = {}
         self.windows: dict[str, RetryWindow] = {}
         self.classify_queue: dict[str, list[ClassifyRequest]] = {}
@@ -137,7 +143,8 @@ class EngineCore:
         if self.closing:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
 
-    def open(self, front: bytes, rid: int, model: str, watch: bool = False, sid: str | None = None) -> dict:
+    def open(self, front: bytes, rid: int, model: str, watch: bool = False, sid: str | None = None,
+             owner: str = "") -> dict:
         """A new session; ``sid`` names it (an OIP sequence: a live session of that id starts over)."""
         self.check_open()
         r = self.runner(model)
@@ -145,12 +152,15 @@ class EngineCore:
             raise ModelCannotStream(f"model {model!r} ({r.cfg.neuron} neurons) cannot stream: each output step "
                                     "reads the whole sequence; use POST /v1/classify", field="model")
         old = self.sessions.live.get(sid) if sid else None
+        if old is not None and old.owner != owner:  # front ends put the owner into such ids: never happens
+            raise InvalidInput(f"session id {sid!r} is taken", field="session_id")
+        self.quotas.check_open(owner, self.sessions.owned[owner] - (old is not None))
         if old is not None:
             if old.busy:
                 raise StepGap(f"sequence {sid!r} still has requests in flight; start it again once they are answered",
                               field="sequence_start", code="sequence_busy")
             self.sessions.close(old)
-        s = self.sessions.open(model, sid)
+        s = self.sessions.open(model, sid, owner)
         try:
             r.reset([s.slot])
         except BaseException:
@@ -163,14 +173,14 @@ class EngineCore:
         self.metrics.sessions_opened.labels(model).inc()
         return self.info(s)
 
-    def get(self, front: bytes, rid: int, sid: str, watch: bool = False) -> dict:
-        s = self.sessions.get(sid)
+    def get(self, front: bytes, rid: int, sid: str, watch: bool = False, owner: str = "") -> dict:
+        s = self.sessions.get(sid, owner)
         if watch:
             s.watchers.add(front)
         return self.info(s)
 
-    def close(self, front: bytes, rid: int, sid: str) -> Any:
-        s = self.sessions.get(sid)
+    def close(self, front: bytes, rid: int, sid: str, owner: str = "") -> Any:
+        s = self.sessions.get(sid, owner)
         if s.busy:  # after the requests already queued
             now = self.clock()
             self.schedulers[s.model].add(Request(front, rid, s, "close", now))
@@ -178,20 +188,22 @@ class EngineCore:
         self.sessions.close(s)
         return self.info(s)
 
-    def steps(self, front: bytes, rid: int, sid: str, start: int, L: int, payload: bytes) -> Any:
+    def steps(self, front: bytes, rid: int, sid: str, start: int, L: int, payload: bytes, owner: str = "") -> Any:
         self.check_open()
-        s = self.sessions.get(sid)
+        s = self.sessions.get(sid, owner)
         r, sched = self.runners[s.model], self.schedulers[s.model]
         r.check_payload(payload, L)
         if sched.pending >= self.settings.queue_depth:
             raise QueueFull(f"model {s.model!r}: {self.settings.queue_depth} requests are already queued; retry "
                             "shortly", retry_after=1)
+        self.quotas.check_steps(owner, L)
         now = self.clock()
         sched.add(Request(front, rid, s, "steps", now, start, L, payload))
+        self.quotas.take_steps(owner, L)
         s.last_used = now
         return QUEUED
 
-    def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes) -> Any:
+    def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes, owner: str = "") -> Any:
         self.check_open()
         r = self.runner(model)
         r.check_payload(payload, T)
@@ -205,7 +217,9 @@ class EngineCore:
         if len(queue) >= self.settings.queue_depth:
             raise QueueFull(f"model {model!r}: {self.settings.queue_depth} classify requests are queued; retry "
                             "shortly", retry_after=1)
+        self.quotas.check_steps(owner, T)
         queue.append(ClassifyRequest(front, rid, T, payload, self.clock()))
+        self.quotas.take_steps(owner, T)
         return QUEUED
 
     def metrics_text(self, front: bytes, rid: int) -> str:
@@ -351,7 +365,7 @@ class EngineCore:
 
     def _log_end(self, s: Session, reason: str) -> None:
         assert self.log is not None
-        self.log.ended([s.id], [reason])
+        self.log.ended([s.id], [reason], [s.owner])
 
     def flush_log(self) -> None:
         """Hand this turn's log records to the store (before the turn's answers go out); compact when due.
@@ -395,7 +409,7 @@ class EngineCore:
                                                  window.scores.read(slots, t - n_out, n_out), r.score_sums(slots)))
         gone = self.sessions.gone()
         if gone:
-            frames.append(frame([END, [g[0] for g in gone], [g[1] for g in gone]]))
+            frames.append(frame([END, [g[0] for g in gone], [g[1] for g in gone], [g[2] for g in gone]]))
         n = self.log.rewrite(frames)
         log.info("session log compacted: %d live sessions, %d ended ids, %d bytes in %.3f s",
                  len(self.sessions.live), len(gone), n, time.perf_counter() - t0)
@@ -429,8 +443,8 @@ class EngineCore:
         t_read = time.perf_counter()
         if st.tag:
             self.sessions.tag = st.tag  # ids issued before the restart stay ids of this store
-        for sid, reason in st.gone.items():
-            self.sessions.remember(sid, reason)
+        for sid, (reason, owner) in st.gone.items():
+            self.sessions.remember(sid, reason, owner)
         groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
         lost: list[tuple[str, str]] = []
         for sid, rec in st.live.items():
@@ -453,7 +467,7 @@ class EngineCore:
                 for i in range(0, len(members), size):
                     rebuilt += self._rebuild(model, n, members[i:i + size], lost)
         for sid, why in lost:
-            self.sessions.remember(sid, "session_lost")
+            self.sessions.remember(sid, "session_lost", st.live[sid].owner if sid in st.live else "")
             log.warning("session lost id=%s: %s", sid[:8], why)
         t_replay = time.perf_counter()
         self.compact()
@@ -473,11 +487,11 @@ class EngineCore:
         back: list[tuple[Session, Recovered]] = []
         for sid, rec in members:
             try:
-                s = self.sessions.open(model, sid)
+                s = self.sessions.open(model, sid, rec.owner)
             except TooManySessions:
                 lost.append((sid, f"no free session slot of model {model!r} (PSN_MAX_SESSIONS is lower than before)"))
                 continue
-            s.t, s.owner = rec.t, rec.owner
+            s.t = rec.t
             back.append((s, rec))
         if not back:
             return 0

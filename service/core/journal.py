@@ -18,7 +18,8 @@ read there. Records (header first element):
 - ``[1, model, sid, owner]``: a session opened (t = 0);
 - ``[2, model, L, [sids], t0 int64 bytes]`` + inputs (B, L, row) + packed spikes (B, L, nb) + scores
   (B, L, C) + score sums (B, C): one committed batch of ``L`` new steps per session;
-- ``[3, [sids], [reasons]]``: sessions that ended (closed, expired, lost): remembered, not rebuilt;
+- ``[3, [sids], [reasons], [owners]]``: sessions that ended (closed, expired, lost): remembered (410 to
+  their owner), not rebuilt;
 - ``[4, model, [sids], [owners], t int64 bytes, n_in, n_out]`` + inputs (B, n_in, row) + spikes
   (B, n_out, nb) + scores (B, n_out, C) + score sums (B, C): a snapshot of live sessions.
 
@@ -284,7 +285,7 @@ class LogState:
     tag: str | None = None
     fingerprints: dict[str, str] = field(default_factory=dict)
     live: dict[str, Recovered] = field(default_factory=dict)
-    gone: dict[str, str] = field(default_factory=dict)  # id -> reason, oldest first
+    gone: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (reason, owner), oldest first
     records: int = 0
 
 
@@ -302,10 +303,11 @@ def read_log(data: bytes, specs: dict[str, LogSpec]) -> LogState:
             st.live[sid] = Recovered(model, owner)
             st.gone.pop(sid, None)
         elif kind == END:
-            for sid, reason in zip(header[1], header[2], strict=True):
+            owners = header[3] if len(header) > 3 else [""] * len(header[1])
+            for sid, reason, owner in zip(header[1], header[2], owners, strict=True):
                 st.live.pop(sid, None)
                 st.gone.pop(sid, None)
-                st.gone[sid] = reason
+                st.gone[sid] = (reason, owner)
         elif kind == STEPS:
             _, model, L, sids, t0b = header
             spec = specs.get(model)
@@ -407,8 +409,8 @@ class SessionLog:
     def opened(self, model: str, sid: str, owner: str) -> None:
         self.pending += frame_parts([OPEN, model, sid, owner])
 
-    def ended(self, sids: list[str], reasons: list[str]) -> None:
-        self.pending += frame_parts([END, sids, reasons])
+    def ended(self, sids: list[str], reasons: list[str], owners: list[str]) -> None:
+        self.pending += frame_parts([END, sids, reasons, owners])
 
     def steps(self, model: str, L: int, sids: list[str], t0: np.ndarray, inputs: bytes, spikes: np.ndarray,
               scores: np.ndarray, sums: np.ndarray) -> None:

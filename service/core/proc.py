@@ -20,6 +20,7 @@ import time
 import torch
 
 from model.folder import find_model_folders, load_model_folder
+from service import logs
 from service.backends import get_backend_class
 from service.config import Settings
 from service.core.engine import EngineCore
@@ -208,6 +209,7 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
     """Entry point of the engine core process (``ready``: a multiprocessing Event set once serving)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine %(process)d] %(message)s")
+    logs.install()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
     core = build_core(settings)
     gc.collect()

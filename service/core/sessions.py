@@ -3,6 +3,10 @@ ids that are gone (answered 410, not 404). Plain Python; time comes from an inje
 
 A session's ``queue`` holds its requests in arrival order: the engine core applies them strictly
 one after another, so a session with queued work is busy and never expires.
+
+With access control on, a session belongs to the ``owner`` that opened it (a short id the front ends
+derive from the API key's hash): to any other owner its id is answered exactly as an id that never
+existed, live or gone. Live sessions are counted per owner.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +60,7 @@ class Session:
     queue: deque[Any] = field(default_factory=deque)  # pending requests, oldest first
     watchers: set[bytes] = field(default_factory=set)  # front ends told when it expires
     ended: str = ""  # once closed: session_closed | session_expired | session_lost
-    owner: str = ""  # who opened it (access control); kept in the session log
+    owner: str = ""  # who opened it ("" with access control off); no one else can see it; kept in the session log
 
     @property
     def busy(self) -> bool:
@@ -91,11 +95,13 @@ class SessionTable:
         self.pools: dict[str, SlotPool] = {}
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> session_expired | session_closed | session_lost
         self.on_close: Callable[[Session, str], None] | None = None  # the session log's hook
+        self._gone_owner: dict[str, str] = {}  # id -> its owner, for the ids in _gone whose owner is not ""
+        self.owned: Counter[str] = Counter()  # owner -> live sessions
 
     def add_model(self, name: str, slots: int) -> None:
         self.pools[name] = SlotPool(slots)
 
-    def open(self, model: str, sid: str | None = None) -> Session:
+    def open(self, model: str, sid: str | None = None, owner: str = "") -> Session:
         """A new session of ``model`` (``sid``: a caller-chosen id, e.g. an OIP sequence; default: a new one)."""
         pool = self.pools[model]
         slot = pool.take()
@@ -103,20 +109,22 @@ class SessionTable:
             raise TooManySessions(f"model {model!r}: all {pool.size} session slots are in use; close a session or "
                                   f"wait for one to expire (idle timeout {self.idle_timeout_s:g} s)",
                                   retry_after=min(self.idle_timeout_s, 30.0))
-        s = Session(id=sid or make_id(self.tag), model=model, slot=slot, last_used=self.clock())
+        s = Session(id=sid or make_id(self.tag), model=model, slot=slot, last_used=self.clock(), owner=owner)
         self.live[s.id] = s
+        self.owned[owner] += 1
         return s
 
-    def get(self, sid: str) -> Session:
+    def get(self, sid: str, owner: str = "") -> Session:
+        """Session ``sid`` if ``owner`` opened it; else what a request to it is told (another owner's id: 404)."""
         s = self.live.get(sid)
-        if s is not None:
+        if s is not None and s.owner == owner:
             return s
-        raise self.gone_error(sid)
+        raise self.gone_error(sid, owner=owner) if s is None else self.not_found(sid)
 
-    def gone_error(self, sid: str, reason: str | None = None) -> ServiceError:
+    def gone_error(self, sid: str, reason: str | None = None, owner: str = "") -> ServiceError:
         """What a request to ``sid`` (not live) is told: 410 with why it went, or 404 if it never existed
-        (or was forgotten). ``reason``: the known reason of a session that just went."""
-        gone = reason or self._gone.get(sid)
+        (or was forgotten, or is another owner's). ``reason``: the known reason of a session that just went."""
+        gone = reason or (self._gone.get(sid) if self._gone_owner.get(sid, "") == owner else None)
         if gone == "session_expired":
             return SessionGone(f"session {sid!r} expired after {self.idle_timeout_s:g} s without requests; "
                                "open a new one", field="session_id", code="session_expired")
@@ -131,19 +139,26 @@ class SessionTable:
             return SessionLost(f"session {sid!r} was lost: it was opened before the engine restarted, and this run "
                                "has no record of it (no session store, PSN_STATE_DIR / PSN_STATE_URL, or another "
                                "one); open a new session and resend its inputs", field="session_id")
+        return self.not_found(sid)
+
+    @staticmethod
+    def not_found(sid: str) -> SessionNotFound:
         return SessionNotFound(f"session {sid!r} does not exist", field="session_id")
 
-    def remember(self, sid: str, reason: str) -> None:
-        """Answer ``sid`` with ``reason`` (session_closed | session_expired | session_lost) from now on."""
+    def remember(self, sid: str, reason: str, owner: str = "") -> None:
+        """Answer ``sid`` with ``reason`` (session_closed | session_expired | session_lost) from now on (to
+        ``owner``; anyone else gets 404)."""
         if self.remember_gone:
             self._gone[sid] = reason
             self._gone.move_to_end(sid)
+            if owner:
+                self._gone_owner[sid] = owner
             while len(self._gone) > self.remember_gone:
-                self._gone.popitem(last=False)
+                self._gone_owner.pop(self._gone.popitem(last=False)[0], None)
 
-    def gone(self) -> list[tuple[str, str]]:
-        """The remembered ids that are gone, oldest first, with why."""
-        return list(self._gone.items())
+    def gone(self) -> list[tuple[str, str, str]]:
+        """The remembered ids that are gone, oldest first: (id, why, owner)."""
+        return [(sid, why, self._gone_owner.get(sid, "")) for sid, why in self._gone.items()]
 
     def close(self, s: Session, reason: str = "session_closed") -> None:
         """Free ``s``'s slot and remember its id as ``reason``."""
@@ -151,7 +166,10 @@ class SessionTable:
             return
         self.pools[s.model].give(s.slot)
         s.slot, s.ended = -1, reason
-        self.remember(s.id, reason)
+        self.owned[s.owner] -= 1
+        if not self.owned[s.owner]:
+            del self.owned[s.owner]
+        self.remember(s.id, reason, s.owner)
         if self.on_close is not None:
             self.on_close(s, reason)
 

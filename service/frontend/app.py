@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from service import demo
 from service.config import Settings
+from service.frontend.auth import AccessControl, add_cors
 from service.frontend.client import EngineClient
 from service.frontend.errors import install_error_handlers
 from service.frontend.limits import BodyLimit, ConnectionLimit
@@ -28,7 +29,9 @@ DESCRIPTION = """Streaming inference for Parallel Spiking Neuron networks (arXiv
 Open a session for a model, send its input steps (over HTTP or the `/v1/stream` WebSocket, as JSON
 or as binary frames) and get, per step, the output spikes, the class scores so far and the predicted
 class. Steps of many sessions are computed together in batches by the engine core. Errors are
-`{"error": {"code", "message", "field"}}`.
+`{"error": {"code", "message", "field"}}`. When the server has API keys (`PSN_API_KEYS`), send one as
+`Authorization: Bearer <key>` (WebSocket from a browser: the subprotocol `psn.key.<key>` next to
+`psn.json.v1` or `psn.binary.v1`).
 """
 
 
@@ -59,6 +62,8 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.state.metrics = FrontendMetrics()
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(AccessControl, settings=settings)  # before anything reads a body: keys, Origin
+    add_cors(app, settings)  # outside AccessControl: answers preflights (no key), adds CORS headers to refusals
     app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)  # outermost: counts everything
     install_error_handlers(app)
     for r in (models.router, sessions.router, stream.router, classify.router, health.router, oip.router,

@@ -8,6 +8,7 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 
 from service.errors import NotReady
+from service.frontend.auth import OWNER
 from service.frontend.state import Frontend
 
 
@@ -19,3 +20,11 @@ def get_frontend(conn: HTTPConnection) -> Frontend:
 
 
 FrontendDep = Annotated[Frontend, Depends(get_frontend)]
+
+
+def get_owner(conn: HTTPConnection) -> str:
+    """The owner id of the request's API key ("" with access control off), set by ``AccessControl``."""
+    return conn.scope.get(OWNER, "")
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]

@@ -1,6 +1,8 @@
 """What one front-end process keeps: the engine client, the served models' codecs, which WebSocket
-connections watch which session, and a small cache of session -> model (to parse a request's steps
-before the engine core sees it). Made in the lifespan; routes reach it through ``deps.py``."""
+connections watch which session, and a small cache of (owner, session) -> model (to parse a request's
+steps before the engine core sees it; by owner, so another key's request about a session is sent to
+the engine core, which answers 404, before its steps are parsed). Made in the lifespan; routes reach
+it through ``deps.py``."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ class Frontend:
         self.models: dict[str, dict[str, Any]] = {}  # name -> public model info
         self.codecs: dict[str, ModelCodec] = {}
         self.watchers: dict[str, set[Callable[[str, str], None]]] = {}  # session id -> callbacks(event, id)
-        self._session_models: OrderedDict[str, str] = OrderedDict()
+        self._session_models: OrderedDict[tuple[str, str], str] = OrderedDict()  # (owner, session id) -> model
         client.on_hello = self._on_hello
         client.on_event = self._on_event
 
@@ -59,30 +61,31 @@ class Frontend:
             raise ModelNotFound(f"model: no model named {name!r}; available: {sorted(self.codecs)}", field="model")
         return c
 
-    def remember(self, info: dict[str, Any]) -> dict[str, Any]:
-        """Note a session's model (from a session info answer) and return the info."""
-        sid = info["session_id"]
-        self._session_models[sid] = info["model"]
-        self._session_models.move_to_end(sid)
+    def remember(self, info: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Note a session's model (from a session info answer to ``owner``) and return the info."""
+        key = (owner, info["session_id"])
+        self._session_models[key] = info["model"]
+        self._session_models.move_to_end(key)
         while len(self._session_models) > 100_000:
             self._session_models.popitem(last=False)
         return info
 
-    async def session_codec(self, sid: str) -> ModelCodec:
+    async def session_codec(self, sid: str, owner: str) -> ModelCodec:
         """The codec of session ``sid``'s model (asks the engine core once per unknown id: 404/410 there)."""
-        model = self._session_models.get(sid)
+        model = self._session_models.get((owner, sid))
         if model is None:
-            model = self.remember(await self.client.call("get", sid, False))["model"]
+            model = self.remember(await self.client.call("get", sid, False, owner), owner)["model"]
         return self.codec(model)
 
-    async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes) -> list[Any]:
-        """Apply ``L`` steps to session ``sid`` from ``start`` (None: append), timing the round trip.
+    async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes,
+                    owner: str) -> list[Any]:
+        """Apply ``L`` steps to ``owner``'s session ``sid`` from ``start`` (None: append), timing the round trip.
 
         Returns the engine core's ``[start, replayed, steps_seen, spikes, scores]``.
         """
         self.check_ready()
         t0 = time.perf_counter()
-        answer = await self.client.call("steps", sid, -1 if start is None else start, L, payload)
+        answer = await self.client.call("steps", sid, -1 if start is None else start, L, payload, owner)
         self.metrics.latency(codec.name).observe(time.perf_counter() - t0)
         return answer
 

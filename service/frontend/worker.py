@@ -7,8 +7,10 @@ import socket
 
 import uvicorn
 
+from service import logs
 from service.config import Settings
 from service.frontend.app import create_app
+from service.frontend.limits import head_limited_protocol
 
 
 def ws_max_size(max_request_bytes: int) -> int:
@@ -27,7 +29,10 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
         import uvloop  # noqa: F401 - uvicorn picks it up by itself when installed
     except ImportError:
         pass
+    http = head_limited_protocol(settings.max_header_bytes) or "h11"
     config = uvicorn.Config(create_app(settings, engine_address, worker), log_level=settings.log_level,
-                            ws_max_size=ws_max_size(settings.max_request_bytes),
+                            ws_max_size=ws_max_size(settings.max_request_bytes), http=http,
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=30, ws_per_message_deflate=settings.ws_compression)
+    logs.install("uvicorn", "uvicorn.access", "uvicorn.error")  # uvicorn.Config has set up its handlers by now
     uvicorn.Server(config).run(sockets=[sock])

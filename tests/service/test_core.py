@@ -372,3 +372,106 @@ def test_ids_of_another_run_answer_session_lost_and_mistyped_ids_404() -> None:
     assert isinstance(after.gone_error("made-up"), SessionNotFound)
     same_store = SessionTable(10, 100, Clock(), tag=before.tag)  # a restart that kept its store's tag
     assert isinstance(same_store.gone_error(sid), SessionNotFound)  # its log would have had it: never issued
+
+
+# ----- owners: sessions and limits per API key ------------------------------------------------------
+def not_found_as(got: list, sid: str, nothing: list, missing: str) -> bool:
+    """``got`` is the answer a never-seen id gets (``nothing``, for ``missing``), but for the id it names."""
+    return got[0] == nothing[0] == 404 and got[1] == [nothing[1][0], nothing[1][1].replace(missing, sid),
+                                                       *nothing[1][2:]]
+
+
+def test_a_session_is_visible_to_its_owner_only_live_or_gone() -> None:
+    core, be, clock = make_core(max_wait_ms=0)
+    core.handle(b"f", [1, "open", "fake", False, None, "alice"])
+    a = answers(core)[1][1]["session_id"]
+    x = np.ones(2).tobytes()
+    for rid, req in ((2, ["get", a, True, "bob"]), (3, ["steps", a, -1, 1, x, "bob"]), (4, ["close", a, "bob"]),
+                     (5, ["get", a, False]), (6, ["steps", a, 0, 1, x]), (9, ["get", "missing", False, "bob"])):
+        core.handle(b"f", [rid, *req])
+    got = answers(core)
+    nothing = got[9]
+    for rid in (2, 3, 4, 5, 6):  # another owner (or none) is told what an id that never existed is told
+        assert not_found_as(got[rid], a, nothing, "missing"), got[rid]
+    core.step()
+    assert be.calls == [] and core.sessions.live[a].watchers == set()  # nothing applied, nothing watched
+    core.handle(b"f", [10, "steps", a, -1, 1, x, "alice"])
+    core.step()
+    assert answers(core)[10][1][:3] == [0, 0, 1]
+    core.handle(b"f", [11, "close", a, "alice"])
+    core.handle(b"f", [12, "get", a, False, "alice"])
+    core.handle(b"f", [13, "get", a, False, "bob"])
+    got = answers(core)
+    assert got[12][:2] == [410, got[12][1]] and got[12][1][0] == "session_closed"  # its owner learns it was closed
+    assert not_found_as(got[13], a, nothing, "missing")  # no one else does
+    # an OIP sequence id is taken by its owner's session: another owner cannot restart (and so close) it
+    core.handle(b"f", [14, "open", "fake", False, "oip:alice:fake:7", "alice"])
+    core.handle(b"f", [15, "open", "fake", False, "oip:alice:fake:7", "bob"])
+    got = answers(core)
+    assert got[14][0] == 0 and got[15][0] == 422 and "oip:alice:fake:7" in core.sessions.live
+
+
+def test_live_sessions_are_counted_per_owner() -> None:
+    core, be, clock = make_core(key_max_sessions=2, idle_timeout_s=10)
+    for rid in (1, 2, 3):
+        core.handle(b"f", [rid, "open", "fake", False, None, "alice"])
+    core.handle(b"f", [4, "open", "fake", False, None, "bob"])
+    core.handle(b"f", [5, "open", "fake", False, None])  # no owner (access control off): no per-key limit
+    got = answers(core)
+    assert [got[r][0] for r in (1, 2, 4, 5)] == [0, 0, 0, 0] and got[3][0] == 429
+    code, message, field, retry_after = got[3][1]
+    assert code == "too_many_key_sessions" and "PSN_KEY_MAX_SESSIONS=2" in message and retry_after == 10
+    assert core.sessions.owned == {"alice": 2, "bob": 1, "": 1}
+    core.handle(b"f", [6, "close", got[1][1]["session_id"], "alice"])
+    core.handle(b"f", [7, "open", "fake", False, None, "alice"])  # room again
+    core.handle(b"f", [8, "open", "fake", False, None, "alice"])
+    got = answers(core)
+    assert got[7][0] == 0 and got[8][1][0] == "too_many_key_sessions"
+    clock.now += 5
+    core.handle(b"f", [9, "steps", got[7][1]["session_id"], -1, 1, np.ones(2).tobytes(), "alice"])  # used now
+    clock.now += 1
+    core.step()
+    clock.now += 5  # the others have been idle 11 s, this one 6 s
+    assert len(core.reap()) == 3 and core.sessions.owned == {"alice": 1}  # expiry frees their places
+    core.handle(b"f", [10, "open", "fake", False, "oip:alice:fake:7", "alice"])
+    core.handle(b"f", [11, "open", "fake", False, "oip:alice:fake:7", "alice"])  # a restart replaces, at the limit
+    core.handle(b"f", [12, "open", "fake", False, None, "alice"])
+    got = answers(core)
+    assert got[10][0] == got[11][0] == 0 and got[12][1][0] == "too_many_key_sessions"
+    assert core.sessions.owned == {"alice": 2}
+
+
+def test_steps_per_second_is_a_token_bucket_per_owner() -> None:
+    core, be, clock = make_core(key_steps_per_s=2, max_steps_per_request=4, session_queue=1, max_wait_ms=1000)
+    for rid, owner in ((1, "alice"), (2, "alice"), (3, "bob"), (4, None)):
+        core.handle(b"f", [rid, "open", "fake", False, None, *([owner] if owner else [])])
+    opened = answers(core)
+    a1, a2, b, anon = (opened[r][1]["session_id"] for r in (1, 2, 3, 4))
+
+    def steps(rid: int, sid: str, L: int, owner: str | None = "alice") -> None:
+        core.handle(b"f", [rid, "steps", sid, -1, L, np.ones(2 * L).tobytes(), *([owner] if owner else [])])
+
+    steps(5, a1, 2)  # a burst of max(2 steps/s, 4 steps per request) = 4
+    steps(6, a1, 2)  # refused by its session's queue (PSN_SESSION_QUEUE=1): not counted
+    steps(7, a2, 2)
+    steps(8, a2, 1)  # the bucket is empty
+    core.handle(b"f", [9, "classify", "fake", 1, np.ones(2).tobytes(), "alice"])  # classify counts too
+    steps(10, b, 4, "bob")  # bob has his own bucket
+    steps(11, anon, 4, None)  # no owner: no limit
+    got = answers(core)
+    assert sorted(got) == [6, 8, 9] and got[6][1][0] == "session_queue_full"
+    for rid in (8, 9):
+        code, message, field, retry_after = got[rid][1]
+        assert got[rid][0] == 429 and code == "rate_limited" and retry_after == 1 and "PSN_KEY_STEPS_PER_S" in message
+    clock.now += 2  # the batch runs; 4 steps' worth refill, no more (the bucket holds 4)
+    core.step()
+    answers(core)
+    clock.now += 100
+    steps(12, a1, 4)
+    steps(13, a2, 1)
+    got = answers(core)
+    assert sorted(got) == [13] and got[13][1][0] == "rate_limited"
+    assert got[13][1][3] == 1  # 1 step at 2 per second: 0.5 s, a Retry-After of 1
+    clock.now += 0.5
+    steps(14, a2, 1)
+    assert answers(core) == {}  # queued: admitted

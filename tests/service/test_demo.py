@@ -103,3 +103,37 @@ def test_demo_page_streams_a_sample_in_a_real_browser(shipped, tmp_path) -> None
     out.mkdir(exist_ok=True)
     shutil.copyfile(tmp_path / "demo.png", out / "demo.png")
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_page_takes_an_api_key_in_a_real_browser(serve) -> None:
+    """With access control on, the page's files load without a key; its API calls (fetch with Authorization,
+    the WebSocket with a psn.key.<key> subprotocol next to psn.json.v1) work once the key is typed in."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set PSN_CHROMIUM)")
+    name, key = _shipped_model(), "demo-key-0123456789abcdef"
+    srv = serve(model_dir=SHIPPED, dtype="float32", api_keys=key)
+    with httpx.Client(base_url=srv.url, timeout=20, headers={"Authorization": f"Bearer {key}"}) as c:
+        sample = c.get(f"/demo/samples/{name}").json()["samples"][0]
+        api = c.post("/v1/classify", json={"model": name, "steps": sample["steps"]}).json()
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{srv.url}/demo?model={name}")
+            page.wait_for_selector("#status[data-state=key]", timeout=20_000)  # 401: asks for the key
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.fill("#key", key)
+            page.dispatch_event("#key", "change")  # as leaving the field does
+            page.wait_for_selector("#status[data-state=idle]", timeout=20_000)
+            page.select_option("#sample", "0")
+            page.eval_on_selector("#delay", "e => { e.value = 0; e.dispatchEvent(new Event('input')); }")
+            page.click("#play")
+            page.wait_for_selector("#status[data-state=done]", timeout=60_000)
+            shown = page.text_content("#prediction")
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert shown == api["label"]

@@ -318,3 +318,23 @@ def test_an_unreadable_log_is_kept_aside_and_the_service_starts(serve, tmp_path:
         assert c.post("/v1/sessions", json={"model": "sliding"}).status_code == 201
     assert "recovery failed" in srv.log()
     assert [p.name for p in state.iterdir() if p.name.startswith("unreadable.")]
+
+
+def test_a_sessions_owner_survives_the_restart(serve, tmp_path: Path) -> None:
+    """With API keys, a rebuilt session still belongs to the key that opened it: another key gets 404,
+    as before the restart; so does a closed session's 410."""
+    a, b = "key-a-" + "x" * 20, "key-b-" + "y" * 20
+    ha, hb = {"Authorization": f"Bearer {a}"}, {"Authorization": f"Bearer {b}"}
+    srv = serve(state_dir=tmp_path / "state", api_keys=f"{a},{b}")
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}, headers=ha).json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]]}, headers=ha).status_code == 200
+        closed = c.post("/v1/sessions", json={"model": "sliding"}, headers=ha).json()["session_id"]
+        c.delete(f"/v1/sessions/{closed}", headers=ha)
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        assert c.get(f"/v1/sessions/{sid}", headers=ha).json()["steps_seen"] == 1
+        assert c.get(f"/v1/sessions/{sid}", headers=hb).status_code == 404
+        assert c.get(f"/v1/sessions/{closed}", headers=ha).status_code == 410
+        assert c.get(f"/v1/sessions/{closed}", headers=hb).status_code == 404

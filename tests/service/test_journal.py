@@ -53,7 +53,7 @@ def test_read_log_keeps_the_replay_tail_outputs_and_sums() -> None:
         t += L
     log += frame([END, ["b"], ["session_closed"]])
     st = read_log(log, {"m": SPEC})
-    assert set(st.live) == {"a"} and st.gone == {"b": "session_closed"}
+    assert set(st.live) == {"a"} and st.gone == {"b": ("session_closed", "")}
     a = st.live["a"]
     assert a.t == 7 and a.owner == "k1"
     all_inputs = np.concatenate([c[0] for c in chunks])  # (7, row)

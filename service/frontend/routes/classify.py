@@ -7,7 +7,7 @@ import json
 from fastapi import APIRouter, Response
 
 from service.frontend.codec import join_object
-from service.frontend.deps import FrontendDep
+from service.frontend.deps import FrontendDep, OwnerDep
 from service.frontend.errors import error_responses
 from service.frontend.views import JSONText
 from service.schemas import ClassifyRequest, ClassifyResponse
@@ -15,12 +15,12 @@ from service.schemas import ClassifyRequest, ClassifyResponse
 router = APIRouter(prefix="/v1", tags=["classify"])
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=error_responses(404, 413, 422, 503),
+@router.post("/classify", response_model=ClassifyResponse, responses=error_responses(401, 404, 413, 422, 429, 503),
              summary="Classify a whole sequence (parallel form; the same outputs as streaming it)")
-async def classify(body: ClassifyRequest, fe: FrontendDep) -> Response:
+async def classify(body: ClassifyRequest, fe: FrontendDep, owner: OwnerDep) -> Response:
     codec = fe.codec(body.model)
     T, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request)
-    spikes, scores = await fe.client.call("classify", codec.name, T, payload)
+    spikes, scores = await fe.client.call("classify", codec.name, T, payload, owner)
     last = codec.arrays(T, spikes, scores)[1][-1]
     predicted = int(last.argmax())
     return JSONText(join_object({"model": codec.name, "predicted": predicted, "label": codec.labels[predicted],

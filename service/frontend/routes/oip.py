@@ -4,6 +4,9 @@
 the sequence's session (its slot reset; a live one of that id starts over), each request applies the
 input's time axis as new steps, ``sequence_end`` closes it after answering. Without a sequence id it
 is ``/v1/classify`` over a batch of whole sequences. Errors are the protocol's ``{"error": "..."}``.
+
+A sequence is a session with the id ``oip:{owner}:{model}:{sequence_id}``: with API keys, each key has
+its own sequence ids (key B's sequence 7 is not key A's), and the engine core keeps each key to its own.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.errors import InvalidInput, ServiceError
-from service.frontend.deps import FrontendDep
+from service.frontend.deps import FrontendDep, OwnerDep
 from service.frontend.oip import HEADER, ModelMetadata, input_steps, metadata, respond, split_body
 from service.frontend.state import Frontend
 
@@ -64,7 +67,7 @@ async def model_ready(name: str, fe: FrontendDep) -> Response:
 
 
 @router.post("/models/{name}/infer", summary="Infer: a batch of whole sequences, or the next steps of a sequence")
-async def infer(name: str, request: Request, fe: FrontendDep) -> Response:
+async def infer(name: str, request: Request, fe: FrontendDep, owner: OwnerDep) -> Response:
     try:
         codec = fe.codec(name)
         req, binary = split_body(await request.body(), request.headers.get(HEADER))
@@ -72,9 +75,9 @@ async def infer(name: str, request: Request, fe: FrontendDep) -> Response:
         params = req.parameters or {}
         seq = params.get("sequence_id")
         if seq not in (None, 0, ""):
-            spikes, scores = await _sequence(fe, codec.name, seq, params, x)
+            spikes, scores = await _sequence(fe, codec.name, seq, params, x, owner)
         else:
-            spikes, scores = await _classify(fe, codec.name, x)
+            spikes, scores = await _classify(fe, codec.name, x, owner)
         body, headers = respond(req, codec, spikes[None] if spikes.ndim == 2 else spikes,
                                 scores[None] if scores.ndim == 2 else scores)
         return Response(body, headers=headers)
@@ -82,33 +85,35 @@ async def infer(name: str, request: Request, fe: FrontendDep) -> Response:
         return oip_error(e, fe)
 
 
-async def _sequence(fe: Frontend, model: str, seq: Any, params: dict, x: np.ndarray) -> tuple[np.ndarray, ...]:
+async def _sequence(fe: Frontend, model: str, seq: Any, params: dict, x: np.ndarray,
+                    owner: str) -> tuple[np.ndarray, ...]:
     if not isinstance(seq, int | str) or isinstance(seq, bool):
         raise InvalidInput(f"sequence_id: expected an integer or a string, got {seq!r}", field="sequence_id")
     if x.shape[0] != 1:
         raise InvalidInput(f"steps: a sequence request carries one sequence, shape [1, L, ...]; got batch "
                            f"{x.shape[0]}", field="steps")
     codec = fe.codec(model)
-    sid = f"oip:{model}:{seq}"
+    sid = f"oip:{owner}:{model}:{seq}"
     if params.get("sequence_start"):
-        await fe.client.call("open", model, False, sid)
+        await fe.client.call("open", model, False, sid, owner)
     L = x.shape[1]
     try:
-        start, replayed, seen, spikes, scores = await fe.steps(sid, codec, None, L, x[0].astype(codec.wire).tobytes())
+        start, replayed, seen, spikes, scores = await fe.steps(sid, codec, None, L, x[0].astype(codec.wire).tobytes(),
+                                                               owner)
     except ServiceError as e:
         if e.code in ("session_not_found", "session_closed", "session_expired", "session_lost"):
             raise InvalidInput(f"sequence_id {seq!r} of model {model!r} is not open ({e.code}): the first request "
                                "of a sequence must set sequence_start", field="sequence_start") from None
         raise
     if params.get("sequence_end"):
-        await fe.client.call("close", sid)
+        await fe.client.call("close", sid, owner)
     return codec.arrays(L, spikes, scores)
 
 
-async def _classify(fe: Frontend, model: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+async def _classify(fe: Frontend, model: str, x: np.ndarray, owner: str) -> tuple[np.ndarray, np.ndarray]:
     codec = fe.codec(model)
     B, T = x.shape[:2]
-    answers = await asyncio.gather(*(fe.client.call("classify", model, T, x[b].astype(codec.wire).tobytes())
+    answers = await asyncio.gather(*(fe.client.call("classify", model, T, x[b].astype(codec.wire).tobytes(), owner)
                                      for b in range(B)))
     pairs = [codec.arrays(T, sp, sc) for sp, sc in answers]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Response
 
 from service.frontend.codec import join_object
-from service.frontend.deps import FrontendDep
+from service.frontend.deps import FrontendDep, OwnerDep
 from service.frontend.errors import error_responses
 from service.frontend.views import JSONText
 from service.schemas import SessionCreate, SessionInfo, StepsRequest, StepsResponse
@@ -19,35 +19,36 @@ STEPS_EXAMPLES = {
 }
 
 
-@router.post("", status_code=201, response_model=SessionInfo, responses=error_responses(404, 409, 422, 503),
+@router.post("", status_code=201, response_model=SessionInfo, responses=error_responses(401, 404, 409, 422, 429, 503),
              summary="Open a streaming session for a model")
-async def create_session(body: SessionCreate, fe: FrontendDep) -> dict:
+async def create_session(body: SessionCreate, fe: FrontendDep, owner: OwnerDep) -> dict:
     fe.codec(body.model)
-    return fe.remember(await fe.client.call("open", body.model, False))
+    return fe.remember(await fe.client.call("open", body.model, False, None, owner), owner)
 
 
-@router.get("/{session_id}", response_model=SessionInfo, responses=error_responses(404, 410, 503),
-            summary="A session's state (404: never existed, 410: expired or closed)")
-async def get_session(session_id: str, fe: FrontendDep) -> dict:
+@router.get("/{session_id}", response_model=SessionInfo, responses=error_responses(401, 404, 410, 503),
+            summary="A session's state (404: never existed or another key's, 410: expired or closed)")
+async def get_session(session_id: str, fe: FrontendDep, owner: OwnerDep) -> dict:
     fe.check_ready()
-    return fe.remember(await fe.client.call("get", session_id, False))
+    return fe.remember(await fe.client.call("get", session_id, False, owner), owner)
 
 
-@router.delete("/{session_id}", status_code=204, responses=error_responses(404, 410, 503), summary="Close a session")
-async def delete_session(session_id: str, fe: FrontendDep) -> Response:
+@router.delete("/{session_id}", status_code=204, responses=error_responses(401, 404, 410, 503),
+               summary="Close a session")
+async def delete_session(session_id: str, fe: FrontendDep, owner: OwnerDep) -> Response:
     fe.check_ready()
-    await fe.client.call("close", session_id)
+    await fe.client.call("close", session_id, owner)
     return Response(status_code=204)
 
 
 @router.post("/{session_id}/steps", response_model=StepsResponse,
-             responses=error_responses(404, 409, 410, 413, 422, 503),
+             responses=error_responses(401, 404, 409, 410, 413, 422, 429, 503),
              summary="Apply one or more new steps; per step: index, spikes, scores, predicted class so far")
-async def post_steps(session_id: str, fe: FrontendDep,
+async def post_steps(session_id: str, fe: FrontendDep, owner: OwnerDep,
                      body: StepsRequest = Body(openapi_examples=STEPS_EXAMPLES)) -> Response:  # noqa: B008
     fe.check_ready()
-    codec = await fe.session_codec(session_id)
+    codec = await fe.session_codec(session_id, owner)
     L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request)
-    start, replayed, seen, spikes, scores = await fe.steps(session_id, codec, body.start, L, payload)
+    start, replayed, seen, spikes, scores = await fe.steps(session_id, codec, body.start, L, payload, owner)
     return JSONText(join_object({"session_id": session_id, "start": start, "replayed": replayed, "steps_seen": seen},
                                 codec.json_outputs(start, L, spikes, scores)))

@@ -14,6 +14,9 @@ same full buffer).
 Binary frames (``service/frontend/codec.py``, docs/api.md): chosen with the ``psn.binary.v1``
 subprotocol or ``"frames": "binary"`` on open/attach; then steps go as binary frames and are answered
 with binary frames, while open/attach/close and every error stay JSON text.
+
+With API keys, the handshake carries one (``service/frontend/auth.py``: a header, or a ``psn.key.<key>``
+subprotocol entry from a browser, which the server never selects); the connection acts for that key.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from uvicorn.protocols.utils import ClientDisconnected
 
 from service.errors import InvalidInput, RequestTooLarge, ServiceError, internal
+from service.frontend.auth import JSON_SUBPROTOCOL, OWNER
 from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object
 from service.frontend.deps import get_frontend
 from service.frontend.limits import ABORT
@@ -72,6 +76,7 @@ class StreamConnection:
 
     def __init__(self, ws: WebSocket, fe: Frontend, binary: bool):
         self.ws, self.fe, self.binary = ws, fe, binary
+        self.owner: str = ws.scope.get(OWNER, "")  # the handshake's API key's owner id
         self.session: str | None = None
         self.codec: ModelCodec | None = None
         self.send_lock = asyncio.Lock()
@@ -124,7 +129,7 @@ class StreamConnection:
         self.unbind()
         self.session = info["session_id"]
         self.codec = self.fe.codec(info["model"])
-        self.fe.remember(info)
+        self.fe.remember(info, self.owner)
         self.fe.watch(self.session, self._on_event)
         if frames is not None:
             self.binary = frames == "binary"
@@ -154,24 +159,24 @@ class StreamConnection:
                 raise InvalidInput("steps: this connection uses binary frames (psn.binary.v1): send steps as a "
                                    "binary frame, or reopen/attach with \"frames\": \"json\"", field="type")
             L, payload = codec.json_steps(msg.steps, fe.settings.max_steps_per_request)
-            start, replayed, _, spikes, scores = await fe.steps(sid, codec, msg.start, L, payload)
+            start, replayed, _, spikes, scores = await fe.steps(sid, codec, msg.start, L, payload, self.owner)
             await self.send_raw(join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
                                              "replayed": replayed}, codec.json_outputs(start, L, spikes, scores)))
         elif isinstance(msg, WsOpen):
             fe.codec(msg.model)
-            info = await fe.client.call("open", msg.model, True)
+            info = await fe.client.call("open", msg.model, True, None, self.owner)
             self._bind(info, msg.frames)
             await self.send({"type": "opened", "session": info})
         elif isinstance(msg, WsAttach):
             fe.check_ready()
-            info = await fe.client.call("get", msg.session_id, True)
+            info = await fe.client.call("get", msg.session_id, True, self.owner)
             self._bind(info, msg.frames)
             await self.send({"type": "attached", "session": info})
         else:
             sid, _ = self._current()
             self.unbind()
             fe.check_ready()
-            await fe.client.call("close", sid)
+            await fe.client.call("close", sid, self.owner)
             await self.send({"type": "closed", "session_id": sid})
 
     async def handle_binary(self, data: bytes) -> None:
@@ -182,15 +187,17 @@ class StreamConnection:
                                field="frame")
         fe = self.fe
         msg_id, start, L, payload = codec.binary_steps(data, fe.settings.max_steps_per_request)
-        start, replayed, _, spikes, scores = await fe.steps(sid, codec, start, L, payload)
+        start, replayed, _, spikes, scores = await fe.steps(sid, codec, start, L, payload, self.owner)
         await self.send_raw(codec.binary_answer(msg_id, start, replayed, L, spikes, scores))
 
 
 @router.websocket("/v1/stream")
 async def stream(ws: WebSocket) -> None:
-    binary = BINARY_SUBPROTOCOL in ws.scope.get("subprotocols", ())
-    await ws.accept(subprotocol=BINARY_SUBPROTOCOL if binary else None,
-                    headers=[(b"x-psn-worker", str(ws.app.state.worker).encode())])
+    offered = ws.scope.get("subprotocols", ())
+    binary = BINARY_SUBPROTOCOL in offered
+    # Never a psn.key.<key> entry: a browser that offers one must offer a real one too, and gets that back.
+    chosen = BINARY_SUBPROTOCOL if binary else JSON_SUBPROTOCOL if JSON_SUBPROTOCOL in offered else None
+    await ws.accept(subprotocol=chosen, headers=[(b"x-psn-worker", str(ws.app.state.worker).encode())])
     try:
         fe = get_frontend(ws)
     except ServiceError as e:

@@ -1,11 +1,15 @@
 // psn-stream live demo: streams one sequence over WS /v1/stream, one step per message, and draws
 // the input trace, the last layer's spikes and the class scores as each answer arrives.
 // Public API only (GET /v1/models, WS /v1/stream) plus the page's own GET /demo/samples/{model}.
+// When the server has API keys, the key typed into the page (kept in sessionStorage, this tab only)
+// goes as "Authorization: Bearer" on fetch, and as the WebSocket subprotocol "psn.key.<key>" next to
+// "psn.json.v1" (a browser cannot set headers on a WebSocket; the server selects psn.json.v1).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const TYPED = "typed";
-const state = { models: {}, samples: [], ws: null, run: 0 };
+const KEY_STORE = "psn-api-key";
+const state = { models: {}, samples: [], ws: null, run: 0, key: sessionStorage.getItem(KEY_STORE) || "" };
 
 function setStatus(text, kind) {
   $("status").textContent = text;
@@ -13,13 +17,29 @@ function setStatus(text, kind) {
 }
 
 async function getJSON(url) {
-  const r = await fetch(url);
+  const r = await fetch(url, { headers: state.key ? { Authorization: `Bearer ${state.key}` } : {} });
   const body = await r.json();
-  if (!r.ok) throw new Error(body.error ? body.error.message : `${url}: HTTP ${r.status}`);
+  if (!r.ok) {
+    const e = new Error(body.error ? body.error.message : `${url}: HTTP ${r.status}`);
+    e.status = r.status;
+    throw e;
+  }
   return body;
 }
 
+function setKey() {
+  const key = $("key").value.trim();
+  if (key === state.key && $("model").length) return;  // the same key, models already loaded
+  state.key = key;
+  sessionStorage.setItem(KEY_STORE, key);
+  init();
+}
+
 async function init() {
+  stop();
+  state.models = {};
+  $("model").length = 0;
+  $("key").value = state.key;
   try {
     const { models } = await getJSON("/v1/models");
     const streaming = models.filter((m) => m.streams);
@@ -33,7 +53,8 @@ async function init() {
     await loadModel();
     setStatus("ready", "idle");
   } catch (e) {
-    setStatus(`could not load models: ${e.message}`, "error");
+    if (e.status === 401) setStatus(`this server needs an API key: enter it above (${e.message})`, "key");
+    else setStatus(`could not load models: ${e.message}`, "error");
   }
 }
 
@@ -186,7 +207,8 @@ function play() {
   $("label").textContent = sample ? sample.label_name : "(none: typed input)";
   const run = state.run, L = steps.length;
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const ws = new WebSocket(`${proto}://${location.host}/v1/stream`);
+  const ws = new WebSocket(`${proto}://${location.host}/v1/stream`,
+    state.key ? ["psn.json.v1", `psn.key.${state.key}`] : []);
   state.ws = ws;
   $("play").disabled = true;
   $("stop").disabled = false;
@@ -225,6 +247,7 @@ function play() {
 }
 
 $("model").addEventListener("change", loadModel);
+$("key").addEventListener("change", setKey);
 $("sample").addEventListener("change", () => { $("typed-box").hidden = $("sample").value !== TYPED; });
 $("delay").addEventListener("input", () => { $("delay-ms").textContent = `${$("delay").value} ms`; });
 $("play").addEventListener("click", play);

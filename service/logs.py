@@ -1,0 +1,37 @@
+"""Log hygiene: a session id is never written in full to a log, only its first 8 characters.
+
+An id is what lets a client act on a session (with access control off, it is the only thing), and ids
+show up in URL paths (``/v1/sessions/{id}/steps``) that uvicorn's access log writes. ``install()`` puts
+a filter on every handler of the process's loggers (uvicorn's access and error logs and ours) that
+shortens ids in paths; the engine core's own messages already print ``id[:8]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+SESSION_IN_PATH = re.compile(r"(/v1/sessions/[^/?#\s\"']{8})[^/?#\s\"']+")
+
+
+def redact(text: str) -> str:
+    """``text`` with each session id in a /v1/sessions/ path cut to its first 8 characters (then "...")."""
+    return SESSION_IN_PATH.sub(r"\1...", text) if "/v1/sessions/" in text else text
+
+
+class RedactSessionIds(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):  # uvicorn's access log: (client, method, path, version, status)
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def install(*names: str) -> None:
+    """Add the filter to every handler of the root logger and of the loggers ``names`` (after logging is set up)."""
+    f = RedactSessionIds()
+    for logger in (logging.getLogger(), *map(logging.getLogger, names)):
+        for handler in logger.handlers:
+            if not any(isinstance(x, RedactSessionIds) for x in handler.filters):
+                handler.addFilter(f)
