@@ -9,6 +9,7 @@ import uvicorn
 
 from service.config import Settings
 from service.frontend.app import create_app
+from service.frontend.limits import SlowReaders
 
 
 def ws_max_size(max_request_bytes: int) -> int:
@@ -27,7 +28,8 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
         import uvloop  # noqa: F401 - uvicorn picks it up by itself when installed
     except ImportError:
         pass
-    config = uvicorn.Config(create_app(settings, engine_address, worker), log_level=settings.log_level,
+    app = SlowReaders(create_app(settings, engine_address, worker), settings.ws_send_timeout_s)
+    config = uvicorn.Config(app, log_level=settings.log_level,
                             ws_max_size=ws_max_size(settings.max_request_bytes),
                             timeout_graceful_shutdown=30, ws_per_message_deflate=settings.ws_compression)
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,18 +1,24 @@
 """Regressions found by the overload benchmark (bench/overload.py, BENCHMARKS.md): what a flood of HTTP
-requests costs each front end."""
+requests costs each front end, and HTTP clients that never read their answers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import json
+import select
+import socket
+import time
 from pathlib import Path
 
 import httpx
 from fastapi.routing import APIRoute
 
+from model.network import LayerConfig
 from service.config import Settings
 from service.frontend.app import create_app
-from tests.service.conftest import Server
+from tests.service.conftest import Server, make_model
 
 
 def _api_routes(routes) -> list[APIRoute]:
@@ -67,3 +73,62 @@ def test_http_requests_start_no_threads_in_the_front_end(serve) -> None:
 
     asyncio.run(load())
     assert len(list(tasks.iterdir())) == before
+
+
+def _never_reading_client(srv: Server, requests: list[bytes]) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up soon
+    sock.connect(("127.0.0.1", srv.port))
+    sock.settimeout(10)
+    with contextlib.suppress(TimeoutError):  # the server stops reading once its answers stop fitting
+        sock.sendall(b"".join(requests))
+    return sock
+
+
+def _steps_request(sid: str, steps: int) -> bytes:
+    body = json.dumps({"steps": [[0.5, -0.5, 0.25]] * steps}).encode()
+    return (f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+def _reset(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLERR | select.POLLHUP)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
+def test_http_clients_that_pipeline_and_never_read_are_dropped(serve) -> None:
+    """Two clients pipeline 48 requests with 133 kB answers each and read none: each one's request stuck in
+    a send held one of the two connection slots for ever (uvicorn has no write timeout), so the front end
+    refused everyone else with 503. Now each is reset ``PSN_WS_SEND_TIMEOUT_S`` after its bytes stop moving."""
+    srv = serve(max_connections=2, ws_send_timeout_s=1)
+    sids = [httpx.post(f"{srv.url}/v1/sessions", json={"model": "sliding"}).json()["session_id"] for _ in range(2)]
+    socks = [_never_reading_client(srv, [_steps_request(sid, 1024)] * 48) for sid in sids]
+    try:
+        deadline = time.monotonic() + 20
+        while not all(_reset(s) for s in socks):
+            assert time.monotonic() < deadline, "the server kept HTTP clients that do not read"
+            time.sleep(0.1)
+        r = httpx.get(f"{srv.url}/v1/sessions/{sids[0]}")
+        assert r.status_code == 200, r.text
+        assert "http client not reading" in srv.log()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_kept_alive_http_client_that_never_reads_its_answer_is_dropped(serve, tmp_path: Path) -> None:
+    """One answer larger than the kernel's buffers (8 MB), never read: the request completes, but the
+    keep-alive close that follows waited for the rest to be sent, for ever, megabytes held per connection."""
+    make_model(tmp_path / "wide", "sliding", None, 2, (3,), (LayerConfig("linear", 8192),), seed=0)
+    srv = serve(model_dir=tmp_path, dtype="float32", ws_send_timeout_s=1)
+    sid = httpx.post(f"{srv.url}/v1/sessions", json={"model": "wide"}).json()["session_id"]
+    sock = _never_reading_client(srv, [_steps_request(sid, 512)])  # 512 steps x 8192 spikes: 8.4 MB of JSON
+    try:
+        deadline = time.monotonic() + 30
+        while not _reset(sock):
+            assert time.monotonic() < deadline, "the server kept an HTTP client that does not read"
+            time.sleep(0.1)
+        assert httpx.get(f"{srv.url}/v1/sessions/{sid}").json()["steps_seen"] == 512
+    finally:
+        sock.close()
