@@ -828,6 +828,7 @@ def schedule(args: argparse.Namespace, t_start: float) -> tuple[list[tuple[str, 
 
 
 def orchestrate(args: argparse.Namespace) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the service and the clients on the way out
     tmp = Path(tempfile.mkdtemp(prefix="psn-overload-"))
     deadline = time.monotonic() + args.wait_quiet
     while True:
