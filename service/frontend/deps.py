@@ -19,11 +19,20 @@ def get_frontend(conn: HTTPConnection) -> Frontend:
     return fe
 
 
-FrontendDep = Annotated[Frontend, Depends(get_frontend)]
+
+async def _frontend(conn: HTTPConnection) -> Frontend:
+    """``get_frontend`` as a coroutine: FastAPI runs a plain ``def`` dependency in its thread pool, a thread
+    hop on every HTTP request (about 50 us of a front end's CPU per request on the 2-core box, and up to 40
+    threads contending for the GIL under a flood; bench/overload.py)."""
+    return get_frontend(conn)
 
 
-def get_owner(conn: HTTPConnection) -> str:
-    """The owner id of the request's API key ("" with access control off), set by ``AccessControl``."""
+FrontendDep = Annotated[Frontend, Depends(_frontend)]
+
+
+async def get_owner(conn: HTTPConnection) -> str:
+    """The owner id of the request's API key ("" with access control off), set by ``AccessControl``
+    (a coroutine, like ``_frontend``: no thread hop)."""
     return conn.scope.get(OWNER, "")
 
 

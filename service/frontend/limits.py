@@ -1,5 +1,6 @@
-"""ASGI middleware: refuse HTTP bodies larger than ``max_bytes`` with 413 before the app reads them, and
-hold each front-end process to ``PSN_MAX_CONNECTIONS`` WebSockets plus HTTP requests in flight; and
+"""ASGI middleware: refuse HTTP bodies larger than ``max_bytes`` with 413 before the app reads them, hold
+each front-end process to ``PSN_MAX_CONNECTIONS`` WebSockets plus HTTP requests in flight, and drop HTTP
+clients that do not read their responses (``SlowReaders``; WebSockets: ``routes/stream.py``); and
 uvicorn's HTTP protocol with a bound on request heads (``PSN_MAX_HEADER_BYTES``, 431)."""
 
 from __future__ import annotations
@@ -7,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.utils import ClientDisconnected
 
 from service.errors import HeadersTooLarge, RequestTooLarge, ServiceError, TooManyConnections
+
+log = logging.getLogger("psn.frontend")
 
 # probes answer even when the limit is reached
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -39,8 +45,20 @@ def transport_abort(send: Send) -> Callable[[], None] | None:
     """uvicorn's way to drop a connection at once. ASGI has none: a close waits until the buffered output is
     sent, which for a client that stopped reading is never. ``send`` here is the server's own (bound) method."""
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
-    return abort if callable(abort) else None
+    if not callable(getattr(transport, "abort", None)):
+        return None
+    return lambda: reset(transport)
+
+
+def reset(transport: Any) -> None:
+    """Drop a connection whose client stopped reading, with a TCP reset (SO_LINGER 0): a plain abort closes
+    with a FIN queued behind the unsent bytes, and the kernel then keeps them (megabytes per connection) in
+    an orphaned socket that probes the client's zero window for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class ConnectionLimit:
@@ -174,3 +192,54 @@ def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
             self.transport.close()
 
     return HeadLimitedProtocol
+
+
+class SlowReaders:
+    """Aborts an HTTP connection whose unsent response bytes have not moved for ``timeout_s``
+    (``PSN_WS_SEND_TIMEOUT_S``, the WebSocket bound): a client that sends requests, pipelined, and never
+    reads the answers. uvicorn has no write timeout, so such a connection kept its answers in memory for
+    ever (about 2 MB of the front end's heap and 3.7 MB of kernel buffers for five 1024-step answers of
+    the shipped mnist1d model): while an answer waited for room its request held a ``PSN_MAX_CONNECTIONS``
+    slot, and once the last answer was written, the keep-alive close waited for a flush that never came.
+
+    It wraps the whole app (``worker.py``): it needs uvicorn's own ``send``, whose ``__self__`` holds the
+    connection's transport (Starlette's error middleware wraps ``send`` for HTTP). Per request it only
+    notes the transport; one task per front end looks at the watched transports' buffers a few times a
+    second and forgets those that are empty (their next request notes them again)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float):
+        self.app, self.timeout_s = app, timeout_s
+        self.watched: dict[Any, list] = {}  # transport -> [bytes buffered when last seen, since when]
+        self.task: asyncio.Task | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if transport is not None and transport not in self.watched and hasattr(transport,
+                                                                                   "get_write_buffer_size"):
+                self.watched[transport] = [None, 0.0]
+                if self.task is None or self.task.done():
+                    self.task = asyncio.get_running_loop().create_task(self.run(), name="http-slow-readers")
+        await self.app(scope, receive, send)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.watched:
+            await asyncio.sleep(min(0.25, self.timeout_s / 4))
+            now = loop.time()
+            for transport, seen in list(self.watched.items()):
+                try:
+                    size = transport.get_write_buffer_size()
+                except Exception:  # noqa: BLE001 - a transport that has gone
+                    size = 0
+                if size == 0:
+                    del self.watched[transport]
+                elif seen[0] is None or size < seen[0]:  # first look, or the client read some
+                    seen[0], seen[1] = size, now
+                elif now - seen[1] > self.timeout_s:
+                    del self.watched[transport]
+                    log.info("http client not reading (%d response bytes unsent for %.3g s): dropped", size,
+                             now - seen[1])
+                    reset(transport)
+                else:
+                    seen[0] = size  # more answers queued behind the unread ones: the clock keeps running

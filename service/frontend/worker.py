@@ -10,7 +10,7 @@ import uvicorn
 from service import logs
 from service.config import Settings
 from service.frontend.app import create_app
-from service.frontend.limits import head_limited_protocol
+from service.frontend.limits import SlowReaders, head_limited_protocol
 
 
 def ws_max_size(max_request_bytes: int) -> int:
@@ -30,7 +30,8 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
     except ImportError:
         pass
     http = head_limited_protocol(settings.max_header_bytes) or "h11"
-    config = uvicorn.Config(create_app(settings, engine_address, worker), log_level=settings.log_level,
+    app = SlowReaders(create_app(settings, engine_address, worker), settings.ws_send_timeout_s)
+    config = uvicorn.Config(app, log_level=settings.log_level,
                             ws_max_size=ws_max_size(settings.max_request_bytes), http=http,
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=30, ws_per_message_deflate=settings.ws_compression)
