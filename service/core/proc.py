@@ -22,6 +22,7 @@ import torch
 from model.folder import find_model_folders, load_model_folder
 from service.backends import get_backend_class
 from service.config import Settings
+from service.core.cluster import ClusterStore
 from service.core.engine import EngineCore
 from service.core.journal import open_store
 from service.ipc import LENGTH, MAX_FRAME, frame, listen, unpack
@@ -45,11 +46,19 @@ def build_core(settings: Settings) -> EngineCore:
         log.info("loaded model=%s neuron=%s device=%s dtype=%s", m.name, m.cfg.neuron, settings.torch_device,
                  settings.dtype)
         backends.append(backend_cls(m, settings.max_sessions, settings))
-    store = open_store(settings.state_dir, settings.state_url, settings.state_fsync)
-    core = EngineCore(backends, settings, store=store)
+    if settings.cluster:
+        if not settings.state_url:
+            raise ValueError("PSN_CLUSTER=1 needs PSN_STATE_URL=redis://... (the sessions replicas share)")
+        cluster = ClusterStore(settings.state_url, settings.replica_id, settings.cluster_prefix,
+                               live_ttl_s=max(2 * settings.idle_timeout_s, 600.0))
+        core = EngineCore(backends, settings, cluster=cluster)
+        store = None
+    else:
+        store = open_store(settings.state_dir, settings.state_url, settings.state_fsync)
+        core = EngineCore(backends, settings, store=store)
     if settings.warmup:
         core.warmup()
-    if store is not None:
+    if store is not None or settings.cluster:
         core.recover()  # before the engine turns ready: every logged session is back, or answered session_lost
     return core
 
