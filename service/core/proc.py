@@ -26,6 +26,7 @@ from service.core.cluster import ClusterStore
 from service.core.engine import EngineCore
 from service.core.journal import open_store
 from service.ipc import LENGTH, MAX_FRAME, frame, listen, unpack
+from service.lifetime import die_with_parent
 
 log = logging.getLogger("psn.engine")
 READ_SIZE = 1 << 20
@@ -217,6 +218,7 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
     """Entry point of the engine core process (``ready``: a multiprocessing Event set once serving)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine %(process)d] %(message)s")
+    die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
     core = build_core(settings)
     gc.collect()
