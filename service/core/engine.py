@@ -187,9 +187,15 @@ class EngineCore:
         self.metrics.sessions_opened.labels(model).inc()
         return self.info(s)
 
-    def lookup(self, sid: Any) -> Session:
-        """The live session ``sid``; in a cluster, one another replica served is claimed and rebuilt here."""
+    def lookup(self, sid: Any, verify: bool = False) -> Session:
+        """The live session ``sid``; in a cluster, one another replica served is claimed and rebuilt here.
+
+        ``verify`` (reads and closes, not steps): in a cluster, first check that no other replica has
+        claimed it since (one Redis round trip); steps need no check: their writes are fenced."""
         s = self.sessions.live.get(sid) if isinstance(sid, str) else None
+        if s is not None and verify and self.cluster is not None and not s.busy and not self.cluster.holds(s.id):
+            self.moved(s.id, [])
+            s = None
         if s is not None:
             return s
         if self.cluster is not None and isinstance(sid, str):
@@ -197,13 +203,13 @@ class EngineCore:
         return self.sessions.get(sid)
 
     def get(self, front: bytes, rid: int, sid: str, watch: bool = False) -> dict:
-        s = self.lookup(sid)
+        s = self.lookup(sid, verify=True)
         if watch:
             s.watchers.add(front)
         return self.info(s)
 
     def close(self, front: bytes, rid: int, sid: str) -> Any:
-        s = self.lookup(sid)
+        s = self.lookup(sid, verify=True)
         if s.busy:  # after the requests already queued
             now = self.clock()
             self.schedulers[s.model].add(Request(front, rid, s, "close", now))
