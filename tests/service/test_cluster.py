@@ -208,3 +208,40 @@ def test_behind_haproxy_a_session_stays_on_one_replica_and_survives_a_replica_ki
     finally:
         proxy.kill()
         proxy.wait()
+
+
+def test_a_websocket_routed_by_session_id_attaches_only_to_that_session(server: Server) -> None:
+    """/v1/stream?session_id=X is how a proxy routes a WebSocket (the attach message is out of its sight),
+    so attaching to another session on that connection is refused: it would run where X's replica is."""
+    with httpx.Client(base_url=server.url, timeout=20) as c:
+        a, b = (c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"] for _ in range(2))
+    with connect(f"{server.ws_url}?session_id={a}", open_timeout=10) as ws:
+        ws.send(json.dumps({"type": "attach", "session_id": b}))
+        err = json.loads(ws.recv(timeout=10))
+        assert err["type"] == "error" and err["error"]["code"] == "invalid_input", err
+        assert err["error"]["field"] == "session_id"
+        ws.send(json.dumps({"type": "attach", "session_id": a}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "attached"
+
+
+def test_the_ray_router_keys_on_the_session_id_in_the_url() -> None:
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[cluster]')")
+    from service.ray_router import session_key
+
+    assert session_key("/v1/sessions/abc/steps") == "abc"
+    assert session_key("/v1/sessions/abc") == "abc"
+    assert session_key("/v1/stream", b"session_id=abc&x=1") == "abc"
+    assert session_key("/v1/sessions", b"") is None  # opening one: spread over the replicas
+    assert session_key("/v1/stream", b"") is None
+    assert session_key("/v1/models") is None
+
+
+@pytest.mark.slow
+def test_cluster_smoke() -> None:
+    """scripts/cluster-smoke: Ray Serve, 2 replicas, one killed with SIGKILL mid-stream (about a minute)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[cluster]')")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    out = subprocess.run([str(ROOT / "scripts" / "cluster-smoke")], capture_output=True, text=True, timeout=600)
+    lines = out.stdout.strip().splitlines()
+    assert lines and lines[-1] == "PASS", out.stdout[-4000:] + out.stderr[-4000:]
