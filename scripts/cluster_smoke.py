@@ -221,7 +221,9 @@ def main() -> int:
     mode = sys.argv[1] if len(sys.argv) > 1 else "ray"
     if mode == "url":
         base, command = sys.argv[2], sys.argv[3]
-        return 0 if run(base, lambda: subprocess.run(command, shell=True, check=False)) else 1
+        ok = run(base, lambda: subprocess.run(command, shell=True, check=False))
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
     tmp = Path(tempfile.mkdtemp(prefix="psn-cluster-smoke-"))
     redis_port, port = free_port(), free_port()
     redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--save", "",
