@@ -18,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.service.conftest import ROOT, Reference, Server, assert_outputs, free_port
+from tests.service.conftest import DEFAULTS, ROOT, Reference, Server, assert_outputs, free_port
 from tests.service.test_durable import redis_server
 
 T = 30
@@ -245,3 +245,77 @@ def test_cluster_smoke() -> None:
     out = subprocess.run([str(ROOT / "scripts" / "cluster-smoke")], capture_output=True, text=True, timeout=600)
     lines = out.stdout.strip().splitlines()
     assert lines and lines[-1] == "PASS", out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def start_haproxy(port: int, a: Server, b: Server) -> subprocess.Popen:
+    exe = shutil.which("haproxy")
+    if exe is None:
+        pytest.skip("haproxy is not installed (Debian: apt-get install haproxy)")
+    env = {**os.environ, "PSN_PROXY_BIND": f"127.0.0.1:{port}", "PSN_REPLICA_1": f"127.0.0.1:{a.port}",
+           "PSN_REPLICA_2": f"127.0.0.1:{b.port}"}
+    return subprocess.Popen([exe, "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_when_a_replica_is_added_moved_sessions_are_refused_by_the_old_one_and_retried_on_the_new(
+        serve, model_dir, ref: Reference, tmp_path) -> None:
+    """Replica B joins behind the proxy: sessions hashing to B move there on their next request by id; a
+    WebSocket still pinned to A gets 409 session_moved for them (never applied on A), and its client's
+    reconnect lands on B, which continues them with the same outputs."""
+    proc, rport = redis_server(tmp_path)
+    try:
+        settings = dict(cluster=1, state_url=f"redis://127.0.0.1:{rport}/0")
+        a = serve(replica_id="A", **settings)
+        b = Server({**DEFAULTS, "model_dir": model_dir, "replica_id": "B", **settings}, tmp_path)  # not up yet
+        port = free_port()
+        proxy = start_haproxy(port, a, b)
+        base = f"127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if httpx.get(f"http://{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline and proxy.poll() is None, "haproxy did not come up"
+                time.sleep(0.1)
+            clients = [Client(base, "sliding", ref.sequence("sliding", T, seed=200 + i), ws=True) for i in range(16)]
+            for c in clients:  # all on A: B is down
+                assert c.send(4)
+            b.start()
+            try:
+                deadline = time.monotonic() + 20
+                with httpx.Client(base_url=f"http://{base}", timeout=10, headers={"connection": "close"}) as h:
+                    while adopted(b) == 0:  # once the proxy sees B, reads by id move B's share of sessions there
+                        assert time.monotonic() < deadline, "the proxy never sent a session to B"
+                        for c in clients:
+                            assert h.get(f"/v1/sessions/{c.sid}").json()["steps_seen"] == 4
+                        time.sleep(0.3)
+                moved = adopted(b)
+                codes = []
+                for c in clients:  # the WebSockets are still pinned to A
+                    c.ws.send(json.dumps({"type": "steps", "start": 4, "steps": c.x[4:6].tolist()}))
+                    msg = json.loads(c.ws.recv(timeout=20))
+                    if msg["type"] == "steps":
+                        c.outputs += msg["outputs"]
+                        codes.append("ok")
+                    else:
+                        codes.append(msg["error"]["code"])
+                        assert msg["error"]["code"] == "session_moved", msg
+                        c.ws.close()
+                        c.ws = None  # the client reconnects: ?session_id= routes it to B
+                assert codes.count("session_moved") == moved > 0, codes
+                for c in clients:
+                    while len(c.outputs) < T:
+                        assert c.send(5)
+                    assert_outputs(c.outputs, ref.outputs("sliding", c.x))
+                assert adopted(b) == moved  # the retries found their sessions on B: nothing moved again
+            finally:
+                b.stop()
+        finally:
+            proxy.kill()
+            proxy.wait()
+    finally:
+        proc.kill()
+        proc.wait()
