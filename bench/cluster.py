@@ -49,7 +49,7 @@ def service(redis_url: str, replica: str, log: Path) -> tuple[str, subprocess.Po
     port = free_port()
     env = {**os.environ, "PSN_CLUSTER": "1", "PSN_STATE_URL": redis_url, "PSN_REPLICA_ID": replica,
            "PSN_PORT": str(port), "PSN_WORKERS": "1", "PSN_MODEL_DIR": str(ROOT / "exported"),
-           "PSN_LOG_LEVEL": "warning"}
+           "PSN_LOG_LEVEL": os.environ.get("PSN_LOG_LEVEL", "warning")}
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
     base = f"127.0.0.1:{port}"

@@ -94,6 +94,8 @@ class EngineCore:
         self.input_rings: dict[str, StepRing] = {}  # each slot's last inputs, for the log's snapshots
         self._answered: dict[str, list[tuple[bytes, int]]] = {}  # cluster: this turn's answers per session
         self._records: dict[str, int] = {}  # cluster: records in each session's log since its last rewrite
+        self._adopting: list[tuple[bytes, int, list[Any]]] = []  # cluster: this turn's steps for sessions to claim
+        self._adopting_now = False
         if store is not None or cluster is not None:
             self.specs = {name: r.log_spec(settings.retry_window, settings.backend)
                           for name, r in self.runners.items() if r.streams}
@@ -220,6 +222,10 @@ class EngineCore:
 
     def steps(self, front: bytes, rid: int, sid: str, start: int, L: int, payload: bytes) -> Any:
         self.check_open()
+        if self.cluster is not None and isinstance(sid, str) and sid not in self.sessions.live \
+                and not self._adopting_now:
+            self._adopting.append((front, rid, [rid, "steps", sid, start, L, payload]))  # claimed in step()
+            return QUEUED
         s = self.lookup(sid)
         r, sched = self.runners[s.model], self.schedulers[s.model]
         r.check_payload(payload, L)
@@ -262,6 +268,12 @@ class EngineCore:
     def step(self) -> bool:
         """Run every batch that is due (all pending work while closing); True if anything ran."""
         ran = False
+        if self._adopting:
+            self._adopting_now = True
+            try:
+                self.adopt_pending()
+            finally:
+                self._adopting_now = False
         for name in self.runners:
             batch = self.schedule(name)
             if batch is None:
@@ -591,37 +603,78 @@ class EngineCore:
 
     def adopt(self, sid: str) -> Session:
         """Claim ``sid`` from the shared store and rebuild it here (another replica served it, or died)."""
-        assert self.cluster is not None
         self.check_open()
+        assert self.cluster is not None
+        errors = self._adopt([sid], [self.cluster.claim(sid)])
+        if sid in errors:
+            raise errors[sid]
+        return self.sessions.live[sid]
+
+    def adopt_pending(self) -> None:
+        """The step requests of this turn for sessions held nowhere here: claimed together (one Redis round
+        trip), replayed in batches, then handled as if they had just arrived (a failover brings many)."""
+        assert self.cluster is not None
+        pending, self._adopting = self._adopting, []
+        sids = list(dict.fromkeys(req[2] for _, _, req in pending if req[2] not in self.sessions.live))
+        errors = self._adopt(sids, self.cluster.claim_many(sids)) if sids and not self.closing else {}
+        for front, rid, req in pending:
+            err = errors.get(req[2])
+            if err is not None:
+                self.answer(front, error_answer(rid, err))
+            else:
+                self.handle(front, req)  # live now (or, with closing set, answered shutting_down)
+
+    def _adopt(self, sids: list[str], claimed: list[bytes | None]) -> dict[str, ServiceError]:
+        """Rebuild the claimed sessions (their logs in ``claimed``); what went wrong for each that failed."""
+        assert self.cluster is not None
         t0 = time.perf_counter()
-        data = self.cluster.claim(sid)
-        if data is None:
-            raise self.sessions.gone_error(sid)
-        st = read_log(data, self.specs)
-        rec = st.live.get(sid)
-        if rec is None:
-            self.cluster.forget(sid)
-            raise self.sessions.gone_error(sid, st.gone.get(sid, "session_lost"))
-        why = self._unrebuildable(rec, st.fingerprints)
-        pool = self.sessions.pools.get(rec.model)
-        if not why and pool is not None and pool.in_use >= pool.size:
-            self.cluster.forget(sid)  # the lease stays with us until another replica claims it
-            raise TooManySessions(
-                f"model {rec.model!r}: all {pool.size} session slots of this replica are in use; session {sid!r} "
-                "cannot be taken over here now", retry_after=1)
+        errors: dict[str, ServiceError] = {}
+        groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
+        records: dict[str, int] = {}
         lost: list[tuple[str, str]] = []
-        if not why:
-            self._rebuild(rec.model, min(rec.t, self.specs[rec.model].replay or 0), [(sid, rec)], lost)
-            why = lost[0][1] if lost else ""
-        if why:
+        free = {name: pool.size - pool.in_use for name, pool in self.sessions.pools.items()}
+        for sid, data in zip(sids, claimed, strict=True):
+            if data is None:
+                errors[sid] = self.sessions.gone_error(sid)
+                continue
+            st = read_log(data, self.specs)
+            rec = st.live.get(sid)
+            if rec is None:
+                self.cluster.forget(sid)
+                errors[sid] = self.sessions.gone_error(sid, st.gone.get(sid, "session_lost"))
+                continue
+            why = self._unrebuildable(rec, st.fingerprints)
+            if why:
+                lost.append((sid, why))
+                continue
+            if free.get(rec.model, 0) <= 0:
+                self.cluster.forget(sid)  # the lease stays with us until another replica claims it
+                errors[sid] = TooManySessions(
+                    f"model {rec.model!r}: all session slots of this replica are in use; session {sid!r} cannot be "
+                    "taken over here now", retry_after=1)
+                continue
+            free[rec.model] -= 1
+            records[sid] = st.records
+            groups.setdefault((rec.model, min(rec.t, self.specs[rec.model].replay or 0)), []).append((sid, rec))
+        size = max(self.settings.max_batch_size, 1024)
+        for (model, n), members in groups.items():
+            for i in range(0, len(members), size):
+                self._rebuild(model, n, members[i:i + size], lost)
+        for sid, why in lost:
             log.warning("session lost id=%s: %s", sid[:8], why)
             self.cluster.add("e", sid, frame([END, [sid], ["session_lost"]]))
-            raise self.sessions.gone_error(sid, "session_lost")
-        self._records[sid] = st.records
-        self.metrics.sessions_adopted.labels(rec.model).inc()
-        log.info("session taken over id=%s model=%s at step %d in %.1f ms", sid[:8], rec.model, rec.t,
-                 (time.perf_counter() - t0) * 1000)
-        return self.sessions.live[sid]
+            errors[sid] = self.sessions.gone_error(sid, "session_lost")
+        taken = 0
+        for (model, _), members in groups.items():
+            for sid, _rec in members:
+                if sid in self.sessions.live:
+                    self._records[sid] = records[sid]
+                    self.metrics.sessions_adopted.labels(model).inc()
+                    taken += 1
+        if taken:
+            log.info("took over %d session(s) from the shared store in %.1f ms", taken,
+                     (time.perf_counter() - t0) * 1000)
+        return errors
 
     def _rebuild(self, model: str, n: int, members: list[tuple[str, Recovered]], lost: list[tuple[str, str]]) -> int:
         """Open ``members`` again and replay their last ``n`` inputs in one batch."""
