@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     state_url: str | None = None
     state_fsync: bool = False  # fsync each append: survive a power loss too, not only a crash of the engine
     state_compact_bytes: int = Field(64 << 20, ge=1 << 16)  # rewrite the log as one snapshot past this size
+    # Replicas sharing sessions (docs/cluster.md): with state_url, one log and one lease per session in Redis,
+    # and a replica asked about a session it does not hold takes it over.
+    cluster: bool = False
+    replica_id: str = Field(default_factory=lambda: os.environ.get("HOSTNAME") or f"replica-{os.getpid()}")
+    cluster_prefix: str = "psn"  # Redis key prefix
+    cluster_session_records: int = Field(64, ge=2)  # a session's log is rewritten as one snapshot past this
     # PSN_BACKEND=onnx only: where models without current ONNX files are exported once (default
     # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).
     onnx_cache_dir: Path | None = None

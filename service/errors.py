@@ -77,6 +77,13 @@ class SessionLost(ServiceError):
     status, code = 410, "session_lost"
 
 
+class SessionMoved(ServiceError):
+    """Another replica took the session over (``PSN_CLUSTER``): reconnect (the router sends the request to
+    the replica that holds it now) and re-send from the last acknowledged step with ``start``."""
+
+    status, code = 409, "session_moved"
+
+
 class StepGap(ServiceError):
     status, code = 409, "step_gap"
 

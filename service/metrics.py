@@ -23,6 +23,10 @@ class EngineMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.steps = Counter("psn_steps", "Session steps computed", ["model"], registry=r)
         self.sessions_opened = Counter("psn_sessions_opened", "Sessions opened", ["model"], registry=r)
+        self.sessions_adopted = Counter("psn_sessions_adopted", "Sessions taken over from another replica (cluster)",
+                                        ["model"], registry=r)
+        self.sessions_moved = Counter("psn_sessions_moved", "Sessions another replica took over (cluster)", ["model"],
+                                      registry=r)
         self.sessions_expired = Counter("psn_sessions_expired", "Sessions closed by the idle timeout", ["model"],
                                         registry=r)
 

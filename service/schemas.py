@@ -104,6 +104,8 @@ class Health(BaseModel):
     worker: int | None = Field(None, description="index of the front-end process that answered")
     pid: int | None = Field(None, description="/healthz: its process id")
     engine_pid: int | None = Field(None, description="/healthz: the engine core's process id (null: not connected)")
+    replica: str | None = Field(None, description="/healthz: this replica's id (PSN_REPLICA_ID) when replicas share "
+                                "sessions (PSN_CLUSTER), else null")
 
 
 # ----- WebSocket messages (JSON text frames on /v1/stream) ----------------------------------

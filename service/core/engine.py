@@ -29,7 +29,21 @@ from prometheus_client import generate_latest
 
 from service.backends.base import Backend
 from service.config import Settings
-from service.core.journal import END, Recovered, SessionLog, Store, frame, read_log, snapshot_frame
+from service.core.cluster import ClusterStore
+from service.core.journal import (
+    END,
+    HEADER,
+    OPEN,
+    STEPS,
+    LogSpec,
+    Recovered,
+    SessionLog,
+    Store,
+    frame,
+    frame_parts,
+    read_log,
+    snapshot_frame,
+)
 from service.core.quotas import OwnerQuotas
 from service.core.runner import ModelRunner, all_cores
 from service.core.scheduler import Batch, ClassifyRequest, Item, Request, Scheduler
@@ -57,7 +71,7 @@ QUEUED = object()  # an op's result when its answer comes later (after an engine
 
 class EngineCore:
     def __init__(self, backends: list[Backend], settings: Settings, clock: Callable[[], float] = time.monotonic,
-                 store: Store | None = None):
+                 store: Store | None = None, cluster: ClusterStore | None = None):
         self.settings, self.clock = settings, clock
         self.timeout_s = settings.request_timeout_s  # a queued request not run by then is refused, not applied
         self.metrics = EngineMetrics()
@@ -81,16 +95,25 @@ class EngineCore:
             "hello": self.hello, "ping": self.ping, "open": self.open, "get": self.get, "close": self.close,
             "steps": self.steps, "classify": self.classify, "metrics": self.metrics_text}
         self.log: SessionLog | None = None  # durable sessions (service/core/journal.py)
+        self.cluster = cluster  # or sessions shared by replicas (service/core/cluster.py)
+        self.specs: dict[str, LogSpec] = {}
         self.input_rings: dict[str, StepRing] = {}  # each slot's last inputs, for the log's snapshots
-        if store is not None:
-            specs = {name: r.log_spec(settings.retry_window, settings.backend)
-                     for name, r in self.runners.items() if r.streams}
-            self.log = SessionLog(store, specs, settings.state_compact_bytes)
-            for name, spec in specs.items():
+        self._answered: dict[str, list[tuple[bytes, int]]] = {}  # cluster: this turn's answers per session
+        self._records: dict[str, int] = {}  # cluster: records in each session's log since its last rewrite
+        self._adopting: list[tuple[bytes, int, list[Any]]] = []  # cluster: this turn's steps for sessions to claim
+        self._adopting_now = False
+        if store is not None or cluster is not None:
+            self.specs = {name: r.log_spec(settings.retry_window, settings.backend)
+                          for name, r in self.runners.items() if r.streams}
+            for name, spec in self.specs.items():
                 if spec.replay:
                     slots = self.sessions.pools[name].size
                     self.input_rings[name] = StepRing(slots, spec.replay, (spec.row,), np.uint8)
+        if store is not None:
+            self.log = SessionLog(store, self.specs, settings.state_compact_bytes)
             self.sessions.on_close = self._log_end
+        elif cluster is not None:
+            self.sessions.on_close = self._cluster_end
         self._log_failures = 0
         self.recovery: dict[str, Any] = {}  # what the last recover() did
         m = self.metrics
@@ -170,27 +193,52 @@ class EngineCore:
             s.watchers.add(front)
         if self.log is not None:
             self.log.opened(model, s.id, s.owner)
+        elif self.cluster is not None:
+            self._records[s.id] = 0
+            self.cluster.add("o", s.id, self._cluster_header(model) + frame([OPEN, model, s.id, s.owner]))
         self.metrics.sessions_opened.labels(model).inc()
         return self.info(s)
 
+    def lookup(self, sid: Any, verify: bool = False, owner: str = "") -> Session:
+        """The live session ``sid``; in a cluster, one another replica served is claimed and rebuilt here.
+
+        ``verify`` (reads and closes, not steps): in a cluster, first check that no other replica has
+        claimed it since (one Redis round trip); steps need no check: their writes are fenced."""
+        s = self.sessions.live.get(sid) if isinstance(sid, str) else None
+        if s is not None and verify and self.cluster is not None and not s.busy and not self.cluster.holds(s.id):
+            self.moved(s.id, [])
+            s = None
+        if s is None and self.cluster is not None and isinstance(sid, str):
+            s = self.adopt(sid)
+        if s is None:
+            return self.sessions.get(sid, owner)
+        if s.owner != owner:  # another key's session: as if it did not exist
+            raise self.sessions.not_found(sid)
+        return s
+
     def get(self, front: bytes, rid: int, sid: str, watch: bool = False, owner: str = "") -> dict:
-        s = self.sessions.get(sid, owner)
+        s = self.lookup(sid, verify=True, owner=owner)
         if watch:
             s.watchers.add(front)
         return self.info(s)
 
     def close(self, front: bytes, rid: int, sid: str, owner: str = "") -> Any:
-        s = self.sessions.get(sid, owner)
+        s = self.lookup(sid, verify=True, owner=owner)
         if s.busy:  # after the requests already queued
             now = self.clock()
             self.schedulers[s.model].add(Request(front, rid, s, "close", now))
             return QUEUED
         self.sessions.close(s)
+        self._answering(s.id, front, rid)
         return self.info(s)
 
     def steps(self, front: bytes, rid: int, sid: str, start: int, L: int, payload: bytes, owner: str = "") -> Any:
         self.check_open()
-        s = self.sessions.get(sid, owner)
+        if self.cluster is not None and isinstance(sid, str) and sid not in self.sessions.live \
+                and not self._adopting_now:
+            self._adopting.append((front, rid, [rid, "steps", sid, start, L, payload, owner]))  # claimed in step()
+            return QUEUED
+        s = self.lookup(sid, owner=owner)
         r, sched = self.runners[s.model], self.schedulers[s.model]
         r.check_payload(payload, L)
         if sched.pending >= self.settings.queue_depth:
@@ -236,6 +284,12 @@ class EngineCore:
     def step(self) -> bool:
         """Run every batch that is due (all pending work while closing); True if anything ran."""
         ran = False
+        if self._adopting:
+            self._adopting_now = True
+            try:
+                self.adopt_pending()
+            finally:
+                self._adopting_now = False
         for name in self.runners:
             batch = self.schedule(name)
             if batch is None:
@@ -268,6 +322,7 @@ class EngineCore:
                 if req.op == "close":
                     self.sessions.close(s)
                     self.answer(req.front, [req.rid, OK, self.info(s)])
+                    self._answering(s.id, req.front, req.rid)
                     continue
                 t, L = s.t, req.L
                 start = t if req.start < 0 else req.start
@@ -294,6 +349,12 @@ class EngineCore:
                     continue
                 payload = req.payload[replayed * row:] if replayed else req.payload
                 batch.runs.setdefault(n_new, []).append(Item(req, start, replayed, n_new, payload, cached))
+            except (StepGap, RetryTooOld) as e:  # in a cluster, maybe because another replica has moved it on
+                err: ServiceError = e
+                if self.cluster is not None and s.slot >= 0 and not self.cluster.holds(s.id):
+                    self.moved(s.id, [])
+                    err = self.sessions.gone_error(s.id, "session_moved")
+                self.answer(req.front, error_answer(req.rid, err))
             except ServiceError as e:
                 self.answer(req.front, error_answer(req.rid, e))
         return batch
@@ -338,6 +399,8 @@ class EngineCore:
             window.write(slots, t0, spikes, scores)
             if self.log is not None:  # written before this turn's answers are sent (EngineProcess.run)
                 self._log_steps(name, L, items, batch.inputs[L], slots, t0, spikes, scores)
+            elif self.cluster is not None:
+                self._cluster_steps(name, L, items, batch.inputs[L], slots, t0, spikes, scores)
             sp_all, sc_all = spikes.tobytes(), scores.tobytes()  # one copy each; rows are slices of it
             n_sp, n_sc = len(sp_all) // len(items), len(sc_all) // len(items)
             for b, it in enumerate(items):
@@ -372,6 +435,9 @@ class EngineCore:
 
         A store that fails (disk full, Redis gone) is logged and serving goes on without durability
         for those records: refusing every request would turn a degraded store into an outage."""
+        if self.cluster is not None:
+            self.flush_cluster()
+            return
         if self.log is None:
             return
         try:
@@ -391,22 +457,8 @@ class EngineCore:
         assert self.log is not None
         t0 = time.perf_counter()
         frames = [self.log.header(self.sessions.tag)]
-        for name, spec in self.log.specs.items():
-            groups: dict[tuple[int, int], list[Session]] = {}
-            for s in self.sessions.live.values():
-                if s.model == name:
-                    groups.setdefault((min(s.t, spec.replay or 0), min(s.t, spec.window)), []).append(s)
-            r, window, ring = self.runners[name], self.windows[name], self.input_rings.get(name)
-            for (n_in, n_out), members in groups.items():
-                for i in range(0, len(members), 4096):
-                    chunk = members[i:i + 4096]
-                    slots = np.fromiter((s.slot for s in chunk), np.int64, len(chunk))
-                    t = np.fromiter((s.t for s in chunk), np.int64, len(chunk))
-                    inputs = (ring.read(slots, t - n_in, n_in) if ring is not None and n_in
-                              else np.zeros((len(chunk), 0, spec.row), np.uint8))
-                    frames.append(snapshot_frame(spec, [s.id for s in chunk], [s.owner for s in chunk], t, n_in,
-                                                 n_out, inputs, window.spikes.read(slots, t - n_out, n_out),
-                                                 window.scores.read(slots, t - n_out, n_out), r.score_sums(slots)))
+        for name in self.log.specs:
+            frames += self._snapshots(name, [s for s in self.sessions.live.values() if s.model == name])
         gone = self.sessions.gone()
         if gone:
             frames.append(frame([END, [g[0] for g in gone], [g[1] for g in gone], [g[2] for g in gone]]))
@@ -414,12 +466,35 @@ class EngineCore:
         log.info("session log compacted: %d live sessions, %d ended ids, %d bytes in %.3f s",
                  len(self.sessions.live), len(gone), n, time.perf_counter() - t0)
 
+    def _snapshots(self, name: str, sessions: list[Session]) -> list[bytes]:
+        """Snapshot frames of ``sessions`` (all of model ``name``)."""
+        spec = self.specs[name]
+        groups: dict[tuple[int, int], list[Session]] = {}
+        for s in sessions:
+            groups.setdefault((min(s.t, spec.replay or 0), min(s.t, spec.window)), []).append(s)
+        r, window, ring = self.runners[name], self.windows[name], self.input_rings.get(name)
+        frames = []
+        for (n_in, n_out), members in groups.items():
+            for i in range(0, len(members), 4096):
+                chunk = members[i:i + 4096]
+                slots = np.fromiter((s.slot for s in chunk), np.int64, len(chunk))
+                t = np.fromiter((s.t for s in chunk), np.int64, len(chunk))
+                inputs = (ring.read(slots, t - n_in, n_in) if ring is not None and n_in
+                          else np.zeros((len(chunk), 0, spec.row), np.uint8))
+                frames.append(snapshot_frame(spec, [s.id for s in chunk], [s.owner for s in chunk], t, n_in,
+                                             n_out, inputs, window.spikes.read(slots, t - n_out, n_out),
+                                             window.scores.read(slots, t - n_out, n_out), r.score_sums(slots)))
+        return frames
+
     def recover(self) -> dict[str, Any]:
         """Rebuild every live session of the log (before the engine turns ready); the rest are lost.
 
         A log this code cannot read (a bug, or records of another version) must not keep the engine
         core from starting, or the supervisor would restart it forever: it is kept aside for a
         person to look at, its sessions answer 410 session_lost, and the engine starts empty."""
+        if self.cluster is not None:  # sessions are claimed one by one when first asked for (adopt)
+            self.sessions.tag = self.cluster.shared_tag(self.sessions.tag)
+            return {}
         if self.log is None:
             return {}
         data = self.log.store.load()
@@ -448,18 +523,11 @@ class EngineCore:
         groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
         lost: list[tuple[str, str]] = []
         for sid, rec in st.live.items():
-            spec = self.log.specs.get(rec.model)
-            if spec is None:
-                lost.append((sid, f"model {rec.model!r} is not served any more"))
-            elif st.fingerprints.get(rec.model) != spec.fingerprint:
-                lost.append((sid, f"model {rec.model!r} changed (weights, dtype or backend): {spec.fingerprint} "
-                                  f"now, {st.fingerprints.get(rec.model)} in the log"))
-            elif spec.replay is None:
-                lost.append((sid, f"model {rec.model!r} keeps state no finite input history rebuilds (LIF)"))
-            elif rec.t < 0 or rec.n_inputs < min(rec.t, spec.replay):
-                lost.append((sid, "its records in the log are incomplete"))
+            why = self._unrebuildable(rec, st.fingerprints)
+            if why:
+                lost.append((sid, why))
             else:
-                groups.setdefault((rec.model, min(rec.t, spec.replay)), []).append((sid, rec))
+                groups.setdefault((rec.model, min(rec.t, self.specs[rec.model].replay or 0)), []).append((sid, rec))
         rebuilt = 0
         with all_cores():  # the engine core serves nothing until this is done
             size = max(self.settings.max_batch_size, 1024)  # larger products than serving uses: fewer calls
@@ -480,10 +548,172 @@ class EngineCore:
         self.recovery = stats
         return stats
 
+    def _unrebuildable(self, rec: Recovered, fingerprints: dict[str, str]) -> str:
+        """Why a logged session cannot be rebuilt here ('' if it can)."""
+        spec = self.specs.get(rec.model)
+        if spec is None:
+            return f"model {rec.model!r} is not served any more"
+        if fingerprints.get(rec.model) != spec.fingerprint:
+            return (f"model {rec.model!r} changed (weights, dtype or backend): {spec.fingerprint} now, "
+                    f"{fingerprints.get(rec.model)} in the log")
+        if spec.replay is None:
+            return f"model {rec.model!r} keeps state no finite input history rebuilds (LIF)"
+        if rec.t < 0 or rec.n_inputs < min(rec.t, spec.replay):
+            return "its records in the log are incomplete"
+        return ""
+
+    # ----- sessions shared by replicas (service/core/cluster.py) ----------------------------------
+    def _cluster_header(self, model: str) -> bytes:
+        return frame([HEADER, {"tag": self.sessions.tag, "models": {model: self.specs[model].fingerprint}}])
+
+    def _answering(self, sid: str, front: bytes, rid: int) -> None:
+        """This turn answers ``rid`` about ``sid``: refused instead if the session's records are refused."""
+        if self.cluster is not None:
+            self._answered.setdefault(sid, []).append((front, rid))
+
+    def _cluster_steps(self, name: str, L: int, items: list[Item], inputs: bytes, slots: np.ndarray,
+                       t0: np.ndarray, spikes: np.ndarray, scores: np.ndarray) -> None:
+        """One steps record per session, each to its own log."""
+        assert self.cluster is not None
+        spec = self.specs[name]
+        ring = self.input_rings.get(name)
+        rows = np.frombuffer(inputs, np.uint8).reshape(len(items), L, -1)
+        if ring is not None:
+            ring.write(slots, t0, rows)
+        sums = self.runners[name].score_sums(slots)
+        limit = self.settings.cluster_session_records
+        for b, it in enumerate(items):
+            sid = it.req.session.id
+            self._answering(sid, it.req.front, it.req.rid)
+            self.cluster.add("a", sid, frame_parts([STEPS, name, L, [sid], t0[b:b + 1].tobytes()], rows[b],
+                                                   spikes[b], scores[b], sums[b]))
+            n = self._records[sid] = self._records.get(sid, 0) + 1
+            if n >= limit and spec.replay is not None:
+                self._records[sid] = -1  # rewritten at the end of this turn
+
+    def _cluster_end(self, s: Session, reason: str) -> None:
+        assert self.cluster is not None
+        self._records.pop(s.id, None)
+        if reason != "session_moved":
+            self.cluster.add("e", s.id, frame([END, [s.id], [reason]]))
+
+    def flush_cluster(self) -> None:
+        """Write this turn's records, fenced by each session's lease; refuse what another replica took over;
+        rewrite long session logs as one snapshot."""
+        assert self.cluster is not None
+        answered, self._answered = self._answered, {}
+        try:
+            refused = self.cluster.flush()
+            self._log_failures = 0
+        except Exception:
+            self._log_failures += 1
+            if self._log_failures == 1 or self._log_failures % 1000 == 0:
+                log.exception("cluster: writing to Redis failed (%d times in a row); sessions of this period may "
+                              "not survive a replica's death", self._log_failures)
+            self.cluster.ops = []
+            return
+        for sid in refused:
+            self.moved(sid, answered.get(sid, []))
+        due = [sid for sid, n in self._records.items() if n < 0]
+        for sid in due:
+            s = self.sessions.live.get(sid)
+            if s is None:
+                self._records.pop(sid, None)
+                continue
+            self._records[sid] = 0
+            self.cluster.add("r", sid, self._cluster_header(s.model) + b"".join(self._snapshots(s.model, [s])))
+
+    def moved(self, sid: str, answered: list[tuple[bytes, int]]) -> None:
+        """Another replica claimed ``sid``: this turn's answers about it become session_moved, and it goes."""
+        err = self.sessions.gone_error(sid, "session_moved")
+        for front, rid in answered:
+            for item in self.outbox.get(front, []):
+                if item[0] == rid:
+                    item[:] = error_answer(rid, err)
+        s = self.sessions.live.get(sid)
+        if s is not None:
+            self.metrics.sessions_moved.labels(s.model).inc()
+            log.info("session moved id=%s model=%s: another replica claimed it", sid[:8], s.model)
+            self.sessions.close(s, "session_moved")
+
+    def adopt(self, sid: str) -> Session:
+        """Claim ``sid`` from the shared store and rebuild it here (another replica served it, or died)."""
+        self.check_open()
+        assert self.cluster is not None
+        errors = self._adopt([sid], [self.cluster.claim(sid)])
+        if sid in errors:
+            raise errors[sid]
+        return self.sessions.live[sid]
+
+    def adopt_pending(self) -> None:
+        """The step requests of this turn for sessions held nowhere here: claimed together (one Redis round
+        trip), replayed in batches, then handled as if they had just arrived (a failover brings many)."""
+        assert self.cluster is not None
+        pending, self._adopting = self._adopting, []
+        sids = list(dict.fromkeys(req[2] for _, _, req in pending if req[2] not in self.sessions.live))
+        errors = self._adopt(sids, self.cluster.claim_many(sids)) if sids and not self.closing else {}
+        for front, rid, req in pending:
+            err = errors.get(req[2])
+            if err is not None:
+                self.answer(front, error_answer(rid, err))
+            else:
+                self.handle(front, req)  # live now (or, with closing set, answered shutting_down)
+
+    def _adopt(self, sids: list[str], claimed: list[bytes | None]) -> dict[str, ServiceError]:
+        """Rebuild the claimed sessions (their logs in ``claimed``); what went wrong for each that failed."""
+        assert self.cluster is not None
+        t0 = time.perf_counter()
+        errors: dict[str, ServiceError] = {}
+        groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
+        records: dict[str, int] = {}
+        lost: list[tuple[str, str]] = []
+        free = {name: pool.size - pool.in_use for name, pool in self.sessions.pools.items()}
+        for sid, data in zip(sids, claimed, strict=True):
+            if data is None:
+                errors[sid] = self.sessions.gone_error(sid)
+                continue
+            st = read_log(data, self.specs)
+            rec = st.live.get(sid)
+            if rec is None:
+                self.cluster.forget(sid)
+                errors[sid] = self.sessions.gone_error(sid, st.gone.get(sid, ("session_lost", ""))[0])
+                continue
+            why = self._unrebuildable(rec, st.fingerprints)
+            if why:
+                lost.append((sid, why))
+                continue
+            if free.get(rec.model, 0) <= 0:
+                self.cluster.forget(sid)  # the lease stays with us until another replica claims it
+                errors[sid] = TooManySessions(
+                    f"model {rec.model!r}: all session slots of this replica are in use; session {sid!r} cannot be "
+                    "taken over here now", retry_after=1)
+                continue
+            free[rec.model] -= 1
+            records[sid] = st.records
+            groups.setdefault((rec.model, min(rec.t, self.specs[rec.model].replay or 0)), []).append((sid, rec))
+        size = max(self.settings.max_batch_size, 1024)
+        for (model, n), members in groups.items():
+            for i in range(0, len(members), size):
+                self._rebuild(model, n, members[i:i + size], lost)
+        for sid, why in lost:
+            log.warning("session lost id=%s: %s", sid[:8], why)
+            self.cluster.add("e", sid, frame([END, [sid], ["session_lost"]]))
+            errors[sid] = self.sessions.gone_error(sid, "session_lost")
+        taken = 0
+        for (model, _), members in groups.items():
+            for sid, _rec in members:
+                if sid in self.sessions.live:
+                    self._records[sid] = records[sid]
+                    self.metrics.sessions_adopted.labels(model).inc()
+                    taken += 1
+        if taken:
+            log.info("took over %d session(s) from the shared store in %.1f ms", taken,
+                     (time.perf_counter() - t0) * 1000)
+        return errors
+
     def _rebuild(self, model: str, n: int, members: list[tuple[str, Recovered]], lost: list[tuple[str, str]]) -> int:
         """Open ``members`` again and replay their last ``n`` inputs in one batch."""
-        assert self.log is not None
-        spec, r = self.log.specs[model], self.runners[model]
+        spec, r = self.specs[model], self.runners[model]
         back: list[tuple[Session, Recovered]] = []
         for sid, rec in members:
             try:

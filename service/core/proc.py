@@ -23,9 +23,11 @@ from model.folder import find_model_folders, load_model_folder
 from service import logs
 from service.backends import get_backend_class
 from service.config import Settings
+from service.core.cluster import ClusterStore
 from service.core.engine import EngineCore
 from service.core.journal import open_store
 from service.ipc import LENGTH, MAX_FRAME, frame, listen, unpack
+from service.lifetime import die_with_parent
 
 log = logging.getLogger("psn.engine")
 READ_SIZE = 1 << 20
@@ -46,11 +48,19 @@ def build_core(settings: Settings) -> EngineCore:
         log.info("loaded model=%s neuron=%s device=%s dtype=%s", m.name, m.cfg.neuron, settings.torch_device,
                  settings.dtype)
         backends.append(backend_cls(m, settings.max_sessions, settings))
-    store = open_store(settings.state_dir, settings.state_url, settings.state_fsync)
-    core = EngineCore(backends, settings, store=store)
+    if settings.cluster:
+        if not settings.state_url:
+            raise ValueError("PSN_CLUSTER=1 needs PSN_STATE_URL=redis://... (the sessions replicas share)")
+        cluster = ClusterStore(settings.state_url, settings.replica_id, settings.cluster_prefix,
+                               live_ttl_s=max(2 * settings.idle_timeout_s, 600.0))
+        core = EngineCore(backends, settings, cluster=cluster)
+        store = None
+    else:
+        store = open_store(settings.state_dir, settings.state_url, settings.state_fsync)
+        core = EngineCore(backends, settings, store=store)
     if settings.warmup:
         core.warmup()
-    if store is not None:
+    if store is not None or settings.cluster:
         core.recover()  # before the engine turns ready: every logged session is back, or answered session_lost
     return core
 
@@ -210,6 +220,7 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine %(process)d] %(message)s")
     logs.install()
+    die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
     core = build_core(settings)
     gc.collect()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import ServiceError, SessionGone, SessionLost, SessionNotFound, TooManySessions
+from service.errors import ServiceError, SessionGone, SessionLost, SessionMoved, SessionNotFound, TooManySessions
 
 ID_LENGTH = 24  # a generated session id: 4 characters of issuer tag, 16 random, 4 of check
 
@@ -130,6 +130,9 @@ class SessionTable:
                                "open a new one", field="session_id", code="session_expired")
         if gone == "session_closed":
             return SessionGone(f"session {sid!r} was closed", field="session_id", code="session_closed")
+        if gone == "session_moved":
+            return SessionMoved(f"session {sid!r} moved to another replica; reconnect and re-send from the last "
+                                "acknowledged step with start", field="session_id")
         if gone == "session_lost":
             return SessionLost(f"session {sid!r} was lost: its state could not be trusted or rebuilt (a model step "
                                "failed part-way, or its record in the session store was missing or unusable after a "
@@ -169,7 +172,8 @@ class SessionTable:
         self.owned[s.owner] -= 1
         if not self.owned[s.owner]:
             del self.owned[s.owner]
-        self.remember(s.id, reason, s.owner)
+        if reason != "session_moved":  # another replica serves it now: asking here again claims it back
+            self.remember(s.id, reason, s.owner)
         if self.on_close is not None:
             self.on_close(s, reason)
 

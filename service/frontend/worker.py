@@ -11,6 +11,7 @@ from service import logs
 from service.config import Settings
 from service.frontend.app import create_app
 from service.frontend.limits import SlowReaders, head_limited_protocol
+from service.lifetime import die_with_parent
 
 
 def ws_max_size(max_request_bytes: int) -> int:
@@ -25,6 +26,7 @@ def ws_max_size(max_request_bytes: int) -> int:
 def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, worker: int) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s [front end {worker} %(process)d] %(message)s")
+    die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
     try:
         import uvloop  # noqa: F401 - uvicorn picks it up by itself when installed
     except ImportError:

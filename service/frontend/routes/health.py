@@ -14,12 +14,34 @@ from service.schemas import Health
 router = APIRouter(tags=["health"])
 
 
+def replica(request: Request) -> str | None:
+    """This replica's id when replicas share sessions (PSN_CLUSTER), else None."""
+    fe = getattr(request.app.state, "frontend", None)
+    return fe.settings.replica_id if fe is not None and fe.settings.cluster else None
+
+
+def with_label(text: str, name: str, value: str) -> str:
+    """Every sample of a Prometheus text exposition with one more label (a replica's id)."""
+    label = f'{name}="{value}"'
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            metric, sep, rest = line.partition("{")
+            if sep:
+                line = f"{metric}{{{label},{rest}" if not rest.startswith("}") else f"{metric}{{{label}{rest}"
+            else:
+                metric, _, value_part = line.partition(" ")
+                line = f"{metric}{{{label}}} {value_part}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 @router.get("/healthz", response_model=Health, summary="Liveness: this front-end process answers")
 async def healthz(request: Request) -> dict:
     fe = getattr(request.app.state, "frontend", None)
     hello = fe.client.hello if fe is not None and fe.client.connected else None
     return {"status": "ok", "worker": request.app.state.worker, "pid": os.getpid(),
-            "engine_pid": hello["engine"]["pid"] if hello else None}
+            "engine_pid": hello["engine"]["pid"] if hello else None, "replica": replica(request)}
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
@@ -41,4 +63,8 @@ async def metrics(request: Request) -> Response:
             engine = await asyncio.wait_for(fe.client.call("metrics"), 2.0)
         except Exception:  # noqa: BLE001 - the front end's own metrics still answer
             engine = "# engine core metrics unavailable\n"
-    return Response(engine + request.app.state.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+    text = engine + request.app.state.metrics.text()
+    rid = replica(request)
+    if rid is not None:  # one scrape target per replica; dashboards group by replica
+        text = with_label(text, "replica", rid)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

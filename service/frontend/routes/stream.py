@@ -83,6 +83,8 @@ class StreamConnection:
         self.tasks: set[asyncio.Task] = set()
         self.time = asyncio.get_running_loop().time
         self.sending_since: float | None = None  # while a send waits (SendWatchdog)
+        # /v1/stream?session_id=ID: the id a proxy routes the connection by (docs/cluster.md); attach must name it
+        self.routed_to: str | None = ws.query_params.get("session_id") or None
 
     async def send_raw(self, data: str | bytes) -> None:
         """Send one message (text or binary); it may wait for room in the output buffer (SendWatchdog)."""
@@ -168,6 +170,10 @@ class StreamConnection:
             self._bind(info, msg.frames)
             await self.send({"type": "opened", "session": info})
         elif isinstance(msg, WsAttach):
+            if self.routed_to is not None and msg.session_id != self.routed_to:
+                raise InvalidInput(f"session_id: this connection was opened for session {self.routed_to!r} "
+                                   f"(/v1/stream?session_id=...), which is how a proxy routes it; attach to "
+                                   f"{msg.session_id!r} on a connection opened for that one", field="session_id")
             fe.check_ready()
             info = await fe.client.call("get", msg.session_id, True, self.owner)
             self._bind(info, msg.frames)

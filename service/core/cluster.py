@@ -1,0 +1,155 @@
+"""Sessions shared by replicas (``PSN_CLUSTER=1`` with ``PSN_STATE_URL=redis://...``): one log and one
+lease per session in Redis, so any replica can take a session over, on demand, with the same outputs.
+
+Keys (``prefix`` is ``PSN_CLUSTER_PREFIX``, default ``psn``):
+
+- ``{prefix}:s:{sid}``: the session's records, a Redis list of the frames of ``journal.py`` (a header
+  frame with the model's fingerprint, the open record, one steps record per committed batch, an end
+  record); rewritten as header + one snapshot frame once it holds ``PSN_CLUSTER_SESSION_RECORDS``.
+- ``{prefix}:lease:{sid}``: ``"{replica}:{nonce}"``, the fencing token of the replica that serves it.
+- ``{prefix}:tag``: the issuer tag every replica gives new session ids (``sessions.make_id``).
+
+Who serves a session is decided by the router in front (a consistent hash of the session id): a
+replica asked about a session it does not hold *claims* it (one Lua script: a new token in the lease,
+the records read back, atomically) and replays it (``EngineCore.adopt``). Every write of a replica is
+one Lua script per engine turn that appends each session's records only if the lease still holds that
+replica's token; a session whose token changed was claimed by another replica, so its records are not
+written, the requests they answer are refused with 409 ``session_moved`` instead, and the session is
+dropped here. So a session never advances on two replicas at once, and what a client was told was
+applied is always in the log of the replica that serves the session next.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from service.core.journal import Buffer
+
+log = logging.getLogger("psn.cluster")
+
+# ARGV: prefix, live ttl ms, ended ttl ms, then (op, sid, token, data) per record, in order.
+# op o: open (the lease becomes token, the log starts over); a: append; e: append the end record and
+# free the lease; r: rewrite (the log becomes data). a, e, r only while the lease is token.
+# Returns the sids refused (their lease moved on).
+FLUSH = """
+local p, live_ttl, ended_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local refused, seen = {}, {}
+for i = 4, #ARGV, 4 do
+  local op, sid, token, data = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local lk, sk = p .. ':lease:' .. sid, p .. ':s:' .. sid
+  if op == 'o' then
+    redis.call('SET', lk, token, 'PX', live_ttl)
+    redis.call('DEL', sk)
+    redis.call('RPUSH', sk, data)
+    redis.call('PEXPIRE', sk, live_ttl)
+  elseif redis.call('GET', lk) ~= token then
+    if not seen[sid] then refused[#refused + 1] = sid; seen[sid] = true end
+  elseif op == 'a' then
+    redis.call('RPUSH', sk, data)
+    redis.call('PEXPIRE', sk, live_ttl)
+    redis.call('PEXPIRE', lk, live_ttl)
+  elseif op == 'e' then
+    redis.call('RPUSH', sk, data)
+    redis.call('PEXPIRE', sk, ended_ttl)
+    redis.call('DEL', lk)
+  elseif op == 'r' then
+    redis.call('DEL', sk)
+    redis.call('RPUSH', sk, data)
+    redis.call('PEXPIRE', sk, live_ttl)
+  end
+end
+return refused
+"""
+
+# KEYS: lease, log. ARGV: new token, live ttl ms. Nothing when the session has no records.
+CLAIM = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
+
+
+class ClusterStore:
+    """The Redis side of shared sessions: claims, and one fenced write per engine turn."""
+
+    def __init__(self, url: str, replica: str, prefix: str = "psn", live_ttl_s: float = 3600.0,
+                 ended_ttl_s: float = 86400.0):
+        import redis  # optional dependency: only with PSN_STATE_URL
+
+        self.r = redis.Redis.from_url(url, socket_timeout=10)
+        self.r.ping()
+        self.replica, self.prefix = replica, prefix
+        self.live_ttl_ms, self.ended_ttl_ms = int(live_ttl_s * 1000), int(ended_ttl_s * 1000)
+        self._flush = self.r.register_script(FLUSH)
+        self._claim = self.r.register_script(CLAIM)
+        self.tokens: dict[str, str] = {}  # sid -> this replica's lease token
+        self.ops: list[tuple[str, str, bytes]] = []
+
+    def shared_tag(self, mine: str) -> str:
+        """The issuer tag of every replica (the first one to start sets it)."""
+        key = f"{self.prefix}:tag"
+        self.r.set(key, mine, nx=True)
+        return (self.r.get(key) or mine.encode()).decode()
+
+    def new_token(self, sid: str) -> str:
+        token = f"{self.replica}:{secrets.token_hex(6)}"
+        self.tokens[sid] = token
+        return token
+
+    def claim(self, sid: str) -> bytes | None:
+        """Take the lease of ``sid`` (whoever held it) and read its records; None if it has none."""
+        token = self.new_token(sid)
+        chunks = self._claim(keys=[f"{self.prefix}:lease:{sid}", f"{self.prefix}:s:{sid}"],
+                             args=[token, self.live_ttl_ms])
+        if chunks is None:
+            self.tokens.pop(sid, None)
+            return None
+        return b"".join(chunks)
+
+    def claim_many(self, sids: list[str]) -> list[bytes | None]:
+        """``claim`` for many sessions in one round trip."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for sid in sids:
+                self._claim(keys=[f"{self.prefix}:lease:{sid}", f"{self.prefix}:s:{sid}"],
+                            args=[self.new_token(sid), self.live_ttl_ms], client=pipe)
+            out = pipe.execute()
+        for sid, chunks in zip(sids, out, strict=True):
+            if chunks is None:
+                self.tokens.pop(sid, None)
+        return [None if chunks is None else b"".join(chunks) for chunks in out]
+
+    def holds(self, sid: str) -> bool:
+        """Whether this replica's lease on ``sid`` still stands (one round trip: for rare paths only)."""
+        token = self.tokens.get(sid)
+        return token is not None and self.r.get(f"{self.prefix}:lease:{sid}") == token.encode()
+
+    def add(self, op: str, sid: str, parts: list[Buffer] | bytes) -> None:
+        if op == "o":
+            self.new_token(sid)
+        elif sid not in self.tokens:
+            return  # not ours (dropped after a move): nothing to write
+        self.ops.append((op, sid, parts if isinstance(parts, bytes) else b"".join(parts)))
+
+    def flush(self) -> set[str]:
+        """Write this turn's records; the sids whose lease moved on (their records were not written)."""
+        if not self.ops:
+            return set()
+        ops, self.ops = self.ops, []
+        args: list[bytes | str | int] = [self.prefix, self.live_ttl_ms, self.ended_ttl_ms]
+        for op, sid, data in ops:
+            args += [op, sid, self.tokens.get(sid, ""), data]
+        for op, sid, _ in ops:
+            if op == "e":
+                self.tokens.pop(sid, None)
+        refused = {s.decode() if isinstance(s, bytes) else s for s in self._flush(args=args)}
+        for sid in refused:
+            self.tokens.pop(sid, None)
+        return refused
+
+    def forget(self, sid: str) -> None:
+        self.tokens.pop(sid, None)
+
+    def close(self) -> None:
+        self.r.close()

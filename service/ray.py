@@ -1,0 +1,201 @@
+"""psn-stream on Ray Serve: N replicas, each the whole service (supervisor, engine core, front ends) on its
+own CPU or device, sessions routed by id and shared through Redis (``docs/cluster.md``).
+
+    PSN_STATE_URL=redis://127.0.0.1:6379/0 python -m service.ray     # PSN_RAY_REPLICAS=2 on PSN_PORT
+    serve run service.ray:app                                       # the same app, Serve's own CLI
+
+Each Serve replica starts ``python -m service`` on a private port with ``PSN_CLUSTER=1`` and its Serve
+replica tag as ``PSN_REPLICA_ID``, and relays HTTP requests and ``/v1/stream`` WebSockets to it. Ray's
+proxy picks the replica with ``service.ray_router.SessionRouter`` (a consistent hash of the session id in
+the URL, no fallback to other replicas: a session stays where it is). A replica that dies is replaced
+by Serve; requests for its sessions reach another replica, which takes them over from Redis.
+"""
+
+# no `from __future__ import annotations`: FastAPI must see the real types through serve.ingress
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from service.config import get_settings
+from service.lifetime import die_with_parent
+from service.ray_router import SessionRouter
+
+log = logging.getLogger("psn.ray")
+ROOT = Path(__file__).resolve().parents[1]
+HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length", "te", "trailer"}
+api = FastAPI(title="psn-stream on Ray Serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=4096,  # sessions queue in the engine core (it has its own bounds), not in Ray
+    health_check_period_s=1,
+    health_check_timeout_s=10,
+    request_router_config=RequestRouterConfig(
+        request_router_class=SessionRouter,
+        request_router_kwargs={"num_fallback_replicas": 0},  # strict affinity: never another replica for a session
+    ),
+)
+@serve.ingress(api)
+class Replica:
+    def __init__(self, env: dict[str, str] | None = None):
+        self.replica_id = serve.get_replica_context().replica_tag
+        self.port = free_port()
+        self.env = {**os.environ, **(env or {}), "PSN_CLUSTER": "1", "PSN_REPLICA_ID": self.replica_id,
+                    "PSN_HOST": "127.0.0.1", "PSN_PORT": str(self.port)}
+        self.env.setdefault("PSN_WORKERS", "1")
+        self.base = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=self.env,
+                                     preexec_fn=lambda: die_with_parent(signal.SIGKILL))
+        deadline = time.monotonic() + 180
+        while True:  # ready before Serve routes anything here
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"replica {self.replica_id}: the service exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"http://{self.base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {self.replica_id}: the service was not ready within 180 s")
+            time.sleep(0.1)
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        self.http = httpx.AsyncClient(base_url=f"http://{self.base}", timeout=60, limits=limits)
+        log.info("replica %s: the service (pid %d) serves on %s", self.replica_id, self.proc.pid, self.base)
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose service has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"replica {self.replica_id}: the service exited with {self.proc.returncode}")
+
+    def __del__(self) -> None:
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    @api.get("/ray/replica", include_in_schema=False)
+    async def whoami(self) -> dict[str, Any]:
+        """Which replica answered, and its processes (for scripts/cluster-smoke and debugging)."""
+        return {"replica": self.replica_id, "pid": os.getpid(), "service_pid": self.proc.pid, "port": self.port}
+
+    @api.websocket("/v1/stream")
+    async def stream(self, ws: WebSocket) -> None:
+        """Relay one WebSocket to the service, message for message, text and binary."""
+        query = ws.scope.get("query_string", b"").decode("latin-1")
+        url = f"ws://{self.base}/v1/stream" + (f"?{query}" if query else "")
+        protocols = ws.scope.get("subprotocols") or None
+        try:
+            up = await ws_connect(url, subprotocols=protocols, max_size=None, compression=None, open_timeout=10)
+        except Exception:  # noqa: BLE001 - the service is gone: the client reconnects (another replica)
+            await ws.close(code=1013)
+            return
+        await ws.accept(subprotocol=up.subprotocol)
+
+        async def down() -> None:  # service -> client
+            async for msg in up:
+                if isinstance(msg, str):
+                    await ws.send_text(msg)
+                else:
+                    await ws.send_bytes(msg)
+
+        task = asyncio.get_running_loop().create_task(down())
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                await up.send(msg["text"] if msg.get("text") is not None else msg.get("bytes") or b"")
+        except (WebSocketDisconnect, ConnectionClosed, RuntimeError):
+            pass
+        finally:
+            task.cancel()
+            await up.close()
+            try:
+                await ws.close()
+            except RuntimeError:
+                pass
+
+    @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    async def relay(self, request: Request, path: str) -> Response:
+        """Relay one HTTP request to the service."""
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        try:
+            r = await self.http.request(request.method, "/" + path, params=request.query_params,
+                                        content=await request.body(), headers=headers)
+        except httpx.TransportError as e:
+            return Response(f'{{"error": {{"code": "engine_unavailable", "message": "replica {self.replica_id}: '
+                            f'{type(e).__name__}"}}}}', status_code=503, media_type="application/json",
+                            headers={"Retry-After": "1"})
+        out = {k: v for k, v in r.headers.items() if k.lower() not in HOP | {"content-encoding"}}
+        out["x-psn-replica"] = self.replica_id
+        return Response(r.content, status_code=r.status_code, headers=out)
+
+
+def build(env: dict[str, str] | None = None, replicas: int | None = None) -> Any:
+    """The Serve application: ``replicas`` (default ``PSN_RAY_REPLICAS``) replicas of the service."""
+    settings = get_settings()
+    n = replicas or int(os.environ.get("PSN_RAY_REPLICAS", "2"))
+    cpus = float(os.environ.get("PSN_RAY_REPLICA_CPUS", "1"))
+    passed = {k: v for k, v in os.environ.items() if k.startswith("PSN_")} | (env or {})
+    if not (passed.get("PSN_STATE_URL") or settings.state_url):
+        raise SystemExit("service.ray: set PSN_STATE_URL=redis://HOST:PORT/DB (the sessions replicas share)")
+    return Replica.options(num_replicas=n, ray_actor_options={"num_cpus": cpus}).bind(passed)
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """``serve run service.ray:app_builder [replicas=N]``: the app for Serve's CLI and config files."""
+    return build(replicas=int(args["replicas"]) if "replicas" in args else None)
+
+
+def main() -> None:
+    import ray
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    application = build()
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application, name="psn", route_prefix="/")
+    log.info("psn-stream on Ray Serve: %s replicas on %s:%d", os.environ.get("PSN_RAY_REPLICAS", "2"),
+             settings.host, settings.port)
+    stopping = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    while not stopping:
+        time.sleep(0.2)
+    serve.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
