@@ -45,7 +45,7 @@ from service.core.journal import (
     snapshot_frame,
 )
 from service.core.quotas import OwnerQuotas
-from service.core.runner import ModelRunner, all_cores
+from service.core.runner import ModelRunner
 from service.core.scheduler import Batch, ClassifyRequest, Item, Request, Scheduler
 from service.core.sessions import RetryWindow, Session, SessionTable, StepRing
 from service.errors import (
@@ -529,11 +529,10 @@ class EngineCore:
             else:
                 groups.setdefault((rec.model, min(rec.t, self.specs[rec.model].replay or 0)), []).append((sid, rec))
         rebuilt = 0
-        with all_cores():  # the engine core serves nothing until this is done
-            size = max(self.settings.max_batch_size, 1024)  # larger products than serving uses: fewer calls
-            for (model, n), members in groups.items():
-                for i in range(0, len(members), size):
-                    rebuilt += self._rebuild(model, n, members[i:i + size], lost)
+        size = max(self.settings.max_batch_size, 1024)  # larger products than serving uses: fewer calls
+        for (model, n), members in groups.items():
+            for i in range(0, len(members), size):
+                rebuilt += self._rebuild(model, n, members[i:i + size], lost)
         for sid, why in lost:
             self.sessions.remember(sid, "session_lost", st.live[sid].owner if sid in st.live else "")
             log.warning("session lost id=%s: %s", sid[:8], why)

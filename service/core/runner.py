@@ -7,10 +7,7 @@ step. The front ends turn these arrays into JSON or binary frames (``service/fro
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,17 +16,6 @@ from model.folder import WEIGHTS_FILE
 from service.backends.base import Backend
 from service.core.journal import LogSpec, fingerprint
 from service.errors import InvalidInput
-
-
-@contextlib.contextmanager
-def all_cores() -> Iterator[None]:
-    """torch on every core for a while (recovery: nothing else runs in the engine core yet)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(before, os.cpu_count() or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class ModelRunner:
