@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import contextlib
 import json
 import os
@@ -868,6 +869,21 @@ def orchestrate(args: argparse.Namespace) -> None:
         procs["probe"] = spawn_role("probe", args, svc.port, info, t_start, t_end, tmp / "probe.json")
         procs["victims"] = spawn_role("victims", args, svc.port, info, t_start, t_end, tmp / "victims.json")
         samples: dict[str, dict] = {}
+        ticks: list[tuple[float, float, float, float]] = []  # (t, box busy jiffies, box jiffies, our CPU s)
+        live: dict[str, dict] = {"attackers": {}}
+
+        def ticker() -> None:
+            """Once a second: the box's CPU and ours, so that seconds with busy neighbours can be told apart."""
+            t = t_start
+            while t < t_end:
+                time.sleep(max(0.0, t - time.monotonic()))
+                ours = [*(p for ps in spids.values() for p in ps), *(p.pid for p in procs.values()),
+                        *(p.pid for p in list(live["attackers"].values()))]
+                cpu = sum(c for c in map(proc_cpu, ours) if c == c)
+                ticks.append((time.monotonic(), *box_cpu(), cpu))
+                t += 1.0
+
+        threading.Thread(target=ticker, daemon=True).start()
 
         def sample(name: str) -> None:
             pids = {**spids, **{k: [p.pid] for k, p in procs.items()}, **{k: [p.pid] for k, p in attackers.items()}}
@@ -885,6 +901,7 @@ def orchestrate(args: argparse.Namespace) -> None:
                 a0, a1 = attacks[r - 1]
                 attackers = {k: spawn_role(k, args, svc.port, info, a0, a1, tmp / f"{k}-{r}.json", args.attacker_nice)
                              for k in args.attacks}
+                live["attackers"] = attackers
             wait_until(t0)
             sample(f"{label} start")
             say(label + (f": {', '.join(args.attacks)}" if kind == "overload" else ""))
@@ -895,7 +912,7 @@ def orchestrate(args: argparse.Namespace) -> None:
                     if p.wait(timeout=120) != 0:
                         raise SystemExit(f"attacker {k} failed with {p.returncode}")
                     outputs[k].append(json.loads((tmp / f"{k}-{r}.json").read_text()))
-                attackers = {}
+                attackers = live["attackers"] = {}
         for name, p in procs.items():
             if p.wait(timeout=120) != 0:
                 raise SystemExit(f"{name} failed with {p.returncode}")
@@ -908,7 +925,7 @@ def orchestrate(args: argparse.Namespace) -> None:
                 p.kill()
         svc.stop()
     report(args, samples, outputs, spids, windows, started_utc, load_before, service_alive and status == 200,
-           svc.log_path.read_text(errors="replace"))
+           svc.log_path.read_text(errors="replace"), ticks)
 
 
 def http_get_retry(svc: Service) -> tuple[int, bytes]:
@@ -988,9 +1005,53 @@ def window_report(samples: dict, victims: list, probe: dict, spans: list[tuple[s
             "service_errors": {k: v for k, v in errors.items() if v}}
 
 
-def report(args, samples, outputs, spids, windows, started_utc, load_before, alive, log_text) -> None:
+QUIET_CORES = 0.2  # a second counts as quiet when the box's other work took less than this
+
+
+def seconds_of(ticks: list) -> list[tuple[float, float, float]]:
+    """(t0, t1, cores taken by other work on the box) per second, from the ticker's samples."""
+    out = []
+    for (t0, b0, n0, c0), (t1, b1, n1, c1) in zip(ticks, ticks[1:], strict=False):
+        box = (b1 - b0) / max(1, n1 - n0) * (os.cpu_count() or 1)
+        out.append((t0, t1, box - (c1 - c0) / (t1 - t0)))
+    return out
+
+
+def quiet_only(records: list, seconds: list) -> list:
+    """The records sent in seconds where the box's other work stayed under QUIET_CORES."""
+    starts = [t0 for t0, _, _ in seconds]
+    out = []
+    for r in records:
+        i = bisect.bisect_right(starts, r[0]) - 1
+        if i >= 0 and r[0] < seconds[i][1] and seconds[i][2] < QUIET_CORES:
+            out.append(r)
+    return out
+
+
+def timeline(victims: list, probe: dict, seconds: list, windows: list) -> list[dict]:
+    out = []
+    starts = [t0 for t0, _, _ in seconds]
+    lats: list[list[float]] = [[] for _ in seconds]
+    hzs: list[list[float]] = [[] for _ in seconds]
+    for recs, into in ((victims, lats), *((rs, hzs) for rs in probe.values())):
+        for r in recs:
+            i = bisect.bisect_right(starts, r[0]) - 1
+            if i >= 0 and r[0] < seconds[i][1]:
+                into[i].append(r[1])
+    for (t0, _, others), lat, hz in zip(seconds, lats, hzs, strict=True):
+        label = next((lb for lb, _, w0, w1 in windows if w0 <= t0 < w1), "")
+        out.append({"t": round(t0 - seconds[0][0], 1), "window": label, "others_cores": round(others, 2),
+                    "victims": len(lat), "victims_p50_ms": round(pct(lat, 0.5) * 1e3, 1),
+                    "victims_p99_ms": round(pct(lat, 0.99) * 1e3, 1),
+                    "victims_max_ms": round(max(lat, default=float("nan")) * 1e3, 1),
+                    "healthz_max_ms": round(max(hz, default=float("nan")) * 1e3, 1)})
+    return out
+
+
+def report(args, samples, outputs, spids, windows, started_utc, load_before, alive, log_text, ticks) -> None:
     victims = outputs["victims"]["records"]
     probe = outputs["probe"]["records"]
+    seconds = seconds_of(ticks)
     attack_s = args.rounds * args.overload
     res: dict = {"started": started_utc, "cores": os.cpu_count(), "cpu_model": cpu_model(),
                  "load_average_before": load_before, "box_busy_before": args.box_busy_before,
@@ -1020,6 +1081,19 @@ def report(args, samples, outputs, spids, windows, started_utc, load_before, ali
                       "victim_p99_ratio_http": (o["victims"]["http"]["p99_ms"] / b["victims"]["http"]["p99_ms"]
                                                 if b["victims"]["http"]["requests"] else float("nan"))}
     res["service_log_errors"] = [ln for ln in log_text.splitlines() if "Traceback" in ln or " ERROR " in ln][:20]
+    # the same, over the seconds in which the rest of the box was quiet (a shared box: see "others' CPU")
+    quiet = {}
+    for kind in ("baseline", "overload"):
+        spans = [(t0, t1) for _, k, t0, t1 in windows if k == kind]
+        inside = [s for s in seconds if any(a <= s[0] and s[1] <= b + 0.5 for a, b in spans)]
+        v = quiet_only([r for r in victims if any(a <= r[0] < b for a, b in spans)], inside)
+        h = quiet_only([r for r in probe["fresh"] if any(a <= r[0] < b for a, b in spans)], inside)
+        lat = [r[1] for r in v if r[4]]
+        quiet[kind] = {"seconds": sum(1 for x in inside if x[2] < QUIET_CORES), "of_seconds": len(inside),
+                       "victims_p50_ms": pct(lat, 0.5) * 1e3, "victims_p99_ms": pct(lat, 0.99) * 1e3,
+                       "healthz_p99_ms": pct([r[1] for r in h], 0.99) * 1e3}
+    res["quiet_seconds"] = quiet
+    res["timeline"] = timeline(victims, probe, seconds, windows)
 
     print(f"\n# overload bench, {started_utc}: {res['cores']} cores ({res['cpu_model']}), load average "
           f"{load_before[0]:.2f} before (box {args.box_busy_before:.0%} busy), {res['workers']} front end(s), "
@@ -1043,6 +1117,11 @@ def report(args, samples, outputs, spids, windows, started_utc, load_before, ali
           f"{'met' if hz <= 100 else 'NOT met'}; victims' p99 {o['victims']['all']['p99_ms']:.1f} ms vs "
           f"{b['victims']['all']['p99_ms']:.1f} ms unloaded = {ratio:.2f}x (rounds: "
           f"{', '.join(f'{x:.2f}x' for x in per_round)}), target <= 2x: {'met' if ratio <= 2 else 'NOT met'}")
+    qb, qo = quiet["baseline"], quiet["overload"]
+    print(f"over the seconds when the box's other work took < {QUIET_CORES} core ({qb['seconds']}/{qb['of_seconds']} "
+          f"baseline, {qo['seconds']}/{qo['of_seconds']} overload): /healthz p99 {qo['healthz_p99_ms']:.1f} ms; "
+          f"victims' p99 {qo['victims_p99_ms']:.1f} ms vs {qb['victims_p99_ms']:.1f} ms = "
+          f"{qo['victims_p99_ms'] / qb['victims_p99_ms']:.2f}x")
     for k, v in res["attackers"].items():
         print(f"{k}: {json.dumps(v)}")
     print(f"service refusals in the overload windows (psn_errors_total): {o['service_errors']}")
