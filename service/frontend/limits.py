@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +50,17 @@ def transport_abort(send: Send) -> Callable[[], None] | None:
     if not callable(getattr(transport, "abort", None)):
         return None
     return lambda: reset(transport)
+
+
+def unsent_in_kernel(transport: Any) -> int:
+    """Bytes in the socket's send queue not yet acknowledged by the client (Linux SIOCOUTQ; else 0)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 def reset(transport: Any) -> None:
@@ -195,7 +208,7 @@ def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
 
 
 class SlowReaders:
-    """Aborts an HTTP connection whose unsent response bytes have not moved for ``timeout_s``
+    """Resets an HTTP connection whose unsent response bytes have not moved for ``timeout_s``
     (``PSN_WS_SEND_TIMEOUT_S``, the WebSocket bound): a client that sends requests, pipelined, and never
     reads the answers. uvicorn has no write timeout, so such a connection kept its answers in memory for
     ever (about 2 MB of the front end's heap and 3.7 MB of kernel buffers for five 1024-step answers of
@@ -205,7 +218,9 @@ class SlowReaders:
     It wraps the whole app (``worker.py``): it needs uvicorn's own ``send``, whose ``__self__`` holds the
     connection's transport (Starlette's error middleware wraps ``send`` for HTTP). Per request it only
     notes the transport; one task per front end looks at the watched transports' buffers a few times a
-    second and forgets those that are empty (their next request notes them again)."""
+    second and forgets those that are empty (their next request notes them again). A slow reader is
+    not a stuck one: what counts is the bytes waiting in the transport plus those in the kernel's send
+    queue not yet acknowledged, which shrink whenever the client reads."""
 
     def __init__(self, app: ASGIApp, timeout_s: float):
         self.app, self.timeout_s = app, timeout_s
@@ -234,7 +249,9 @@ class SlowReaders:
                     size = 0
                 if size == 0:
                     del self.watched[transport]
-                elif seen[0] is None or size < seen[0]:  # first look, or the client read some
+                    continue
+                size += unsent_in_kernel(transport)  # a slow reader moves these first
+                if seen[0] is None or size < seen[0]:  # first look, or the client read some
                     seen[0], seen[1] = size, now
                 elif now - seen[1] > self.timeout_s:
                     del self.watched[transport]
