@@ -609,18 +609,6 @@ def box_cpu() -> tuple[float, float]:
     return sum(vals[:8]) - idle, sum(vals[:8])
 
 
-def descendants(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            kids = [int(k) for k in (task / "children").read_text().split()]
-        except OSError:
-            continue
-        for k in kids:
-            out += [k, *descendants(k)]
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -446,11 +446,15 @@ class EngineCore:
                 self.compact()
             self._log_failures = 0
         except Exception:
-            self._log_failures += 1
-            if self._log_failures == 1 or self._log_failures % 1000 == 0:
-                log.exception("session log: writing to the store failed (%d times in a row); sessions of this "
-                              "period may not survive a restart", self._log_failures)
+            self._store_failed("session log: writing to the store failed", "a restart")
             self.log.pending = []
+
+    def _store_failed(self, what: str, survives: str) -> None:
+        """Log a failed store write (the first, then every 1000th in a row: a dead store fails every turn)."""
+        self._log_failures += 1
+        if self._log_failures == 1 or self._log_failures % 1000 == 0:
+            log.exception("%s (%d times in a row); sessions of this period may not survive %s", what,
+                          self._log_failures, survives)
 
     def compact(self) -> None:
         """Rewrite the log as one snapshot of every live session (and the remembered ended ids)."""
@@ -605,10 +609,7 @@ class EngineCore:
             refused = self.cluster.flush()
             self._log_failures = 0
         except Exception:
-            self._log_failures += 1
-            if self._log_failures == 1 or self._log_failures % 1000 == 0:
-                log.exception("cluster: writing to Redis failed (%d times in a row); sessions of this period may "
-                              "not survive a replica's death", self._log_failures)
+            self._store_failed("cluster: writing to Redis failed", "a replica's death")
             self.cluster.ops = []
             return
         for sid in refused:
