@@ -16,7 +16,7 @@ from service.config import Settings
 from service.frontend.auth import AccessControl, add_cors
 from service.frontend.client import EngineClient
 from service.frontend.errors import install_error_handlers
-from service.frontend.limits import BodyLimit, ConnectionLimit
+from service.frontend.limits import BodyLimit, ConnectionLimit, SessionGate
 from service.frontend.routes import classify, health, models, oip, sessions, stream
 from service.frontend.state import Frontend
 from service.metrics import FrontendMetrics
@@ -62,6 +62,7 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.state.metrics = FrontendMetrics()
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(SessionGate)  # refuses a full session's steps before BodyLimit reads the body
     app.add_middleware(AccessControl, settings=settings)  # before anything reads a body: keys, Origin
     add_cors(app, settings)  # outside AccessControl: answers preflights (no key), adds CORS headers to refusals
     app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)  # outermost: counts everything

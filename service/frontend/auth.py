@@ -28,9 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings, key_hash
 from service.errors import OriginNotAllowed, ServiceError, Unauthorized
-from service.frontend.limits import count_error
+from service.frontend.limits import OWNER, count_error
 
-OWNER = "psn.owner"  # scope key: the owner id of the request's API key ("" with access control off)
 KEY_SUBPROTOCOL = "psn.key."  # a WebSocket subprotocol entry that carries the key (browsers)
 JSON_SUBPROTOCOL = "psn.json.v1"  # JSON frames (the default), for browsers that must name a subprotocol
 # No key needed: probes, the demo page's own files (its API calls need one) and the API's documentation.

@@ -25,6 +25,7 @@ log = logging.getLogger("psn.frontend")
 
 # probes answer even when the limit is reached
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+OWNER = "psn.owner"  # scope key: the owner id of the request's API key ("" with access control off; auth.py)
 ABORT = "psn.abort"  # scope key of a WebSocket: drops the connection at once (or None where that is not possible)
 
 
@@ -106,6 +107,31 @@ class ConnectionLimit:
             await self.app(scope, receive, send)
         finally:
             self.active -= 1
+
+
+STEPS_PREFIX, STEPS_SUFFIX = "/v1/sessions/", "/steps"
+
+
+class SessionGate:
+    """``POST /v1/sessions/{id}/steps`` past the session's queue bound (``Frontend.queue_full``) is answered
+    429 ``session_queue_full`` here, before the body is read or parsed and without asking the engine core.
+    Sits inside ``AccessControl`` (which sets the request's owner) and outside ``BodyLimit`` (which reads
+    the body)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.startswith(STEPS_PREFIX) and path.endswith(STEPS_SUFFIX):
+                sid = path[len(STEPS_PREFIX):-len(STEPS_SUFFIX)]
+                fe = getattr(scope["app"].state, "frontend", None)
+                if sid and "/" not in sid and fe is not None:
+                    err = fe.queue_full(sid, scope.get(OWNER, ""))
+                    if err is not None:
+                        return await send_json_error(scope, send, err, [])
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

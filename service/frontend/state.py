@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from service.config import Settings
-from service.errors import ModelNotFound, NotReady
+from service.errors import ModelNotFound, NotReady, SessionQueueFull
 from service.frontend.client import EngineClient
 from service.frontend.codec import ModelCodec
 from service.metrics import FrontendMetrics
@@ -33,6 +33,8 @@ class Frontend:
         self.codecs: dict[str, ModelCodec] = {}
         self.watchers: dict[str, set[Callable[[str, str], None]]] = {}  # session id -> callbacks(event, id)
         self._session_models: OrderedDict[tuple[str, str], str] = OrderedDict()  # (owner, session id) -> model
+        # (owner, session id) -> steps requests this front end has sent and not yet had answered
+        self.outstanding: dict[tuple[str, str], int] = {}
         client.on_hello = self._on_hello
         client.on_event = self._on_event
 
@@ -77,6 +79,20 @@ class Frontend:
             model = self.remember(await self.client.call("get", sid, False, owner), owner)["model"]
         return self.codec(model)
 
+    def queue_full(self, sid: str, owner: str) -> SessionQueueFull | None:
+        """The refusal for one more steps request of ``owner``'s session ``sid`` if this front end alone has
+        ``PSN_SESSION_QUEUE`` of them unanswered, else None.
+
+        Each of those is in the engine core's queue of that session (or its answer is on the way back), where
+        one more would be refused anyway: refusing here spares the round trip, and the HTTP route
+        (``limits.SessionGate``) spares reading and parsing the body too. A flood of requests on one
+        session then costs the service little more than the TCP and HTTP work (bench/overload.py)."""
+        n = self.outstanding.get((owner, sid), 0)
+        if n < self.settings.session_queue:
+            return None
+        return SessionQueueFull(f"session {sid!r}: {n} requests are already waiting on it (PSN_SESSION_QUEUE); "
+                                "wait for their answers before sending more", field="session_id", retry_after=1)
+
     async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes,
                     owner: str) -> list[Any]:
         """Apply ``L`` steps to ``owner``'s session ``sid`` from ``start`` (None: append), timing the round trip.
@@ -84,8 +100,19 @@ class Frontend:
         Returns the engine core's ``[start, replayed, steps_seen, spikes, scores]``.
         """
         self.check_ready()
+        if (err := self.queue_full(sid, owner)) is not None:
+            raise err
+        key = (owner, sid)
+        self.outstanding[key] = self.outstanding.get(key, 0) + 1
         t0 = time.perf_counter()
-        answer = await self.client.call("steps", sid, -1 if start is None else start, L, payload, owner)
+        try:
+            answer = await self.client.call("steps", sid, -1 if start is None else start, L, payload, owner)
+        finally:
+            n = self.outstanding[key] - 1
+            if n:
+                self.outstanding[key] = n
+            else:
+                del self.outstanding[key]
         self.metrics.latency(codec.name).observe(time.perf_counter() - t0)
         return answer
 

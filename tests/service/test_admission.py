@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import httpx
 import numpy as np
+import websockets
 import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed
 
@@ -165,3 +166,61 @@ def test_a_client_that_stops_reading_is_disconnected(serve) -> None:
         assert time.monotonic() < deadline, srv.log()[-2000:]
         time.sleep(0.05)
     assert httpx.get(f"{srv.url}/healthz").status_code == 200
+
+
+KEY_A, KEY_B = "gate-key-a-0123456789abcdef", "gate-key-b-0123456789abcdef"
+
+
+def test_a_full_session_is_refused_by_the_front_end_without_the_engine_or_the_body(serve) -> None:
+    """Past PSN_SESSION_QUEUE unanswered requests of one session, the front end answers 429 itself: with the
+    engine core stopped (it could not answer), and before a body that never arrives; per key; and the bound
+    is released by answers and by errors alike."""
+    srv = serve(session_queue=2, api_keys=f"{KEY_A},{KEY_B}")
+    auth_a, auth_b = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+    sid = httpx.post(f"{srv.url}/v1/sessions", json={"model": "sliding"}, headers=auth_a).json()["session_id"]
+    url, step = f"{srv.url}/v1/sessions/{sid}/steps", {"steps": [[0.5, 0.5, 0.5]]}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=30, headers=auth_a) as c, \
+                websockets.connect(srv.ws_url, additional_headers=auth_a) as ws:
+            await ws.send(json.dumps({"type": "attach", "session_id": sid}))
+            assert json.loads(await ws.recv())["type"] == "attached"
+            pid = engine_pid(srv)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                held = [asyncio.create_task(c.post(url, json=step)) for _ in range(2)]
+                other_key = asyncio.create_task(httpx.AsyncClient(timeout=30).post(url, json=step, headers=auth_b))
+                await asyncio.sleep(0.5)
+                assert not any(t.done() for t in (*held, other_key))
+                r = await c.post(url, json=step)  # the engine core is stopped: only the front end can answer this
+                assert r.status_code == 429 and r.headers["Retry-After"] == "1", r.text
+                assert r.json()["error"]["code"] == "session_queue_full" and r.json()["error"]["field"] == "session_id"
+                assert "2 requests" in r.json()["error"]["message"]
+                # a body announced but never sent: answered from the head alone
+                reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+                writer.write(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
+                             "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"steps\": [".encode())
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 429 "), head
+                writer.close()
+                # a WebSocket's steps message too
+                await ws.send(json.dumps({"type": "steps", **step, "id": 7}))
+                err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert err["type"] == "error" and err["id"] == 7, err
+                assert err["error"]["code"] == "session_queue_full" and err["error"]["retry_after"] == 1
+                assert not any(t.done() for t in held)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert sorted([(await t).json()["start"] for t in held]) == [0, 1]
+            r = await other_key  # another key's request is not counted against this key's: the engine says 404
+            assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found", r.text
+            # answers release the bound, and so do errors: more requests than the bound, one at a time
+            for _ in range(3):
+                r = await c.post(url, json={**step, "start": 99})
+                assert r.status_code == 409 and r.json()["error"]["code"] == "step_gap", r.text
+            for i in range(3):
+                r = await c.post(url, json=step)
+                assert r.status_code == 200 and r.json()["start"] == 2 + i, r.text
+
+    asyncio.run(run())
