@@ -268,9 +268,15 @@ def running_mean(per_step: Tensor, score_sum: Tensor | None = None,
     this function; single steps through ``running_mean_step``, its L = 1 case.
     """
     L = per_step.shape[0]
-    sums = per_step.cumsum(0)
-    if score_sum is not None:
-        sums = sums + score_sum.unsqueeze(0)
+    if score_sum is None:
+        sums = per_step.cumsum(0)
+    else:  # ((sum + r0) + r1) + ..., in the dtype, as single steps add: chunking changes no bit (``cumsum``
+        # accumulates float32 in float64 on the CPU and rounds once: other bits than step after step)
+        acc, rows = score_sum, []
+        for r in per_step.unbind(0):
+            acc = acc + r
+            rows.append(acc)
+        sums = torch.stack(rows)
     steps = torch.arange(1, L + 1, device=per_step.device, dtype=per_step.dtype).reshape(L, 1, 1)
     if seen is not None:
         steps = steps + seen.to(per_step.dtype).reshape(1, -1, 1)

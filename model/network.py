@@ -41,7 +41,7 @@ class NetOutput(NamedTuple):
     scores: Tensor  # (T, B, num_classes) mean readout over steps 0..t
 
 
-ROW_TILE = 8  # the step form's matrix products run on a multiple of this many rows (``current_rows``)
+ROW_TILE = 16  # the step form's matrix products run on a multiple of this many rows (``current_rows``)
 
 
 def _make_neuron(cfg: NetConfig) -> nn.Module:
@@ -88,16 +88,22 @@ class SpikingLayer(nn.Module):
         return masked_batch_norm(self.bn, y, valid)
 
     def current_rows(self, x: Tensor) -> Tensor:
-        """``current`` for the step form, batch-invariant: row i's result does not depend on the
-        other rows or their number. A matrix product may sum in another order for another number of
-        rows (on this CPU a product of 1-7 rows differs from the same rows inside a larger one; a row
-        count that is a multiple of ``ROW_TILE`` measured invariant), so the rows are padded with
-        zeros to a multiple of ``ROW_TILE`` (tests/test_network.py checks it on the machine at hand).
-        """
-        pad = -x.shape[0] % ROW_TILE
-        if not pad:
-            return self.current(x)
-        return self.current(torch.cat([x, x.new_zeros(pad, *x.shape[1:])]))[:x.shape[0]]
+        """``current`` for the step form, batch-invariant (``by_rows``)."""
+        return by_rows(self.current, x)
+
+
+def by_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)`` for a row-wise ``fn`` built on matrix products, batch-invariant: row i's result does
+    not depend on the other rows or their number. A matrix product may sum in another order for
+    another number of rows (on this CPU a product of 1-7 rows differs from the same rows inside a
+    larger one, and with 256 inputs one of 8 rows from one of 16 or more; row counts that are
+    multiples of ``ROW_TILE`` = 16 measured invariant from 16 to 4,096), so the rows are padded with
+    zeros to a multiple of ``ROW_TILE`` (tests/test_network.py checks it on the machine at hand, for
+    the shipped models too). Used by the step form for each layer's input current and the readout."""
+    pad = -x.shape[0] % ROW_TILE
+    if not pad:
+        return fn(x)
+    return fn(torch.cat([x, x.new_zeros(pad, *x.shape[1:])]))[:x.shape[0]]
 
 
 class PSNNet(nn.Module):
@@ -190,7 +196,8 @@ class PSNNet(nn.Module):
             else:
                 h, ns = layer.neuron.chunk(cur, ns)
             new_neurons.append(ns)
-        scores, score_sum = running_mean(self.readout(h.reshape(L, B, -1)), state.score_sum, state.t)  # (L, B, C)
+        logits = by_rows(self.readout, h.reshape(L * B, -1)).reshape(L, B, -1)
+        scores, score_sum = running_mean(logits, state.score_sum, state.t)  # (L, B, C)
         new = NetState(neurons=tuple(new_neurons), score_sum=score_sum, t=state.t + L)
         return NetOutput(spikes=h, scores=scores), new
 
@@ -239,7 +246,7 @@ class PSNNet(nn.Module):
         for layer, ns in zip(self.layers, state.neurons, strict=True):
             cur = layer.current_rows(h)  # (B, *out)
             h = sliding_step_slots_(ns.window, ns.t, idx, cur, layer.neuron.weight, layer.neuron.bias)
-        scores, sums, t = running_mean_step(self.readout(h.reshape(h.shape[0], -1)),
+        scores, sums, t = running_mean_step(by_rows(self.readout, h.reshape(h.shape[0], -1)),
                                             state.score_sum.index_select(0, idx), state.t.index_select(0, idx))
         state.score_sum.index_copy_(0, idx, sums)
         state.t.index_copy_(0, idx, t)
