@@ -24,12 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.schema import LoggingConfig
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
+from yarl import URL
 
 from service.config import get_settings
 from service.lifetime import die_with_parent
@@ -80,8 +83,7 @@ class Replica:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"replica {self.replica_id}: the service was not ready within 180 s")
             time.sleep(0.1)
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        self.http = httpx.AsyncClient(base_url=f"http://{self.base}", timeout=60, limits=limits)
+        self.http: aiohttp.ClientSession | None = None  # made in the replica's event loop, on first use
         log.info("replica %s: the service (pid %d) serves on %s", self.replica_id, self.proc.pid, self.base)
 
     def check_health(self) -> None:
@@ -142,18 +144,30 @@ class Replica:
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     async def relay(self, request: Request, path: str) -> Response:
-        """Relay one HTTP request to the service."""
+        """Relay one HTTP request to the service (aiohttp, which Serve depends on: httpx's connection pool
+        cost the replica more CPU per request than the service's whole answer, bench/cluster.py)."""
+        if self.http is None:
+            self.http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=60), auto_decompress=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
+        raw = request.scope.get("raw_path") or ("/" + path).encode()
+        query = request.scope.get("query_string", b"")
+        url = URL(f"http://{self.base}{raw.decode('latin-1')}" + (f"?{query.decode('latin-1')}" if query else ""),
+                  encoded=True)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
         try:
-            r = await self.http.request(request.method, "/" + path, params=request.query_params,
-                                        content=await request.body(), headers=headers)
-        except httpx.TransportError as e:
+            async with self.http.request(request.method, url, data=await request.body(), headers=headers,
+                                         allow_redirects=False) as r:
+                content = await r.read()
+                out = {k: v for k, v in r.headers.items() if k.lower() not in HOP | {"content-encoding"}}
+                status = r.status
+        except (aiohttp.ClientError, TimeoutError) as e:
             return Response(f'{{"error": {{"code": "engine_unavailable", "message": "replica {self.replica_id}: '
                             f'{type(e).__name__}"}}}}', status_code=503, media_type="application/json",
                             headers={"Retry-After": "1"})
-        out = {k: v for k, v in r.headers.items() if k.lower() not in HOP | {"content-encoding"}}
         out["x-psn-replica"] = self.replica_id
-        return Response(r.content, status_code=r.status_code, headers=out)
+        return Response(content, status_code=status, headers=out)
 
 
 def build(env: dict[str, str] | None = None, replicas: int | None = None) -> Any:
@@ -164,7 +178,17 @@ def build(env: dict[str, str] | None = None, replicas: int | None = None) -> Any
     passed = {k: v for k, v in os.environ.items() if k.startswith("PSN_")} | (env or {})
     if not (passed.get("PSN_STATE_URL") or settings.state_url):
         raise SystemExit("service.ray: set PSN_STATE_URL=redis://HOST:PORT/DB (the sessions replicas share)")
-    return Replica.options(num_replicas=n, ray_actor_options={"num_cpus": cpus}).bind(passed)
+    return Replica.options(num_replicas=n, ray_actor_options={"num_cpus": cpus},
+                           logging_config=serve_logging(settings.log_level)).bind(passed)
+
+
+def serve_logging(level: str) -> LoggingConfig:
+    """Serve's own logs at ``PSN_LOG_LEVEL`` (at least WARNING), its access log only at debug: a line per
+    request in each replica and the proxy, streamed to the driver, which cost more CPU per request than
+    the service's own work (bench/cluster.py)."""
+    debug = level.lower() == "debug"
+    return LoggingConfig(enable_access_log=debug, log_level="DEBUG" if debug else
+                         max(level.upper(), "WARNING", key=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL").index))
 
 
 def app_builder(args: dict[str, str]) -> Any:
@@ -179,7 +203,8 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     application = build()
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": settings.host, "port": settings.port},
+                logging_config=serve_logging(settings.log_level))
     serve.run(application, name="psn", route_prefix="/")
     log.info("psn-stream on Ray Serve: %s replicas on %s:%d", os.environ.get("PSN_RAY_REPLICAS", "2"),
              settings.host, settings.port)
