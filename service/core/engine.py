@@ -524,19 +524,15 @@ class EngineCore:
             self.sessions.tag = st.tag  # ids issued before the restart stay ids of this store
         for sid, (reason, owner) in st.gone.items():
             self.sessions.remember(sid, reason, owner)
-        groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
+        todo: list[tuple[str, Recovered]] = []
         lost: list[tuple[str, str]] = []
         for sid, rec in st.live.items():
             why = self._unrebuildable(rec, st.fingerprints)
             if why:
                 lost.append((sid, why))
             else:
-                groups.setdefault((rec.model, min(rec.t, self.specs[rec.model].replay or 0)), []).append((sid, rec))
-        rebuilt = 0
-        size = max(self.settings.max_batch_size, 1024)  # larger products than serving uses: fewer calls
-        for (model, n), members in groups.items():
-            for i in range(0, len(members), size):
-                rebuilt += self._rebuild(model, n, members[i:i + size], lost)
+                todo.append((sid, rec))
+        rebuilt = self._rebuild_all(todo, lost)
         for sid, why in lost:
             self.sessions.remember(sid, "session_lost", st.live[sid].owner if sid in st.live else "")
             log.warning("session lost id=%s: %s", sid[:8], why)
@@ -664,7 +660,7 @@ class EngineCore:
         assert self.cluster is not None
         t0 = time.perf_counter()
         errors: dict[str, ServiceError] = {}
-        groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
+        todo: list[tuple[str, Recovered]] = []
         records: dict[str, int] = {}
         lost: list[tuple[str, str]] = []
         free = {name: pool.size - pool.in_use for name, pool in self.sessions.pools.items()}
@@ -690,26 +686,31 @@ class EngineCore:
                 continue
             free[rec.model] -= 1
             records[sid] = st.records
-            groups.setdefault((rec.model, min(rec.t, self.specs[rec.model].replay or 0)), []).append((sid, rec))
-        size = max(self.settings.max_batch_size, 1024)
-        for (model, n), members in groups.items():
-            for i in range(0, len(members), size):
-                self._rebuild(model, n, members[i:i + size], lost)
+            todo.append((sid, rec))
+        self._rebuild_all(todo, lost)
         for sid, why in lost:
             log.warning("session lost id=%s: %s", sid[:8], why)
             self.cluster.add("e", sid, frame([END, [sid], ["session_lost"]]))
             errors[sid] = self.sessions.gone_error(sid, "session_lost")
         taken = 0
-        for (model, _), members in groups.items():
-            for sid, _rec in members:
-                if sid in self.sessions.live:
-                    self._records[sid] = records[sid]
-                    self.metrics.sessions_adopted.labels(model).inc()
-                    taken += 1
+        for sid, rec in todo:
+            if sid in self.sessions.live:
+                self._records[sid] = records[sid]
+                self.metrics.sessions_adopted.labels(rec.model).inc()
+                taken += 1
         if taken:
             log.info("took over %d session(s) from the shared store in %.1f ms", taken,
                      (time.perf_counter() - t0) * 1000)
         return errors
+
+    def _rebuild_all(self, todo: list[tuple[str, Recovered]], lost: list[tuple[str, str]]) -> int:
+        """Rebuild logged sessions (recovery, takeover), batched by model and replay length; how many were."""
+        groups: dict[tuple[str, int], list[tuple[str, Recovered]]] = {}
+        for sid, rec in todo:
+            groups.setdefault((rec.model, min(rec.t, self.specs[rec.model].replay or 0)), []).append((sid, rec))
+        size = max(self.settings.max_batch_size, 1024)  # larger products than serving uses: fewer calls
+        return sum(self._rebuild(model, n, members[i:i + size], lost)
+                   for (model, n), members in groups.items() for i in range(0, len(members), size))
 
     def _rebuild(self, model: str, n: int, members: list[tuple[str, Recovered]], lost: list[tuple[str, str]]) -> int:
         """Open ``members`` again and replay their last ``n`` inputs in one batch."""
