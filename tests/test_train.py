@@ -129,16 +129,22 @@ def test_ctrl_c_during_training_says_nothing_was_written(tmp_path):
     import sys
 
     out = tmp_path / "never"
+    # Ctrl-C as at a terminal, whatever this test inherited: a shell starts background jobs with SIGINT
+    # ignored, and Python keeps an ignored SIGINT ignored (the run would go on for 100,000 epochs)
     proc = subprocess.Popen([sys.executable, "-m", "model.train", *TINY[:-1], "--epochs", "100000", "--out", str(out)],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:  # wait until training has started
         lines.append(line)
         if "parameters" in line:
             break
     proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == 130
+    try:
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
     assert "Traceback" not in rest and "nothing was written" in rest.strip().splitlines()[-1], rest
     assert not out.exists() and not list(tmp_path.iterdir())
 
