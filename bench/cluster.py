@@ -82,9 +82,11 @@ def load(base: str, sessions: int, L: int, duration: float) -> dict:
     return asyncio.run(drive(f"ws://{base}/v1/stream", MODEL, INPUT, sessions, duration, 1.0, 10**9, L, "json"))
 
 
-async def failover(bases: list[str], sessions: int, kill, steps: int = 20) -> dict:
+async def failover(bases: list[str], sessions: int, kill, steps: int = 20, settle=None) -> dict:
     """Open ``sessions`` through bases[0], step each ``steps`` times, kill, then time until all answer again
-    (each client re-sends its next step through bases[-1] every 50 ms until it is answered)."""
+    (each client re-sends its next step through bases[-1] every 50 ms until it is answered). Then the same
+    requests again with nothing to take over, for the client's own pace; ``settle`` (blocking) first waits
+    for a replacement replica, and one untimed round lets the sessions it takes move there."""
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=f"http://{bases[0]}", timeout=30, limits=limits) as c:
         sem = asyncio.Semaphore(64)
@@ -100,6 +102,10 @@ async def failover(bases: list[str], sessions: int, kill, steps: int = 20) -> di
     kill()
     t_kill = time.perf_counter()
     took = await resend(bases[-1], sids, steps, t_kill)
+    if settle is not None:
+        await asyncio.to_thread(settle)
+        await resend(bases[-1], sids, steps + 1, time.perf_counter())
+        steps += 1
     # the same requests again, the sessions now held: what the client alone takes for them
     base = await resend(bases[-1], sids, steps + 1, time.perf_counter())
     return {"sessions": sessions, "first_s": round(took[0], 3), "median_s": round(took[len(took) // 2], 3),
@@ -197,8 +203,9 @@ def main() -> None:
             if have_ray:
                 base, proc, replicas = ray_app(url, 2, tmp / "rayf.log")
                 victim = sorted(replicas)[0]
-                results["failover ray (2 replicas, one killed)"] = asyncio.run(
-                    failover([base], args.failover_sessions, lambda: kill_tree(replicas[victim]["pid"])))
+                results["failover ray (2 replicas, one killed)"] = asyncio.run(failover(
+                    [base], args.failover_sessions, lambda: kill_tree(replicas[victim]["pid"]),
+                    settle=lambda: wait_replicas(base, 2, 120)))  # the killed one cannot answer: its replacement
                 stop(proc)
     finally:
         redis.kill()
