@@ -95,6 +95,13 @@ class RetryTooOld(ServiceError):
 class SessionQueueFull(ServiceError):
     status, code = 429, "session_queue_full"
 
+    @classmethod
+    def waiting(cls, sid: str, n: int) -> SessionQueueFull:
+        """The refusal of one more request for ``sid`` with ``n`` already waiting (the engine core's queue,
+        or a front end's unanswered requests: the same answer either way)."""
+        return cls(f"session {sid!r}: {n} requests are already waiting on it (PSN_SESSION_QUEUE); wait for "
+                   "their answers before sending more", field="session_id", retry_after=1)
+
 
 class RequestTimeout(ServiceError):
     status, code = 504, "request_timeout"

@@ -73,9 +73,7 @@ class Scheduler:
         """Queue ``req`` behind its session's other requests, at most ``session_queue`` of them."""
         s = req.session
         if len(s.queue) >= self.session_queue:
-            raise SessionQueueFull(f"session {s.id!r}: {len(s.queue)} requests are already waiting on it "
-                                   "(PSN_SESSION_QUEUE); wait for their answers before sending more",
-                                   field="session_id", retry_after=1)
+            raise SessionQueueFull.waiting(s.id, len(s.queue))
         s.queue.append(req)
         if len(s.queue) == 1:
             self.ready.append(s)

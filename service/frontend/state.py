@@ -90,8 +90,7 @@ class Frontend:
         n = self.outstanding.get((owner, sid), 0)
         if n < self.settings.session_queue:
             return None
-        return SessionQueueFull(f"session {sid!r}: {n} requests are already waiting on it (PSN_SESSION_QUEUE); "
-                                "wait for their answers before sending more", field="session_id", retry_after=1)
+        return SessionQueueFull.waiting(sid, n)
 
     async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes,
                     owner: str) -> list[Any]:
