@@ -160,25 +160,10 @@ class Client:
 
 def test_behind_haproxy_a_session_stays_on_one_replica_and_survives_a_replica_kill(cluster, ref: Reference,
                                                                                      tmp_path) -> None:
-    exe = shutil.which("haproxy")
-    if exe is None:
-        pytest.skip("haproxy is not installed (Debian: apt-get install haproxy)")
     a, b = cluster(2)
     port = free_port()
-    env = {**os.environ, "PSN_PROXY_BIND": f"127.0.0.1:{port}", "PSN_REPLICA_1": f"127.0.0.1:{a.port}",
-           "PSN_REPLICA_2": f"127.0.0.1:{b.port}"}
-    proxy = subprocess.Popen([exe, "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = start_haproxy(port, a, b)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proxy.poll() is None, "haproxy did not come up"
-            time.sleep(0.1)
         models = ("sliding", "masked", "conv")
         clients = [Client(f"127.0.0.1:{port}", models[i % 3], ref.sequence(models[i % 3], T_ALL, seed=80 + i),
                           ws=i % 2 == 1) for i in range(13)]  # 7 over HTTP: an odd count, so no
@@ -248,13 +233,27 @@ def test_cluster_smoke() -> None:
 
 
 def start_haproxy(port: int, a: Server, b: Server) -> subprocess.Popen:
+    """deploy/haproxy.cfg on ``port`` in front of replicas ``a`` and ``b``, once it answers /readyz (from a
+    replica that is up)."""
     exe = shutil.which("haproxy")
     if exe is None:
         pytest.skip("haproxy is not installed (Debian: apt-get install haproxy)")
     env = {**os.environ, "PSN_PROXY_BIND": f"127.0.0.1:{port}", "PSN_REPLICA_1": f"127.0.0.1:{a.port}",
            "PSN_REPLICA_2": f"127.0.0.1:{b.port}"}
-    return subprocess.Popen([exe, "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = subprocess.Popen([exe, "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proxy
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proxy.poll() is not None:
+            proxy.kill()
+            proxy.wait()
+            raise AssertionError("haproxy did not come up")
+        time.sleep(0.1)
 
 
 def test_when_a_replica_is_added_moved_sessions_are_refused_by_the_old_one_and_retried_on_the_new(
@@ -271,15 +270,6 @@ def test_when_a_replica_is_added_moved_sessions_are_refused_by_the_old_one_and_r
         proxy = start_haproxy(port, a, b)
         base = f"127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(f"http://{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and proxy.poll() is None, "haproxy did not come up"
-                time.sleep(0.1)
             clients = [Client(base, "sliding", ref.sequence("sliding", T, seed=200 + i), ws=True) for i in range(16)]
             for c in clients:  # all on A: B is down
                 assert c.send(4)
