@@ -22,6 +22,14 @@ PREFERRED = ("japanesevowels-sliding", "mnist1d-sliding")
 CHROMIUM = os.environ.get("PSN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
+def _playwright():
+    """Playwright's sync API, with a real Chromium to drive (the test is skipped, saying why, without)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set PSN_CHROMIUM)")
+    return sync_api
+
+
 def _shipped_model() -> str:
     names = [n for n in PREFERRED if (SHIPPED / n / "reference.json").is_file()]
     if not names:
@@ -59,9 +67,7 @@ def test_demo_routes_serve_the_page_and_shipped_samples(shipped) -> None:
 
 
 def test_demo_page_streams_a_sample_in_a_real_browser(shipped, tmp_path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set PSN_CHROMIUM)")
+    sync_api = _playwright()
     name = _shipped_model()
     with httpx.Client(base_url=shipped.url, timeout=20) as c:
         sample = c.get(f"/demo/samples/{name}").json()["samples"][1]
@@ -108,9 +114,7 @@ def test_demo_page_streams_a_sample_in_a_real_browser(shipped, tmp_path) -> None
 def test_demo_page_takes_an_api_key_in_a_real_browser(serve) -> None:
     """With access control on, the page's files load without a key; its API calls (fetch with Authorization,
     the WebSocket with a psn.key.<key> subprotocol next to psn.json.v1) work once the key is typed in."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set PSN_CHROMIUM)")
+    sync_api = _playwright()
     name, key = _shipped_model(), "demo-key-0123456789abcdef"
     srv = serve(model_dir=SHIPPED, dtype="float32", api_keys=key)
     with httpx.Client(base_url=srv.url, timeout=20, headers={"Authorization": f"Bearer {key}"}) as c:
