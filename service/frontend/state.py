@@ -1,7 +1,8 @@
 """What one front-end process keeps: the engine client, the served models' codecs, which WebSocket
 connections watch which session, and a small cache of (owner, session) -> model (to parse a request's
 steps before the engine core sees it; by owner, so another key's request about a session is sent to
-the engine core, which answers 404, before its steps are parsed). Made in the lifespan; routes reach
+the engine core, which answers 404, before its steps are parsed), and how many steps requests of each
+(owner, session) it has sent and not had answered (``queue_full``). Made in the lifespan; routes reach
 it through ``deps.py``."""
 
 from __future__ import annotations
