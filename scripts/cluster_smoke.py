@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -166,6 +167,42 @@ def check(base: str, clients: list[Client]) -> list[str]:
     return problems
 
 
+def oip_sequences(base: str, n: int = 8, chunk: int = 2) -> list[str]:
+    """What is wrong with ``n`` Open Inference Protocol sequences (every other shipped sample) streamed
+    ``chunk`` steps a request, interleaved, each request on a new connection: their id is only in the
+    body, and the router must still keep each on one replica (a sequence that moved and came back would
+    be refused by its old replica, 409). Before any replica dies: an OIP client has no ``start`` to
+    re-send from, so every request must be answered, with the outputs /v1 gives the same steps."""
+    seqs = [(f"smoke-{i}" if i % 2 else 1000 + i, s) for i, s in enumerate(samples()[::2][:n])]
+    got: dict = {seq: [] for seq, _ in seqs}
+    for t in range(0, max(len(s[1]) for _, s in seqs), chunk):
+        for seq, (model, x, _, _) in seqs:
+            if t >= len(x):
+                continue
+            steps = np.asarray(x[t:t + chunk], np.float32)
+            body = {"inputs": [{"name": "steps", "datatype": "FP32", "shape": [1, *steps.shape],
+                                "data": steps.ravel().tolist()}],
+                    "parameters": {"sequence_id": seq, "sequence_start": t == 0, "sequence_end": t + chunk >= len(x)}}
+            r = httpx.post(f"http://{base}/v2/models/{model}/infer", json=body, timeout=30)
+            if r.status_code != 200:
+                return [f"OIP sequence {seq!r}: request at step {t} answered {r.status_code} {r.text[:200]}"]
+            out = {o["name"]: np.asarray(o["data"]).reshape(o["shape"])[0] for o in r.json()["outputs"]}
+            got[seq] += zip(out["spikes"].tolist(), out["scores"].tolist(), out["predicted"].tolist(), strict=True)
+    problems: list[str] = []
+    with httpx.Client(base_url=f"http://{base}", timeout=30) as http:
+        for seq, (model, x, _, _) in seqs:
+            sid = http.post("/v1/sessions", json={"model": model}).json()["session_id"]
+            v1 = http.post(f"/v1/sessions/{sid}/steps", json={
+                "steps": np.asarray(x, np.float32).astype(float).tolist()}).json()["outputs"]
+            http.delete(f"/v1/sessions/{sid}")
+            for o, (spikes, scores, predicted) in zip(v1, got[seq], strict=True):
+                if spikes != o["spikes"] or predicted != o["predicted"] or \
+                        max(abs(a - b) for a, b in zip(scores, o["scores"], strict=True)) > 1e-5:
+                    problems.append(f"OIP sequence {seq!r} ({model}): step {o['index']} differs from /v1")
+                    break
+    return problems
+
+
 def descendants(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     kids = [int(p) for p in out]
@@ -191,6 +228,10 @@ def wait_replicas(base: str, n: int, timeout: float) -> dict[str, dict]:
 
 
 def run(base: str, kill) -> bool:
+    problems = oip_sequences(base)
+    print(f"OIP sequences: {'every request answered, the same outputs as /v1' if not problems else 'FAILED'}")
+    for p in problems:
+        print("  " + p)
     clients = [Client(base, i, s) for i, s in zip(range(SESSIONS), samples() * 4, strict=False)]
     total = sum(len(c.x) for c in clients)
     killed_at: list[float] = []
@@ -206,7 +247,7 @@ def run(base: str, kill) -> bool:
     t0 = time.monotonic()
     drive(clients, t0 + 240)
     elapsed = time.monotonic() - t0
-    problems = check(base, clients) if killed_at else ["the replica was never killed"]
+    problems += check(base, clients) if killed_at else ["the replica was never killed"]
     stalls = [s for c in clients for s in c.stalls]
     failed = sum(c.failures > 0 for c in clients)
     print(f"{SESSIONS} sessions, {total} steps in {elapsed:.1f} s; {failed} sessions saw failures "

@@ -28,6 +28,7 @@ import aiohttp
 import httpx
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
 from ray import serve
+from ray.serve._private.constants import SERVE_SESSION_ID
 from ray.serve.config import RequestRouterConfig
 from ray.serve.schema import LoggingConfig
 from websockets.asyncio.client import connect as ws_connect
@@ -36,7 +37,7 @@ from yarl import URL
 
 from service.config import get_settings
 from service.lifetime import die_with_parent
-from service.ray_router import SessionRouter
+from service.ray_router import SessionRouter, oip_sequence_key
 
 log = logging.getLogger("psn.ray")
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,6 +85,7 @@ class Replica:
                 raise RuntimeError(f"replica {self.replica_id}: the service was not ready within 180 s")
             time.sleep(0.1)
         self.http: aiohttp.ClientSession | None = None  # made in the replica's event loop, on first use
+        self.peers: Any = None  # a handle to this deployment (OIP sequences), made on first use
         log.info("replica %s: the service (pid %d) serves on %s", self.replica_id, self.proc.pid, self.base)
 
     def check_health(self) -> None:
@@ -142,32 +144,59 @@ class Replica:
             except RuntimeError:
                 pass
 
+    @api.post("/v2/models/{name}/infer")
+    async def oip_infer(self, request: Request, name: str) -> Response:
+        """An OIP v2 infer request: a sequence's (its id is in the body, out of the proxy's sight) goes on
+        to the replica its key hashes to, through a handle keyed on it; any other is served here."""
+        raw, query, headers, body = await self._incoming(request, f"v2/models/{name}/infer")
+        routed = request.headers.get(SERVE_SESSION_ID)  # the proxy has keyed it on that already
+        key = None if routed else oip_sequence_key(name, body, request.headers.get("inference-header-content-length"))
+        if key is None:
+            status, out, content = await self.forward(request.method, raw, query, headers, body)
+        else:
+            if self.peers is None:
+                ctx = serve.get_replica_context()
+                self.peers = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+            status, out, content = await self.peers.options(session_id=key).forward.remote(
+                request.method, raw, query, headers, body)
+        return Response(content, status_code=status, headers=out)
+
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     async def relay(self, request: Request, path: str) -> Response:
-        """Relay one HTTP request to the service (aiohttp, which Serve depends on: httpx's connection pool
-        cost the replica more CPU per request than the service's whole answer, bench/cluster.py)."""
+        """Relay one HTTP request to the service."""
+        status, out, content = await self.forward(request.method, *await self._incoming(request, path))
+        return Response(content, status_code=status, headers=out)
+
+    @staticmethod
+    async def _incoming(request: Request, path: str) -> tuple[bytes, bytes, list[tuple[str, str]], bytes]:
+        """What ``forward`` sends on, as received: the raw path and query, the end-to-end headers, the body."""
+        raw = request.scope.get("raw_path") or ("/" + path).encode()
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        return raw, request.scope.get("query_string", b""), headers, await request.body()
+
+    async def forward(self, method: str, raw: bytes, query: bytes, headers: list[tuple[str, str]],
+                      body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """One request to this replica's service: status, headers, body (aiohttp, which Serve depends on:
+        httpx's connection pool cost the replica more CPU per request than the service's whole answer,
+        bench/cluster.py). Also called through a handle by another replica (``oip_infer``)."""
         if self.http is None:
             self.http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=30),
                 timeout=aiohttp.ClientTimeout(total=60), auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
-        raw = request.scope.get("raw_path") or ("/" + path).encode()
-        query = request.scope.get("query_string", b"")
         url = URL(f"http://{self.base}{raw.decode('latin-1')}" + (f"?{query.decode('latin-1')}" if query else ""),
                   encoded=True)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
         try:
-            async with self.http.request(request.method, url, data=await request.body(), headers=headers,
-                                         allow_redirects=False) as r:
+            async with self.http.request(method, url, data=body, headers=headers, allow_redirects=False) as r:
                 content = await r.read()
                 out = {k: v for k, v in r.headers.items() if k.lower() not in HOP | {"content-encoding"}}
                 status = r.status
         except (aiohttp.ClientError, TimeoutError) as e:
-            return Response(f'{{"error": {{"code": "engine_unavailable", "message": "replica {self.replica_id}: '
-                            f'{type(e).__name__}"}}}}', status_code=503, media_type="application/json",
-                            headers={"Retry-After": "1"})
+            return 503, {"content-type": "application/json", "retry-after": "1"}, (
+                f'{{"error": {{"code": "engine_unavailable", "message": "replica {self.replica_id}: '
+                f'{type(e).__name__}"}}}}').encode()
         out["x-psn-replica"] = self.replica_id
-        return Response(content, status_code=status, headers=out)
+        return status, out, content
 
 
 def build(env: dict[str, str] | None = None, replicas: int | None = None) -> Any:

@@ -7,6 +7,10 @@ has to, so the key comes from the URL, where every request that concerns a sessi
 
 - ``/v1/sessions/{id}`` and ``/v1/sessions/{id}/steps``: the path;
 - ``/v1/stream?session_id={id}``: the query (attaching to a session over WebSocket);
+- ``POST /v2/models/{name}/infer`` with a ``sequence_id`` parameter (an Open Inference Protocol sequence):
+  the id is in the body, which Ray's proxy does not read, so the replica that gets the request reads
+  it and hands it on through a deployment handle keyed ``oip:{name}:{sequence_id}``
+  (``service.ray.Replica.oip_infer``);
 - an ``x-session-id`` header still wins when a client sends one.
 
 Requests that name no session (opening one, ``/v1/models``, ``/metrics``) hash their request id: spread
@@ -15,6 +19,7 @@ uniformly over the replicas, so new sessions are balanced. Only imported in Ray'
 
 from __future__ import annotations
 
+import json
 import pickle
 from typing import Any
 from urllib.parse import parse_qs
@@ -32,6 +37,22 @@ def session_key(path: str, query: bytes | str = b"") -> str | None:
         sid = parse_qs(q).get("session_id", [""])[0]
         return sid or None
     return None
+
+
+def oip_sequence_key(name: str, body: bytes, header_length: str | None = None) -> str | None:
+    """The routing key of an OIP v2 infer request for model ``name``: ``oip:{name}:{sequence_id}`` when its
+    parameters name a sequence, None otherwise (a batch of whole sequences: any replica, and a body the
+    service will refuse: any replica refuses it the same). ``header_length``: the binary tensor extension's
+    Inference-Header-Content-Length (the JSON is the body's first that many bytes)."""
+    n = int(header_length) if header_length is not None and header_length.isdigit() else len(body)
+    try:
+        params = json.loads(body[:n]).get("parameters") or {}
+        seq = params.get("sequence_id")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(seq, bool) or not isinstance(seq, int | str) or seq in (0, ""):
+        return None
+    return f"oip:{name}:{seq}"
 
 
 def request_key(arg: Any) -> str | None:

@@ -15,6 +15,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -112,11 +113,10 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
-def adopted(srv: Server) -> float:
-    """Sessions this replica took over from another one (its /metrics, asked directly)."""
+def adopted(srv: Server, metric: str = "psn_sessions_adopted_total") -> float:
+    """Sessions this replica took over from another one (its /metrics, asked directly; or ``metric``)."""
     text = httpx.get(f"{srv.url}/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("psn_sessions_adopted_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric + "{"))
 
 
 class Client:
@@ -195,6 +195,42 @@ def test_behind_haproxy_a_session_stays_on_one_replica_and_survives_a_replica_ki
         proxy.wait()
 
 
+def test_behind_haproxy_an_oip_sequence_stays_on_one_replica(cluster, ref: Reference) -> None:
+    """An Open Inference Protocol sequence names itself only in the body: the proxy reads its sequence_id
+    (JSON, and the JSON header before binary tensor data), so every request of a sequence reaches one
+    replica. Misrouted, a sequence would move (a takeover) and its old replica would refuse it (409)."""
+    tritonclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
+    import numpy as np
+
+    a, b = cluster(2)
+    port = free_port()
+    proxy = start_haproxy(port, a, b)
+    try:
+        xs = {s: ref.sequence("sliding", 12, seed=300 + s).numpy().astype(np.float32) for s in range(7)}
+        ids = {s: s + 1 if s % 2 else f"seq-{s}" for s in xs}  # integer and string ids
+        got: dict[int, list] = {s: [] for s in xs}
+        for k in range(4):
+            for s, x in xs.items():
+                c = tritonclient.InferenceServerClient(url=f"127.0.0.1:{port}")  # a new connection each time
+                inp = tritonclient.InferInput("steps", [1, 3, *x.shape[1:]], "FP32")
+                inp.set_data_from_numpy(x[None, 3 * k:3 * k + 3], binary_data=s % 3 != 0)
+                r = c.infer("sliding", [inp], sequence_id=ids[s], sequence_start=k == 0, sequence_end=k == 3,
+                            outputs=[tritonclient.InferRequestedOutput(n, binary_data=s % 2 == 0)
+                                     for n in ("spikes", "scores", "predicted")])
+                got[s] += [{"spikes": sp, "scores": sc, "predicted": p} for sp, sc, p in zip(
+                    *(r.as_numpy(n)[0].tolist() for n in ("spikes", "scores", "predicted")), strict=True)]
+                c.close()
+        assert adopted(a) + adopted(b) == 0  # no sequence ever moved
+        opened = [adopted(r, "psn_sessions_opened_total") for r in (a, b)]
+        assert sum(opened) == len(xs) and min(opened) > 0, opened  # opened where their ids hash: both replicas
+        for s, x in xs.items():
+            assert_outputs([{"index": t, **o} for t, o in enumerate(got[s])],
+                           ref.outputs("sliding", torch.from_numpy(x).double()), rel=1e-5, abs=1e-5)
+    finally:
+        proxy.kill()
+        proxy.wait()
+
+
 def test_a_websocket_routed_by_session_id_attaches_only_to_that_session(server: Server) -> None:
     """/v1/stream?session_id=X is how a proxy routes a WebSocket (the attach message is out of its sight),
     so attaching to another session on that connection is refused: it would run where X's replica is."""
@@ -211,7 +247,7 @@ def test_a_websocket_routed_by_session_id_attaches_only_to_that_session(server: 
 
 def test_the_ray_router_keys_on_the_session_id_in_the_url() -> None:
     pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[cluster]')")
-    from service.ray_router import session_key
+    from service.ray_router import oip_sequence_key, session_key
 
     assert session_key("/v1/sessions/abc/steps") == "abc"
     assert session_key("/v1/sessions/abc") == "abc"
@@ -219,6 +255,14 @@ def test_the_ray_router_keys_on_the_session_id_in_the_url() -> None:
     assert session_key("/v1/sessions", b"") is None  # opening one: spread over the replicas
     assert session_key("/v1/stream", b"") is None
     assert session_key("/v1/models") is None
+    # OIP sequences: the body's sequence_id (JSON; the binary extension's JSON header), keyed with the model
+    body = json.dumps({"inputs": [], "parameters": {"sequence_id": 7, "sequence_start": True}}).encode()
+    assert oip_sequence_key("m", body) == "oip:m:7"
+    assert oip_sequence_key("m", body + b"\x00\xff{", str(len(body))) == "oip:m:7"
+    assert oip_sequence_key("m", json.dumps({"parameters": {"sequence_id": "ab"}}).encode()) == "oip:m:ab"
+    for params in ({}, {"sequence_id": 0}, {"sequence_id": ""}, {"sequence_id": True}, {"sequence_id": [1]}):
+        assert oip_sequence_key("m", json.dumps({"parameters": params}).encode()) is None  # any replica
+    assert oip_sequence_key("m", b"{not json") is None
 
 
 @pytest.mark.slow
