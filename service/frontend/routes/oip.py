@@ -104,6 +104,9 @@ async def _sequence(fe: Frontend, model: str, seq: Any, params: dict, x: np.ndar
         if e.code in ("session_not_found", "session_closed", "session_expired", "session_lost"):
             raise InvalidInput(f"sequence_id {seq!r} of model {model!r} is not open ({e.code}): the first request "
                                "of a sequence must set sequence_start", field="sequence_start") from None
+        if e.code == "session_moved":  # the /v1 wording tells the client to re-send with start, which OIP lacks
+            e.message = (f"sequence_id {seq!r} of model {model!r} moved to another replica and this request was "
+                         "not applied: send it again (the router sends it to the new one)")
         raise
     if params.get("sequence_end"):
         await fe.client.call("close", sid, owner)
