@@ -231,6 +231,30 @@ def test_behind_haproxy_an_oip_sequence_stays_on_one_replica(cluster, ref: Refer
         proxy.wait()
 
 
+def test_an_oip_sequence_moves_like_a_session_and_its_old_replica_says_send_it_again(cluster, ref: Reference) -> None:
+    """An OIP sequence asked for on another replica is taken over there with the same outputs; its old
+    replica refuses the next request with 409 in OIP's own words (no ``start``: just send it again)."""
+    a, b = cluster(2)
+    x = ref.sequence("sliding", 6, seed=41).float()
+    expected = ref.outputs("sliding", x.double())
+
+    def infer(srv: Server, t: int) -> httpx.Response:
+        body = {"inputs": [{"name": "steps", "datatype": "FP32", "shape": [1, 2, *x.shape[1:]],
+                            "data": x[t:t + 2].flatten().tolist()}], "parameters": {"sequence_id": 9,
+                                                                                     "sequence_start": t == 0}}
+        return httpx.post(f"{srv.url}/v2/models/sliding/infer", json=body, timeout=20)
+
+    outs = [infer(a, 0), infer(b, 2)]  # opened on A, continued on B: B takes it over
+    assert [r.status_code for r in outs] == [200, 200], [r.text for r in outs]
+    assert adopted(b) == 1
+    moved = infer(a, 4)
+    assert moved.status_code == 409, moved.text
+    assert "moved to another replica" in moved.json()["error"] and "send it again" in moved.json()["error"]
+    outs.append(infer(b, 4))
+    spikes = [row for r in outs for row in next(o for o in r.json()["outputs"] if o["name"] == "spikes")["data"]]
+    assert spikes == [v for step in expected[0] for v in step]  # spikes of the 6 steps, each applied once
+
+
 def test_a_websocket_routed_by_session_id_attaches_only_to_that_session(server: Server) -> None:
     """/v1/stream?session_id=X is how a proxy routes a WebSocket (the attach message is out of its sight),
     so attaching to another session on that connection is refused: it would run where X's replica is."""
