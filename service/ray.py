@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import httpx
 from fastapi import FastAPI, Request, Response, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve._private.constants import SERVE_SESSION_ID
 from ray.serve.config import RequestRouterConfig
@@ -157,8 +158,13 @@ class Replica:
             if self.peers is None:
                 ctx = serve.get_replica_context()
                 self.peers = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
-            status, out, content = await self.peers.options(session_id=key).forward.remote(
-                request.method, raw, query, headers, body)
+            try:
+                status, out, content = await self.peers.options(session_id=key).forward.remote(
+                    request.method, raw, query, headers, body)
+            except Exception as e:  # noqa: BLE001 - the replica it hashes to died under the call: retry, not 500
+                log.warning("replica %s: OIP sequence %s not handed on: %r", self.replica_id, key, e)
+                return JSONResponse({"error": f"the replica serving {key} is not reachable ({type(e).__name__}); "
+                                     "send the request again"}, status_code=503, headers={"Retry-After": "1"})
         return Response(content, status_code=status, headers=out)
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
