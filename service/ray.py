@@ -86,7 +86,7 @@ class Replica:
                 raise RuntimeError(f"replica {self.replica_id}: the service was not ready within 180 s")
             time.sleep(0.1)
         self.http: aiohttp.ClientSession | None = None  # made in the replica's event loop, on first use
-        self.peers: Any = None  # a handle to this deployment (OIP sequences), made on first use
+        self.proxy: str | None = None  # Ray's HTTP proxy (host:port), for OIP sequences, learned on first use
         log.info("replica %s: the service (pid %d) serves on %s", self.replica_id, self.proc.pid, self.base)
 
     def check_health(self) -> None:
@@ -155,17 +155,28 @@ class Replica:
         if key is None:
             status, out, content = await self.forward(request.method, raw, query, headers, body)
         else:
-            if self.peers is None:
-                ctx = serve.get_replica_context()
-                self.peers = serve.get_deployment_handle(ctx.deployment, ctx.app_name)
             try:
-                status, out, content = await self.peers.options(session_id=key).forward.remote(
-                    request.method, raw, query, headers, body)
+                status, out, content = await self._hand_on(key, request.method, raw, query, headers, body)
             except Exception as e:  # noqa: BLE001 - the replica it hashes to died under the call: retry, not 500
                 log.warning("replica %s: OIP sequence %s not handed on: %r", self.replica_id, key, e)
                 return JSONResponse({"error": f"the replica serving {key} is not reachable ({type(e).__name__}); "
                                      "send the request again"}, status_code=503, headers={"Retry-After": "1"})
         return Response(content, status_code=status, headers=out)
+
+    async def _hand_on(self, key: str, method: str, raw: bytes, query: bytes, headers: list[tuple[str, str]],
+                       body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """The request once more through Ray's HTTP proxy, now keyed ``key`` in the session header, so the
+        proxy's router sends it to the replica ``key`` hashes to, which serves it (``oip_infer``). Not
+        a deployment handle: handle calls made from a replica in the first seconds after Serve started
+        were seen here (about 1 in 10 starts) to run on their replica and not report back within 30 s (a
+        retry after 3 s applied the steps twice); requests the proxy routes never did."""
+        if self.proxy is None:
+            from ray.serve.context import _get_global_client
+
+            cfg = (await asyncio.to_thread(_get_global_client)).http_config  # once: a blocking call to Serve
+            host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "", None) else cfg.host
+            self.proxy = f"{host}:{cfg.port}"
+        return await self.forward(method, raw, query, [*headers, (SERVE_SESSION_ID, key)], body, to=self.proxy)
 
     @api.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     async def relay(self, request: Request, path: str) -> Response:
@@ -181,16 +192,16 @@ class Replica:
         return raw, request.scope.get("query_string", b""), headers, await request.body()
 
     async def forward(self, method: str, raw: bytes, query: bytes, headers: list[tuple[str, str]],
-                      body: bytes) -> tuple[int, dict[str, str], bytes]:
+                      body: bytes, to: str | None = None) -> tuple[int, dict[str, str], bytes]:
         """One request to this replica's service: status, headers, body (aiohttp, which Serve depends on:
         httpx's connection pool cost the replica more CPU per request than the service's whole answer,
-        bench/cluster.py). Also called through a handle by another replica (``oip_infer``)."""
+        bench/cluster.py); ``to``: another address (Ray's proxy, ``_hand_on``)."""
         if self.http is None:
             self.http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=30),
                 timeout=aiohttp.ClientTimeout(total=60), auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"))
-        url = URL(f"http://{self.base}{raw.decode('latin-1')}" + (f"?{query.decode('latin-1')}" if query else ""),
+        url = URL(f"http://{to or self.base}{raw.decode('latin-1')}" + (f"?{query.decode('latin-1')}" if query else ""),
                   encoded=True)
         try:
             async with self.http.request(method, url, data=body, headers=headers, allow_redirects=False) as r:
@@ -201,7 +212,7 @@ class Replica:
             return 503, {"content-type": "application/json", "retry-after": "1"}, (
                 f'{{"error": {{"code": "engine_unavailable", "message": "replica {self.replica_id}: '
                 f'{type(e).__name__}"}}}}').encode()
-        out["x-psn-replica"] = self.replica_id
+        out.setdefault("x-psn-replica", self.replica_id)  # handed on (``to``): the replica that served it
         return status, out, content
 
 

@@ -9,8 +9,8 @@ has to, so the key comes from the URL, where every request that concerns a sessi
 - ``/v1/stream?session_id={id}``: the query (attaching to a session over WebSocket);
 - ``POST /v2/models/{name}/infer`` with a ``sequence_id`` parameter (an Open Inference Protocol sequence):
   the id is in the body, which Ray's proxy does not read, so the replica that gets the request reads
-  it and hands it on through a deployment handle keyed ``oip:{name}:{sequence_id}``
-  (``service.ray.Replica.oip_infer``);
+  it and sends it through the proxy again with the key ``oip:{name}:{sequence_id}`` in the session
+  header (``service.ray.Replica.oip_infer``);
 - an ``x-session-id`` header still wins when a client sends one.
 
 Requests that name no session (opening one, ``/v1/models``, ``/metrics``) hash their request id: spread
