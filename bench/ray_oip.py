@@ -14,50 +14,20 @@ Needs redis-server and the cluster extra (ray[serve]).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.cluster_smoke import free_port, oip_sequences, wait_replicas  # noqa: E402
+from scripts.cluster_smoke import oip_sequences, ray_serve  # noqa: E402
 
 MODEL = "japanesevowels-sliding"
-
-
-@contextmanager
-def ray_serve(log: Path) -> Iterator[str]:
-    """Ray Serve with 2 replicas and a redis-server; yields host:port once both replicas answer."""
-    rport, port = free_port(), free_port()
-    redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
-                             stdout=subprocess.DEVNULL)
-    env = {**os.environ, "PSN_STATE_URL": f"redis://127.0.0.1:{rport}/0", "PSN_PORT": str(port),
-           "PSN_HOST": "127.0.0.1", "PSN_RAY_REPLICAS": "2", "PSN_WORKERS": "1",
-           "PSN_MODEL_DIR": str(ROOT / "exported")}
-    with open(log, "w") as out:
-        app = subprocess.Popen([sys.executable, "-m", "service.ray"], cwd=ROOT, env=env, stdout=out,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_replicas(f"127.0.0.1:{port}", 2, 180)
-            yield f"127.0.0.1:{port}"
-        finally:
-            app.send_signal(signal.SIGTERM)
-            try:
-                app.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(app.pid, signal.SIGKILL)
-                app.wait()
-            redis.kill()
-            redis.wait()
 
 
 def latency(base: str, n: int) -> None:
@@ -99,12 +69,12 @@ def main() -> None:
     ap.add_argument("--starts", type=int, default=0, help="start Ray Serve this many times for the start-up check")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="psn-bench-ray-oip-"))
-    with ray_serve(tmp / "ray.log") as base:
+    with ray_serve(tmp) as (base, _):
         time.sleep(5)
         latency(base, args.requests)
     failed = 0
     for k in range(args.starts):
-        with ray_serve(tmp / f"start{k}.log") as base:
+        with ray_serve(tmp, f"start{k}.log") as (base, _):
             t0 = time.monotonic()
             try:
                 problems = oip_sequences(base)

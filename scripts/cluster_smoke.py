@@ -24,6 +24,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -258,6 +260,33 @@ def run(base: str, kill) -> bool:
     return not problems
 
 
+@contextmanager
+def ray_serve(tmp: Path, log_name: str = "ray.log") -> Iterator[tuple[str, dict[str, dict]]]:
+    """``python -m service.ray`` (2 replicas) on a local redis-server, output in ``tmp/log_name``; yields
+    host:port and the replicas (``wait_replicas``) once both answer; stops both on the way out."""
+    redis_port, port = free_port(), free_port()
+    redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+    env = {**os.environ, "PSN_STATE_URL": f"redis://127.0.0.1:{redis_port}/0", "PSN_PORT": str(port),
+           "PSN_HOST": "127.0.0.1", "PSN_RAY_REPLICAS": "2", "PSN_WORKERS": "1",
+           "PSN_MODEL_DIR": str(ROOT / "exported")}
+    with open(tmp / log_name, "w") as log:
+        app = subprocess.Popen([sys.executable, "-m", "service.ray"], cwd=ROOT, env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            base = f"127.0.0.1:{port}"
+            yield base, wait_replicas(base, 2, 180)
+        finally:
+            app.send_signal(signal.SIGTERM)
+            try:
+                app.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(app.pid, signal.SIGKILL)
+                app.wait()
+            redis.kill()
+            redis.wait()
+
+
 def main() -> int:
     mode = sys.argv[1] if len(sys.argv) > 1 else "ray"
     if mode == "url":
@@ -266,49 +295,30 @@ def main() -> int:
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
     tmp = Path(tempfile.mkdtemp(prefix="psn-cluster-smoke-"))
-    redis_port, port = free_port(), free_port()
-    redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--save", "",
-                              "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
-    env = {**os.environ, "PSN_STATE_URL": f"redis://127.0.0.1:{redis_port}/0", "PSN_PORT": str(port),
-           "PSN_HOST": "127.0.0.1", "PSN_RAY_REPLICAS": "2", "PSN_WORKERS": "1",
-           "PSN_MODEL_DIR": str(ROOT / "exported")}
-    log = open(tmp / "ray.log", "w")
-    app = subprocess.Popen([sys.executable, "-m", "service.ray"], cwd=ROOT, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
-    base, ok = f"127.0.0.1:{port}", False
+    ok = False
     try:
         t0 = time.monotonic()
-        replicas = wait_replicas(base, 2, 180)
-        print(f"Ray Serve up with replicas {sorted(replicas)} in {time.monotonic() - t0:.1f} s")
-        victim = sorted(replicas)[0]
+        with ray_serve(tmp) as (base, replicas):
+            print(f"Ray Serve up with replicas {sorted(replicas)} in {time.monotonic() - t0:.1f} s")
+            victim = sorted(replicas)[0]
 
-        def kill() -> None:
-            pid = replicas[victim]["pid"]
-            procs = [pid, *descendants(pid)]  # the replica's actor and its whole service: as if its machine died
-            for p in procs:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            print(f"killed replica {victim} (SIGKILL to {len(procs)} processes)", flush=True)
+            def kill() -> None:
+                pid = replicas[victim]["pid"]
+                procs = [pid, *descendants(pid)]  # the replica's actor and its whole service: as if its machine died
+                for p in procs:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                print(f"killed replica {victim} (SIGKILL to {len(procs)} processes)", flush=True)
 
-        ok = run(base, kill)
+            ok = run(base, kill)
     except Exception as e:  # noqa: BLE001 - reported as FAIL
         print(f"error: {type(e).__name__}: {e}")
-    finally:
-        app.send_signal(signal.SIGTERM)
-        try:
-            app.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(app.pid, signal.SIGKILL)
-            app.wait()
-        redis.kill()
-        redis.wait()
-        log.close()
-        if not ok:
-            print(f"(logs: {tmp}/ray.log)")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not ok:
+        print(f"(logs: {tmp}/ray.log)")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
