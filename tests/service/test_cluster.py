@@ -226,6 +226,14 @@ def test_behind_haproxy_an_oip_sequence_stays_on_one_replica(cluster, ref: Refer
         for s, x in xs.items():
             assert_outputs([{"index": t, **o} for t, o in enumerate(got[s])],
                            ref.outputs("sliding", torch.from_numpy(x).double()), rel=1e-5, abs=1e-5)
+        # a client may key any request itself with x-session-id: six opens with one key land on one replica
+        # (without a key they go round robin)
+        for _ in range(6):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/sessions", json={"model": "sliding"},
+                           headers={"x-session-id": "my-key", "connection": "close"}, timeout=20)
+            assert r.status_code == 201, r.text
+        more = sorted(adopted(r, "psn_sessions_opened_total") - n for r, n in zip((a, b), opened, strict=True))
+        assert more == [0, 6], more
     finally:
         proxy.kill()
         proxy.wait()
