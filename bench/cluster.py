@@ -62,7 +62,8 @@ def service(redis_url: str, replica: str, log: Path) -> tuple[str, subprocess.Po
 def ray_app(redis_url: str, replicas: int, log: Path) -> tuple[str, subprocess.Popen, dict]:
     port = free_port()
     env = {**os.environ, "PSN_STATE_URL": redis_url, "PSN_PORT": str(port), "PSN_RAY_REPLICAS": str(replicas),
-           "PSN_WORKERS": "1", "PSN_MODEL_DIR": str(ROOT / "exported"), "PSN_LOG_LEVEL": "warning"}
+           "PSN_WORKERS": "1", "PSN_MODEL_DIR": str(ROOT / "exported"), "PSN_LOG_LEVEL": "warning",
+           "PSN_MAX_SESSIONS": "4096"}  # 2,000 sessions need not hash evenly
     proc = subprocess.Popen([sys.executable, "-m", "service.ray"], cwd=ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"127.0.0.1:{port}"
@@ -82,23 +83,27 @@ def load(base: str, sessions: int, L: int, duration: float) -> dict:
     return asyncio.run(drive(f"ws://{base}/v1/stream", MODEL, INPUT, sessions, duration, 1.0, 10**9, L, "json"))
 
 
-async def failover(bases: list[str], sessions: int, kill, steps: int = 20, settle=None) -> dict:
+async def failover(bases: list[str], sessions: int, kill, steps: int = 20, settle=None,
+                   victim: str | None = None) -> dict:
     """Open ``sessions`` through bases[0], step each ``steps`` times, kill, then time until all answer again
     (each client re-sends its next step through bases[-1] every 50 ms until it is answered). Then the same
     requests again with nothing to take over, for the client's own pace; ``settle`` (blocking) first waits
-    for a replacement replica, and one untimed round lets the sessions it takes move there."""
+    for a replacement replica, and one untimed round lets the sessions it takes move there. ``victim``
+    (a Ray replica id): only the sessions that replica answered re-send, as only their clients see the
+    failure (the others' clients stay idle meanwhile)."""
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=f"http://{bases[0]}", timeout=30, limits=limits) as c:
         sem = asyncio.Semaphore(64)
 
-        async def one(i: int) -> str:
+        async def one(i: int) -> tuple[str, str | None]:
             async with sem:
                 sid = (await c.post("/v1/sessions", json={"model": MODEL})).json()["session_id"]
                 r = await c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.01 * i]] * steps})
                 assert r.status_code == 200, r.text
-                return sid
+                return sid, r.headers.get("x-psn-replica")
 
-        sids = await asyncio.gather(*(one(i) for i in range(sessions)))
+        held = await asyncio.gather(*(one(i) for i in range(sessions)))
+    sids = [sid for sid, where in held if victim is None or where == victim]
     kill()
     t_kill = time.perf_counter()
     took = await resend(bases[-1], sids, steps, t_kill)
@@ -108,8 +113,9 @@ async def failover(bases: list[str], sessions: int, kill, steps: int = 20, settl
         steps += 1
     # the same requests again, the sessions now held: what the client alone takes for them
     base = await resend(bases[-1], sids, steps + 1, time.perf_counter())
-    return {"sessions": sessions, "first_s": round(took[0], 3), "median_s": round(took[len(took) // 2], 3),
-            "all_s": round(took[-1], 3), "same_requests_no_takeover_s": round(base[-1], 3)}
+    return {"sessions": sessions, "re_sent": len(sids), "first_s": round(took[0], 3),
+            "median_s": round(took[len(took) // 2], 3), "all_s": round(took[-1], 3),
+            "same_requests_no_takeover_s": round(base[-1], 3)}
 
 
 async def resend(base: str, sids: list[str], start: int, t0: float, conns: int = 64) -> list[float]:
@@ -206,6 +212,14 @@ def main() -> None:
                 results["failover ray (2 replicas, one killed)"] = asyncio.run(failover(
                     [base], args.failover_sessions, lambda: kill_tree(replicas[victim]["pid"]),
                     settle=lambda: wait_replicas(base, 2, 120)))  # the killed one cannot answer: its replacement
+                stop(proc)
+                # only the killed replica's sessions re-send (their clients alone see a failure), with twice
+                # the sessions opened, so that about --failover-sessions of them were on it
+                base, proc, replicas = ray_app(url, 2, tmp / "rayv.log")
+                victim = sorted(replicas)[0]
+                results["failover ray, only the killed replica's sessions re-send"] = asyncio.run(failover(
+                    [base], 2 * args.failover_sessions, lambda: kill_tree(replicas[victim]["pid"]),
+                    settle=lambda: wait_replicas(base, 2, 120), victim=victim))
                 stop(proc)
     finally:
         redis.kill()
