@@ -148,7 +148,7 @@ class Replica:
     @api.post("/v2/models/{name}/infer")
     async def oip_infer(self, request: Request, name: str) -> Response:
         """An OIP v2 infer request: a sequence's (its id is in the body, out of the proxy's sight) goes on
-        to the replica its key hashes to, through a handle keyed on it; any other is served here."""
+        to the replica its key hashes to, through Ray's proxy again (``_hand_on``); any other is served here."""
         raw, query, headers, body = await self._incoming(request, f"v2/models/{name}/infer")
         routed = request.headers.get(SERVE_SESSION_ID)  # the proxy has keyed it on that already
         key = None if routed else oip_sequence_key(name, body, request.headers.get("inference-header-content-length"))
@@ -157,7 +157,8 @@ class Replica:
         else:
             try:
                 status, out, content = await self._hand_on(key, request.method, raw, query, headers, body)
-            except Exception as e:  # noqa: BLE001 - the replica it hashes to died under the call: retry, not 500
+            except Exception as e:  # noqa: BLE001 - Serve's proxy address not learned (``forward`` answers the
+                # proxy's own failures 503): retry, not 500
                 log.warning("replica %s: OIP sequence %s not handed on: %r", self.replica_id, key, e)
                 return JSONResponse({"error": f"the replica serving {key} is not reachable ({type(e).__name__}); "
                                      "send the request again"}, status_code=503, headers={"Retry-After": "1"})
