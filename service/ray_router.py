@@ -45,14 +45,14 @@ def oip_sequence_key(name: str, body: bytes, header_length: str | None = None) -
     service will refuse: any replica refuses it the same). ``header_length``: the binary tensor extension's
     Inference-Header-Content-Length (the JSON is the body's first that many bytes)."""
     n = int(header_length) if header_length is not None and header_length.isdigit() else len(body)
+    from service.errors import InvalidInput  # the replica's import, not the proxy's
+    from service.frontend.oip import sequence_id
+
     try:
-        params = json.loads(body[:n]).get("parameters") or {}
-        seq = params.get("sequence_id")
-    except (ValueError, AttributeError):
+        seq = sequence_id(json.loads(body[:n]).get("parameters"))
+    except (ValueError, AttributeError, InvalidInput):
         return None
-    if isinstance(seq, bool) or not isinstance(seq, int | str) or seq in (0, ""):
-        return None
-    return f"oip:{name}:{seq}"
+    return None if seq is None else f"oip:{name}:{seq}"
 
 
 def request_key(arg: Any) -> str | None:

@@ -83,6 +83,18 @@ def metadata(codec: ModelCodec) -> ModelMetadata:
         TensorMeta(name="predicted", datatype="INT64", shape=[-1, -1])])
 
 
+def sequence_id(params: dict[str, Any] | None) -> int | str | None:
+    """The sequence an infer request's ``parameters`` name (Triton's ``sequence_id``): None when they name
+    none (absent, 0 or "": a batch of whole sequences). The one rule for the front end that serves the
+    request and the Ray replica that routes it by sequence (``service.ray``)."""
+    seq = (params or {}).get("sequence_id")
+    if seq is None:
+        return None
+    if isinstance(seq, bool) or not isinstance(seq, int | str):  # strict: true is not sequence 1
+        raise InvalidInput(f"sequence_id: expected an integer or a string, got {seq!r}", field="sequence_id")
+    return None if seq in (0, "") else seq
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
     """The JSON part (all of ``body`` without the binary extension) and the binary part."""
     n = len(body)

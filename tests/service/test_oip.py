@@ -102,6 +102,10 @@ def test_protocol_errors(server: Server) -> None:
                ({"inputs": [{"name": "steps", "shape": [1, 1, 3], "datatype": "FP32", "data": [0, 1e39, 0]}]},
                 "FP32"),
                ({"inputs": [{"name": "steps", "shape": [1, 1, 3], "datatype": "INT8", "data": [0, 1, 0]}]}, "FP32")]
+        step = {"name": "steps", "shape": [1, 1, 3], "datatype": "FP32", "data": [0, 0, 0]}
+        for seq in (True, False, 1.5, [1], {"id": 1}):  # strict: false is not "no sequence", true not sequence 1
+            bad.append(({"inputs": [step], "parameters": {"sequence_id": seq, "sequence_start": True}},
+                        "sequence_id: expected an integer or a string"))
         for body, words in bad:
             r = h.post("/v2/models/sliding/infer", json=body)
             assert r.status_code == 422 and words in r.json()["error"], r.text

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from service.errors import InvalidInput, ServiceError
 from service.frontend.deps import FrontendDep, OwnerDep
-from service.frontend.oip import HEADER, ModelMetadata, input_steps, metadata, respond, split_body
+from service.frontend.oip import HEADER, ModelMetadata, input_steps, metadata, respond, sequence_id, split_body
 from service.frontend.state import Frontend
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
@@ -73,8 +73,8 @@ async def infer(name: str, request: Request, fe: FrontendDep, owner: OwnerDep) -
         req, binary = split_body(await request.body(), request.headers.get(HEADER))
         x = input_steps(req, binary, codec, fe.settings.max_steps_per_request)  # (B, L, *input_shape)
         params = req.parameters or {}
-        seq = params.get("sequence_id")
-        if seq not in (None, 0, ""):
+        seq = sequence_id(params)
+        if seq is not None:
             spikes, scores = await _sequence(fe, codec.name, seq, params, x, owner)
         else:
             spikes, scores = await _classify(fe, codec.name, x, owner)
@@ -85,10 +85,8 @@ async def infer(name: str, request: Request, fe: FrontendDep, owner: OwnerDep) -
         return oip_error(e, fe)
 
 
-async def _sequence(fe: Frontend, model: str, seq: Any, params: dict, x: np.ndarray,
+async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: np.ndarray,
                     owner: str) -> tuple[np.ndarray, ...]:
-    if not isinstance(seq, int | str) or isinstance(seq, bool):
-        raise InvalidInput(f"sequence_id: expected an integer or a string, got {seq!r}", field="sequence_id")
     if x.shape[0] != 1:
         raise InvalidInput(f"steps: a sequence request carries one sequence, shape [1, L, ...]; got batch "
                            f"{x.shape[0]}", field="steps")
