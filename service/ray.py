@@ -14,6 +14,7 @@ by Serve; requests for its sessions reach another replica, which takes them over
 # no `from __future__ import annotations`: FastAPI must see the real types through serve.ingress
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -210,9 +211,9 @@ class Replica:
                 out = {k: v for k, v in r.headers.items() if k.lower() not in HOP | {"content-encoding"}}
                 status = r.status
         except (aiohttp.ClientError, TimeoutError) as e:
-            return 503, {"content-type": "application/json", "retry-after": "1"}, (
-                f'{{"error": {{"code": "engine_unavailable", "message": "replica {self.replica_id}: '
-                f'{type(e).__name__}"}}}}').encode()
+            message = f"replica {self.replica_id}: {type(e).__name__}; send the request again"
+            error = message if raw.startswith(b"/v2/") else {"code": "engine_unavailable", "message": message}
+            return 503, {"content-type": "application/json", "retry-after": "1"}, json.dumps({"error": error}).encode()
         out.setdefault("x-psn-replica", self.replica_id)  # handed on (``to``): the replica that served it
         return status, out, content
 

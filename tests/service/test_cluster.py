@@ -297,6 +297,35 @@ def test_the_ray_router_keys_on_the_session_id_in_the_url() -> None:
     assert oip_sequence_key("m", b"{not json") is None
 
 
+def test_a_ray_replica_whose_service_is_down_answers_503_in_each_protocols_error_shape() -> None:
+    """The replica's relay to its own service (refused connection here): 503 with Retry-After, the /v1
+    error object on /v1, the protocol's ``{"error": "message"}`` on /v2 (what tritonclient reads)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[cluster]')")
+    import asyncio
+    from types import SimpleNamespace
+
+    from service.ray import Replica
+
+    # the replica's own relay method, on just the state it reads (no Serve, no service started)
+    relay = SimpleNamespace(http=None, base=f"127.0.0.1:{free_port()}", replica_id="r1")
+
+    async def ask(path: bytes) -> tuple[int, dict[str, str], bytes]:
+        try:
+            return await Replica.func_or_class.forward(relay, "POST", path, b"", [("content-type", "application/json")],
+                                                       b"{}")
+        finally:
+            await relay.http.close()
+            relay.http = None
+
+    for path, shape in ((b"/v1/sessions", dict), (b"/v2/models/m/infer", str)):
+        status, headers, body = asyncio.run(ask(path))
+        error = json.loads(body)["error"]
+        assert status == 503 and headers["retry-after"] == "1" and isinstance(error, shape), body
+        assert "r1" in (error if shape is str else error["message"]), body
+        if shape is dict:
+            assert error["code"] == "engine_unavailable"
+
+
 @pytest.mark.slow
 def test_cluster_smoke() -> None:
     """scripts/cluster-smoke: Ray Serve, 2 replicas, one killed with SIGKILL mid-stream (about a minute)."""
