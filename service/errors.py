@@ -22,6 +22,12 @@ class ServiceError(Exception):
             err["field"] = self.field
         return {"error": err}
 
+    def body_for(self, path: str | bytes) -> dict:
+        """The body for a request to ``path``: the Open Inference Protocol's ``{"error": message}`` under
+        ``/v2`` (what tritonclient and KServe clients read), ``body()`` everywhere else."""
+        oip = path.startswith(b"/v2") if isinstance(path, bytes) else path.startswith("/v2")
+        return {"error": self.message} if oip else self.body()
+
     def retry_after_s(self) -> int | None:
         return None if self.retry_after is None else max(1, round(self.retry_after))
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+MAX_START = 2**63 - 1  # a step index is a signed 64-bit integer everywhere (binary frames, the engine core)
 STEP_EXAMPLE = {"index": 0, "spikes": [0, 1, 1, 0], "scores": [0.12, -0.3, 0.05], "predicted": 0, "label": "0"}
 
 
@@ -62,7 +63,7 @@ class SessionInfo(BaseModel):
 class StepsRequest(BaseModel):
     steps: list[Any] = Field(description="L steps, each of the model's input_shape: shape (L, *input_shape)",
                              examples=[[[0.5], [-1.2], [0.3]]])
-    start: StrictInt | None = Field(None, ge=0, description=(
+    start: StrictInt | None = Field(None, ge=0, le=MAX_START, description=(
         "index of the first step; omit to append. A retry with an index already applied is answered from "
         "the session's recent outputs (not applied twice); an index past steps_seen is refused (step_gap)."))
 
@@ -128,7 +129,7 @@ class WsAttach(BaseModel):
 class WsSteps(BaseModel):
     type: Literal["steps"]
     steps: list[Any]
-    start: StrictInt | None = Field(None, ge=0)
+    start: StrictInt | None = Field(None, ge=0, le=MAX_START)
     id: Any = Field(None, description="echoed back in the answer")
 
 

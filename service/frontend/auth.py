@@ -78,8 +78,7 @@ async def refuse(scope: Scope, receive: Receive, send: Send, err: ServiceError,
     """Answer ``err`` before the app sees the request: JSON over HTTP (OIP's ``{"error": msg}`` under /v2),
     and as the HTTP answer to a WebSocket handshake (the connection is never accepted)."""
     count_error(scope, err)
-    oip = scope["path"].startswith("/v2") and scope["type"] == "http"
-    data = json.dumps({"error": err.message} if oip else err.body()).encode()
+    data = json.dumps(err.body_for(scope["path"]) if scope["type"] == "http" else err.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra,
                *((k.lower().encode(), v.encode()) for k, v in err.headers().items())]
     if scope["type"] == "http":

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from service.errors import RequestTimeout, ServiceError
+from service.errors import InvalidInput, RequestTimeout, ServiceError
 from service.ipc import EVENT, LENGTH, MAX_FRAME, OK, frame, parse_address, raise_error, unpack
 
 log = logging.getLogger("psn.frontend")
@@ -94,7 +94,27 @@ class EngineClient:
                 if fut is not None and not fut.done():
                     fut.set_exception(err)
             return
-        self._writer.write(frame(items))
+        try:
+            data = frame(items)
+        except (OverflowError, TypeError, ValueError):  # a value the IPC cannot carry: refuse that request only
+            good = [item for item in items if self._encodes(item)]
+            if not good:
+                return
+            data = frame(good)
+        self._writer.write(data)
+
+    def _encodes(self, item: list[Any]) -> bool:
+        """Whether ``item`` can be sent to the engine core; if not, its caller gets a 422 (validation should
+        have refused it before: this keeps one request's bad value from losing the turn's other requests)."""
+        try:
+            frame([item])
+            return True
+        except (OverflowError, TypeError, ValueError) as e:
+            fut = self._pending.pop(item[0], None)
+            if fut is not None and not fut.done():
+                fut.set_exception(InvalidInput(f"request: a value cannot be sent to the engine core ({e})",
+                                               field="request"))
+            return False
 
     async def _sweep(self) -> None:
         """Fail requests that have waited longer than ``timeout_s`` (to within one tick)."""

@@ -33,6 +33,34 @@ def shape_text(lead: str, shape: tuple[int, ...]) -> str:
     return "(" + ", ".join([lead, *map(str, shape)]) + ")"
 
 
+def numbers(raw: Any, field: str, want: str) -> np.ndarray:
+    """JSON numbers (nested lists) as float64; a 422 naming ``field`` and the shape ``want`` for anything
+    else. Integers past 64 bits are numbers too (2**64 is a fine float32); one too large for any float is
+    refused as too large, not as a non-number."""
+    try:
+        a = np.asarray(raw)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting
+        raise InvalidInput(f"{field}: expected a regular array of numbers, shape {want}", field=field) from None
+    if a.dtype.kind == "O":  # integers numpy has no integer type for, or non-numbers
+        leaves = a.ravel().tolist()
+        bad = next((x for x in leaves if type(x) is not int and type(x) is not float), leaves)
+        if bad is not leaves:
+            text = ("null" if bad is None else json.dumps(bad)[:40] if isinstance(bad, str | bool)
+                    else type(bad).__name__)
+            raise InvalidInput(f"{field}: expected numbers in shape {want}, got {text}", field=field)
+        try:
+            a = np.array(leaves, dtype=np.float64).reshape(a.shape)
+        except OverflowError:
+            raise InvalidInput(f"{field}: an integer too large for any float (magnitude over "
+                               f"{MAX_FINITE['float64']:.6g})", field=field) from None
+    if a.dtype.kind not in "iuf":  # booleans, strings, nulls, objects are not numbers
+        what = ("a ragged list or non-numbers" if a.dtype.kind == "O" else
+                "booleans" if a.dtype.kind == "b" else
+                "strings" if a.dtype.kind in "US" else f"non-numbers (dtype {a.dtype.kind!r})")
+        raise InvalidInput(f"{field}: expected numbers in shape {want}, got {what}", field=field)
+    return a.astype(np.float64, copy=False)
+
+
 class ModelCodec:
     """Encodings for one model, built from the engine core's model info."""
 
@@ -45,6 +73,7 @@ class ModelCodec:
         self.spike_bytes = (self.n_out + 7) // 8
         self.classes = info["num_classes"]
         self.labels = list(info["class_names"])
+        self.horizon: int | None = info.get("horizon")  # masked PSN: T, the steps a session may take
         self._labels_json = [json.dumps(label) for label in self.labels]
         self.wire = np.dtype(info["wire_dtype"])
         self.max_value = MAX_FINITE[info["model_dtype"]]
@@ -71,17 +100,9 @@ class ModelCodec:
             raise InvalidInput(f"{field}: expected a non-empty list of steps, shape {want}", field=field)
         if len(raw) > max_steps:
             raise TooManySteps(f"{field}: {len(raw)} steps in one request, at most {max_steps} allowed", field=field)
-        try:
-            a = np.asarray(raw)
-        except (ValueError, TypeError, OverflowError):  # ragged nesting
-            raise InvalidInput(f"{field}: expected a regular array of numbers, shape {want}", field=field) from None
-        if a.dtype.kind not in "iuf":  # booleans, strings, nulls, objects are not numbers
-            what = ("a ragged list or non-numbers" if a.dtype.kind == "O" else
-                    "booleans" if a.dtype.kind == "b" else f"non-numbers (dtype {a.dtype.kind!r})")
-            raise InvalidInput(f"{field}: expected numbers in shape {want}, got {what}", field=field)
+        a = numbers(raw, field, want)
         if a.shape[1:] != self.input_shape:
             raise InvalidInput(f"{field}: expected shape {want}, got {a.shape}", field=field)
-        a = a.astype(np.float64, copy=False)
         self.check_values(a, field)
         return a.shape[0], a.astype(self.wire, copy=False).tobytes()
 

@@ -1,4 +1,5 @@
-"""Error responses: every refusal is ``{"error": {"code", "message", "field"}}`` with its status."""
+"""Error responses: every refusal is ``{"error": {"code", "message", "field"}}`` with its status (under
+``/v2``, the Open Inference Protocol's ``{"error": "message"}``)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def _respond(request: Request, err: ServiceError) -> JSONResponse:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.error(err.code)
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+    return JSONResponse(err.body_for(request.url.path), status_code=err.status, headers=err.headers())
 
 
 def install_error_handlers(app: FastAPI) -> None:

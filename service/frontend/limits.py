@@ -37,7 +37,7 @@ def count_error(scope: Scope, err: ServiceError) -> None:
 
 async def send_json_error(scope: Scope, send: Send, err: ServiceError, extra: list[tuple[bytes, bytes]]) -> None:
     count_error(scope, err)
-    data = json.dumps(err.body()).encode()
+    data = json.dumps(err.body_for(scope["path"])).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra,
                *((k.lower().encode(), v.encode()) for k, v in err.headers().items())]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
@@ -187,6 +187,7 @@ def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
             self.in_head = False  # between a request's first byte and the end of its headers
             self.ended = False  # a request ended in the bytes being read (they are not all head)
             self.too_large = False
+            self.head_path = b""  # the current request's path, as far as it came (its error's shape)
 
         def data_received(self, data: bytes) -> None:
             self.ended = False
@@ -199,10 +200,12 @@ def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.in_head, self.head_size, self.head_raw = True, 0, 0
+            self.in_head, self.head_size, self.head_raw, self.head_path = True, 0, 0, b""
 
         def on_url(self, url: bytes) -> None:
             self.head_size += len(url)
+            if len(self.head_path) < 3:
+                self.head_path += url[:3]
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
@@ -225,7 +228,7 @@ def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
                 return super().send_400_response(msg)
             err = HeadersTooLarge(f"headers: the request line and headers exceed {max_bytes} bytes "
                                   "(PSN_MAX_HEADER_BYTES)", field="headers")
-            data = json.dumps(err.body()).encode()
+            data = json.dumps(err.body_for(self.head_path)).encode()
             self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                                  b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(data), data))
             self.transport.close()

@@ -13,10 +13,10 @@ import math
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
-from service.errors import InvalidInput
-from service.frontend.codec import MAX_FINITE, ModelCodec
+from service.errors import InvalidInput, TooManySteps
+from service.frontend.codec import MAX_FINITE, ModelCodec, numbers
 
 HEADER = "inference-header-content-length"
 FP32_MAX = MAX_FINITE["float32"]
@@ -24,8 +24,8 @@ DTYPES = {"spikes": ("UINT8", np.uint8), "scores": ("FP32", np.float32), "predic
 
 
 class TensorParams(BaseModel):
-    binary_data_size: int | None = Field(None, ge=0)
-    binary_data: bool | None = None
+    binary_data_size: StrictInt | None = Field(None, ge=0)
+    binary_data: StrictBool | None = None
 
 
 class InferInput(BaseModel):
@@ -83,6 +83,22 @@ def metadata(codec: ModelCodec) -> ModelMetadata:
         TensorMeta(name="predicted", datatype="INT64", shape=[-1, -1])])
 
 
+FLAGS = ("sequence_start", "sequence_end", "binary_data_output")  # request parameters that are booleans
+
+
+def check_request(req: InferRequest) -> None:
+    """What can be refused about a request before it is run, so that a refused request leaves its sequence
+    as it was: the requested outputs' names and the boolean parameters (strict: "false" is not false)."""
+    params = req.parameters or {}
+    for name in FLAGS:
+        if name in params and not isinstance(params[name], bool):
+            raise InvalidInput(f"parameters.{name}: expected true or false, got {params[name]!r}",
+                               field=f"parameters.{name}")
+    for out in req.outputs or ():
+        if out.name not in DTYPES:
+            raise InvalidInput(f"outputs: no output named {out.name!r}; there are {list(DTYPES)}", field="outputs")
+
+
 def sequence_id(params: dict[str, Any] | None) -> int | str | None:
     """The sequence an infer request's ``parameters`` name (Triton's ``sequence_id``): None when they name
     none (absent, 0 or "": a batch of whole sequences). The one rule for the front end that serves the
@@ -99,7 +115,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[InferRequest, by
     """The JSON part (all of ``body`` without the binary extension) and the binary part."""
     n = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a length within the "
                                f"{len(body)}-byte body", field="Inference-Header-Content-Length")
         n = int(header_length)
@@ -123,8 +139,10 @@ def input_steps(req: InferRequest, binary: bytes, codec: ModelCodec, max_steps: 
     if len(inp.shape) != 2 + len(codec.input_shape) or tuple(inp.shape[2:]) != codec.input_shape or \
             min(inp.shape[:2]) < 1:
         raise InvalidInput(f"steps: shape must be {want}, got {inp.shape}", field="steps")
-    if inp.shape[1] > max_steps:
-        raise InvalidInput(f"steps: {inp.shape[1]} steps in one request, at most {max_steps} allowed", field="steps")
+    B, L = inp.shape[:2]
+    if B * L > max_steps:  # a batch of B sequences of L steps is B * L steps of work
+        raise TooManySteps(f"steps: {B} x {L} steps in one request, at most {max_steps} allowed "
+                           "(PSN_MAX_STEPS_PER_REQUEST)", field="steps")
     count = math.prod(inp.shape)
     size = inp.parameters.binary_data_size if inp.parameters else None
     if size is not None:
@@ -133,10 +151,7 @@ def input_steps(req: InferRequest, binary: bytes, codec: ModelCodec, max_steps: 
                                f"{inp.shape} FP32 needs {4 * count}", field="steps")
         a = np.frombuffer(binary, "<f4").astype(np.float64)
     else:
-        try:
-            a = np.asarray(inp.data, dtype=np.float64).ravel()
-        except (TypeError, ValueError):
-            raise InvalidInput("steps: data must be numbers", field="steps") from None
+        a = numbers(inp.data if inp.data is not None else [], "steps", f"{want} (data: a flat list)").ravel()
         if a.size != count:
             raise InvalidInput(f"steps: {a.size} values for shape {inp.shape}", field="steps")
         if np.isfinite(a).all() and a.size and float(np.abs(a).max()) > FP32_MAX:
@@ -154,9 +169,7 @@ def respond(req: InferRequest, codec: ModelCodec, spikes: np.ndarray, scores: np
     default_binary = bool((req.parameters or {}).get("binary_data_output", False))
     wanted = req.outputs or [RequestedOutput(name=n) for n in DTYPES]
     tensors, blobs = [], []
-    for out in wanted:
-        if out.name not in arrays:
-            raise InvalidInput(f"outputs: no output named {out.name!r}; there are {list(DTYPES)}", field="outputs")
+    for out in wanted:  # names checked before the request ran (check_request)
         a = arrays[out.name]
         binary = out.parameters.binary_data if out.parameters and out.parameters.binary_data is not None \
             else default_binary

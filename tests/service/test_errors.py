@@ -27,6 +27,9 @@ BAD_STEPS = [  # (body, status, code, words the message must contain)
     ({"steps": [[1.0, 2.0, 3.0]], "start": -1}, 422, "invalid_input", ["start"]),
     ({"steps": [[1.0, 2.0, 3.0]], "start": False}, 422, "invalid_input", ["start", "integer"]),  # not step 0
     ({"steps": [[True, False, True]]}, 422, "invalid_input", ["steps", "booleans"]),
+    ({"steps": [[1.0, 2.0, 3.0]], "start": 2**64}, 422, "invalid_input", ["start"]),  # past what the IPC carries
+    ({"steps": [[1.0, 2.0, 3.0]], "start": 2**63}, 422, "invalid_input", ["start"]),  # past a signed 64-bit index
+    ({"steps": [[10**400, 2.0, 3.0]]}, 422, "invalid_input", ["steps", "too large for any float"]),
     ({"steps": [[0.0, 0.0, 0.0]] * 65}, 413, "too_many_steps", ["steps", "65", "64"]),
 ]
 
@@ -135,6 +138,8 @@ def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
         assert ask({"type": "steps", "steps": [[1, "x", 2]]})["error"]["code"] == "invalid_input"
         assert ask('{"type": "steps", "steps": [[NaN, 1, 2]]}')["error"]["code"] == "invalid_input"
         assert ask({"type": "steps", "steps": [[0, 0, 0]] * 65})["error"]["code"] == "too_many_steps"
+        e = ask({"type": "steps", "steps": [[0, 0, 0]], "start": 2**64, "id": 10})
+        assert e["error"]["code"] == "invalid_input" and e["error"]["field"] == "start" and e["id"] == 10
         r = ask({"type": "steps", "steps": x.tolist()})
         assert_outputs(r["outputs"], ref.outputs("sliding", x))
 
@@ -235,3 +240,58 @@ def test_an_oversized_ws_message_is_refused_unparsed_and_the_connection_stays(se
             ws.recv(timeout=30)
         # code 1009, when the close frame arrives before the reset of the half-sent message
         assert e.value.rcvd is None or e.value.rcvd.code == 1009
+
+
+def test_a_start_past_64_bits_is_refused_alone_and_other_requests_are_answered(server: Server) -> None:
+    """A start of 2**64 once passed validation and could not be packed for the engine core: every request
+    of that front-end turn was lost (504 after the request timeout), 190 of 195 good ones in an outside
+    run. Now it is a 422 at once, and the good requests sent with it are answered; integers past 64 bits
+    in steps are numbers (2**64 is a fine float)."""
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=15) as c:
+            sids = [(await c.post("/v1/sessions", json={"model": "sliding"})).json()["session_id"] for _ in range(24)]
+            bodies = [{"steps": [[2**64, 0, 0]], **({"start": 2**64} if i % 6 == 0 else {})} for i in range(24)]
+            return await asyncio.gather(*(c.post(f"/v1/sessions/{sid}/steps", json=b)
+                                          for sid, b in zip(sids, bodies, strict=True)))
+
+    answers = asyncio.run(run())
+    for i, r in enumerate(answers):
+        if i % 6 == 0:
+            _check(r, 422, "invalid_input", ["start"])
+        else:
+            assert r.status_code == 200 and r.json()["start"] == 0, r.text
+
+
+def test_a_request_the_ipc_cannot_carry_fails_alone_not_its_whole_turn() -> None:
+    """The front end's engine client sends each event-loop turn's requests as one frame: one value that
+    msgpack cannot pack (validation should have refused it) fails that request with a 422, and the turn's
+    other requests still reach the engine core (here the other end of a real Unix socket pair)."""
+    import socket
+
+    from service.errors import InvalidInput
+    from service.frontend.client import EngineClient
+    from service.ipc import LENGTH, unpack
+
+    async def run() -> tuple[list, BaseException | None]:
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        client = EngineClient("unix:/nowhere")
+        client._writer = writer
+        good = [client._call("steps", "s1", None, 1, b"\0" * 4), client._call("get", "s2")]
+        bad = client._call("steps", "s3", 2**64, 1, b"\0" * 4)
+        await asyncio.sleep(0.05)  # the turn ends: one flush
+        theirs.setblocking(False)
+        data = theirs.recv(1 << 16)
+        (n,) = LENGTH.unpack_from(data)
+        sent = unpack(data[LENGTH.size:LENGTH.size + n])
+        error = bad.exception() if bad.done() else None
+        assert not any(f.done() for f in good)  # still waiting for their answers
+        for f in good:
+            f.cancel()
+        writer.close()
+        theirs.close()
+        return sent, error
+
+    sent, error = asyncio.run(run())
+    assert [item[1:3] for item in sent] == [["steps", "s1"], ["get", "s2"]]  # the bad one left out, nothing else
+    assert isinstance(error, InvalidInput) and error.field == "request", error

@@ -106,11 +106,70 @@ def test_protocol_errors(server: Server) -> None:
         for seq in (True, False, 1.5, [1], {"id": 1}):  # strict: false is not "no sequence", true not sequence 1
             bad.append(({"inputs": [step], "parameters": {"sequence_id": seq, "sequence_start": True}},
                         "sequence_id: expected an integer or a string"))
+        def data(values: list) -> dict:
+            return {"inputs": [{**step, "data": values}]}
+
+        bad += [(data([0, 10**400, 0]), "too large for any float"),  # a JSON integer past every float: not 500
+                (data(["0.5", 0, 0]), "expected numbers"), (data([True, False, True]), "booleans"),
+                (data([None, 0, 0]), "null"), (data([0, 0]), "2 values for shape")]
+        for flag in ("sequence_start", "sequence_end", "binary_data_output"):  # "false" is a string, not false
+            bad.append(({**data([0, 0, 0]), "parameters": {"sequence_id": 5, flag: "false"}}, f"parameters.{flag}"))
+        bad.append(({**data([0, 0, 0]), "outputs": [{"name": "spikes"}, {"name": "nope"}]}, "no output named 'nope'"))
         for body, words in bad:
             r = h.post("/v2/models/sliding/infer", json=body)
             assert r.status_code == 422 and words in r.json()["error"], r.text
+        r = h.post("/v2/models/sliding/infer", json=data([2**64, 0, 0]))  # a 65-bit integer is a fine FP32
+        assert r.status_code == 200, r.text
         r = h.post("/v2/models/nope/infer", json=bad[0][0])
         assert r.status_code == 404 and "nope" in r.json()["error"]
+        for shape in ([1, 65, 3], [65, 1, 3], [9, 8, 3]):  # PSN_MAX_STEPS_PER_REQUEST=64 counts B x L steps
+            r = h.post("/v2/models/sliding/infer", json={"inputs": [{**step, "shape": shape,
+                                                                      "data": [0] * (3 * shape[0] * shape[1])}]})
+            assert r.status_code == 413 and "at most 64" in r.json()["error"], r.text
+        r = h.post("/v2/models/sliding/infer", json={"inputs": [{**step, "shape": [8, 8, 3], "data": [0] * 192}]})
+        assert r.status_code == 200, r.text
+        # a header length that str.isdigit() takes for a number ("²") but int() does not
+        r = h.post("/v2/models/sliding/infer", content=b'{"inputs": []}',
+                   headers={"Inference-Header-Content-Length": b"\xb2"})
+        assert r.status_code == 422 and "Inference-Header-Content-Length" in r.json()["error"], r.text
+
+
+def test_every_refusal_under_v2_has_the_protocols_error_shape(server: Server) -> None:
+    """Refusals made before any OIP route runs (unknown path, method, body or head too large) are the
+    protocol's ``{"error": "message"}`` under /v2, as tritonclient reads them; /v1 keeps its object."""
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        answers = {404: h.get("/v2/models/sliding/nope"), 405: h.get("/v2/models/sliding/infer"),
+                   413: h.post("/v2/models/sliding/infer", content=b"x" * (2 << 20)),
+                   431: h.get("/v2/models/sliding", headers={"x-big": "y" * (64 << 10)})}
+        for status, r in answers.items():
+            assert r.status_code == status and isinstance(r.json()["error"], str), r.text
+        r = h.get("/v1/models/nope/x")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_a_refused_sequence_request_leaves_the_sequence_as_it_was(server: Server, ref: Reference) -> None:
+    """Refusals that are only known once the request is read (an unknown output, sequence_start past a
+    masked model's horizon) come before the sequence is touched: no steps applied, no restart, no close."""
+    x = ref.sequence("masked", 8, seed=31).numpy().astype(np.float32)
+
+    def infer(h: httpx.Client, steps: np.ndarray, outputs: tuple[str, ...] = ("scores",), **params) -> httpx.Response:
+        return h.post("/v2/models/masked/infer", json={
+            "inputs": [{"name": "steps", "shape": [1, *steps.shape], "datatype": "FP32",
+                        "data": steps.ravel().tolist()}],
+            "outputs": [{"name": n} for n in outputs], "parameters": {"sequence_id": "keep", **params}})
+
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        assert infer(h, x[:3], sequence_start=True).status_code == 200
+        r = infer(h, x[3:5], ("scores", "nope"))
+        assert r.status_code == 422 and "nope" in r.json()["error"], r.text
+        r = infer(h, x[3:5], ("nope",), sequence_end=True)
+        assert r.status_code == 422, r.text
+        r = infer(h, np.zeros((25, 3), np.float32), sequence_start=True)  # masked T=24: refused, not restarted
+        assert r.status_code == 422 and "T=24" in r.json()["error"], r.text
+        r = infer(h, x[3:], sequence_end=True)  # steps 3..7 of the one sequence, as if nothing had come between
+        assert r.status_code == 200, r.text
+    expect = np.asarray(ref.outputs("masked", torch.from_numpy(x).double())[1])
+    assert np.asarray(r.json()["outputs"][0]["data"]).reshape(5, 4) == pytest.approx(expect[3:], rel=1e-5, abs=1e-5)
 
 
 def test_binary_outputs_travel_as_bytes_after_the_json_header(server: Server, ref: Reference) -> None:

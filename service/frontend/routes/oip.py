@@ -18,9 +18,18 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.errors import InvalidInput, ServiceError
+from service.errors import InvalidInput, PastHorizon, ServiceError
 from service.frontend.deps import FrontendDep, OwnerDep
-from service.frontend.oip import HEADER, ModelMetadata, input_steps, metadata, respond, sequence_id, split_body
+from service.frontend.oip import (
+    HEADER,
+    ModelMetadata,
+    check_request,
+    input_steps,
+    metadata,
+    respond,
+    sequence_id,
+    split_body,
+)
 from service.frontend.state import Frontend
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
@@ -71,6 +80,7 @@ async def infer(name: str, request: Request, fe: FrontendDep, owner: OwnerDep) -
     try:
         codec = fe.codec(name)
         req, binary = split_body(await request.body(), request.headers.get(HEADER))
+        check_request(req)
         x = input_steps(req, binary, codec, fe.settings.max_steps_per_request)  # (B, L, *input_shape)
         params = req.parameters or {}
         seq = sequence_id(params)
@@ -92,9 +102,12 @@ async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: n
                            f"{x.shape[0]}", field="steps")
     codec = fe.codec(model)
     sid = f"oip:{owner}:{model}:{seq}"
-    if params.get("sequence_start"):
-        await fe.client.call("open", model, False, sid, owner)
     L = x.shape[1]
+    if params.get("sequence_start"):
+        if codec.horizon is not None and L > codec.horizon:  # refused before the open restarts a live sequence
+            raise PastHorizon(f"steps: model {model!r} has a fixed horizon of T={codec.horizon} steps; a new "
+                              f"sequence takes at most {codec.horizon}, got {L}", field="steps")
+        await fe.client.call("open", model, False, sid, owner)
     try:
         start, replayed, seen, spikes, scores = await fe.steps(sid, codec, None, L, x[0].astype(codec.wire).tobytes(),
                                                                owner)
