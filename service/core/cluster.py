@@ -31,20 +31,21 @@ log = logging.getLogger("psn.cluster")
 # ARGV: prefix, live ttl ms, ended ttl ms, then (op, sid, token, data) per record, in order.
 # op o: open (the lease becomes token, the log starts over); a: append; e: append the end record and
 # free the lease; r: rewrite (the log becomes data). a, e, r only while the lease is token.
-# Returns the sids refused (their lease moved on).
+# Returns the sids refused (their lease moved on), but not those opened again after the refusal.
 FLUSH = """
 local p, live_ttl, ended_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local refused, seen = {}, {}
+local refused = {}
 for i = 4, #ARGV, 4 do
   local op, sid, token, data = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local lk, sk = p .. ':lease:' .. sid, p .. ':s:' .. sid
   if op == 'o' then
+    refused[sid] = nil
     redis.call('SET', lk, token, 'PX', live_ttl)
     redis.call('DEL', sk)
     redis.call('RPUSH', sk, data)
     redis.call('PEXPIRE', sk, live_ttl)
   elseif redis.call('GET', lk) ~= token then
-    if not seen[sid] then refused[#refused + 1] = sid; seen[sid] = true end
+    refused[sid] = true
   elseif op == 'a' then
     redis.call('RPUSH', sk, data)
     redis.call('PEXPIRE', sk, live_ttl)
@@ -59,7 +60,9 @@ for i = 4, #ARGV, 4 do
     redis.call('PEXPIRE', sk, live_ttl)
   end
 end
-return refused
+local out = {}
+for sid in pairs(refused) do out[#out + 1] = sid end
+return out
 """
 
 # KEYS: lease, log. ARGV: new token, live ttl ms. Nothing when the session has no records.
@@ -85,7 +88,7 @@ class ClusterStore:
         self._flush = self.r.register_script(FLUSH)
         self._claim = self.r.register_script(CLAIM)
         self.tokens: dict[str, str] = {}  # sid -> this replica's lease token
-        self.ops: list[tuple[str, str, bytes]] = []
+        self.ops: list[tuple[str, str, str, bytes]] = []  # (op, sid, token, data)
 
     def shared_tag(self, mine: str) -> str:
         """The issuer tag of every replica (the first one to start sets it)."""
@@ -126,11 +129,12 @@ class ClusterStore:
         return token is not None and self.r.get(f"{self.prefix}:lease:{sid}") == token.encode()
 
     def add(self, op: str, sid: str, parts: list[Buffer] | bytes) -> None:
-        if op == "o":
-            self.new_token(sid)
-        elif sid not in self.tokens:
+        # Each record is fenced by the token of its time: an OIP sequence started again ends the old
+        # session (its token) and opens the new one (a new token) in the same turn.
+        token = self.new_token(sid) if op == "o" else self.tokens.get(sid)
+        if token is None:
             return  # not ours (dropped after a move): nothing to write
-        self.ops.append((op, sid, parts if isinstance(parts, bytes) else b"".join(parts)))
+        self.ops.append((op, sid, token, parts if isinstance(parts, bytes) else b"".join(parts)))
 
     def flush(self) -> set[str]:
         """Write this turn's records; the sids whose lease moved on (their records were not written)."""
@@ -138,10 +142,10 @@ class ClusterStore:
             return set()
         ops, self.ops = self.ops, []
         args: list[bytes | str | int] = [self.prefix, self.live_ttl_ms, self.ended_ttl_ms]
-        for op, sid, data in ops:
-            args += [op, sid, self.tokens.get(sid, ""), data]
-        for op, sid, _ in ops:
-            if op == "e":
+        for op, sid, token, data in ops:
+            args += [op, sid, token, data]
+        for op, sid, token, _ in ops:
+            if op == "e" and self.tokens.get(sid) == token:  # not a session of that id opened since
                 self.tokens.pop(sid, None)
         refused = {s.decode() if isinstance(s, bytes) else s for s in self._flush(args=args)}
         for sid in refused:

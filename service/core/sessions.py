@@ -111,6 +111,8 @@ class SessionTable:
                                   retry_after=min(self.idle_timeout_s, 30.0))
         s = Session(id=sid or make_id(self.tag), model=model, slot=slot, last_used=self.clock(), owner=owner)
         self.live[s.id] = s
+        if sid is not None and self._gone.pop(sid, None) is not None:  # a reused id (OIP) is live, not ended
+            self._gone_owner.pop(sid, None)
         self.owned[owner] += 1
         return s
 

@@ -263,6 +263,61 @@ def test_an_oip_sequence_moves_like_a_session_and_its_old_replica_says_send_it_a
     assert spikes == [v for step in expected[0] for v in step]  # spikes of the 6 steps, each applied once
 
 
+def test_an_oip_sequence_started_again_stays_on_its_replica_and_its_record_starts_over(cluster,
+                                                                                      ref: Reference) -> None:
+    """sequence_start on a live sequence ends its old session and opens one of the same id in one engine
+    turn: the new session keeps its lease (no 409, no take-over by the replica itself), and another
+    replica that takes it over later replays only the new run."""
+    a, b = cluster(2)
+    x = ref.sequence("sliding", 6, seed=43).float()
+    expected = ref.outputs("sliding", x.double())
+
+    def infer(srv: Server, t: int, start: bool) -> httpx.Response:
+        body = {"inputs": [{"name": "steps", "datatype": "FP32", "shape": [1, 2, *x.shape[1:]],
+                            "data": x[t:t + 2].flatten().tolist()}],
+                "outputs": [{"name": "scores"}], "parameters": {"sequence_id": 11, "sequence_start": start}}
+        return httpx.post(f"{srv.url}/v2/models/sliding/infer", json=body, timeout=20)
+
+    assert infer(a, 4, True).status_code == 200  # a first run on other inputs, then started over
+    outs = [infer(a, 0, True), infer(a, 2, False)]
+    assert [r.status_code for r in outs] == [200, 200], [r.text for r in outs]
+    assert adopted(a) == 0  # A never lost the sequence it serves
+    outs.append(infer(b, 4, False))  # B takes it over: a replay of the new run only
+    assert outs[-1].status_code == 200, outs[-1].text
+    assert adopted(b) == 1
+    scores = [v for r in outs for v in r.json()["outputs"][0]["data"]]
+    assert scores == pytest.approx([v for step in expected[1] for v in step], rel=1e-5, abs=1e-6)
+    assert httpx.get(f"{b.url}/v1/sessions/oip::sliding:11", timeout=20).json()["steps_seen"] == 6
+
+
+def test_records_of_a_session_opened_again_in_the_same_write_are_not_refused(tmp_path) -> None:
+    """One engine turn's write may hold records of a session another replica has since claimed (refused)
+    and then the open of a new session of that id (an OIP sequence started again): the new one is this
+    replica's, not refused; each record is fenced by the token it was written under."""
+    from service.core.cluster import ClusterStore
+
+    proc, port = redis_server(tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        a, b = ClusterStore(url, "A"), ClusterStore(url, "B")
+        a.add("o", "s", b"open")
+        assert a.flush() == set()
+        assert b.claim("s") == b"open"  # B takes it over; A does not know yet
+        a.add("a", "s", b"steps")  # refused: B holds the lease
+        a.add("o", "s", b"open again")  # the sequence started again on A: A's again
+        assert a.flush() == set() and a.holds("s") and not b.holds("s")
+        a.add("a", "s", b"more")
+        a.add("e", "s", b"end")
+        a.add("o", "s", b"third run")  # ended and opened in one write: the new lease stays
+        assert a.flush() == set() and a.holds("s")
+        assert a.r.lrange("psn:s:s", 0, -1) == [b"third run"]
+        b.add("a", "s", b"late")
+        assert b.flush() == {"s"}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_websocket_routed_by_session_id_attaches_only_to_that_session(server: Server) -> None:
     """/v1/stream?session_id=X is how a proxy routes a WebSocket (the attach message is out of its sight),
     so attaching to another session on that connection is refused: it would run where X's replica is."""

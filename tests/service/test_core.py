@@ -122,6 +122,19 @@ def test_closed_ids_are_remembered_up_to_the_limit() -> None:
         assert e.value.code == "session_closed"
 
 
+def test_an_id_opened_again_is_live_not_remembered_as_gone() -> None:
+    """An OIP sequence started again closes its session and opens one of the same id: the id must leave
+    the ended ids, which the session log's compaction writes as ended."""
+    table = SessionTable(idle_timeout_s=10, remember_gone=4, clock=Clock())
+    table.add_model("m", 4)
+    table.close(table.open("m", "oip::m:7", owner="k"))
+    assert table.gone() == [("oip::m:7", "session_closed", "k")]
+    s = table.open("m", "oip::m:7", owner="k")
+    assert table.gone() == [] and table.get("oip::m:7", owner="k") is s
+    table.close(s, "session_expired")
+    assert table.gone() == [("oip::m:7", "session_expired", "k")]
+
+
 def test_retry_window_keeps_the_last_steps_of_each_slot() -> None:
     w = RetryWindow(slots=3, size=4, spike_bytes=1, classes=2, dtype=np.dtype(np.float32))
     # slot 2 takes steps 0..5 (in chunks 0..2 and 3..5), slot 0 takes step 0..1

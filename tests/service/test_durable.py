@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -338,3 +340,34 @@ def test_a_sessions_owner_survives_the_restart(serve, tmp_path: Path) -> None:
         assert c.get(f"/v1/sessions/{sid}", headers=hb).status_code == 404
         assert c.get(f"/v1/sessions/{closed}", headers=ha).status_code == 410
         assert c.get(f"/v1/sessions/{closed}", headers=hb).status_code == 404
+
+
+def test_a_restarted_oip_sequence_survives_compaction_and_a_restart(serve, ref: Reference, tmp_path: Path) -> None:
+    """sequence_start on a live sequence closes its old session and opens one of the same id; the log's
+    compaction must write that id as live, not as closed, or the sequence is gone after a restart."""
+    srv = serve(state_dir=tmp_path / "state", state_compact_bytes=65536)
+    x = ref.sequence("sliding", 64 * 40, seed=77).numpy().astype(np.float32)
+
+    def infer(h: httpx.Client, steps: np.ndarray, **params) -> httpx.Response:
+        return h.post("/v2/models/sliding/infer", json={
+            "inputs": [{"name": "steps", "shape": [1, *steps.shape], "datatype": "FP32",
+                        "data": steps.ravel().tolist()}],
+            "outputs": [{"name": "scores"}], "parameters": {"sequence_id": 7, **params}})
+
+    with httpx.Client(base_url=srv.url, timeout=30) as h:
+        assert infer(h, x[:5], sequence_start=True).status_code == 200
+        assert infer(h, x[:64], sequence_start=True).status_code == 200  # starts over: the first run is closed
+        sent, before = 64, srv.log().count("session log compacted")  # the start's empty log counts one
+        while srv.log().count("session log compacted") == before:  # the log is rewritten while the sequence lives
+            assert sent < len(x) - 64, "the log was never compacted"
+            assert infer(h, x[sent:sent + 64]).status_code == 200
+            sent += 64
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        r = infer(h, x[sent:sent + 64])
+        assert r.status_code == 200, r.text
+        sent += 64
+    _, scores = ref.outputs("sliding", torch.from_numpy(x[:sent]).double())
+    got = np.asarray(r.json()["outputs"][0]["data"]).reshape(64, -1)
+    assert got == pytest.approx(np.asarray(scores[sent - 64:sent]), rel=1e-5, abs=1e-5)
