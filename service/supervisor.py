@@ -5,7 +5,8 @@ core (it runs what is still queued, up to ``PSN_DRAIN_TIMEOUT_S``).
 
 A front end that dies loses no session (the engine core owns them); its clients reconnect and attach.
 The engine core dying makes the front ends answer 503 ``engine_unavailable`` and ``/readyz`` fail until
-the supervisor has restarted it (its sessions are lost: they lived in its memory). If the engine core
+the supervisor has restarted it (it rebuilds its sessions from the session store, ``PSN_STATE_DIR`` or
+``PSN_STATE_URL``; without one they are lost: they lived in its memory). If the engine core
 fails before it ever became ready (a broken model folder, a bad setting), the service exits with 1.
 """
 
@@ -98,8 +99,10 @@ class Supervisor:
                     mark_process_dead(p.pid, self.metrics_dir)
                     self.start_frontend(i)
             if self.engine is not None and not self.engine.is_alive() and not self.stopping:
-                log.error("the engine core (pid %s) exited with %s; restarting it (its sessions are lost)",
-                          self.engine.pid, self.engine.exitcode)
+                fate = ("it rebuilds its sessions from the session store" if self.settings.state_dir
+                        or self.settings.state_url else "its sessions are lost: no PSN_STATE_DIR / PSN_STATE_URL")
+                log.error("the engine core (pid %s) exited with %s; restarting it (%s)", self.engine.pid,
+                          self.engine.exitcode, fate)
                 self.start_engine()
         self.stop()
         return 0

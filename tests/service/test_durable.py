@@ -152,6 +152,7 @@ def test_kill_9_of_the_engine_mid_stream_loses_no_session(serve, ref: Reference,
     check(streams, ref)
     assert sum(s.retries for s in streams) > 0  # requests did fail and were re-sent
     assert "recovered 64 sessions (0 lost)" in srv.log()
+    assert "restarting it (it rebuilds its sessions from the session store)" in srv.log()
     assert srv.log().count("session log compacted") >= 3  # mid-stream snapshots (64 KiB), then the recovery's
     for s in streams:
         s.close()
@@ -245,6 +246,7 @@ def test_restart_without_a_store_answers_410_for_old_ids(serve) -> None:
         wait_new_engine(srv, pid)
         r = c.get(f"/v1/sessions/{sid}")
         assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost", r.text
+    assert "its sessions are lost: no PSN_STATE_DIR" in srv.log()
 
 
 def redis_server(tmp_path: Path) -> tuple[subprocess.Popen, int]:
@@ -281,6 +283,7 @@ def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> N
         run_streams(streams)
         check(streams, ref)
         assert "recovered 64 sessions (0 lost)" in srv.log()
+        assert "restarting it (it rebuilds its sessions from the session store)" in srv.log()
         for s in streams:
             s.close()
     finally:
