@@ -245,6 +245,85 @@ def test_engine_core_retries_gaps_and_window() -> None:
     assert got[5][0] == 409 and got[5][1][0] == "retry_too_old" and "before 4" in got[5][1][1]
 
 
+def bits(spikes: bytes, L: int) -> list[list[int]]:
+    """The first two spikes of each of L steps (the fake backend has 2 outputs, packed in one byte)."""
+    return np.unpackbits(np.frombuffer(spikes, np.uint8), bitorder="little").reshape(L, 8)[:, :2].tolist()
+
+
+def test_a_retry_inside_the_window_answers_exactly_those_steps_in_order() -> None:
+    """Retries that end before the latest step, and ones that run on past it, answer their steps in
+    index order: window first, then the new ones; spikes and scores both."""
+    core, be, clock = make_core(max_wait_ms=0, retry_window=4)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    x = np.array([[1, -1], [-1, 1], [1, 1], [-1, -1], [1, -1], [-1, 1], [1, 1], [-1, -1], [1, -1]], np.float64)
+    core.handle(b"f", [2, "steps", a, -1, 7, x[:7].tobytes()])
+    core.step()
+    answers(core)
+    calls = len(be.calls)
+    core.handle(b"f", [3, "steps", a, 4, 2, x[4:6].tobytes()])  # steps 4, 5 of 0..6: the middle of the window
+    core.handle(b"f", [4, "steps", a, 5, 4, x[5:9].tobytes()])  # 5, 6 again, 7, 8 new
+    core.step()
+    core.step()
+    got = answers(core)
+    start, replayed, seen, spikes, scores = got[3][1]
+    assert (start, replayed, seen) == (4, 2, 7) and len(be.calls) == calls + 1
+    assert bits(spikes, 2) == (x[4:6] > 0).astype(int).tolist()
+    assert np.frombuffer(scores).reshape(2, 2).tolist() == np.cumsum(x[:7], 0)[4:6].tolist()
+    start, replayed, seen, spikes, scores = got[4][1]
+    assert (start, replayed, seen) == (5, 2, 9) and be.calls[-1] == (2, [0])
+    assert bits(spikes, 4) == (x[5:9] > 0).astype(int).tolist()
+    assert np.frombuffer(scores).reshape(4, 2).tolist() == np.cumsum(x, 0)[5:9].tolist()
+
+
+def test_classify_requests_past_one_batch_run_in_the_next() -> None:
+    core, be, clock = make_core(max_batch_size=3)
+    for rid in range(7):
+        core.handle(b"f", [rid, "classify", "fake", 1, np.full(2, float(rid)).tobytes()])
+    assert core.wait_s() == 0.0
+    assert core.step() is True and sorted(answers(core)) == [0, 1, 2]
+    core.step()
+    core.step()
+    got = answers(core)
+    assert sorted(got) == [3, 4, 5, 6]
+    assert all(np.frombuffer(got[rid][1][1]).tolist() == [rid, rid] for rid in got)
+    assert core.wait_s() is None and core.step() is False
+
+
+def test_the_engine_waits_for_the_first_due_batch_of_any_model_and_bounds_each_models_queue() -> None:
+    clock, other = Clock(), FakeBackend(4)
+    other.model = LoadedModel(name="other", path=Path("."), net=other.model.net, config={})
+    core = EngineCore([FakeBackend(4), other], Settings(**{"max_batch_size": 8, "max_wait_ms": 5, "warmup": False,
+                                                          "queue_depth": 2}), clock=clock)
+    core.handle(b"f", [1, "open", "fake", False])
+    core.handle(b"f", [2, "open", "other", False])
+    opened = answers(core)
+    a, b = (opened[i][1]["session_id"] for i in (1, 2))
+    assert core.wait_s() is None
+    core.handle(b"f", [3, "steps", a, -1, 1, np.ones(2).tobytes()])
+    clock.now += 0.003
+    core.handle(b"f", [4, "steps", b, -1, 1, np.ones(2).tobytes()])
+    assert core.wait_s() == pytest.approx(0.002)  # fake's batch is due first
+    for rid in (5, 6, 7):  # a model's queue holds queue_depth requests, then says queue_full
+        core.handle(b"f", [rid, "classify", "other", 1, np.ones(2).tobytes()])
+    got = answers(core)
+    assert list(got) == [7] and got[7][0] == 503 and got[7][1][0] == "queue_full"
+
+
+def test_a_sequence_with_requests_in_flight_cannot_start_over() -> None:
+    core, be, clock = make_core(max_wait_ms=1000)
+    core.handle(b"f", [1, "open", "fake", False, "oip::fake:7"])
+    core.handle(b"f", [2, "steps", "oip::fake:7", -1, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [3, "open", "fake", False, "oip::fake:7"])  # request 2 not run yet
+    got = answers(core)
+    assert got[3][0] == 409 and got[3][1][0] == "sequence_busy" and got[3][1][2] == "sequence_start"
+    clock.now += 2
+    core.step()
+    assert answers(core)[2][1][:3] == [0, 0, 1]  # the request in flight was applied to the old run
+    core.handle(b"f", [4, "open", "fake", False, "oip::fake:7"])  # now it starts over
+    assert answers(core)[4][1]["steps_seen"] == 0
+
+
 def test_engine_core_expiry_pushes_to_watchers_and_close_waits_for_queued_work() -> None:
     core, be, clock = make_core(max_wait_ms=1000)
     core.handle(b"f", [1, "open", "fake", True])
