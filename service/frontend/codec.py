@@ -12,6 +12,7 @@ Binary frames (WebSocket ``/v1/stream``, docs/api.md), all little-endian:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -33,10 +34,12 @@ def shape_text(lead: str, shape: tuple[int, ...]) -> str:
     return "(" + ", ".join([lead, *map(str, shape)]) + ")"
 
 
-def numbers(raw: Any, field: str, want: str) -> np.ndarray:
+def numbers(raw: Any, field: str, want: str, maybe_bools: bool = True) -> np.ndarray:
     """JSON numbers (nested lists) as float64; a 422 naming ``field`` and the shape ``want`` for anything
     else. Integers past 64 bits are numbers too (2**64 is a fine float32); one too large for any float is
-    refused as too large, not as a non-number."""
+    refused as too large, not as a non-number. numpy turns ``[true, 0.5]`` into ``[1.0, 0.5]``, so a
+    number array is scanned for booleans unless the caller knows there are none (``maybe_bools=False``:
+    the message text holds no ``true``/``false``)."""
     try:
         a = np.asarray(raw)
     except (ValueError, TypeError, OverflowError):  # ragged nesting
@@ -58,6 +61,13 @@ def numbers(raw: Any, field: str, want: str) -> np.ndarray:
                 "booleans" if a.dtype.kind == "b" else
                 "strings" if a.dtype.kind in "US" else f"non-numbers (dtype {a.dtype.kind!r})")
         raise InvalidInput(f"{field}: expected numbers in shape {want}, got {what}", field=field)
+    if maybe_bools and a.size:
+        leaves: Any = raw
+        for _ in range(a.ndim - 1):
+            leaves = itertools.chain.from_iterable(leaves)
+        if any(type(x) is bool for x in leaves):
+            raise InvalidInput(f"{field}: expected numbers in shape {want}, got a boolean (true/false)",
+                               field=field)
     return a.astype(np.float64, copy=False)
 
 
@@ -93,14 +103,15 @@ class ModelCodec:
             raise InvalidInput(f"{field}: a value's magnitude exceeds {self.max_value:.6g}, the largest finite "
                                f"{self.model_dtype} of model {self.name!r}", field=field)
 
-    def json_steps(self, raw: Any, max_steps: int, field: str = "steps") -> tuple[int, bytes]:
+    def json_steps(self, raw: Any, max_steps: int, field: str = "steps",
+                   maybe_bools: bool = True) -> tuple[int, bytes]:
         """A JSON list of L steps, each of ``input_shape`` -> (L, payload in the wire dtype)."""
         want = shape_text("L", self.input_shape)
         if not isinstance(raw, list) or not raw:
             raise InvalidInput(f"{field}: expected a non-empty list of steps, shape {want}", field=field)
         if len(raw) > max_steps:
             raise TooManySteps(f"{field}: {len(raw)} steps in one request, at most {max_steps} allowed", field=field)
-        a = numbers(raw, field, want)
+        a = numbers(raw, field, want, maybe_bools)
         if a.shape[1:] != self.input_shape:
             raise InvalidInput(f"{field}: expected shape {want}, got {a.shape}", field=field)
         self.check_values(a, field)

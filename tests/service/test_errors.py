@@ -27,6 +27,8 @@ BAD_STEPS = [  # (body, status, code, words the message must contain)
     ({"steps": [[1.0, 2.0, 3.0]], "start": -1}, 422, "invalid_input", ["start"]),
     ({"steps": [[1.0, 2.0, 3.0]], "start": False}, 422, "invalid_input", ["start", "integer"]),  # not step 0
     ({"steps": [[True, False, True]]}, 422, "invalid_input", ["steps", "booleans"]),
+    ({"steps": [[0.5, 0.5, 0.5], [0.5, True, 0.5]]}, 422, "invalid_input", ["steps", "boolean"]),  # numpy: 1.0
+    ({"steps": [[1, False, 3]]}, 422, "invalid_input", ["steps", "boolean"]),  # numpy: 0
     ({"steps": [[1.0, 2.0, 3.0]], "start": 2**64}, 422, "invalid_input", ["start"]),  # past what the IPC carries
     ({"steps": [[1.0, 2.0, 3.0]], "start": 2**63}, 422, "invalid_input", ["start"]),  # past a signed 64-bit index
     ({"steps": [[10**400, 2.0, 3.0]]}, 422, "invalid_input", ["steps", "too large for any float"]),
@@ -136,6 +138,8 @@ def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
         e = ask({"type": "steps", "steps": [[1, 2]], "id": 9})
         assert e["error"]["code"] == "invalid_input" and e["id"] == 9 and "(L, 3)" in e["error"]["message"]
         assert ask({"type": "steps", "steps": [[1, "x", 2]]})["error"]["code"] == "invalid_input"
+        e = ask({"type": "steps", "steps": [[0.5, True, 0.5]]})
+        assert e["error"]["code"] == "invalid_input" and "boolean" in e["error"]["message"]
         assert ask('{"type": "steps", "steps": [[NaN, 1, 2]]}')["error"]["code"] == "invalid_input"
         assert ask({"type": "steps", "steps": [[0, 0, 0]] * 65})["error"]["code"] == "too_many_steps"
         e = ask({"type": "steps", "steps": [[0, 0, 0]], "start": 2**64, "id": 10})

@@ -111,6 +111,7 @@ def test_protocol_errors(server: Server) -> None:
 
         bad += [(data([0, 10**400, 0]), "too large for any float"),  # a JSON integer past every float: not 500
                 (data(["0.5", 0, 0]), "expected numbers"), (data([True, False, True]), "booleans"),
+                (data([0.5, True, 0.5]), "boolean"),
                 (data([None, 0, 0]), "null"), (data([0, 0]), "2 values for shape")]
         for flag in ("sequence_start", "sequence_end", "binary_data_output"):  # "false" is a string, not false
             bad.append(({**data([0, 0, 0]), "parameters": {"sequence_id": 5, flag: "false"}}, f"parameters.{flag}"))

@@ -160,7 +160,8 @@ class StreamConnection:
             if self.binary:
                 raise InvalidInput("steps: this connection uses binary frames (psn.binary.v1): send steps as a "
                                    "binary frame, or reopen/attach with \"frames\": \"json\"", field="type")
-            L, payload = codec.json_steps(msg.steps, fe.settings.max_steps_per_request)
+            L, payload = codec.json_steps(msg.steps, fe.settings.max_steps_per_request,
+                                          maybe_bools="true" in text or "false" in text)
             start, replayed, _, spikes, scores = await fe.steps(sid, codec, msg.start, L, payload, self.owner)
             await self.send_raw(join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
                                              "replayed": replayed}, codec.json_outputs(start, L, spikes, scores)))
