@@ -22,13 +22,17 @@ SPEC = LogSpec(name="m", row=8, spike_bytes=1, classes=2, wire=np.dtype(np.float
                replay=3, window=2, fingerprint="f")
 
 
-def steps_frame(sids: list[str], t0: list[int], L: int, seed: int) -> tuple[bytes, np.ndarray]:
+def steps_frame(sids: list[str], t0: list[int], L: int, seed: int,
+                outputs: list | None = None) -> tuple[bytes, np.ndarray]:
+    """A STEPS record of random bytes; ``outputs`` (if given) gets (spikes, scores, sums) appended."""
     rng = np.random.default_rng(seed)
     B = len(sids)
     inputs = rng.integers(0, 255, (B, L, SPEC.row), np.uint8)
     spikes = rng.integers(0, 255, (B, L, 1), np.uint8)
     scores = rng.random((B, L, 2), np.float32)
     sums = rng.random((B, 2))
+    if outputs is not None:
+        outputs.append((spikes, scores, sums))
     return frame([STEPS, "m", L, sids, np.array(t0, np.int64).tobytes()], inputs.data, spikes.data, scores.data,
                  sums.data), inputs
 
@@ -44,10 +48,11 @@ def test_frames_stop_at_a_torn_or_corrupt_record() -> None:
 
 def test_read_log_keeps_the_replay_tail_outputs_and_sums() -> None:
     log = frame([OPEN, "m", "a", "k1"]) + frame([OPEN, "m", "b", ""])
-    chunks = []
+    chunks: list = []
+    outs: list = []
     t = 0
     for i, L in enumerate([2, 1, 3, 1]):
-        f, inputs = steps_frame(["a", "b"], [t, t], L, seed=i)
+        f, inputs = steps_frame(["b", "a"], [t, t], L, seed=i, outputs=outs)  # a second in each
         log += f
         chunks.append(inputs)
         t += L
@@ -56,9 +61,15 @@ def test_read_log_keeps_the_replay_tail_outputs_and_sums() -> None:
     assert set(st.live) == {"a"} and st.gone == {"b": ("session_closed", "")}
     a = st.live["a"]
     assert a.t == 7 and a.owner == "k1"
-    all_inputs = np.concatenate([c[0] for c in chunks])  # (7, row)
+    all_inputs = np.concatenate([c[1] for c in chunks])  # (7, row)
     assert a.last_inputs(3, SPEC.row) == all_inputs[-3:].tobytes()
     assert a.n_inputs >= 3 and a.n_outputs >= 2
+    spikes = np.concatenate([o[0][1] for o in outs])  # session a's (7, 1) spikes, (7, 2) scores
+    scores = np.concatenate([o[1][1] for o in outs])
+    sp, sc = a.last_outputs(2, SPEC.spike_bytes, 2 * 4)  # a retry of the last two steps after a restart
+    assert sp == spikes[-2:].tobytes() and sc == scores[-2:].tobytes()
+    assert a.last_outputs(0, 1, 8) == (b"", b"")
+    assert a.sums == outs[-1][2][1].tobytes()  # the score sum after the last logged step
 
 
 def test_a_gap_in_a_sessions_records_makes_it_unrebuildable() -> None:
@@ -70,8 +81,13 @@ def test_a_gap_in_a_sessions_records_makes_it_unrebuildable() -> None:
 
 def test_snapshot_then_steps_round_trip() -> None:
     inputs = np.arange(2 * 3 * 8, dtype=np.uint8).reshape(2, 3, 8)
-    snap = snapshot_frame(SPEC, ["a", "b"], ["", "k"], np.array([10, 3]), 3, 2, inputs,
-                          np.zeros((2, 2, 1), np.uint8), np.zeros((2, 2, 2), np.float32), np.ones((2, 2)))
+    rng = np.random.default_rng(5)
+    spikes, scores = rng.integers(0, 255, (2, 2, 1), np.uint8), rng.random((2, 2, 2), np.float32)
+    sums = rng.random((2, 2))
+    snap = snapshot_frame(SPEC, ["a", "b"], ["", "k"], np.array([10, 3]), 3, 2, inputs, spikes, scores, sums)
+    for i, rec in enumerate(read_log(snap, {"m": SPEC}).live.values()):  # each session gets its own rows
+        assert rec.last_outputs(2, 1, 8) == (spikes[i].tobytes(), scores[i].tobytes())
+        assert rec.sums == sums[i].tobytes() and rec.last_inputs(3, 8) == inputs[i].tobytes()
     f, more = steps_frame(["b"], [3], 2, seed=4)
     st = read_log(snap + f, {"m": SPEC})
     assert st.live["a"].t == 10 and st.live["a"].last_inputs(3, 8) == inputs[0].tobytes()
@@ -97,6 +113,10 @@ def test_file_store_generations(tmp_path) -> None:
     assert st.tag == "tag1" and set(st.live) == {"c", "d"}
     (tmp_path / "log.2.tmp").write_bytes(b"half a snapshot")  # a crash while writing the next one
     assert set(read_log(FileStore(tmp_path).load(), {"m": SPEC}).live) == {"c", "d"}
+    (tmp_path / "log.9").write_bytes(frame([OPEN, "m", "old", ""]))  # a crash between rename and unlink
+    (tmp_path / "log.10").write_bytes(frame([OPEN, "m", "new", ""]))  # newest by number, not by name
+    assert set(read_log(FileStore(tmp_path).load(), {"m": SPEC}).live) == {"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.10", "log.2.tmp"]  # older ones removed
 
 
 @pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
