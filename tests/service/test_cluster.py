@@ -300,6 +300,7 @@ def test_records_of_a_session_opened_again_in_the_same_write_are_not_refused(tmp
     try:
         url = f"redis://127.0.0.1:{port}/0"
         a, b = ClusterStore(url, "A"), ClusterStore(url, "B")
+        assert (a.shared_tag("ta"), b.shared_tag("tb"), a.shared_tag("tc")) == ("ta", "ta", "ta")  # the first sets it
         a.add("o", "s", b"open")
         assert a.flush() == set()
         assert b.claim("s") == b"open"  # B takes it over; A does not know yet

@@ -135,6 +135,17 @@ def test_an_id_opened_again_is_live_not_remembered_as_gone() -> None:
     assert table.gone() == [("oip::m:7", "session_expired", "k")]
 
 
+@pytest.mark.parametrize(("idle", "after"), [(5.0, 5.0), (600.0, 30.0)])
+def test_a_full_model_says_when_to_retry(idle: float, after: float) -> None:
+    """A slot frees at the latest when an idle session expires; past 30 s a client should ask again anyway."""
+    table = SessionTable(idle_timeout_s=idle, remember_gone=4, clock=Clock())
+    table.add_model("m", 1)
+    table.open("m")
+    with pytest.raises(TooManySessions) as e:
+        table.open("m")
+    assert e.value.retry_after == after and f"idle timeout {idle:g} s" in str(e.value)
+
+
 def test_retry_window_keeps_the_last_steps_of_each_slot() -> None:
     w = RetryWindow(slots=3, size=4, spike_bytes=1, classes=2, dtype=np.dtype(np.float32))
     # slot 2 takes steps 0..5 (in chunks 0..2 and 3..5), slot 0 takes step 0..1
