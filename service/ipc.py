@@ -18,7 +18,8 @@ Requests: ``[rid, op, *args]`` (``rid`` > 0, unique per front end)::
 
     ["hello"]                                      -> {"models": [model info...], "engine": {...}}
     ["ping"]                                       -> {"ready": bool}
-    ["open", model, watch, sid, owner]             -> session info (sid: None, or an OIP sequence's id)
+    ["open", model, watch, sid, owner, ahead]      -> session info (sid: None, or an OIP sequence's id;
+                                                      ahead: steps sent next, refused now if they would be)
     ["get", session_id, watch, owner]              -> session info (watch: push "expired" to this front end)
     ["close", session_id, owner]                   -> session info (as it was closed)
     ["steps", session_id, start, L, bytes, owner]  -> [start, replayed, steps_seen, spikes, scores]

@@ -167,8 +167,10 @@ class EngineCore:
             raise ShuttingDown("the service is shutting down; retry on another replica", retry_after=1)
 
     def open(self, front: bytes, rid: int, model: str, watch: bool = False, sid: str | None = None,
-             owner: str = "") -> dict:
-        """A new session; ``sid`` names it (an OIP sequence: a live session of that id starts over)."""
+             owner: str = "", ahead: int = 0) -> dict:
+        """A new session; ``sid`` names it (an OIP sequence: a live session of that id starts over).
+        ``ahead``: the steps the caller sends next (an OIP request that starts a sequence): refused here,
+        with the sequence left as it was, if the model's queue or the key's step rate would refuse them."""
         self.check_open()
         r = self.runner(model)
         if not r.streams:
@@ -178,6 +180,8 @@ class EngineCore:
         if old is not None and old.owner != owner:  # front ends put the owner into such ids: never happens
             raise InvalidInput(f"session id {sid!r} is taken", field="session_id")
         self.quotas.check_open(owner, self.sessions.owned[owner] - (old is not None))
+        if ahead:
+            self._check_admission(model, owner, ahead)
         if old is not None:
             if old.busy:
                 raise StepGap(f"sequence {sid!r} still has requests in flight; start it again once they are answered",
@@ -241,15 +245,19 @@ class EngineCore:
         s = self.lookup(sid, owner=owner)
         r, sched = self.runners[s.model], self.schedulers[s.model]
         r.check_payload(payload, L)
-        if sched.pending >= self.settings.queue_depth:
-            raise QueueFull(f"model {s.model!r}: {self.settings.queue_depth} requests are already queued; retry "
-                            "shortly", retry_after=1)
-        self.quotas.check_steps(owner, L)
+        self._check_admission(s.model, owner, L)
         now = self.clock()
         sched.add(Request(front, rid, s, "steps", now, start, L, payload))
         self.quotas.take_steps(owner, L)
         s.last_used = now
         return QUEUED
+
+    def _check_admission(self, model: str, owner: str, L: int) -> None:
+        """Would ``L`` steps of ``owner`` for ``model`` be queued now? (Nothing is taken.)"""
+        if self.schedulers[model].pending >= self.settings.queue_depth:
+            raise QueueFull(f"model {model!r}: {self.settings.queue_depth} requests are already queued; retry "
+                            "shortly", retry_after=1)
+        self.quotas.check_steps(owner, L)
 
     def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes, owner: str = "") -> Any:
         self.check_open()

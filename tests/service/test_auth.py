@@ -322,7 +322,7 @@ def test_an_oversized_request_head_is_answered_431(keyed: Server) -> None:
 
 
 # ----- per-key limits -------------------------------------------------------------------------------
-def test_per_key_session_and_step_limits_across_workers(serve) -> None:
+def test_per_key_session_and_step_limits_across_workers(serve, ref: Reference) -> None:
     srv = serve(workers=2, api_keys=f"{KEY_A},{KEY_B}", key_max_sessions=2, key_steps_per_s=2,
                 max_steps_per_request=16)
     step = [0.5, 0.5, 0.5]
@@ -353,6 +353,22 @@ def test_per_key_session_and_step_limits_across_workers(serve) -> None:
         oip = http[1].post("/v2/models/sliding/infer", headers=a, json={"inputs": [
             {"name": "steps", "shape": [1, 4, 3], "datatype": "FP32", "data": step * 4}]})
         assert oip.status_code == 429 and "PSN_KEY_STEPS_PER_S" in oip.json()["error"] and "Retry-After" in oip.headers
+        # B (12 steps left) streams sequence 5; a sequence_start of 16 more is refused and leaves it as it was
+        x = ref.sequence("sliding", 6, seed=43)
+
+        def seq(c: httpx.Client, steps, **params) -> httpx.Response:
+            return c.post("/v2/models/sliding/infer", headers=b, json={"parameters": {"sequence_id": 5, **params},
+                          "inputs": [{"name": "steps", "shape": [1, len(steps), 3], "datatype": "FP32",
+                                      "data": np.asarray(steps, np.float32).ravel().tolist()}]})
+
+        assert seq(http[0], x[:4], sequence_start=True).status_code == 200
+        r = seq(http[1], [step] * 16, sequence_start=True)
+        assert r.status_code == 429 and "PSN_KEY_STEPS_PER_S" in r.json()["error"], r.text
+        r = seq(http[0], x[4:6])  # goes on from step 4: the refused start did not reset it
+        assert r.status_code == 200, r.text
+        scores = next(o for o in r.json()["outputs"] if o["name"] == "scores")["data"]
+        expect = np.asarray(ref.outputs("sliding", x.float().double())[1])[4:6]
+        assert np.reshape(scores, expect.shape) == pytest.approx(expect, rel=1e-5, abs=1e-5)
         time.sleep(0.6)  # 1.2 steps' worth
         assert ask(ws[1], {"type": "steps", "steps": [step]})["start"] == 16
     # the default Origin policy (no PSN_ALLOWED_ORIGINS): this server's own pages and non-browser clients only

@@ -544,6 +544,32 @@ def test_live_sessions_are_counted_per_owner() -> None:
     assert core.sessions.owned == {"alice": 2}
 
 
+def test_a_sequence_start_whose_steps_would_be_refused_leaves_the_sequence_as_it_was() -> None:
+    """OIP sends sequence_start as an open (a live sequence starts over) and then the steps: the open
+    carries the step count and is refused first, so a 429/503 does not reset the sequence."""
+    core, be, clock = make_core(key_steps_per_s=2, max_steps_per_request=4, queue_depth=1, max_wait_ms=0)
+    sid = "oip:alice:fake:7"
+    core.handle(b"f", [1, "open", "fake", False, sid, "alice", 4])
+    core.handle(b"f", [2, "steps", sid, -1, 4, np.ones(8).tobytes(), "alice"])  # the whole burst
+    core.step()
+    assert answers(core)[2][1][:3] == [0, 0, 4]
+    core.handle(b"f", [3, "open", "fake", False, sid, "alice", 4])  # 4 steps fit in 1 s: refused
+    core.handle(b"f", [4, "get", sid, False, "alice"])
+    got = answers(core)
+    assert got[3][0] == 429 and got[3][1][0] == "rate_limited" and got[4][1]["steps_seen"] == 4
+    core.handle(b"f", [5, "open", "fake", False, "oip::fake:8"])  # another sequence (no key) fills the queue
+    core.handle(b"f", [6, "steps", "oip::fake:8", -1, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [7, "open", "fake", False, "oip::fake:8", "", 1])
+    core.handle(b"f", [8, "get", "oip::fake:8", False])
+    got = answers(core)
+    assert got[7][0] == 503 and got[7][1][0] == "queue_full" and 6 not in got and got[8][1]["steps_seen"] == 0
+    clock.now += 2
+    core.step()
+    assert answers(core)[6][1][:3] == [0, 0, 1]  # the queued request ran on the sequence it was sent to
+    core.handle(b"f", [9, "open", "fake", False, sid, "alice", 4])  # refilled: the start goes through
+    assert answers(core)[9][1]["steps_seen"] == 0
+
+
 def test_steps_per_second_is_a_token_bucket_per_owner() -> None:
     core, be, clock = make_core(key_steps_per_s=2, max_steps_per_request=4, session_queue=1, max_wait_ms=1000)
     for rid, owner in ((1, "alice"), (2, "alice"), (3, "bob"), (4, None)):

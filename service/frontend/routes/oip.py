@@ -107,7 +107,7 @@ async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: n
         if codec.horizon is not None and L > codec.horizon:  # refused before the open restarts a live sequence
             raise PastHorizon(f"steps: model {model!r} has a fixed horizon of T={codec.horizon} steps; a new "
                               f"sequence takes at most {codec.horizon}, got {L}", field="steps")
-        await fe.client.call("open", model, False, sid, owner)
+        await fe.client.call("open", model, False, sid, owner, L)  # refused, not reset, if L would be
     try:
         start, replayed, seen, spikes, scores = await fe.steps(sid, codec, None, L, x[0].astype(codec.wire).tobytes(),
                                                                owner)
