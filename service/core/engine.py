@@ -170,7 +170,8 @@ class EngineCore:
              owner: str = "", ahead: int = 0) -> dict:
         """A new session; ``sid`` names it (an OIP sequence: a live session of that id starts over).
         ``ahead``: the steps the caller sends next (an OIP request that starts a sequence): refused here,
-        with the sequence left as it was, if the model's queue or the key's step rate would refuse them."""
+        with the sequence left as it was, if the horizon, the model's queue or the key's step rate would
+        refuse them."""
         self.check_open()
         r = self.runner(model)
         if not r.streams:
@@ -181,6 +182,9 @@ class EngineCore:
             raise InvalidInput(f"session id {sid!r} is taken", field="session_id")
         self.quotas.check_open(owner, self.sessions.owned[owner] - (old is not None))
         if ahead:
+            if r.horizon is not None and ahead > r.horizon:
+                raise PastHorizon(f"steps: model {model!r} has a fixed horizon of T={r.horizon} steps; a new "
+                                  f"sequence takes at most {r.horizon}, got {ahead}", field="steps")
             self._check_admission(model, owner, ahead)
         if old is not None:
             if old.busy:

@@ -18,7 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.errors import InvalidInput, PastHorizon, ServiceError
+from service.errors import InvalidInput, ServiceError
 from service.frontend.deps import FrontendDep, OwnerDep
 from service.frontend.oip import (
     HEADER,
@@ -103,11 +103,8 @@ async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: n
     codec = fe.codec(model)
     sid = f"oip:{owner}:{model}:{seq}"
     L = x.shape[1]
-    if params.get("sequence_start"):
-        if codec.horizon is not None and L > codec.horizon:  # refused before the open restarts a live sequence
-            raise PastHorizon(f"steps: model {model!r} has a fixed horizon of T={codec.horizon} steps; a new "
-                              f"sequence takes at most {codec.horizon}, got {L}", field="steps")
-        await fe.client.call("open", model, False, sid, owner, L)  # refused, not reset, if L would be
+    if params.get("sequence_start"):  # refused, not reset, if these L steps would be
+        await fe.client.call("open", model, False, sid, owner, L)
     try:
         start, replayed, seen, spikes, scores = await fe.steps(sid, codec, None, L, x[0].astype(codec.wire).tobytes(),
                                                                owner)
