@@ -11,6 +11,7 @@ import pytest
 
 from service.errors import InvalidInput, TooManySteps
 from service.frontend.codec import ModelCodec
+from tests.service.test_frames import frame, read_answer
 
 
 def codec(output_shape: tuple[int, ...], classes: int = 3, wire: str = "<f4") -> ModelCodec:
@@ -51,37 +52,30 @@ def test_binary_answers_follow_the_documented_layout() -> None:
     c, rng = codec((17,), classes=3, wire="<f8"), np.random.default_rng(2)
     sp, spikes = packed(rng, 5, 17)
     sc = rng.standard_normal((5, 3))
-    frame = c.binary_answer(7, 11, 2, 5, spikes, sc.tobytes())
-    head = struct.unpack_from("<IIqIIII", frame)
-    assert head == (7, 5, 11, 2, 17, 3, 3)
-    scores = np.frombuffer(frame, "<f4", 15, 32).reshape(5, 3)
-    assert scores.tolist() == sc.astype(np.float32).tolist()
-    assert np.frombuffer(frame, "<i4", 5, 32 + 60).tolist() == sc.argmax(-1).tolist()
-    bits = np.frombuffer(frame, np.uint8, offset=32 + 80).reshape(5, 3)
-    assert np.unpackbits(bits, axis=-1, count=17, bitorder="little").tolist() == sp.tolist()
-
-
-def request(msg_id: int, L: int, start: int, values: np.ndarray) -> bytes:
-    return struct.pack("<IIq", msg_id, L, start) + values.astype("<f4").tobytes()
+    data = c.binary_answer(7, 11, 2, 5, spikes, sc.tobytes())
+    assert struct.unpack_from("<IIqIIII", data) == (7, 5, 11, 2, 17, 3, 3)
+    a = read_answer(data)  # the documented layout, read by the binary-frame tests' own reader
+    assert a["scores"].tolist() == sc.astype(np.float32).tolist()
+    assert a["predicted"].tolist() == sc.argmax(-1).tolist() and a["spikes"] == sp.tolist()
 
 
 def test_binary_steps_frames_in() -> None:
     c = codec((3,))
     x = np.arange(6, dtype=np.float32).reshape(3, 2)
-    assert c.binary_steps(request(9, 3, -1, x), 64) == (9, -1, 3, x.tobytes())
-    assert c.binary_steps(request(9, 3, 0, x), 64)[1] == 0
+    assert c.binary_steps(frame(x, 9), 64) == (9, -1, 3, x.tobytes())
+    assert c.binary_steps(frame(x, 9, 0), 64)[1] == 0
     c64 = codec((3,), wire="<f8")  # a float64 model gets float64 payloads of the same values
-    assert c64.binary_steps(request(1, 3, 5, x), 64)[3] == x.astype(np.float64).tobytes()
-    bad = [(request(1, 3, -2, x), "start"),  # only -1 means "append"
-           (request(1, 0, -1, x[:0]), "L"),
-           (request(1, 3, -1, x[:2]), "frame"),  # fewer floats than L steps need
-           (request(1, 3, -1, x) + b"\0", "frame"),
+    assert c64.binary_steps(frame(x, 1, 5), 64)[3] == x.astype(np.float64).tobytes()
+    bad = [(frame(x, 1, -2), "start"),  # only -1 means "append"
+           (frame(x[:0], 1), "L"),
+           (frame(x, 1)[:-8], "frame"),  # fewer floats than L steps need
+           (frame(x, 1) + b"\0", "frame"),
            (b"\1\0\0\0", "frame"),  # shorter than the header
-           (request(1, 1, -1, np.array([np.nan, 0])), "steps"),
-           (request(1, 1, -1, np.array([np.inf, 0])), "steps")]
+           (frame(np.array([[np.nan, 0]]), 1), "steps"),
+           (frame(np.array([[np.inf, 0]]), 1), "steps")]
     for data, field in bad:
         with pytest.raises(InvalidInput) as e:
             c.binary_steps(data, 64)
         assert e.value.field == field, (field, str(e.value))
     with pytest.raises(TooManySteps):
-        c.binary_steps(request(1, 65, -1, np.zeros((65, 2))), 64)
+        c.binary_steps(frame(np.zeros((65, 2)), 1), 64)
