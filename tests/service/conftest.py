@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -73,6 +74,17 @@ def assert_outputs(outputs: list[dict], ref: tuple[list, list], start: int = 0, 
         assert o["spikes"] == spikes[t], f"spikes differ at step {t}"
         assert o["scores"] == pytest.approx(scores[t], rel=rel, abs=abs), f"scores differ at step {t}"
         assert o["predicted"] == max(range(len(scores[t])), key=lambda c: scores[t][c])
+
+
+def oip_sequence(steps, sequence_id: int | str, outputs: tuple[str, ...] | None = None, **parameters) -> dict:
+    """A JSON ``/v2/models/{name}/infer`` body: the next steps ``(L, *input_shape)`` of one sequence, as FP32;
+    ``outputs``: the outputs to ask for (default: all); ``parameters``: sequence_start, sequence_end, ..."""
+    a = np.asarray(steps, np.float32)
+    body = {"inputs": [{"name": "steps", "shape": [1, *a.shape], "datatype": "FP32", "data": a.ravel().tolist()}],
+            "parameters": {"sequence_id": sequence_id, **parameters}}
+    if outputs is not None:
+        body["outputs"] = [{"name": n} for n in outputs]
+    return body
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from service.config import KeySettingsError, Settings
 from service.frontend.auth import KeyRing
-from tests.service.conftest import DEFAULTS, Reference, Server, assert_outputs
+from tests.service.conftest import DEFAULTS, Reference, Server, assert_outputs, oip_sequence
 
 KEY_A = "test-key-a-0123456789abcdef"
 KEY_B = "test-key-b-0123456789abcdef"
@@ -357,9 +357,7 @@ def test_per_key_session_and_step_limits_across_workers(serve, ref: Reference) -
         x = ref.sequence("sliding", 6, seed=43)
 
         def seq(c: httpx.Client, steps, **params) -> httpx.Response:
-            return c.post("/v2/models/sliding/infer", headers=b, json={"parameters": {"sequence_id": 5, **params},
-                          "inputs": [{"name": "steps", "shape": [1, len(steps), 3], "datatype": "FP32",
-                                      "data": np.asarray(steps, np.float32).ravel().tolist()}]})
+            return c.post("/v2/models/sliding/infer", headers=b, json=oip_sequence(steps, 5, **params))
 
         assert seq(http[0], x[:4], sequence_start=True).status_code == 200
         r = seq(http[1], [step] * 16, sequence_start=True)

@@ -19,7 +19,7 @@ import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.service.conftest import DEFAULTS, ROOT, Reference, Server, assert_outputs, free_port
+from tests.service.conftest import DEFAULTS, ROOT, Reference, Server, assert_outputs, free_port, oip_sequence
 from tests.service.test_durable import redis_server
 
 T = 30
@@ -247,10 +247,8 @@ def test_an_oip_sequence_moves_like_a_session_and_its_old_replica_says_send_it_a
     expected = ref.outputs("sliding", x.double())
 
     def infer(srv: Server, t: int) -> httpx.Response:
-        body = {"inputs": [{"name": "steps", "datatype": "FP32", "shape": [1, 2, *x.shape[1:]],
-                            "data": x[t:t + 2].flatten().tolist()}], "parameters": {"sequence_id": 9,
-                                                                                     "sequence_start": t == 0}}
-        return httpx.post(f"{srv.url}/v2/models/sliding/infer", json=body, timeout=20)
+        return httpx.post(f"{srv.url}/v2/models/sliding/infer", json=oip_sequence(x[t:t + 2], 9, sequence_start=t == 0),
+                          timeout=20)
 
     outs = [infer(a, 0), infer(b, 2)]  # opened on A, continued on B: B takes it over
     assert [r.status_code for r in outs] == [200, 200], [r.text for r in outs]
@@ -273,9 +271,7 @@ def test_an_oip_sequence_started_again_stays_on_its_replica_and_its_record_start
     expected = ref.outputs("sliding", x.double())
 
     def infer(srv: Server, t: int, start: bool) -> httpx.Response:
-        body = {"inputs": [{"name": "steps", "datatype": "FP32", "shape": [1, 2, *x.shape[1:]],
-                            "data": x[t:t + 2].flatten().tolist()}],
-                "outputs": [{"name": "scores"}], "parameters": {"sequence_id": 11, "sequence_start": start}}
+        body = oip_sequence(x[t:t + 2], 11, ("scores",), sequence_start=start)
         return httpx.post(f"{srv.url}/v2/models/sliding/infer", json=body, timeout=20)
 
     assert infer(a, 4, True).status_code == 200  # a first run on other inputs, then started over

@@ -25,7 +25,7 @@ import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.service.conftest import Reference, Server, assert_outputs
+from tests.service.conftest import Reference, Server, assert_outputs, oip_sequence
 
 MODELS = ("sliding", "masked", "conv")
 T = 22
@@ -352,10 +352,7 @@ def test_a_restarted_oip_sequence_survives_compaction_and_a_restart(serve, ref: 
     x = ref.sequence("sliding", 64 * 40, seed=77).numpy().astype(np.float32)
 
     def infer(h: httpx.Client, steps: np.ndarray, **params) -> httpx.Response:
-        return h.post("/v2/models/sliding/infer", json={
-            "inputs": [{"name": "steps", "shape": [1, *steps.shape], "datatype": "FP32",
-                        "data": steps.ravel().tolist()}],
-            "outputs": [{"name": "scores"}], "parameters": {"sequence_id": 7, **params}})
+        return h.post("/v2/models/sliding/infer", json=oip_sequence(steps, 7, ("scores",), **params))
 
     with httpx.Client(base_url=srv.url, timeout=30) as h:
         assert infer(h, x[:5], sequence_start=True).status_code == 200

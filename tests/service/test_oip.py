@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.service.conftest import Reference, Server, assert_outputs
+from tests.service.conftest import Reference, Server, assert_outputs, oip_sequence
 
 tritonclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
 
@@ -154,10 +154,7 @@ def test_a_refused_sequence_request_leaves_the_sequence_as_it_was(server: Server
     x = ref.sequence("masked", 8, seed=31).numpy().astype(np.float32)
 
     def infer(h: httpx.Client, steps: np.ndarray, outputs: tuple[str, ...] = ("scores",), **params) -> httpx.Response:
-        return h.post("/v2/models/masked/infer", json={
-            "inputs": [{"name": "steps", "shape": [1, *steps.shape], "datatype": "FP32",
-                        "data": steps.ravel().tolist()}],
-            "outputs": [{"name": n} for n in outputs], "parameters": {"sequence_id": "keep", **params}})
+        return h.post("/v2/models/masked/infer", json=oip_sequence(steps, "keep", outputs, **params))
 
     with httpx.Client(base_url=server.url, timeout=20) as h:
         assert infer(h, x[:3], sequence_start=True).status_code == 200
