@@ -34,12 +34,17 @@ def shape_text(lead: str, shape: tuple[int, ...]) -> str:
     return "(" + ", ".join([lead, *map(str, shape)]) + ")"
 
 
+def may_hold_booleans(text: str | bytes) -> bool:
+    """Whether a JSON message could hold ``true``/``false`` anywhere (then ``numbers`` must scan for them)."""
+    return ("true" in text or "false" in text) if isinstance(text, str) else (b"true" in text or b"false" in text)
+
+
 def numbers(raw: Any, field: str, want: str, maybe_bools: bool = True) -> np.ndarray:
     """JSON numbers (nested lists) as float64; a 422 naming ``field`` and the shape ``want`` for anything
     else. Integers past 64 bits are numbers too (2**64 is a fine float32); one too large for any float is
     refused as too large, not as a non-number. numpy turns ``[true, 0.5]`` into ``[1.0, 0.5]``, so a
     number array is scanned for booleans unless the caller knows there are none (``maybe_bools=False``:
-    the message text holds no ``true``/``false``)."""
+    ``may_hold_booleans`` of the message text is false)."""
     try:
         a = np.asarray(raw)
     except (ValueError, TypeError, OverflowError):  # ragged nesting

@@ -77,6 +77,8 @@ def test_unknown_things(client: httpx.Client) -> None:
     _check(client.post("/v1/sessions", json={"model": "nope"}), 404, "model_not_found", ["model", "nope", "sliding"])
     _check(client.get("/v1/models/nope"), 404, "model_not_found")
     _check(client.post("/v1/classify", json={"model": "nope", "steps": [[1, 2, 3]]}), 404, "model_not_found")
+    _check(client.post("/v1/classify", json={"model": "sliding", "steps": [[0.5, True, 0.5]]}), 422, "invalid_input",
+           ["steps", "boolean"])  # numpy would read it as 1.0
     _check(client.post("/v1/sessions/nope/steps", json={"steps": [[1, 2, 3]]}), 404, "session_not_found")
     _check(client.delete("/v1/sessions/nope"), 404, "session_not_found")
     _check(client.post("/v1/sessions", json={"model": "full"}), 409, "model_cannot_stream", ["classify"])

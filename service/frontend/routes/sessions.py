@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Request, Response
 
-from service.frontend.codec import join_object
+from service.frontend.codec import join_object, may_hold_booleans
 from service.frontend.deps import FrontendDep, OwnerDep
 from service.frontend.errors import error_responses
 from service.frontend.views import JSONText
@@ -44,11 +44,12 @@ async def delete_session(session_id: str, fe: FrontendDep, owner: OwnerDep) -> R
 @router.post("/{session_id}/steps", response_model=StepsResponse,
              responses=error_responses(401, 404, 409, 410, 413, 422, 429, 503),
              summary="Apply one or more new steps; per step: index, spikes, scores, predicted class so far")
-async def post_steps(session_id: str, fe: FrontendDep, owner: OwnerDep,
+async def post_steps(session_id: str, fe: FrontendDep, owner: OwnerDep, request: Request,
                      body: StepsRequest = Body(openapi_examples=STEPS_EXAMPLES)) -> Response:  # noqa: B008
     fe.check_ready()
     codec = await fe.session_codec(session_id, owner)
-    L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request)
+    L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request,
+                                  maybe_bools=may_hold_booleans(await request.body()))  # the body, already read
     start, replayed, seen, spikes, scores = await fe.steps(session_id, codec, body.start, L, payload, owner)
     return JSONText(join_object({"session_id": session_id, "start": start, "replayed": replayed, "steps_seen": seen},
                                 codec.json_outputs(start, L, spikes, scores)))

@@ -32,7 +32,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 
 from service.errors import InvalidInput, RequestTooLarge, ServiceError, internal
 from service.frontend.auth import JSON_SUBPROTOCOL, OWNER
-from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object
+from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object, may_hold_booleans
 from service.frontend.deps import get_frontend
 from service.frontend.limits import ABORT
 from service.frontend.state import Frontend
@@ -161,7 +161,7 @@ class StreamConnection:
                 raise InvalidInput("steps: this connection uses binary frames (psn.binary.v1): send steps as a "
                                    "binary frame, or reopen/attach with \"frames\": \"json\"", field="type")
             L, payload = codec.json_steps(msg.steps, fe.settings.max_steps_per_request,
-                                          maybe_bools="true" in text or "false" in text)
+                                          maybe_bools=may_hold_booleans(text))
             start, replayed, _, spikes, scores = await fe.steps(sid, codec, msg.start, L, payload, self.owner)
             await self.send_raw(join_object({"type": "steps", "session_id": sid, "id": msg.id, "start": start,
                                              "replayed": replayed}, codec.json_outputs(start, L, spikes, scores)))
