@@ -149,6 +149,10 @@ class HeadersTooLarge(ServiceError):
     status, code = 431, "headers_too_large"
 
 
+class UrlTooLong(ServiceError):
+    status, code = 414, "url_too_long"
+
+
 class TooManyKeySessions(ServiceError):
     """The key already holds PSN_KEY_MAX_SESSIONS live sessions."""
 

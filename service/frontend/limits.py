@@ -1,7 +1,7 @@
 """ASGI middleware: refuse HTTP bodies larger than ``max_bytes`` with 413 before the app reads them, hold
 each front-end process to ``PSN_MAX_CONNECTIONS`` WebSockets plus HTTP requests in flight, and drop HTTP
-clients that do not read their responses (``SlowReaders``; WebSockets: ``routes/stream.py``); and
-uvicorn's HTTP protocol with a bound on request heads (``PSN_MAX_HEADER_BYTES``, 431)."""
+clients that do not read their responses (``SlowReaders``; WebSockets: ``routes/stream.py``). The bound
+on request heads is in uvicorn's protocol (``protocols.py``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.utils import ClientDisconnected
 
-from service.errors import HeadersTooLarge, RequestTooLarge, ServiceError, TooManyConnections
+from service.errors import RequestTooLarge, ServiceError, TooManyConnections
 
 log = logging.getLogger("psn.frontend")
 
@@ -167,73 +167,6 @@ class BodyLimit:
         err = RequestTooLarge(f"body: {size} bytes, at most {self.max_bytes} allowed (PSN_MAX_REQUEST_BYTES)",
                               field="body")
         await send_json_error(scope, send, err, [(b"connection", b"close")])
-
-
-def head_limited_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
-    """uvicorn's httptools protocol with a bound on each request's head (request line and headers, the
-    WebSocket handshake's too): past ``max_bytes`` it answers 431 ``headers_too_large`` and closes the
-    connection. httptools has no bound of its own (a 100 MB header would be read into memory). None
-    without httptools (uvicorn then runs h11, bounded by ``h11_max_incomplete_event_size``: a 400)."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:
-        return None
-
-    class HeadLimitedProtocol(HttpToolsProtocol):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            self.head_size = 0  # of the current request's head, as parsed (url and headers)
-            self.head_raw = 0  # bytes read while the current request's head was incomplete
-            self.in_head = False  # between a request's first byte and the end of its headers
-            self.ended = False  # a request ended in the bytes being read (they are not all head)
-            self.too_large = False
-            self.head_path = b""  # the current request's path, as far as it came (its error's shape)
-
-        def data_received(self, data: bytes) -> None:
-            self.ended = False
-            super().data_received(data)
-            if self.in_head and not self.ended and not self.too_large and not self.transport.is_closing():
-                self.head_raw += len(data)  # a head that does not end (one endless header) is stopped here
-                if self.head_raw > max_bytes:
-                    self.too_large = True
-                    self.send_400_response("")
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self.in_head, self.head_size, self.head_raw, self.head_path = True, 0, 0, b""
-
-        def on_url(self, url: bytes) -> None:
-            self.head_size += len(url)
-            if len(self.head_path) < 3:
-                self.head_path += url[:3]
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self.head_size += len(name) + len(value) + 4
-            super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            self.in_head = False
-            if self.head_size > max_bytes:  # a whole head that came in one read
-                self.too_large = True
-                raise HeadersTooLarge("")  # httptools stops parsing; uvicorn then calls send_400_response
-            super().on_headers_complete()
-
-        def on_message_complete(self) -> None:
-            self.ended = True
-            super().on_message_complete()
-
-        def send_400_response(self, msg: str) -> None:
-            if not self.too_large:
-                return super().send_400_response(msg)
-            err = HeadersTooLarge(f"headers: the request line and headers exceed {max_bytes} bytes "
-                                  "(PSN_MAX_HEADER_BYTES)", field="headers")
-            data = json.dumps(err.body_for(self.head_path)).encode()
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-                                 b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(data), data))
-            self.transport.close()
-
-    return HeadLimitedProtocol
 
 
 class SlowReaders:

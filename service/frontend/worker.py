@@ -10,7 +10,8 @@ import uvicorn
 from service import logs
 from service.config import Settings
 from service.frontend.app import create_app
-from service.frontend.limits import SlowReaders, head_limited_protocol
+from service.frontend.limits import SlowReaders
+from service.frontend.protocols import InvalidUtf8, http_protocol, ws_protocol
 from service.lifetime import die_with_parent
 
 
@@ -31,11 +32,12 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
         import uvloop  # noqa: F401 - uvicorn picks it up by itself when installed
     except ImportError:
         pass
-    http = head_limited_protocol(settings.max_header_bytes) or "h11"
+    http = http_protocol(settings.max_header_bytes) or "h11"
     app = SlowReaders(create_app(settings, engine_address, worker), settings.ws_send_timeout_s)
     config = uvicorn.Config(app, log_level=settings.log_level,
-                            ws_max_size=ws_max_size(settings.max_request_bytes), http=http,
+                            ws=ws_protocol(), ws_max_size=ws_max_size(settings.max_request_bytes), http=http,
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=30, ws_per_message_deflate=settings.ws_compression)
     logs.install("uvicorn", "uvicorn.access", "uvicorn.error")  # uvicorn.Config has set up its handlers by now
+    logging.getLogger("uvicorn.error").addFilter(InvalidUtf8())
     uvicorn.Server(config).run(sockets=[sock])

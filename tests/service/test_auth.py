@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from service.config import KeySettingsError, Settings
@@ -319,6 +319,51 @@ def test_an_oversized_request_head_is_answered_431(keyed: Server) -> None:
         for _ in range(3):  # one kept-alive connection: what one request's head used is not carried over
             r = c.post("/v1/sessions", json={"model": "sliding", "pad": "a" * 300_000}, headers={"X-Pad": "a" * 20_000})
             assert r.status_code == 201, r.text
+
+
+def test_what_the_protocol_parsers_refuse_is_answered_in_the_api_shape(keyed: Server) -> None:
+    """A WebSocket handshake over the websockets library's limits (8,192-byte lines, 128 headers) but under
+    PSN_MAX_HEADER_BYTES used to get no answer at all (uvicorn left it unsent); an HTTP request httptools
+    cannot parse got a plain-text line; a refused handshake and a text frame that is not UTF-8 were logged
+    as errors (with a traceback), which any client could fill the log with."""
+    logged = len(keyed.log())
+    ws_head = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               b"Authorization: Bearer " + KEY_A.encode() + b"\r\n")
+    for head, status, code, field in (
+            (b"GET /v1/stream?session_id=" + b"z" * 9000 + b" HTTP/1.1\r\n" + ws_head + b"\r\n", 414, "url_too_long",
+             "url"),
+            (b"GET /v1/stream HTTP/1.1\r\n" + ws_head + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n", 431,
+             "headers_too_large", "headers"),
+            (b"GET /v1/stream HTTP/1.1\r\n" + ws_head + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", 431,
+             "headers_too_large", "headers")):
+        t0 = time.monotonic()
+        answer = raw_request(keyed, head)
+        assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:200]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] | {"message": ""} == {
+            "code": code, "field": field, "message": ""}
+        assert time.monotonic() - t0 < 5
+    with connect(keyed.ws_url, additional_headers={**auth(KEY_A), "X-Pad": "a" * 7000}) as ws:  # under them: fine
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "opened"
+        ws.send('{"type": "open", "model": "\xff"}'.encode("latin-1"), text=True)  # a text frame, not UTF-8
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007  # RFC 6455: invalid data
+    for path, framing in ((b"/v2/models/sliding/infer", b"Content-Length: -1\r\n"),
+                          (b"/v1/classify", b"Content-Length: 5\r\nContent-Length: 6\r\n"),
+                          (b"/v1/classify", b"Transfer-Encoding: chunked\r\n\r\nzz")):
+        answer = raw_request(keyed, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        if path.startswith(b"/v2"):  # the protocol's shape
+            assert "not a valid HTTP/1.1 request" in body["error"]
+        else:
+            assert body["error"]["code"] == "bad_request" and body["error"]["field"] == "request"
+    assert handshake_status(keyed, origin=FOREIGN) == 403
+    assert httpx.get(f"{keyed.url}/healthz").status_code == 200
+    log = keyed.log()[logged:]
+    assert "Traceback" not in log and "without completing handshake" not in log and "ERROR" not in log, log
 
 
 # ----- per-key limits -------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""uvicorn's HTTP and WebSocket protocols with what a public service needs on top, so that every refusal
+made before the app runs is an answer in the API's error shape (``{"error": {...}}``, or the Open
+Inference Protocol's ``{"error": "..."}`` under ``/v2``) and never a hang:
+
+- a bound on each request's head (``PSN_MAX_HEADER_BYTES``, 431): httptools has none of its own;
+- a request httptools cannot parse (a negative or doubled Content-Length, a bad chunk size, control
+  bytes in a header) is a 400 ``bad_request`` in that shape, not uvicorn's plain-text line;
+- a WebSocket handshake the websockets library cannot parse (a request line or a header line over its
+  8,192 bytes, over 128 headers) is answered 414 / 431 / 400: uvicorn left websockets' answer unsent and
+  the connection open, so the client waited for ever;
+- a handshake refused by the app with an HTTP answer (401, 403) is not logged as an app error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from service.errors import HeadersTooLarge, ServiceError, UrlTooLong
+
+log = logging.getLogger("psn.frontend")
+
+
+def write_error(transport: asyncio.Transport, err: ServiceError, path: bytes) -> None:
+    """Answer ``err`` in the shape for ``path`` straight onto the connection, then close it."""
+    data = json.dumps(err.body_for(path)).encode()
+    transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: "
+                    b"close\r\n\r\n%s" % (err.status, HTTPStatus(err.status).phrase.encode(), len(data), data))
+    transport.close()
+
+
+def http_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
+    """uvicorn's httptools protocol with a bound on each request's head (request line and headers, the
+    WebSocket handshake's too): past ``max_bytes`` it answers 431 ``headers_too_large`` and closes the
+    connection (httptools would read a 100 MB header into memory); a request it cannot parse is a 400
+    ``bad_request``. None without httptools (uvicorn then runs h11, bounded by
+    ``h11_max_incomplete_event_size``: a 400)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class HttpProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.head_size = 0  # of the current request's head, as parsed (url and headers)
+            self.head_raw = 0  # bytes read while the current request's head was incomplete
+            self.in_head = False  # between a request's first byte and the end of its headers
+            self.ended = False  # a request ended in the bytes being read (they are not all head)
+            self.too_large = False
+            self.head_path = b""  # the current request's path, as far as it came (its error's shape)
+
+        def data_received(self, data: bytes) -> None:
+            self.ended = False
+            super().data_received(data)
+            if self.in_head and not self.ended and not self.too_large and not self.transport.is_closing():
+                self.head_raw += len(data)  # a head that does not end (one endless header) is stopped here
+                if self.head_raw > max_bytes:
+                    self.too_large = True
+                    self.send_400_response("")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.in_head, self.head_size, self.head_raw, self.head_path = True, 0, 0, b""
+
+        def on_url(self, url: bytes) -> None:
+            self.head_size += len(url)
+            if len(self.head_path) < 3:
+                self.head_path += url[:3]
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.head_size += len(name) + len(value) + 4
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            if self.head_size > max_bytes:  # a whole head that came in one read
+                self.too_large = True
+                raise HeadersTooLarge("")  # httptools stops parsing; uvicorn then calls send_400_response
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self.ended = True
+            super().on_message_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            if self.too_large:
+                err: ServiceError = HeadersTooLarge(f"headers: the request line and headers exceed {max_bytes} "
+                                                    "bytes (PSN_MAX_HEADER_BYTES)", field="headers")
+            else:  # uvicorn has logged it (a warning)
+                err = ServiceError("request: not a valid HTTP/1.1 request (its request line, a header or the body's "
+                                   "framing: Content-Length, Transfer-Encoding, chunk sizes)", field="request")
+            write_error(self.transport, err, self.head_path)
+
+    return HttpProtocol
+
+
+def ws_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's WebSocket protocol on the websockets library (what ``"auto"`` picks), answering handshakes
+    it cannot parse and not logging the app's HTTP refusals as errors; ``"auto"`` where it is missing."""
+    try:
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+    except ImportError:
+        return "auto"
+    from websockets.http11 import MAX_LINE_LENGTH, MAX_NUM_HEADERS
+
+    def handshake_error(exc: BaseException) -> ServiceError:
+        name = type(exc).__name__  # websockets.exceptions' names (older versions lack some)
+        if name == "RequestLineTooLong":
+            return UrlTooLong(f"url: a WebSocket handshake's request line has at most {MAX_LINE_LENGTH} bytes",
+                              field="url")
+        if name == "HeaderLineTooLong":
+            return HeadersTooLarge(f"headers: a WebSocket handshake's header lines have at most {MAX_LINE_LENGTH} "
+                                   "bytes each", field="headers")
+        if name == "TooManyHeaders":
+            return HeadersTooLarge(f"headers: a WebSocket handshake has at most {MAX_NUM_HEADERS} headers",
+                                   field="headers")
+        cause = exc.__cause__ or exc
+        return ServiceError(f"request: not a valid WebSocket handshake ({cause})", field="request")
+
+    class WsProtocol(WebSocketsSansIOProtocol):
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            exc = getattr(self.conn, "handshake_exc", None)
+            if not self.handshake_initiated and exc is not None and not self.transport.is_closing():
+                self.conn.data_to_send()  # websockets' own plain-text answer, which uvicorn never writes
+                log.info("websocket handshake refused: %s", exc)
+                write_error(self.transport, handshake_error(exc), b"/v1")
+                self.close_sent = True
+
+        async def send(self, message: Any) -> None:
+            await super().send(message)
+            if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+                self.handshake_complete = True  # answered (a refusal): uvicorn would log "returned without
+                # completing handshake" as an app error for every refused client
+
+    return WsProtocol
+
+
+class InvalidUtf8(logging.Filter):
+    """uvicorn logs a text frame that is not UTF-8 as an error with a traceback; it is the client's fault,
+    answered with close 1007 as RFC 6455 says: one line at INFO (any client could fill the log)."""
+
+    MESSAGE = "Invalid UTF-8 sequence received from client."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE:
+            return True
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
