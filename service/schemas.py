@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
 MAX_START = 2**63 - 1  # a step index is a signed 64-bit integer everywhere (binary frames, the engine core)
+
+
+def plain_json(value: Any) -> Any:
+    """A value the service echoes back (a message ``id``) must be one a JSON parser reads back: NaN and
+    Infinity (1e400 too), which Python's and pydantic's parsers accept, are not JSON numbers."""
+    if value is None or type(value) in (int, str, bool):
+        return value
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError):
+        raise ValueError("expected plain JSON, with no NaN or Infinity (not JSON numbers)") from None
+    return value
+
+
 STEP_EXAMPLE = {"index": 0, "spikes": [0, 1, 1, 0], "scores": [0.12, -0.3, 0.05], "predicted": 0, "label": "0"}
 
 
@@ -130,7 +145,7 @@ class WsSteps(BaseModel):
     type: Literal["steps"]
     steps: list[Any]
     start: StrictInt | None = Field(None, ge=0, le=MAX_START)
-    id: Any = Field(None, description="echoed back in the answer")
+    id: Annotated[Any, AfterValidator(plain_json)] = Field(None, description="echoed back in the answer")
 
 
 class WsClose(BaseModel):

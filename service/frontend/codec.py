@@ -35,8 +35,12 @@ def shape_text(lead: str, shape: tuple[int, ...]) -> str:
 
 
 def may_hold_booleans(text: str | bytes) -> bool:
-    """Whether a JSON message could hold ``true``/``false`` anywhere (then ``numbers`` must scan for them)."""
-    return ("true" in text or "false" in text) if isinstance(text, str) else (b"true" in text or b"false" in text)
+    """Whether a JSON message could hold ``true``/``false`` anywhere (then ``numbers`` must scan for them).
+    A body of bytes is searched as UTF-8; one in UTF-16 or UTF-32 (which ``json.loads`` reads too, telling
+    them by their first bytes) may hold them in a form the search cannot see, so it may."""
+    if isinstance(text, str):
+        return "true" in text or "false" in text
+    return b"true" in text or b"false" in text or json.detect_encoding(text) not in ("utf-8", "utf-8-sig")
 
 
 def numbers(raw: Any, field: str, want: str, maybe_bools: bool = True) -> np.ndarray:

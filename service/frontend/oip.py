@@ -30,7 +30,7 @@ class TensorParams(BaseModel):
 
 class InferInput(BaseModel):
     name: str
-    shape: list[int]
+    shape: list[StrictInt]  # strict: true, "2" and 2.0 are not sizes
     datatype: str
     parameters: TensorParams | None = None
     data: list[Any] | None = None
@@ -94,21 +94,41 @@ def check_request(req: InferRequest) -> None:
         if name in params and not isinstance(params[name], bool):
             raise InvalidInput(f"parameters.{name}: expected true or false, got {params[name]!r}",
                                field=f"parameters.{name}")
+    asked: set[str] = set()
     for out in req.outputs or ():
         if out.name not in DTYPES:
             raise InvalidInput(f"outputs: no output named {out.name!r}; there are {list(DTYPES)}", field="outputs")
+        if out.name in asked:
+            raise InvalidInput(f"outputs: {out.name!r} is asked for twice", field="outputs")
+        asked.add(out.name)
+
+
+MAX_SEQUENCE_ID = 2**64 - 1  # Triton's integer correlation ids are unsigned 64-bit
+MAX_SEQUENCE_ID_CHARS = 256
 
 
 def sequence_id(params: dict[str, Any] | None) -> int | str | None:
     """The sequence an infer request's ``parameters`` name (Triton's ``sequence_id``): None when they name
     none (absent, 0 or "": a batch of whole sequences). The one rule for the front end that serves the
-    request and the Ray replica that routes it by sequence (``service.ray``)."""
+    request and the Ray replica that routes it by sequence (``service.ray``). The integer 7 and the string
+    "7" are two sequences, as in Triton (``sequence_session``)."""
     seq = (params or {}).get("sequence_id")
     if seq is None:
         return None
     if isinstance(seq, bool) or not isinstance(seq, int | str):  # strict: true is not sequence 1
         raise InvalidInput(f"sequence_id: expected an integer or a string, got {seq!r}", field="sequence_id")
+    if isinstance(seq, int) and not 0 <= seq <= MAX_SEQUENCE_ID:
+        raise InvalidInput(f"sequence_id: an integer id is unsigned 64-bit (0 for none, up to 2**64-1), got {seq}",
+                           field="sequence_id")
+    if isinstance(seq, str) and len(seq) > MAX_SEQUENCE_ID_CHARS:
+        raise InvalidInput(f"sequence_id: a string id has at most {MAX_SEQUENCE_ID_CHARS} characters, got "
+                           f"{len(seq)}", field="sequence_id")
     return None if seq in (0, "") else seq
+
+
+def sequence_session(owner: str, model: str, seq: int | str) -> str:
+    """The session id of sequence ``seq``: ``oip:{owner}:{model}:{seq as JSON}``, so that 7 and "7" differ."""
+    return f"oip:{owner}:{model}:{json.dumps(seq)}"
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:

@@ -67,6 +67,21 @@ def test_bad_steps_are_refused_and_session_unharmed(client: httpx.Client, sessio
     assert 'psn_errors_total{code="invalid_input"}' in client.get("/metrics").text
 
 
+def test_a_boolean_in_a_utf16_or_utf32_body_is_refused(client: httpx.Client, session: str) -> None:
+    """JSON read from bytes may be UTF-16 or UTF-32 (json.loads tells them by their first bytes): a boolean
+    there is not the bytes ``true``, and must still not run as 1.0."""
+    url = f"/v1/sessions/{session}/steps"
+    for enc in ("utf-16", "utf-16-le", "utf-32", "utf-32-be"):
+        for path, body in ((url, {"steps": [[0.5, 0.5, 0.5], [0.5, True, 0.5]]}),
+                           ("/v1/classify", {"model": "sliding", "steps": [[0.5, False, 0.5]]})):
+            r = client.post(path, content=json.dumps(body).encode(enc), headers={"content-type": "application/json"})
+            _check(r, 422, "invalid_input", ["steps", "boolean"])
+    assert client.get(f"/v1/sessions/{session}").json()["steps_seen"] == 0  # nothing applied
+    r = client.post(url, content=json.dumps({"steps": [[0.5, 1, 0.5]]}).encode("utf-16"),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["start"] == 0  # numbers in UTF-16 still run
+
+
 def test_unknown_route_names_the_path(client: httpx.Client) -> None:
     r = client.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
@@ -122,12 +137,16 @@ def test_request_too_large(serve) -> None:
         assert json.loads(ws.recv())["type"] == "steps"
 
 
+def not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} in an answer: not JSON (a browser's JSON.parse throws on it)")
+
+
 def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
     x = ref.sequence("sliding", 3, seed=23)
     with ws_client.connect(server.ws_url) as ws:
         def ask(msg) -> dict:
             ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
-            return json.loads(ws.recv(timeout=5))
+            return json.loads(ws.recv(timeout=5), parse_constant=not_json)  # answers are plain JSON
 
         assert ask({"type": "steps", "steps": x.tolist()})["error"]["code"] == "invalid_input"  # no session yet
         assert ask("not json")["error"]["code"] == "invalid_input"
@@ -144,6 +163,10 @@ def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
         assert e["error"]["code"] == "invalid_input" and "boolean" in e["error"]["message"]
         assert ask('{"type": "steps", "steps": [[NaN, 1, 2]]}')["error"]["code"] == "invalid_input"
         assert ask({"type": "steps", "steps": [[0, 0, 0]] * 65})["error"]["code"] == "too_many_steps"
+        e = ask('{"type": "steps", "steps": [[0, 0, 0]], "id": NaN}')  # Python reads NaN; JSON has none
+        assert e["error"]["field"] == "id" and "NaN" in e["error"]["message"] and e["id"] is None
+        assert ask('{"type": "steps", "steps": [[0, 0, 0]], "id": {"a": [1e400]}}')["error"]["field"] == "id"
+        assert ask('{"type": "dance", "id": -Infinity}')["id"] is None  # not echoed
         e = ask({"type": "steps", "steps": [[0, 0, 0]], "start": 2**64, "id": 10})
         assert e["error"]["code"] == "invalid_input" and e["error"]["field"] == "start" and e["id"] == 10
         r = ask({"type": "steps", "steps": x.tolist()})

@@ -83,6 +83,26 @@ def test_sequence_reused_after_end_starts_fresh_and_needs_start(server: Server, 
         _infer(c, "sliding", x.numpy()[None], True, sequence_id="never-started")
 
 
+def test_integer_and_string_sequence_ids_are_two_sequences(server: Server, ref: Reference) -> None:
+    """As in Triton: sequence 4242 and sequence "4242" never share a state; 2**64-1 is a valid id."""
+    x, y = (ref.sequence("sliding", 4, seed=s).float().numpy() for s in (31, 32))
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        def infer(steps: np.ndarray, seq, **params) -> list:
+            r = h.post("/v2/models/sliding/infer", json=oip_sequence(steps, seq, ("spikes",), **params))
+            assert r.status_code == 200, r.text
+            return r.json()["outputs"][0]["data"]
+
+        infer(x[:2], 4242, sequence_start=True)
+        r = h.post("/v2/models/sliding/infer", json=oip_sequence(x[2:], "4242"))
+        assert r.status_code == 422 and "sequence_start" in r.json()["error"], r.text  # "4242" was never started
+        assert infer(y, "4242", sequence_start=True) == np.ravel(ref.outputs("sliding", torch.tensor(y).double())[0]
+                                                                 ).tolist()
+        assert infer(x[2:], 4242) == np.ravel(ref.outputs("sliding", torch.tensor(x).double())[0][2:]).tolist()
+        assert h.get("/v1/sessions/oip::sliding:4242").json()["steps_seen"] == 4
+        assert h.get('/v1/sessions/oip::sliding:"4242"').json()["steps_seen"] == 4
+        infer(x[:1], 2**64 - 1, sequence_start=True, sequence_end=True)
+
+
 def test_plain_infer_is_classify_over_a_batch(server: Server, ref: Reference) -> None:
     c = _client(server)
     x = np.stack([ref.sequence("masked", 6, seed=s).numpy() for s in (1, 2, 3)]).astype(np.float32)  # [3, 6, 3]
@@ -116,6 +136,11 @@ def test_protocol_errors(server: Server) -> None:
         for flag in ("sequence_start", "sequence_end", "binary_data_output"):  # "false" is a string, not false
             bad.append(({**data([0, 0, 0]), "parameters": {"sequence_id": 5, flag: "false"}}, f"parameters.{flag}"))
         bad.append(({**data([0, 0, 0]), "outputs": [{"name": "spikes"}, {"name": "nope"}]}, "no output named 'nope'"))
+        bad.append(({**data([0, 0, 0]), "outputs": [{"name": "scores"}, {"name": "scores"}]}, "asked for twice"))
+        for size in (True, "1", 1.0):  # strict: pydantic would read each as 1
+            bad.append(({"inputs": [{**step, "shape": [size, 1, 3]}]}, "shape"))
+        for seq, words in ((-1, "unsigned 64-bit"), (2**64, "unsigned 64-bit"), ("s" * 257, "at most 256")):
+            bad.append(({"inputs": [step], "parameters": {"sequence_id": seq, "sequence_start": True}}, words))
         for body, words in bad:
             r = h.post("/v2/models/sliding/infer", json=body)
             assert r.status_code == 422 and words in r.json()["error"], r.text

@@ -5,8 +5,9 @@ the sequence's session (its slot reset; a live one of that id starts over), each
 input's time axis as new steps, ``sequence_end`` closes it after answering. Without a sequence id it
 is ``/v1/classify`` over a batch of whole sequences. Errors are the protocol's ``{"error": "..."}``.
 
-A sequence is a session with the id ``oip:{owner}:{model}:{sequence_id}``: with API keys, each key has
-its own sequence ids (key B's sequence 7 is not key A's), and the engine core keeps each key to its own.
+A sequence is a session with the id ``oip:{owner}:{model}:{sequence_id as JSON}`` (7 and "7" are two
+sequences): with API keys, each key has its own sequence ids (key B's sequence 7 is not key A's), and
+the engine core keeps each key to its own.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from service.frontend.oip import (
     metadata,
     respond,
     sequence_id,
+    sequence_session,
     split_body,
 )
 from service.frontend.state import Frontend
@@ -101,7 +103,7 @@ async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: n
         raise InvalidInput(f"steps: a sequence request carries one sequence, shape [1, L, ...]; got batch "
                            f"{x.shape[0]}", field="steps")
     codec = fe.codec(model)
-    sid = f"oip:{owner}:{model}:{seq}"
+    sid = sequence_session(owner, model, seq)
     L = x.shape[1]
     if params.get("sequence_start"):  # refused, not reset, if these L steps would be
         await fe.client.call("open", model, False, sid, owner, L)

@@ -36,7 +36,7 @@ from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object, may_
 from service.frontend.deps import get_frontend
 from service.frontend.limits import ABORT
 from service.frontend.state import Frontend
-from service.schemas import WsAttach, WsClose, WsOpen, WsSteps
+from service.schemas import WsAttach, WsClose, WsOpen, WsSteps, plain_json
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("psn.stream")
@@ -257,6 +257,6 @@ def _msg_id(text: str | None, data: bytes | None, limit: int) -> Any:
         return None
     try:
         d = json.loads(text or "")
-        return d.get("id") if isinstance(d, dict) else None
-    except (ValueError, RecursionError):
+        return plain_json(d.get("id")) if isinstance(d, dict) else None
+    except (ValueError, RecursionError):  # an id of NaN or Infinity is not echoed: the answer must be JSON
         return None
