@@ -166,11 +166,16 @@ def input_steps(req: InferRequest, binary: bytes, codec: ModelCodec, max_steps: 
     count = math.prod(inp.shape)
     size = inp.parameters.binary_data_size if inp.parameters else None
     if size is not None:
+        if inp.data is not None:
+            raise InvalidInput("steps: both data and binary_data_size; send the tensor one way", field="steps")
         if size != 4 * count or len(binary) != size:
             raise InvalidInput(f"steps: binary_data_size {size} with {len(binary)} bytes after the header; shape "
                                f"{inp.shape} FP32 needs {4 * count}", field="steps")
         a = np.frombuffer(binary, "<f4").astype(np.float64)
     else:
+        if binary:
+            raise InvalidInput(f"body: {len(binary)} bytes of binary data after the JSON header, and no input with "
+                               "binary_data_size to read them", field="Inference-Header-Content-Length")
         a = numbers(inp.data if inp.data is not None else [], "steps", f"{want} (data: a flat list)").ravel()
         if a.size != count:
             raise InvalidInput(f"steps: {a.size} values for shape {inp.shape}", field="steps")

@@ -4,6 +4,8 @@ tensors; outputs equal the /v1 streaming and /v1/classify outputs for the same i
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -154,6 +156,17 @@ def test_protocol_errors(server: Server) -> None:
             assert r.status_code == 413 and "at most 64" in r.json()["error"], r.text
         r = h.post("/v2/models/sliding/infer", json={"inputs": [{**step, "shape": [8, 8, 3], "data": [0] * 192}]})
         assert r.status_code == 200, r.text
+        head = json.dumps(data([0, 0, 0])).encode()  # JSON data, then bytes nothing reads
+        r = h.post("/v2/models/sliding/infer", content=head + b"\0" * 12,
+                   headers={"Inference-Header-Content-Length": str(len(head))})
+        assert r.status_code == 422 and "12 bytes of binary data" in r.json()["error"], r.text
+        head = json.dumps({"inputs": [{**step, "parameters": {"binary_data_size": 12}}]}).encode()  # data and size
+        r = h.post("/v2/models/sliding/infer", content=head + b"\0" * 12,
+                   headers={"Inference-Header-Content-Length": str(len(head))})
+        assert r.status_code == 422 and "both data and binary_data_size" in r.json()["error"], r.text
+        r = h.post("/v2/models/sliding/infer", content=head.replace(b'"data": [0, 0, 0], ', b"") + b"\0" * 12,
+                   headers={"Inference-Header-Content-Length": str(len(head) - len(b'"data": [0, 0, 0], '))})
+        assert r.status_code == 200, r.text  # the same without data
         # a header length that str.isdigit() takes for a number ("²") but int() does not
         r = h.post("/v2/models/sliding/infer", content=b'{"inputs": []}',
                    headers={"Inference-Header-Content-Length": b"\xb2"})
