@@ -58,6 +58,8 @@ def test_bad_steps_are_refused_and_session_unharmed(client: httpx.Client, sessio
     for raw in ('{"steps": [[NaN, 1, 2]]}', '{"steps": [[Infinity, 1, 2]]}'):
         _check(client.post(url, content=raw, headers={"content-type": "application/json"}), 422, "invalid_input",
                ["NaN or Inf"])
+    r = client.post(url + "?start=0", json={"steps": x[:2].tolist()})  # a retry with start in the URL: not applied
+    _check(r, 422, "invalid_input", ["start", "JSON body"])
     r = client.post(url, content=b"{not json", headers={"content-type": "application/json"})
     _check(r, 422, "invalid_input", ["body", "malformed JSON", "character 1"])
     assert r.json()["error"]["field"] == "body"  # not the character offset

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Body, Request, Response
 
+from service.errors import InvalidInput
 from service.frontend.codec import join_object, may_hold_booleans
 from service.frontend.deps import FrontendDep, OwnerDep
 from service.frontend.errors import error_responses
@@ -46,6 +47,9 @@ async def delete_session(session_id: str, fe: FrontendDep, owner: OwnerDep) -> R
              summary="Apply one or more new steps; per step: index, spikes, scores, predicted class so far")
 async def post_steps(session_id: str, fe: FrontendDep, owner: OwnerDep, request: Request,
                      body: StepsRequest = Body(openapi_examples=STEPS_EXAMPLES)) -> Response:  # noqa: B008
+    if "start" in request.query_params:  # ignored, it would append: a retry sent so applies its steps twice
+        raise InvalidInput("start: goes in the JSON body ({\"steps\": ..., \"start\": N}), not in the URL",
+                           field="start")
     fe.check_ready()
     codec = await fe.session_codec(session_id, owner)
     L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request,
