@@ -33,6 +33,7 @@ class Frontend:
         self.models: dict[str, dict[str, Any]] = {}  # name -> public model info
         self.codecs: dict[str, ModelCodec] = {}
         self.watchers: dict[str, set[Callable[[str, str], None]]] = {}  # session id -> callbacks(event, id)
+        self.watched_owner: dict[str, str] = {}  # session id -> its owner, to watch it again after a restart
         self._session_models: OrderedDict[tuple[str, str], str] = OrderedDict()  # (owner, session id) -> model
         # (owner, session id) -> steps requests this front end has sent and not yet had answered
         self.outstanding: dict[tuple[str, str], int] = {}
@@ -46,7 +47,7 @@ class Frontend:
         for name in self.models:  # every model's latency series exists from the start (at zero)
             self.metrics.latency(name)
         for sid in list(self.watchers):  # a restarted engine core (durable sessions) must know who watches what
-            self.client.call("get", sid, True).add_done_callback(_consume)
+            self.client.call("get", sid, True, self.watched_owner[sid]).add_done_callback(_consume)
 
     def _on_event(self, kind: str, sid: Any) -> None:
         for callback in list(self.watchers.get(sid, ())):
@@ -116,12 +117,14 @@ class Frontend:
         self.metrics.latency(codec.name).observe(time.perf_counter() - t0)
         return answer
 
-    def watch(self, sid: str, callback: Callable[[str, str], None]) -> None:
+    def watch(self, sid: str, owner: str, callback: Callable[[str, str], None]) -> None:
+        """``callback`` hears of ``owner``'s session ``sid`` (the engine core was asked with ``get`` to tell)."""
         self.watchers.setdefault(sid, set()).add(callback)
+        self.watched_owner[sid] = owner
 
     def unwatch(self, sid: str, callback: Callable[[str, str], None]) -> None:
         cbs = self.watchers.get(sid)
         if cbs is not None:
             cbs.discard(callback)
             if not cbs:
-                del self.watchers[sid]
+                del self.watchers[sid], self.watched_owner[sid]

@@ -291,11 +291,15 @@ def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> N
         proc.wait(10)
 
 
-def test_a_watching_websocket_still_hears_of_expiry_after_the_engine_restarted(serve, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keys", [False, True], ids=["open", "api-keys"])
+def test_a_watching_websocket_still_hears_of_expiry_after_the_engine_restarted(serve, tmp_path: Path,
+                                                                               keys: bool) -> None:
     """The front end tells a restarted engine core which sessions its WebSockets watch, so an expiry
-    after the restart is still pushed to the client."""
-    srv = serve(state_dir=tmp_path / "state", idle_timeout_s=3)
-    with connect(srv.ws_url) as ws:
+    after the restart is still pushed to the client; with API keys too (it must ask as the session's
+    owner: asked as nobody, the engine core answered 404 and the watch was silently lost)."""
+    key = "key-w-" + "w" * 20
+    srv = serve(state_dir=tmp_path / "state", idle_timeout_s=3, **({"api_keys": key} if keys else {}))
+    with connect(srv.ws_url, additional_headers={"Authorization": f"Bearer {key}"} if keys else None) as ws:
         ws.send(json.dumps({"type": "open", "model": "sliding"}))
         sid = json.loads(ws.recv(timeout=10))["session"]["session_id"]
         pid = engine_pid(srv)

@@ -132,7 +132,7 @@ class StreamConnection:
         self.session = info["session_id"]
         self.codec = self.fe.codec(info["model"])
         self.fe.remember(info, self.owner)
-        self.fe.watch(self.session, self._on_event)
+        self.fe.watch(self.session, self.owner, self._on_event)
         if frames is not None:
             self.binary = frames == "binary"
 
