@@ -57,6 +57,7 @@ from service.errors import (
     RequestTimeout,
     RetryTooOld,
     ServiceError,
+    SessionQueueFull,
     ShuttingDown,
     StepGap,
     TooManySessions,
@@ -67,6 +68,8 @@ from service.metrics import EngineMetrics
 
 log = logging.getLogger("psn.engine")
 QUEUED = object()  # an op's result when its answer comes later (after an engine step)
+UNANSWERED = -1  # the rid of a request the engine core queues itself (an OIP sequence_end's close): front ends
+# drop answers to rids they did not send
 
 
 class EngineCore:
@@ -93,7 +96,7 @@ class EngineCore:
         self.closing = False
         self._ops: dict[str, Callable[..., Any]] = {
             "hello": self.hello, "ping": self.ping, "open": self.open, "get": self.get, "close": self.close,
-            "steps": self.steps, "classify": self.classify, "metrics": self.metrics_text}
+            "steps": self.steps, "sequence": self.sequence, "classify": self.classify, "metrics": self.metrics_text}
         self.log: SessionLog | None = None  # durable sessions (service/core/journal.py)
         self.cluster = cluster  # or sessions shared by replicas (service/core/cluster.py)
         self.specs: dict[str, LogSpec] = {}
@@ -255,6 +258,33 @@ class EngineCore:
         self.quotas.take_steps(owner, L)
         s.last_used = now
         return QUEUED
+
+    def sequence(self, front: bytes, rid: int, sid: str, model: str, start: bool, end: bool, L: int, payload: bytes,
+                 owner: str = "") -> Any:
+        """An OIP sequence request as one operation, so that no request of another client comes between its
+        parts (as it could between the front end's separate open, steps and close): with ``start`` the
+        sequence (re)opens, refused with the sequence as it was if it is busy or its steps would be; its
+        ``L`` steps are queued; with ``end`` a close is queued right behind them, on the session they ran on:
+        a request that comes later is refused as not open, and a new ``start`` is refused as busy until the
+        close has run (never closed by the old sequence's end). Answered as ``steps``."""
+        if not isinstance(start, bool) or not isinstance(end, bool):
+            raise InvalidInput("engine: sequence start and end are booleans", field="op")
+        if start:
+            self.open(front, rid, model, False, sid, owner, L)
+        elif self.cluster is not None and isinstance(sid, str) and sid not in self.sessions.live \
+                and not self._adopting_now:  # claimed in step(), then this runs again
+            self._adopting.append((front, rid, [rid, "sequence", sid, model, start, end, L, payload, owner]))
+            return QUEUED
+        if end:  # room for the steps and the close behind them, or neither is queued
+            s = self.lookup(sid, owner=owner)
+            sched = self.schedulers[s.model]
+            if len(s.queue) + 2 > sched.session_queue:
+                raise SessionQueueFull.waiting(s.id, len(s.queue))
+        result = self.steps(front, rid, sid, -1, L, payload, owner)
+        if end:
+            s = self.sessions.live[sid]
+            self.schedulers[s.model].add(Request(front, UNANSWERED, s, "close", self.clock()))
+        return result
 
     def _check_admission(self, model: str, owner: str, L: int) -> None:
         """Would ``L`` steps of ``owner`` for ``model`` be queued now? (Nothing is taken.)"""
@@ -655,7 +685,8 @@ class EngineCore:
 
     def adopt_pending(self) -> None:
         """The step requests of this turn for sessions held nowhere here: claimed together (one Redis round
-        trip), replayed in batches, then handled as if they had just arrived (a failover brings many)."""
+        trip), replayed in batches, then handled as if they had just arrived (a failover brings many). Each is
+        ``[rid, op, sid, ...]`` ("steps" or "sequence")."""
         assert self.cluster is not None
         pending, self._adopting = self._adopting, []
         sids = list(dict.fromkeys(req[2] for _, _, req in pending if req[2] not in self.sessions.live))

@@ -95,8 +95,10 @@ class Frontend:
         return SessionQueueFull.waiting(sid, n)
 
     async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes,
-                    owner: str) -> list[Any]:
-        """Apply ``L`` steps to ``owner``'s session ``sid`` from ``start`` (None: append), timing the round trip.
+                    owner: str, sequence: tuple[bool, bool] | None = None) -> list[Any]:
+        """Apply ``L`` steps to ``owner``'s session ``sid`` from ``start`` (None: append), timing the round trip;
+        ``sequence``: an OIP sequence's (sequence_start, sequence_end), done with the steps as one engine
+        operation (``EngineCore.sequence``).
 
         Returns the engine core's ``[start, replayed, steps_seen, spikes, scores]``.
         """
@@ -107,7 +109,10 @@ class Frontend:
         self.outstanding[key] = self.outstanding.get(key, 0) + 1
         t0 = time.perf_counter()
         try:
-            answer = await self.client.call("steps", sid, -1 if start is None else start, L, payload, owner)
+            if sequence is None:
+                answer = await self.client.call("steps", sid, -1 if start is None else start, L, payload, owner)
+            else:
+                answer = await self.client.call("sequence", sid, codec.name, *sequence, L, payload, owner)
         finally:
             n = self.outstanding[key] - 1
             if n:

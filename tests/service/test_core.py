@@ -335,6 +335,56 @@ def test_a_sequence_with_requests_in_flight_cannot_start_over() -> None:
     assert answers(core)[4][1]["steps_seen"] == 0
 
 
+def test_a_sequence_request_opens_steps_and_ends_as_one_operation() -> None:
+    """An OIP request's start, steps and end are one engine operation: a start racing another start is
+    refused (not run on top of the other's steps), an end closes only the run it ended (a new start waits
+    for that close), and a request queued behind the end is refused, not applied."""
+    core, be, clock = make_core(max_wait_ms=1000)
+    sid, one = "oip::fake:7", np.ones(2).tobytes()
+
+    def seq(rid: int, start: bool, end: bool, x: float = 1.0) -> None:
+        core.handle(b"f", [rid, "sequence", sid, "fake", start, end, 1, np.full(2, x).tobytes()])
+
+    seq(1, True, False)
+    seq(2, True, False)  # a second start before the first one's steps ran
+    got = answers(core)
+    assert list(got) == [2] and got[2][0] == 409 and got[2][1][0] == "sequence_busy"
+    clock.now += 2
+    core.step()
+    assert answers(core)[1][1][:3] == [0, 0, 1]  # from a fresh state
+    seq(3, False, True)  # ends the run...
+    seq(4, False, False)  # ...and this one, sent after the end, is not applied
+    seq(5, True, False)  # a new start while the end's close is still queued: busy, and nothing reset
+    assert answers(core)[5][1][0] == "sequence_busy"
+    for _ in range(3):
+        clock.now += 2
+        core.step()
+    got = answers(core)
+    assert got[3][1][:3] == [1, 0, 2] and got[4][0] == 410 and got[4][1][0] == "session_closed"
+    assert sid not in core.sessions.live
+    seq(6, True, True, 2.0)  # a fresh run of the same id, started and ended in one request
+    clock.now += 2
+    core.step()
+    core.step()
+    assert answers(core)[6][1][:3] == [0, 0, 1] and sid not in core.sessions.live
+    core.handle(b"f", [7, "steps", sid, -1, 1, one])
+    assert answers(core)[7][1][0] == "session_closed"
+
+
+def test_a_sequence_end_without_room_for_its_close_is_refused_whole() -> None:
+    """The steps and the close behind them are queued together or not at all: steps queued alone would be
+    applied while the client is told 429."""
+    core, be, clock = make_core(max_wait_ms=1000, session_queue=2)
+    sid = "oip::fake:8"
+    core.handle(b"f", [1, "sequence", sid, "fake", True, False, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [2, "sequence", sid, "fake", False, True, 1, np.ones(2).tobytes()])  # 1 queued + 2 > 2
+    assert answers(core)[2][1][0] == "session_queue_full"
+    clock.now += 2
+    core.step()
+    core.step()
+    assert answers(core)[1][1][:3] == [0, 0, 1] and core.sessions.live[sid].t == 1  # request 2 applied nothing
+
+
 def test_engine_core_expiry_pushes_to_watchers_and_close_waits_for_queued_work() -> None:
     core, be, clock = make_core(max_wait_ms=1000)
     core.handle(b"f", [1, "open", "fake", True])

@@ -4,6 +4,7 @@ tensors; outputs equal the /v1 streaming and /v1/classify outputs for the same i
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -103,6 +104,47 @@ def test_integer_and_string_sequence_ids_are_two_sequences(server: Server, ref: 
         assert h.get("/v1/sessions/oip::sliding:4242").json()["steps_seen"] == 4
         assert h.get('/v1/sessions/oip::sliding:"4242"').json()["steps_seen"] == 4
         infer(x[:1], 2**64 - 1, sequence_start=True, sequence_end=True)
+
+
+def test_an_end_racing_a_new_start_is_one_or_the_other(server: Server, ref: Reference) -> None:
+    """Client A ends sequence 77 while client B starts it again, at the same moment, 12 times. Each request is
+    one engine operation, so the outcome is one of the two orders: A's end first (B's run stays open and
+    continues), or B's start first (A's steps and end apply to B's run). With separate open, steps and
+    close calls, B's start could be answered on top of A's steps, or refused as not open although it set
+    sequence_start, and A's end could close B's run without A's steps in it."""
+    x, y = (ref.sequence("sliding", 4, seed=s).float().numpy() for s in (41, 42))
+    fresh = ref.outputs("sliding", torch.tensor(y).double())[1]
+    a_on_b = ref.outputs("sliding", torch.tensor(np.concatenate([y[:2], x[2:]])).double())[1][2:]
+    a_own = ref.outputs("sliding", torch.tensor(x).double())[1][2:]
+
+    async def main() -> list[tuple[httpx.Response, ...]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=20) as a, \
+                httpx.AsyncClient(base_url=server.url, timeout=20) as b:
+            async def infer(c: httpx.AsyncClient, steps: np.ndarray, **params) -> httpx.Response:
+                return await c.post("/v2/models/sliding/infer", json=oip_sequence(steps, 77, ("scores",), **params))
+
+            seen = []
+            for _ in range(12):
+                assert (await infer(a, x[:2], sequence_start=True)).status_code == 200
+                ended, started = await asyncio.gather(infer(a, x[2:], sequence_end=True),
+                                                      infer(b, y[:2], sequence_start=True))
+                if started.status_code == 409:  # busy: A's end was still queued; B starts again now
+                    started = await infer(b, y[:2], sequence_start=True)
+                seen.append((ended, started, await infer(b, y[2:], sequence_end=True)))
+            return seen
+
+    def scores(r: httpx.Response) -> list[float]:
+        assert r.status_code == 200, r.text
+        return r.json()["outputs"][0]["data"]
+
+    for ended, started, cont in asyncio.run(main()):
+        assert scores(started) == pytest.approx(np.ravel(fresh[:2]), rel=1e-5, abs=1e-6)  # from a fresh state
+        if cont.status_code == 200:  # A's end came first, on A's own run
+            assert scores(ended) == pytest.approx(np.ravel(a_own), rel=1e-5, abs=1e-6)
+            assert scores(cont) == pytest.approx(np.ravel(fresh[2:]), rel=1e-5, abs=1e-6)
+        else:  # B's start came first: A's steps ran on B's run, and A's end ended it
+            assert cont.status_code == 422 and "session_closed" in cont.text, cont.text
+            assert scores(ended) == pytest.approx(np.ravel(a_on_b), rel=1e-5, abs=1e-6)
 
 
 def test_plain_infer_is_classify_over_a_batch(server: Server, ref: Reference) -> None:

@@ -105,11 +105,10 @@ async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: n
     codec = fe.codec(model)
     sid = sequence_session(owner, model, seq)
     L = x.shape[1]
-    if params.get("sequence_start"):  # refused, not reset, if these L steps would be
-        await fe.client.call("open", model, False, sid, owner, L)
-    try:
+    flags = (bool(params.get("sequence_start")), bool(params.get("sequence_end")))  # strict booleans: checked
+    try:  # (re)open, steps and close as one engine operation: no other request of the sequence between them
         start, replayed, seen, spikes, scores = await fe.steps(sid, codec, None, L, x[0].astype(codec.wire).tobytes(),
-                                                               owner)
+                                                               owner, sequence=flags)
     except ServiceError as e:
         if e.code in ("session_not_found", "session_closed", "session_expired", "session_lost"):
             raise InvalidInput(f"sequence_id {seq!r} of model {model!r} is not open ({e.code}): the first request "
@@ -118,8 +117,6 @@ async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: n
             e.message = (f"sequence_id {seq!r} of model {model!r} moved to another replica and this request was "
                          "not applied: send it again (the router sends it to the new one)")
         raise
-    if params.get("sequence_end"):
-        await fe.client.call("close", sid, owner)
     return codec.arrays(L, spikes, scores)
 
 
