@@ -67,7 +67,15 @@ class Supervisor:
                 return False
             if self.stopping:
                 return True
+            self.restart_frontends()  # /healthz keeps answering while the engine core starts (seconds)
         return True
+
+    def restart_frontends(self) -> None:
+        for i, p in enumerate(self.frontends):
+            if p is not None and not p.is_alive() and not self.stopping:
+                log.warning("front end %d (pid %s) exited with %s; restarting it", i, p.pid, p.exitcode)
+                mark_process_dead(p.pid, self.metrics_dir)
+                self.start_frontend(i)
 
     def start_frontend(self, i: int) -> None:
         from service.frontend.worker import run_frontend
@@ -93,11 +101,7 @@ class Supervisor:
             return 1
         while not self.stopping:
             time.sleep(0.1)
-            for i, p in enumerate(self.frontends):
-                if p is not None and not p.is_alive() and not self.stopping:
-                    log.warning("front end %d (pid %s) exited with %s; restarting it", i, p.pid, p.exitcode)
-                    mark_process_dead(p.pid, self.metrics_dir)
-                    self.start_frontend(i)
+            self.restart_frontends()
             if self.engine is not None and not self.engine.is_alive() and not self.stopping:
                 fate = ("it rebuilds its sessions from the session store" if self.settings.state_dir
                         or self.settings.state_url else "its sessions are lost: no PSN_STATE_DIR / PSN_STATE_URL")

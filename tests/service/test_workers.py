@@ -149,3 +149,31 @@ def test_engine_core_crash_answers_503_then_recovers(serve, ref: Reference) -> N
         assert r.status_code == 200
         assert_outputs(r.json()["outputs"], ref.outputs("sliding", x))
     assert "the engine core (pid" in srv.log()
+
+
+def test_a_front_end_that_dies_while_the_engine_core_restarts_is_restarted_at_once(serve) -> None:
+    """The supervisor restarts a dead front end while it waits for a new engine core (seconds: torch's
+    import), not after: with one worker, nothing else answers /healthz meanwhile."""
+    srv = serve()
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        h = c.get("/healthz").json()
+        os.kill(h["engine_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while f"the engine core (pid {h['engine_pid']}) exited" not in srv.log():  # it is starting a new one
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.02)
+        os.kill(h["pid"], signal.SIGKILL)
+        while not _ready(c):
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
+    log = srv.log()
+    restarted = log.index(f"front end 0 (pid {h['pid']}) exited")
+    assert restarted < log.index("engine core ready", log.index(f"the engine core (pid {h['engine_pid']}) exited")), \
+        log
+
+
+def _ready(c: httpx.Client) -> bool:
+    try:
+        return c.get("/readyz", headers={"connection": "close"}, timeout=1).status_code == 200
+    except httpx.TransportError:  # no front end yet
+        return False
