@@ -23,6 +23,8 @@ Requests: ``[rid, op, *args]`` (``rid`` > 0, unique per front end)::
     ["get", session_id, watch, owner]              -> session info (watch: push "expired" to this front end)
     ["close", session_id, owner]                   -> session info (as it was closed)
     ["steps", session_id, start, L, bytes, owner]  -> [start, replayed, steps_seen, spikes, scores]
+    ["sequence", sid, model, start, end, L, bytes, owner]  -> as "steps": an OIP sequence request in one
+                                                      operation (reopen if start, the steps, close if end)
     ["classify", model, T, bytes, owner]           -> [spikes, scores]
     ["metrics"]                                    -> Prometheus text of the engine core
 
