@@ -275,14 +275,11 @@ class EngineCore:
                 and not self._adopting_now:  # claimed in step(), then this runs again
             self._adopting.append((front, rid, [rid, "sequence", sid, model, start, end, L, payload, owner]))
             return QUEUED
-        if end:  # room for the steps and the close behind them, or neither is queued
-            s = self.lookup(sid, owner=owner)
-            sched = self.schedulers[s.model]
-            if len(s.queue) + 2 > sched.session_queue:
-                raise SessionQueueFull.waiting(s.id, len(s.queue))
+        s = self.lookup(sid, owner=owner) if end else None  # the session the steps and the close go to
+        if s is not None and len(s.queue) + 2 > self.schedulers[s.model].session_queue:
+            raise SessionQueueFull.waiting(s.id, len(s.queue))  # room for both, or neither is queued
         result = self.steps(front, rid, sid, -1, L, payload, owner)
-        if end:
-            s = self.sessions.live[sid]
+        if s is not None:
             self.schedulers[s.model].add(Request(front, UNANSWERED, s, "close", self.clock()))
         return result
 
