@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.folder import LoadedModel  # noqa: E402
 from model.network import LayerConfig, NetConfig, PSNNet, state_size_bytes  # noqa: E402
 from service.backends.torch_backend import TorchBackend  # noqa: E402
+from service.memory import keep_freed_memory  # noqa: E402
 
 
 def bench_model(device: torch.device) -> LoadedModel:
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, default=None,
                     help="write the engine-core figures as JSON (alone: CPU, 1,024 sessions x 16 steps, engine only)")
     ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--malloc-keep-mb", type=int, default=256,
+                    help="as PSN_MALLOC_KEEP_MB in the engine core process (0: glibc's defaults)")
     ap.add_argument("--bandwidth-gbs", type=float, default=4152.0)
     args = ap.parse_args(argv)
     only_json = args.json is not None and argv is None and len(sys.argv) == 3
@@ -187,13 +190,15 @@ def main(argv: list[str] | None = None) -> None:
         args.sessions, args.steps_per_request, args.engine = [1024], [16], True
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory(args.malloc_keep_mb)
     device = torch.device(args.device)
     model = bench_model(device)
     per_session = state_size_bytes(model.net)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU"
     print(f"# engine bench: {name}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), 28-128-128-10 sliding PSN k=8 float32, "
-          f"state {per_session} B/session, load average {os.getloadavg()[0]:.1f}")
+          f"state {per_session} B/session, freed memory kept: {f'{args.malloc_keep_mb} MB' if kept else 'no'}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     cuda_cols = " device step ms | CUDA graph ms | state-byte floor ms | graph / floor |"
     print("| sessions | batched ms/step | session-steps/s | one-by-one ms | one-by-one steps/s | speed-up |"
           + (cuda_cols if device.type == "cuda" else ""))

@@ -310,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--logging", action="store_true",
                     help="also run the service with its session log on (PSN_STATE_DIR in a temporary folder) and "
                          "report logged / unlogged throughput (issue 11's target: >= 0.9x)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:PSN_X=V[,PSN_Y=W]",
+                    help="also run the service with these settings (repeatable), reported against the service "
+                         "with its defaults, e.g. --variant 'malloc defaults:PSN_MALLOC_KEEP_MB=0'")
     ap.add_argument("--json", type=Path, default=None, help="write the last session count's figures here")
     ap.add_argument("--client", choices=["auto", "node", "python"], default="auto",
                     help="load generator: bench/loadgen (Node.js + ws, `npm ci` there; 3-8x faster than the "
@@ -342,6 +345,14 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(("service, max_batch_size=1", "service", {"PSN_MAX_BATCH_SIZE": "1", "PSN_MAX_WAIT_MS": "0"}))
         if args.logging:
             runs.append(("service, session log", "service", {**wait, "PSN_STATE_DIR": str(Path(tmp) / "state")}))
+        variants = []
+        for spec in args.variant:
+            label, _, settings = spec.partition(":")
+            pairs = [kv.partition("=") for kv in settings.split(",") if kv]
+            if not label or not pairs or any(not k.startswith("PSN_") or not eq for k, eq, _ in pairs):
+                raise SystemExit(f"--variant {spec!r}: expected LABEL:PSN_X=V[,PSN_Y=W]")
+            variants.append(f"service, {label}")
+            runs.append((variants[-1], "service", {**wait, **{k: v for k, _, v in pairs}}))
         L, frame = args.steps_per_message, args.frame
         node = args.client == "node" or (args.client == "auto" and node_available())
         print(f"# service bench: {os.cpu_count()} cores, model {model} (input {input_size}, spikes {out_size}, "
@@ -351,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[tuple[str, int], list[dict]] = {}
         procs, ports = [], {}
         try:
-            for label, kind, env in runs:  # all three up at once; idle ones cost nothing
+            for label, kind, env in runs:  # all up at once; idle ones cost nothing
                 port = free_port()
                 procs.append(start(kind, port, model_dir, {**env, "PSN_MAX_SESSIONS": str(4 * max(args.sessions))},
                                    (input_size, out_size, classes), args.workers))
@@ -411,6 +422,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"{d['p99_ms']:.1f} ms, server CPU {d['server_cpu_us']:.1f} us/step)")
                 summary.update(logged_session_steps_per_s=d["steps_per_s"],
                                logged_ratio=d["steps_per_s"] / b["steps_per_s"], logged_p99_ms=d["p99_ms"])
+            for label in variants:
+                d = {k: med(label, n, k) for k in keys}
+                print(f"  {n} sessions, {label}: {d['steps_per_s']:,.0f} session-steps/s = "
+                      f"{d['steps_per_s'] / b['steps_per_s']:.2f}x of the service's defaults (p50/p99 "
+                      f"{d['p50_ms']:.1f} / {d['p99_ms']:.1f} ms, server CPU {d['server_cpu_us']:.1f} us/step)")
+                summary.setdefault("variants", {})[label] = d
         if args.json is not None:
             args.json.write_text(json.dumps(summary, indent=2))
 

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     backend: str = "torch"  # a name in service.backends.BACKENDS
     torch_threads: int | None = Field(1, ge=1)  # torch.set_num_threads (1: the event loop needs the other core
     # of a small CPU box, and more threads on a shared CPU measured 10x slower); None = torch's default
+    # the engine core keeps up to this many MB of freed memory for the next batch instead of handing it back
+    # to the kernel and page-faulting it in again (service/memory.py); 0: glibc's defaults
+    malloc_keep_mb: int = Field(256, ge=0)
     max_sessions: int = Field(1024, ge=1)  # preallocated state slots per model
     max_batch_size: int = Field(256, ge=1)  # sessions stepped in one forward pass
     max_wait_ms: float = Field(1.0, ge=0)  # how long the oldest pending step may wait for a fuller batch

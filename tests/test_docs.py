@@ -81,3 +81,31 @@ def test_export_command_names_real_folders(where, argv):
     for folder in folders:
         if folder not in ("exported/foo",):  # the docs' placeholder name
             assert (REPO / folder / "config.json").is_file(), f"{where}: no model folder {folder}"
+
+
+
+def test_every_setting_is_in_the_api_docs_with_its_default():
+    """Each ``PSN_`` setting the service reads is named in docs/api.md, and where its row's default is one
+    literal value (`` `300` ``, `` `false` ``) it is the code's default."""
+    from service.config import Settings
+
+    text = (REPO / "docs" / "api.md").read_text()
+    missing = [f"PSN_{name.upper()}" for name in Settings.model_fields if f"PSN_{name.upper()}" not in text]
+    assert not missing, f"settings docs/api.md does not name: {missing}"
+    rows = dict(re.findall(r"^\| `(PSN_[A-Z0-9_]+)` \| `([^`|]*)` \|", text, flags=re.M))
+    checked, wrong = 0, []
+    for name, field in Settings.model_fields.items():
+        doc = rows.get(f"PSN_{name.upper()}")
+        if doc is None or field.default is None:
+            continue
+        code = field.default
+        if isinstance(code, bool):
+            same = doc == str(code).lower()
+        elif isinstance(code, int | float):
+            same = re.fullmatch(r"-?[0-9.e+]+", doc) is not None and float(doc) == code
+        else:
+            same = doc == str(code)
+        wrong.extend([] if same else [f"PSN_{name.upper()}: `{doc}` in the docs, {code!r} in the code"])
+        checked += 1
+    assert not wrong, f"docs/api.md defaults that are not the code's: {wrong}"
+    assert checked >= 20, f"only {checked} defaults found in docs/api.md's table: has its format changed?"

@@ -28,6 +28,7 @@ from service.core.engine import EngineCore
 from service.core.journal import open_store
 from service.ipc import LENGTH, MAX_FRAME, frame, listen, unpack
 from service.lifetime import die_with_parent
+from service.memory import keep_freed_memory
 
 log = logging.getLogger("psn.engine")
 READ_SIZE = 1 << 20
@@ -222,6 +223,7 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
     logs.install()
     die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
+    keep_freed_memory(settings.malloc_keep_mb)  # before the models load: every batch reuses its memory
     core = build_core(settings)
     gc.collect()
     gc.freeze()  # torch and the models live as long as the process: keep them out of every collection

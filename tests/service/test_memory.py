@@ -1,0 +1,50 @@
+"""``service.memory.keep_freed_memory``: with it, a process that allocates and frees the same blocks batch
+after batch (as the engine core does) stops page-faulting them in again; the kernel's own count of page
+faults (``getrusage``) is the reference. Each case runs in a fresh interpreter: the setting is per process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = """
+import resource, sys
+import numpy as np
+from service.memory import keep_freed_memory
+applied = keep_freed_memory(int(sys.argv[1]))
+def batch():  # 8 x 4 MB alive at once, then all freed: more than glibc's default trim threshold
+    blocks = [np.ones(1 << 20, np.float32) for _ in range(8)]
+    del blocks
+batch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    batch()
+print(int(applied), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults(keep_mb: int, **env: str) -> tuple[bool, int]:
+    base = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(keep_mb)], capture_output=True, text=True, check=True,
+                         cwd=REPO, env={**base, **env}, timeout=60).stdout.split()
+    return bool(int(out[0])), int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_kept_memory_is_reused_without_page_faults():
+    applied, kept = faults(256)
+    off, default = faults(0)
+    assert applied and not off
+    # 10 batches of 32 MB are 80k pages: with glibc's defaults each batch faults most of them in again
+    assert default > 20_000, f"glibc's defaults faulted only {default} pages: the check below would prove nothing"
+    assert kept < default / 20, f"{kept} page faults with freed memory kept, {default} without"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_the_environments_malloc_settings_win():
+    applied, _ = faults(256, MALLOC_TRIM_THRESHOLD_="1")
+    assert not applied
