@@ -12,7 +12,8 @@ import torch
 from model.folder import LoadedModel
 from model.network import LayerConfig, NetConfig, PSNNet
 from service.config import Settings
-from service.core.engine import EngineCore
+from service.backends.torch_backend import TorchBackend
+from service.core.engine import EngineCore, split_levels
 from service.core.scheduler import Request, Scheduler
 from service.core.sessions import RetryWindow, Session, SessionTable
 from service.errors import SessionGone, SessionNotFound, TooManySessions
@@ -435,6 +436,91 @@ def test_backend_failure_loses_the_sessions_of_that_call_and_the_loop_keeps_serv
     core.handle(b"f", [9, "classify", "fake", 1, np.ones(2).tobytes()])
     core.step()
     assert answers(core)[9][:2] == [500, ["internal", "internal error: RuntimeError", None, None]]
+
+
+def test_split_levels_only_where_they_save_calls() -> None:
+    assert split_levels(dict.fromkeys([1, 2, 3])) == [2, 1]
+    assert split_levels(dict.fromkeys(range(1, 17))) == [16, 8, 4, 2, 1]
+    assert split_levels(dict.fromkeys([5, 6, 7, 9, 12])) == [8, 4, 2, 1]
+    for same_or_more in ([3], [15, 16], [1, 2, 4], [3, 5, 6]):
+        assert split_levels(dict.fromkeys(same_or_more)) is None, same_or_more
+
+
+def open_sessions(core: EngineCore, n: int, model: str = "fake") -> list[str]:
+    for rid in range(1, n + 1):
+        core.handle(b"f", [rid, "open", model, False])
+    opened = answers(core)
+    return [opened[rid][1]["session_id"] for rid in range(1, n + 1)]
+
+
+def test_requests_of_many_lengths_in_one_batch_run_in_power_of_two_pieces_in_order() -> None:
+    clock, be = Clock(), FakeBackend(8)
+    core = EngineCore([be], Settings(max_batch_size=8, max_wait_ms=0, warmup=False), clock=clock)
+    sids = open_sessions(core, 7)
+    xs = [np.arange(2 * L, dtype=np.float64).reshape(L, 2) - L + 0.5 * i for i, L in enumerate(range(1, 8))]
+    for i, (sid, x) in enumerate(zip(sids, xs, strict=True)):
+        core.handle(b"f", [100 + i, "steps", sid, -1, len(x), x.tobytes()])
+    core.step()
+    slots = [core.sessions.get(sid).slot for sid in sids]
+    # lengths 1..7 (bits 4, 2, 1): three calls, not seven; a session in every call its length has a bit of
+    assert be.calls == [(4, [slots[L - 1] for L in (4, 5, 6, 7)]), (2, [slots[L - 1] for L in (2, 3, 6, 7)]),
+                        (1, [slots[L - 1] for L in (1, 3, 5, 7)])]
+    got = answers(core)
+    for i, x in enumerate(xs):  # the fake's scores are running sums: any step out of order would show
+        status, (start, replayed, seen, spikes, scores) = got[100 + i]
+        L = len(x)
+        assert (status, start, replayed, seen) == (0, 0, 0, L)
+        assert np.frombuffer(scores).reshape(L, 2).tolist() == np.cumsum(x, 0).tolist()
+        assert bits(spikes, L) == (x > 0).astype(int).tolist()
+
+
+def test_a_failed_piece_loses_the_sessions_in_it_and_the_rest_of_the_batch_is_answered() -> None:
+    clock, be = Clock(), FakeBackend(8)
+    core = EngineCore([be], Settings(max_batch_size=8, max_wait_ms=0, warmup=False), clock=clock)
+    one, two, three = open_sessions(core, 3)
+    be.fail_L = 2  # the 2-step piece: the whole of `two`, and `three`'s first two steps
+    for rid, (sid, L) in enumerate(((one, 1), (two, 2), (three, 3)), start=10):
+        core.handle(b"f", [rid, "steps", sid, -1, L, np.ones(2 * L).tobytes()])
+    core.step()
+    got = answers(core)
+    assert got[10][0] == 0 and got[10][1][:3] == [0, 0, 1]
+    assert got[11][1][0] == got[12][1][0] == "session_lost"
+    assert be.calls == [(1, [core.sessions.get(one).slot])]  # `three`'s last step did not run on a lost slot
+
+
+@pytest.mark.parametrize("neuron", ["sliding", "masked"])
+def test_split_batches_give_the_bits_of_each_session_run_alone(neuron: str) -> None:
+    torch.manual_seed(0)
+    cfg = NetConfig(input_shape=(3,), num_classes=4, layers=(LayerConfig("linear", 24), LayerConfig("linear", 24)),
+                    neuron=neuron, k=3, T=32 if neuron == "masked" else None)
+    net = PSNNet(cfg).eval()
+    settings = Settings(max_batch_size=16, max_wait_ms=0, warmup=False, max_sessions=16)
+
+    def core() -> EngineCore:
+        return EngineCore([TorchBackend(LoadedModel(name="m", path=Path("."), net=net, config={}), 16)], settings,
+                          clock=Clock())
+
+    rng = np.random.default_rng(0)
+    lengths = [1, 2, 3, 5, 6, 7, 9, 13]
+    xs = [rng.normal(size=(2 * L, 3)).astype(np.float32) for L in lengths]  # two requests each
+    batched = core()
+    sids = open_sessions(batched, len(lengths), "m")
+    got: dict[int, list] = {}
+    for half in (0, 1):
+        for i, (sid, x) in enumerate(zip(sids, xs, strict=True)):
+            L = len(x) // 2
+            batched.handle(b"f", [1000 * half + i, "steps", sid, -1, L, x[half * L:(half + 1) * L].tobytes()])
+        batched.step()
+        got.update(answers(batched))
+    for i, x in enumerate(xs):  # the same steps of one session alone, in one call each
+        alone = core()
+        (sid,) = open_sessions(alone, 1, "m")
+        alone.handle(b"f", [7, "steps", sid, -1, len(x), x.tobytes()])
+        alone.step()
+        _, (_, _, _, spikes, scores) = answers(alone)[7]
+        L = len(x) // 2
+        assert got[i][1][3] + got[1000 + i][1][3] == spikes, f"spikes of the session of {L}-step requests"
+        assert got[i][1][4] + got[1000 + i][1][4] == scores, f"scores of the session of {L}-step requests"
 
 
 def test_one_sessions_queue_is_bounded() -> None:
