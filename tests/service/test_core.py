@@ -11,8 +11,8 @@ import torch
 
 from model.folder import LoadedModel
 from model.network import LayerConfig, NetConfig, PSNNet
-from service.config import Settings
 from service.backends.torch_backend import TorchBackend
+from service.config import Settings
 from service.core.engine import EngineCore, split_levels
 from service.core.scheduler import Request, Scheduler
 from service.core.sessions import RetryWindow, Session, SessionTable
