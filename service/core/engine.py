@@ -279,9 +279,11 @@ class EngineCore:
         """An OIP sequence request as one operation, so that no request of another client comes between its
         parts (as it could between the front end's separate open, steps and close): with ``start`` the
         sequence (re)opens, refused with the sequence as it was if it is busy or its steps would be; its
-        ``L`` steps are queued; with ``end`` a close is queued right behind them, on the session they ran on:
-        a request that comes later is refused as not open, and a new ``start`` is refused as busy until the
-        close has run (never closed by the old sequence's end). Answered as ``steps``."""
+        ``L`` steps are queued; with ``end`` a close is queued right behind them, on the session they ran on,
+        and runs in the engine turn that commits them (``commit``), before their answer leaves: a request
+        that comes after the answer is refused as not open, and a new ``start`` opens a fresh sequence (one
+        that arrives before the close has run is refused as busy; the old sequence's end never closes a
+        new one). Answered as ``steps``."""
         if not isinstance(start, bool) or not isinstance(end, bool):
             raise InvalidInput("engine: sequence start and end are booleans", field="op")
         if start:
@@ -374,9 +376,7 @@ class EngineCore:
                 if s.slot < 0:
                     raise self.sessions.gone_error(s.id, s.ended)
                 if req.op == "close":
-                    self.sessions.close(s)
-                    self.answer(req.front, [req.rid, OK, self.info(s)])
-                    self._answering(s.id, req.front, req.rid)
+                    self._close(req)
                     continue
                 t, L = s.t, req.L
                 start = t if req.start < 0 else req.start
@@ -516,7 +516,21 @@ class EngineCore:
             steps += L * len(items)
         if steps:
             self._m[name][0].inc(steps)
-        self.schedulers[name].done(batch.requests)
+        sched = self.schedulers[name]
+        sched.done(batch.requests)
+        for req in batch.requests:  # an OIP sequence's end closes in the turn of its last steps, before their
+            s = req.session  # answer leaves: a client's next sequence_start must find the sequence closed
+            head = s.queue[0] if s.queue else None
+            if head is not None and head.rid == UNANSWERED and head.op == "close":
+                sched.take_head(s)
+                if s.slot >= 0:
+                    self._close(head)
+
+    def _close(self, req: Request) -> None:
+        s = req.session
+        self.sessions.close(s)
+        self.answer(req.front, [req.rid, OK, self.info(s)])
+        self._answering(s.id, req.front, req.rid)
 
     # ----- durable sessions -----------------------------------------------------------------------
     def _log_steps(self, name: str, L: int, items: list[Item], inputs: bytes, slots: np.ndarray, t0: np.ndarray,

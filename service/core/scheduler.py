@@ -110,6 +110,15 @@ class Scheduler:
                 self.ready.append(s)
         self.pending -= len(batch)
 
+    def take_head(self, s: Session) -> Request:
+        """Take ``s``'s head request out of turn (the engine core runs it now); ``s`` keeps its place in the
+        turn order if it has more."""
+        req = s.queue.popleft()
+        self.pending -= 1
+        if not s.queue:
+            self.ready.remove(s)
+        return req
+
     def drop(self, s: Session) -> list[Request]:
         """Remove a session's queued requests (it is gone); returns them so they can be answered."""
         if not s.queue:

@@ -372,6 +372,24 @@ def test_a_sequence_request_opens_steps_and_ends_as_one_operation() -> None:
     assert answers(core)[7][1][0] == "session_closed"
 
 
+def test_a_sequence_end_closes_in_the_turn_of_its_steps_so_a_next_start_is_fresh() -> None:
+    """A client that sends sequence_end, reads the answer and starts the same id again gets a fresh run,
+    never 409 sequence_busy: the close runs in the engine turn that answers the end (Triton's order)."""
+    core, be, clock = make_core(max_wait_ms=1000)
+    sid = "oip::fake:8"
+    for rid, start, end in ((1, True, False), (2, False, True), (3, True, True)):
+        core.handle(b"f", [rid, "sequence", sid, "fake", start, end, 1, np.ones(2).tobytes()])
+        clock.now += 2
+        assert core.step()
+        got = answers(core)
+        assert got[rid][0] == 0, got
+        assert (sid in core.sessions.live) is (not end)
+        if not end:
+            continue
+        assert got[rid][1][:3] == ([1, 0, 2] if rid == 2 else [0, 0, 1])  # 3 started from a fresh state
+    assert core.schedulers["fake"].pending == 0 and not core.schedulers["fake"].ready
+
+
 def test_a_sequence_end_without_room_for_its_close_is_refused_whole() -> None:
     """The steps and the close behind them are queued together or not at all: steps queued alone would be
     applied while the client is told 429."""
