@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,12 @@ class. Steps of many sessions are computed together in batches by the engine cor
 """
 
 
+# FastAPI 0.16x's native OpenTelemetry asks the environment for a configured provider on every request
+# (a few us each, 3% of a refused request's CPU, py-spy): the service's metrics are Prometheus (/metrics)
+NO_OTEL = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+           if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
 def create_app(settings: Settings, engine_address: str, worker: int = 0) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,7 +64,7 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
         finally:
             await client.close()
 
-    app = FastAPI(title="psn-stream", version="0.2.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="psn-stream", version="0.2.0", description=DESCRIPTION, lifespan=lifespan, **NO_OTEL)
     app.state.settings = settings
     app.state.metrics = FrontendMetrics()
     app.state.worker = worker
