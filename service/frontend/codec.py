@@ -106,11 +106,15 @@ class ModelCodec:
 
     # ----- inputs ------------------------------------------------------------------------------
     def check_values(self, a: np.ndarray, field: str) -> None:
+        if not a.size:
+            return
+        top = float(np.abs(a).max())  # one pass: NaN propagates through max, and inf is past any dtype's limit
+        if top <= self.max_value:
+            return
         if not np.isfinite(a).all():
             raise InvalidInput(f"{field}: contains NaN or Inf; every value must be finite", field=field)
-        if a.size and float(np.abs(a).max()) > self.max_value:
-            raise InvalidInput(f"{field}: a value's magnitude exceeds {self.max_value:.6g}, the largest finite "
-                               f"{self.model_dtype} of model {self.name!r}", field=field)
+        raise InvalidInput(f"{field}: a value's magnitude exceeds {self.max_value:.6g}, the largest finite "
+                           f"{self.model_dtype} of model {self.name!r}", field=field)
 
     def json_steps(self, raw: Any, max_steps: int, field: str = "steps",
                    maybe_bools: bool = True) -> tuple[int, bytes]:
