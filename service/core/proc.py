@@ -223,15 +223,16 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
     logs.install()
     die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
-    keep_freed_memory(settings.malloc_keep_mb)  # before the models load: every batch reuses its memory
+    kept = keep_freed_memory(settings.malloc_keep_mb)  # before the models load: every batch reuses its memory
     core = build_core(settings)
     gc.collect()
     gc.freeze()  # torch and the models live as long as the process: keep them out of every collection
     proc = EngineProcess(core, address)
     signal.signal(signal.SIGTERM, proc.request_stop)
     log.info("engine core ready: pid=%d, %d model(s), backend=%s, device=%s, max_sessions=%d, max_batch_size=%d, "
-             "address=%s", os.getpid(), len(core.runners), settings.backend, settings.torch_device,
-             settings.max_sessions, settings.max_batch_size, address)
+             "freed memory kept=%s, address=%s", os.getpid(), len(core.runners), settings.backend,
+             settings.torch_device, settings.max_sessions, settings.max_batch_size,
+             f"{settings.malloc_keep_mb} MB" if kept else "no", address)
     if ready is not None:
         ready.set()  # type: ignore[attr-defined]
     proc.run()
