@@ -70,7 +70,9 @@ class Settings(BaseSettings):
     malloc_keep_mb: int = Field(256, ge=0)
     max_sessions: int = Field(1024, ge=1)  # preallocated state slots per model
     max_batch_size: int = Field(256, ge=1)  # sessions stepped in one forward pass
-    max_wait_ms: float = Field(1.0, ge=0)  # how long the oldest pending step may wait for a fuller batch
+    # how long the oldest pending step may wait for a fuller batch; 0: a batch runs as soon as the engine core is
+    # free, and what arrives while it runs is the next batch (faster and sooner on the 2-core CPU: BENCHMARKS.md)
+    max_wait_ms: float = Field(0.0, ge=0)
     idle_timeout_s: float = Field(300.0, gt=0)  # sessions without a request for this long expire
     max_steps_per_request: int = Field(1024, ge=1)  # steps in one request (streaming or classify)
     max_request_bytes: int = Field(1_000_000, ge=1024)  # HTTP body / WebSocket message size
