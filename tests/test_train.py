@@ -144,7 +144,7 @@ def test_ctrl_c_during_training_says_nothing_was_written(tmp_path):
         _, rest = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, (proc.returncode, "".join(lines)[-500:], rest[-3000:])  # what it said, if it fails
     assert "Traceback" not in rest and "nothing was written" in rest.strip().splitlines()[-1], rest
     assert not out.exists() and not list(tmp_path.iterdir())
 
