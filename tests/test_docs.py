@@ -105,7 +105,8 @@ def test_every_setting_is_in_the_api_docs_with_its_default():
             same = re.fullmatch(r"-?[0-9.e+]+", doc) is not None and float(doc) == code
         else:
             same = doc == str(code)
-        wrong.extend([] if same else [f"PSN_{name.upper()}: `{doc}` in the docs, {code!r} in the code"])
+        if not same:
+            wrong.append(f"PSN_{name.upper()}: `{doc}` in the docs, {code!r} in the code")
         checked += 1
     assert not wrong, f"docs/api.md defaults that are not the code's: {wrong}"
     assert checked >= 20, f"only {checked} defaults found in docs/api.md's table: has its format changed?"

@@ -422,7 +422,7 @@ class EngineCore:
         number of new steps L, or the exception of a call that failed (its sessions are then lost).
 
         One backend call per distinct L, unless ``split_levels`` finds fewer calls: requests of 1-16 steps
-        in one batch then take at most 5 calls (8, 4, 2 and 1 steps, and 16), not up to 16. A session's
+        in one batch then take at most 5 calls (of 16, 8, 4, 2 and 1 steps), not up to 16. A session's
         steps run in order whichever way (its pieces go highest first) and give the same bits (the
         chunk form equals step after step, bit for bit: ``model.network``, ``runner.run``)."""
         r = self.runners[name]
