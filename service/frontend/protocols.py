@@ -6,8 +6,9 @@ Inference Protocol's ``{"error": "..."}`` under ``/v2``) and never a hang:
 - a request httptools cannot parse (a negative or doubled Content-Length, a bad chunk size, control
   bytes in a header) is a 400 ``bad_request`` in that shape, not uvicorn's plain-text line;
 - a WebSocket handshake the websockets library cannot parse (a request line or a header line over its
-  8,192 bytes, over 128 headers) is answered 414 / 431 / 400: uvicorn left websockets' answer unsent and
-  the connection open, so the client waited for ever;
+  8,192 bytes, over 128 headers) is answered 414 / 431 / 400 in that shape: uvicorn before 0.55 left
+  websockets' answer unsent and the connection open, so the client waited for ever; 0.55 sends
+  websockets' plain-text answer;
 - a handshake refused by the app with an HTTP answer (401, 403) is not logged as an app error.
 """
 
@@ -127,10 +128,18 @@ def ws_protocol() -> type[asyncio.Protocol] | str:
             super().data_received(data)
             exc = getattr(self.conn, "handshake_exc", None)
             if not self.handshake_initiated and exc is not None and not self.transport.is_closing():
-                self.conn.data_to_send()  # websockets' own plain-text answer, which uvicorn never writes
-                log.info("websocket handshake refused: %s", exc)
-                write_error(self.transport, handshake_error(exc), b"/v1")
-                self.close_sent = True
+                self.refuse_handshake(exc)  # uvicorn < 0.55 left websockets' answer unsent
+
+        def handle_handshake_exception(self) -> None:
+            """uvicorn >= 0.55 writes websockets' own plain-text answer here: ours is in the API's shape."""
+            self.handshake_complete = True
+            self.refuse_handshake(self.conn.handshake_exc)
+
+        def refuse_handshake(self, exc: BaseException) -> None:
+            self.conn.data_to_send()  # websockets' own plain-text answer: not sent
+            log.info("websocket handshake refused: %s", exc)
+            write_error(self.transport, handshake_error(exc), b"/v1")
+            self.close_sent = True
 
         async def send(self, message: Any) -> None:
             await super().send(message)
