@@ -60,12 +60,17 @@ class KeyRing:
         return None if found is None else self.owners[found]
 
 
+def bearer_key(authorization: bytes) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header's value (None for another scheme)."""
+    scheme, _, key = authorization.decode("latin-1").strip().partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else None
+
+
 def presented_key(scope: Scope, authorization: bytes | None) -> str | None:
     """The key a request presents: ``Authorization: Bearer <key>``, or (WebSocket) a ``psn.key.<key>``
     subprotocol entry."""
     if authorization is not None:
-        scheme, _, key = authorization.decode("latin-1").strip().partition(" ")
-        return key.strip() if scheme.lower() == "bearer" else None
+        return bearer_key(authorization)
     if scope["type"] == "websocket":
         for p in scope.get("subprotocols", ()):
             if p.startswith(KEY_SUBPROTOCOL):

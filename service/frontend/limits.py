@@ -27,6 +27,14 @@ log = logging.getLogger("psn.frontend")
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 OWNER = "psn.owner"  # scope key: the owner id of the request's API key ("" with access control off; auth.py)
 ABORT = "psn.abort"  # scope key of a WebSocket: drops the connection at once (or None where that is not possible)
+ADMITTED = "psn.admitted"  # scope key: (Frontend, key) of a steps request let through from its head (gate.py)
+
+
+def release_admitted(scope: Scope) -> None:
+    """The request has reached ``SessionGate`` or ended: it no longer counts as let through from its head."""
+    held = scope.pop(ADMITTED, None)
+    if held is not None:
+        held[0].admitted(held[1])
 
 
 def count_error(scope: Scope, err: ServiceError) -> None:
@@ -116,13 +124,15 @@ class SessionGate:
     """``POST /v1/sessions/{id}/steps`` past the session's queue bound (``Frontend.queue_full``) is answered
     429 ``session_queue_full`` here, before the body is read or parsed and without asking the engine core.
     Sits inside ``AccessControl`` (which sets the request's owner) and outside ``BodyLimit`` (which reads
-    the body)."""
+    the body). Most such refusals never get here: uvicorn's protocol gives the same answer from the
+    request head (gate.py); this one answers what that leaves to the app (an ``Origin``, pipelining)."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
+            release_admitted(scope)  # from here on it counts (or is refused) as any request does
             path: str = scope["path"]
             if path.startswith(STEPS_PREFIX) and path.endswith(STEPS_SUFFIX):
                 sid = path[len(STEPS_PREFIX):-len(STEPS_SUFFIX)]
@@ -197,6 +207,10 @@ class SlowReaders:
                 self.watched[transport] = [None, 0.0]
                 if self.task is None or self.task.done():
                     self.task = asyncio.get_running_loop().create_task(self.run(), name="http-slow-readers")
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                release_admitted(scope)  # refused before SessionGate (ConnectionLimit), or failed
         await self.app(scope, receive, send)
 
     async def run(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -33,14 +34,25 @@ def write_error(transport: asyncio.Transport, err: ServiceError, path: bytes) ->
     transport.close()
 
 
-def http_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
+# (method, url, the request's ASGI scope so far, uvicorn's default headers) -> a whole answer, or None (gate.py)
+Refusal = Callable[[bytes, bytes, dict[str, Any], list[tuple[bytes, bytes]]], bytes | None]
+
+
+def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asyncio.Protocol] | None:
     """uvicorn's httptools protocol with a bound on each request's head (request line and headers, the
     WebSocket handshake's too): past ``max_bytes`` it answers 431 ``headers_too_large`` and closes the
     connection (httptools would read a 100 MB header into memory); a request it cannot parse is a 400
     ``bad_request``. None without httptools (uvicorn then runs h11, bounded by
-    ``h11_max_incomplete_event_size``: a 400)."""
+    ``h11_max_incomplete_event_size``: a 400).
+
+    ``refusal`` (``gate.FastRefusal.answer``) may answer a request from its head, with no ASGI cycle (the
+    connection is kept alive; the request's body is read and dropped as it comes). It is
+    asked only when nothing else of the connection is being answered (answers keep their order), the
+    client reads its answers (uvicorn's write buffer is below its high-water mark) and the request is
+    plain HTTP/1.1 keep-alive without ``Expect: 100-continue``."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.protocols.utils import get_client_addr
     except ImportError:
         return None
 
@@ -53,6 +65,7 @@ def http_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
             self.ended = False  # a request ended in the bytes being read (they are not all head)
             self.too_large = False
             self.head_path = b""  # the current request's path, as far as it came (its error's shape)
+            self.refused = False  # the request being read was answered from its head (``refusal``)
 
         def data_received(self, data: bytes) -> None:
             self.ended = False
@@ -82,11 +95,35 @@ def http_protocol(max_bytes: int) -> type[asyncio.Protocol] | None:
             if self.head_size > max_bytes:  # a whole head that came in one read
                 self.too_large = True
                 raise HeadersTooLarge("")  # httptools stops parsing; uvicorn then calls send_400_response
+            if refusal is not None and self.answerable():
+                method = self.parser.get_method()
+                answer = refusal(method, self.url, self.scope, self.server_state.default_headers)
+                if answer is not None:
+                    if self.access_log:
+                        self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope),
+                                                method.decode("ascii", "replace"),
+                                                self.url.decode("ascii", "replace"), "1.1", int(answer[9:12]))
+                    self.refused = True
+                    self.transport.write(answer)  # from the head, as the app would: a body may never come
+                    self.on_response_complete()  # counts the request, arms the keep-alive timer
+                    return
             super().on_headers_complete()
+
+        def answerable(self) -> bool:
+            return ((self.cycle is None or self.cycle.response_complete) and not self.pipeline
+                    and not self.flow.write_paused and not self.expect_100_continue
+                    and self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
+                    and not self.parser.should_upgrade())
+
+        def on_body(self, body: bytes) -> None:
+            if not self.refused:  # a refused request's body is read and dropped
+                super().on_body(body)
 
         def on_message_complete(self) -> None:
             self.ended = True
-            super().on_message_complete()
+            if not self.refused:
+                super().on_message_complete()
+            self.refused = False
 
         def send_400_response(self, msg: str) -> None:
             if self.too_large:

@@ -37,6 +37,9 @@ class Frontend:
         self._session_models: OrderedDict[tuple[str, str], str] = OrderedDict()  # (owner, session id) -> model
         # (owner, session id) -> steps requests this front end has sent and not yet had answered
         self.outstanding: dict[tuple[str, str], int] = {}
+        # (owner, session id) -> steps requests let through from their head (gate.py) that have not yet
+        # reached limits.SessionGate (their ASGI task has not run): counted against the bound meanwhile
+        self.admitting: dict[tuple[str, str], int] = {}
         client.on_hello = self._on_hello
         client.on_event = self._on_event
 
@@ -93,6 +96,24 @@ class Frontend:
         if n < self.settings.session_queue:
             return None
         return SessionQueueFull.waiting(sid, n)
+
+    def admit(self, sid: str, owner: str) -> SessionQueueFull | None:
+        """``queue_full`` for a request seen from its head only (gate.py), counting the requests let through
+        that way whose ASGI task has not run yet; a request let through is counted until ``admitted``."""
+        key = (owner, sid)
+        n = self.outstanding.get(key, 0) + self.admitting.get(key, 0)
+        if n >= self.settings.session_queue:
+            return SessionQueueFull.waiting(sid, n)
+        self.admitting[key] = self.admitting.get(key, 0) + 1
+        return None
+
+    def admitted(self, key: tuple[str, str]) -> None:
+        """A request let through by ``admit`` has reached the app (or ended before it)."""
+        n = self.admitting[key] - 1
+        if n:
+            self.admitting[key] = n
+        else:
+            del self.admitting[key]
 
     async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes,
                     owner: str, sequence: tuple[bool, bool] | None = None) -> list[Any]:

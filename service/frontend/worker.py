@@ -10,6 +10,7 @@ import uvicorn
 from service import logs
 from service.config import Settings
 from service.frontend.app import create_app
+from service.frontend.gate import FastRefusal
 from service.frontend.limits import SlowReaders
 from service.frontend.protocols import InvalidUtf8, http_protocol, ws_protocol
 from service.lifetime import die_with_parent
@@ -32,8 +33,9 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
         import uvloop  # noqa: F401 - uvicorn picks it up by itself when installed
     except ImportError:
         pass
-    http = http_protocol(settings.max_header_bytes) or "h11"
-    app = SlowReaders(create_app(settings, engine_address, worker), settings.ws_send_timeout_s)
+    fastapi_app = create_app(settings, engine_address, worker)
+    http = http_protocol(settings.max_header_bytes, FastRefusal(fastapi_app, settings).answer) or "h11"
+    app = SlowReaders(fastapi_app, settings.ws_send_timeout_s)
     config = uvicorn.Config(app, log_level=settings.log_level,
                             ws=ws_protocol(), ws_max_size=ws_max_size(settings.max_request_bytes), http=http,
                             h11_max_incomplete_event_size=settings.max_header_bytes,

@@ -224,3 +224,106 @@ def test_a_full_session_is_refused_by_the_front_end_without_the_engine_or_the_bo
                 assert r.status_code == 200 and r.json()["start"] == 2 + i, r.text
 
     asyncio.run(run())
+
+
+def raw_post(port: int, path: str, headers: dict[str, str], body: bytes = b'{"steps": [[0.5, 0.5, 0.5]]}') -> bytes:
+    """One request on a fresh connection, written in one piece; its answer's head and body as read."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "x", "Content-Type": "application/json",
+                                                "Content-Length": str(len(body)), **headers}.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(65536)
+        head_end = got.index(b"\r\n\r\n") + 4
+        length = int(next(line.split(b":")[1] for line in got[:head_end].split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(got) < head_end + length:
+            got += s.recv(65536)
+        return got
+
+
+def parse_answer(raw: bytes) -> tuple[int, dict[str, str], dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def test_a_flood_of_a_full_session_is_refused_from_the_request_head_with_the_apps_own_answer(serve) -> None:
+    """A full session's steps are refused by the front end's HTTP protocol (gate.py) with the answer the app
+    gives (status, body, headers but the date); requests it leaves to the app (an Origin, a bad key, another
+    key's session, requests that arrive together) are answered as before."""
+    origin = "http://page.example"
+    srv = serve(session_queue=2, api_keys=f"{KEY_A},{KEY_B}", allowed_origins=origin)
+    auth_a = {"Authorization": f"Bearer {KEY_A}"}
+    sid = httpx.post(f"{srv.url}/v1/sessions", json={"model": "sliding"}, headers=auth_a).json()["session_id"]
+    path = f"/v1/sessions/{sid}/steps"
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=30, headers=auth_a) as c:
+            pid = engine_pid(srv)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                # six requests that arrive together on six connections: two fit the bound, four are refused
+                loop = asyncio.get_running_loop()
+                burst = [loop.run_in_executor(None, raw_post, srv.port, path, auth_a) for _ in range(6)]
+                done, held = await asyncio.wait(burst, timeout=3)
+                assert len(done) == 4 and len(held) == 2, [t.result()[:60] for t in done]
+                fast = [parse_answer(t.result()) for t in done]
+                assert all(status == 429 and body["error"]["code"] == "session_queue_full" for status, _, body in fast)
+                status, headers, body = fast[0]
+                # the app's refusal of the same request (an Origin header: the app's CORS and Origin policy)
+                app_status, app_headers, app_body = parse_answer(raw_post(srv.port, path, {**auth_a, "Origin": origin}))
+                assert app_headers.get("access-control-allow-origin") == origin  # it did go through the app
+                assert (status, body) == (app_status, app_body)
+                common = {"content-type", "content-length", "retry-after", "server"}
+                assert {k: headers[k] for k in common} == {k: app_headers[k] for k in common}
+                cors = {"access-control-allow-origin", "access-control-expose-headers", "vary"}
+                assert set(headers) == set(app_headers) - cors, (headers, app_headers)
+                # a bad key or none: 401 from the app, never a 429 that says the session exists
+                for bad in ({"Authorization": "Bearer not-a-key"}, {}):
+                    s, _, b = parse_answer(raw_post(srv.port, path, bad))
+                    assert s == 401 and b["error"]["code"] == "unauthorized", b
+                # on a kept-alive connection the refusals keep coming, each answered, the connection usable
+                for _ in range(3):
+                    r = await c.post(f"{srv.url}{path}", json={"steps": [[0.5, 0.5, 0.5]]})
+                    assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+                r = await c.get(f"{srv.url}/v1/models")  # answered by the front end (the engine core is stopped)
+                assert r.status_code == 200 and "sliding" in r.text, r.text
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            answered = [parse_answer(await t) for t in held]
+            assert sorted(b["start"] for _, _, b in answered) == [0, 1], answered
+            for i in range(3):  # nothing is left counted against the bound
+                r = await c.post(f"{srv.url}{path}", json={"steps": [[0.5, 0.5, 0.5]]})
+                assert r.status_code == 200 and r.json()["start"] == 2 + i, r.text
+
+    asyncio.run(run())
+
+
+def test_a_request_let_through_from_its_head_but_refused_by_the_app_frees_its_place(serve) -> None:
+    """A steps request counts against its session's bound from its head until the app takes it; one the
+    app refuses before that (PSN_MAX_CONNECTIONS: 503) must not stay counted, or the session would answer
+    429 for ever."""
+    srv = serve(session_queue=1, max_connections=2)
+    busy = [open_session(srv) for _ in range(2)]
+    sid = open_session(srv)
+    step = b'{"steps": [[0.5, 0.5, 0.5]]}'
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        with engine_paused(srv):
+            held = [loop.run_in_executor(None, raw_post, srv.port, f"/v1/sessions/{b}/steps", {}, step) for b in busy]
+            await asyncio.sleep(1.0)  # both in flight: the front end's two places are taken
+            status, _, body = parse_answer(await loop.run_in_executor(None, raw_post, srv.port,
+                                                                      f"/v1/sessions/{sid}/steps", {}, step))
+            assert status == 503 and body["error"]["code"] == "too_many_connections", body
+        for t in held:
+            assert parse_answer(await t)[0] == 200
+        for i in range(3):
+            status, _, body = parse_answer(await loop.run_in_executor(None, raw_post, srv.port,
+                                                                      f"/v1/sessions/{sid}/steps", {}, step))
+            assert status == 200 and body["start"] == i, body
+
+    asyncio.run(run())
