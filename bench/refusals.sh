@@ -22,6 +22,22 @@ for _ in $(seq 150); do curl -sf "localhost:$PORT/readyz" >/dev/null 2>&1 && bre
 SID=$(curl -sf -XPOST "localhost:$PORT/v1/sessions" -H 'content-type: application/json' \
       -d '{"model":"mnist1d-sliding"}' | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["session_id"])')
 ENG=$(curl -sf "localhost:$PORT/healthz" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["engine_pid"])')
+# Every front end must know the session's model before the engine core stops: one that does not would ask
+# the engine core (a `get`) and hold every request of the flood instead of refusing it. A kept-alive
+# connection asks /healthz (which front end is this?) and then the session, until both have been asked.
+"$PY" - "$PORT" "$SID" <<'PY'
+import http.client, json, sys
+port, sid, seen = int(sys.argv[1]), sys.argv[2], set()
+for _ in range(200):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/healthz"); worker = json.loads(c.getresponse().read())["worker"]
+    c.request("GET", f"/v1/sessions/{sid}"); c.getresponse().read(); c.close()
+    seen.add(worker)
+    if len(seen) == 2:
+        break
+else:
+    sys.exit(f"only front ends {sorted(seen)} answered")
+PY
 LUA=$(mktemp --suffix .lua)
 printf 'wrk.method = "POST"\nwrk.body = %s\nwrk.headers["Content-Type"] = "application/json"\nwrk.path = "/v1/sessions/%s/steps"\n' \
        "'{\"steps\": [[0.5]]}'" "$SID" > "$LUA"
