@@ -14,8 +14,9 @@ from model.network import LayerConfig, NetConfig, PSNNet
 from service.backends.torch_backend import TorchBackend
 from service.config import Settings
 from service.core.engine import EngineCore, split_levels
+from service.core.journal import OPEN, STEPS, FileStore, frame, frame_parts
 from service.core.scheduler import Request, Scheduler
-from service.core.sessions import RetryWindow, Session, SessionTable
+from service.core.sessions import RetryWindow, Session, SessionTable, _check, id_tag
 from service.errors import SessionGone, SessionNotFound, TooManySessions
 
 
@@ -758,3 +759,221 @@ def test_steps_per_second_is_a_token_bucket_per_owner() -> None:
     clock.now += 0.5
     steps(14, a2, 1)
     assert answers(core) == {}  # queued: admitted
+
+
+
+
+
+
+# ----- contracts found by a mutation sweep (2026-12-07): each test fails for a one-line change of the code
+
+
+
+
+
+def masked_core(T: int = 4, **settings):
+    clock, be = Clock(), FakeBackend(4)
+    cfg = NetConfig(input_shape=(2,), num_classes=2, layers=(LayerConfig("linear", 2),), neuron="masked", k=2, T=T)
+    be.model = LoadedModel(name="fake", path=Path("."), net=PSNNet(cfg), config={})
+    core = EngineCore([be], Settings(**{"max_batch_size": 8, "max_wait_ms": 0, "retry_window": 3, "warmup": False,
+                                        "idle_timeout_s": 10, **settings}), clock=clock)
+    return core, be, clock
+
+
+def test_an_overdue_batch_waits_zero_not_a_negative_time() -> None:
+    sched = Scheduler(max_batch_size=3, max_wait_s=0.01)
+    sched.add(req(Session("a", "m", 0, 0.0), 1.0))
+    assert sched.wait_s(2.0) == 0.0
+
+
+def test_without_access_control_the_per_key_session_limit_does_not_apply() -> None:
+    core, be, clock = make_core(key_max_sessions=1)
+    for rid in (1, 2, 3):
+        core.handle(b"f", [rid, "open", "fake", False])
+    assert [a[0] for a in answers(core).values()] == [0, 0, 0]
+
+
+def test_without_access_control_the_per_key_step_rate_does_not_apply() -> None:
+    core, be, clock = make_core(key_steps_per_s=2, max_steps_per_request=4, max_wait_ms=0)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"f", [2, "steps", a, -1, 5, np.ones(10).tobytes()])  # more than a key's burst
+    core.step()
+    assert answers(core)[2][0] == 0 and "" not in core.quotas.buckets
+
+
+def test_an_id_of_another_length_is_not_taken_for_one_issued_here() -> None:
+    body = "abcd" + "x" * 6
+    assert id_tag(body + _check(body)) is None
+    t = SessionTable(10, 10, Clock())
+    assert isinstance(t.gone_error(body + _check(body)), SessionNotFound)
+
+
+def test_an_id_opened_again_forgets_its_old_owner() -> None:
+    t = SessionTable(10, 10, Clock())
+    t.add_model("m", 2)
+    t.close(t.open("m", "x", owner="k"))
+    t.close(t.open("m", "x"))
+    assert t.gone() == [("x", "session_closed", "")]
+
+
+def test_closing_a_session_twice_changes_nothing_the_second_time() -> None:
+    t = SessionTable(10, 10, Clock())
+    t.add_model("m", 2)
+    s = t.open("m", owner="k")
+    t.close(s)
+    t.close(s, "session_expired")
+    assert t.count("m") == 0 and t.owned == {} and t.gone() == [(s.id, "session_closed", "k")]
+
+
+def test_a_session_moved_to_another_replica_is_not_remembered_as_gone() -> None:
+    t = SessionTable(10, 10, Clock())
+    t.add_model("m", 2)
+    s = t.open("m")
+    t.close(s, "session_moved")
+    assert t.gone() == [] and isinstance(t.gone_error(s.id), SessionNotFound)
+
+
+def test_a_session_idle_exactly_the_timeout_is_not_yet_expired() -> None:
+    clock = Clock()
+    t = SessionTable(10, 10, clock)
+    t.add_model("m", 2)
+    s = t.open("m")
+    clock.now += 10
+    assert t.expire_idle() == []
+    clock.now += 0.5
+    assert t.expire_idle() == [s]
+
+
+def test_an_id_remembered_again_becomes_the_newest_gone() -> None:
+    t = SessionTable(10, 2, Clock())
+    t.remember("a", "session_closed")
+    t.remember("b", "session_closed")
+    t.remember("a", "session_lost")
+    t.remember("c", "session_closed")  # evicts the oldest: b
+    assert [g[0] for g in t.gone()] == ["a", "c"]
+
+
+def test_a_model_with_a_horizon_takes_exactly_T_steps_everywhere() -> None:
+    core, be, clock = masked_core(T=4)
+    core.handle(b"f", [1, "open", "fake", False, "oip::fake:1", "", 4])  # a sequence start of T steps
+    assert answers(core)[1][0] == 0
+    core.handle(b"f", [2, "steps", "oip::fake:1", -1, 4, np.ones(8).tobytes()])
+    core.handle(b"f", [3, "classify", "fake", 4, np.ones(8).tobytes()])
+    core.step()
+    got = answers(core)
+    assert got[2][0] == 0 and got[2][1][:3] == [0, 0, 4] and got[3][0] == 0
+
+
+def test_a_request_exactly_at_its_deadline_still_runs() -> None:
+    core, be, clock = make_core(max_wait_ms=0, request_timeout_s=5)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [3, "classify", "fake", 1, np.ones(2).tobytes()])
+    clock.now += 5
+    core.step()
+    got = answers(core)
+    assert got[2][0] == 0 and got[3][0] == 0
+
+
+def test_idle_time_counts_from_when_the_steps_ran_not_when_they_arrived() -> None:
+    core, be, clock = make_core(max_wait_ms=5000, idle_timeout_s=10)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])  # at 1000
+    clock.now += 5
+    core.step()  # runs at 1005
+    clock.now += 9  # 14 s after the request arrived, 9 s after it ran
+    assert core.reap() == []
+
+
+def test_a_clients_close_behind_steps_runs_in_its_own_turn() -> None:
+    core, be, clock = make_core(max_wait_ms=1000)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [3, "close", a])
+    clock.now += 2
+    core.step()
+    assert sorted(answers(core)) == [2] and a in core.sessions.live
+    clock.now += 2
+    core.step()
+    assert sorted(answers(core)) == [3]
+
+
+def test_a_sequence_end_on_a_session_lost_in_its_batch_is_answered_once() -> None:
+    core, be, clock = make_core(max_wait_ms=0)
+    be.fail = True
+    core.handle(b"f", [1, "sequence", "oip::fake:1", "fake", True, True, 1, np.ones(2).tobytes()])
+    core.step()
+    out = core.take_outbox()[b"f"]
+    assert [item[0] for item in out] == [1] and out[0][2][0] == "session_lost"
+
+
+def test_a_sequence_end_fits_when_exactly_two_places_are_free() -> None:
+    core, be, clock = make_core(max_wait_ms=0, session_queue=2)
+    sid = "oip::fake:1"
+    core.handle(b"f", [1, "sequence", sid, "fake", True, False, 1, np.ones(2).tobytes()])
+    core.step()
+    core.handle(b"f", [2, "sequence", sid, "fake", False, True, 1, np.ones(2).tobytes()])  # empty queue: room for 2
+    core.step()
+    got = answers(core)
+    assert got[2][0] == 0 and got[2][1][:3] == [1, 0, 2] and sid not in core.sessions.live
+
+
+def test_expires_in_is_never_negative() -> None:
+    core, be, clock = make_core()
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    clock.now += 15  # past the idle timeout, not reaped yet
+    core.handle(b"f", [2, "get", a])
+    assert answers(core)[2][1]["expires_in_s"] == 0.0
+
+
+def test_a_draining_engine_does_not_wait_for_fuller_batches() -> None:
+    core, be, clock = make_core(max_wait_ms=1000)
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
+    core.begin_drain()
+    assert core.wait_s() == 0.0
+
+
+def test_a_session_with_a_gap_in_the_log_is_lost_alone(tmp_path) -> None:
+    clock, be = Clock(), FakeBackend(4)
+    settings = Settings(max_batch_size=8, max_wait_ms=0, retry_window=3, warmup=False, idle_timeout_s=10)
+    store = FileStore(tmp_path)
+    core = EngineCore([be], settings, clock=clock, store=store)
+    spec = core.specs["fake"]
+    row = spec.row
+
+    def steps(t0: int, L: int) -> bytes:
+        return b"".join(frame_parts([STEPS, "fake", L, ["g"], np.array([t0], np.int64).tobytes()],
+                                    np.zeros((1, L, row), np.uint8), np.zeros((1, L, spec.spike_bytes), np.uint8),
+                                    np.zeros((1, L, spec.classes * spec.wire.itemsize), np.uint8),
+                                    np.zeros((1, spec.classes * spec.sums.itemsize), np.uint8)))
+    store.append([core.log.header("tagx"), frame([OPEN, "fake", "g", ""]), steps(0, 1), steps(5, 1)])  # a gap
+    stats = core.recover()
+    assert stats.get("failed") is None and stats["lost"] == 1
+    core.handle(b"f", [1, "get", "g"])
+    assert answers(core)[1][1][0] == "session_lost"
+
+
+def test_refused_classify_requests_leave_the_queue() -> None:
+    core, be, clock = make_core(max_wait_ms=1000)
+    core.handle(b"f", [1, "classify", "fake", 1, np.ones(2).tobytes()])
+    core.refuse_pending()
+    assert answers(core)[1][1][0] == "shutting_down"
+    assert not core.has_work() and core.step() is False and answers(core) == {}
+
+
+def test_a_front_end_that_attached_with_watch_is_told_of_expiry() -> None:
+    core, be, clock = make_core()
+    core.handle(b"f", [1, "open", "fake", False])
+    a = answers(core)[1][1]["session_id"]
+    core.handle(b"g", [2, "get", a, True])
+    core.take_outbox()
+    clock.now += 11
+    core.reap()
+    assert core.take_outbox() == {b"g": [[0, "expired", a]]}

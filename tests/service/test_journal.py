@@ -11,6 +11,7 @@ from service.core.journal import (
     STEPS,
     FileStore,
     LogSpec,
+    Recovered,
     SessionLog,
     frame,
     read_frames,
@@ -142,3 +143,42 @@ def test_a_snapshot_of_sessions_that_took_no_step_yet() -> None:
                           np.zeros((2, 0, 2), np.float32), np.zeros((2, 2)))
     st = read_log(snap, {"m": SPEC})
     assert st.live["a"].t == 0 and st.live["b"].last_inputs(0, 8) == b""
+
+
+
+
+
+
+# ----- contracts found by a mutation sweep (2026-12-07)
+
+
+def test_recovery_keeps_only_the_replay_tail_of_inputs() -> None:
+    rec = Recovered("m", "")
+    for _ in range(5):
+        rec.add_inputs(bytes(8), 1, 3, 8)
+    assert rec.n_inputs == 3 and len(rec.inputs) == 3
+
+
+def test_an_id_ended_again_in_the_log_is_the_newest_gone() -> None:
+    log = (frame([END, ["a"], ["session_closed"], [""]]) + frame([END, ["b"], ["session_closed"], [""]])
+           + frame([END, ["a"], ["session_expired"], [""]]))
+    assert list(read_log(log, {}).gone) == ["b", "a"]
+
+
+def test_an_id_opened_again_in_the_log_is_live_not_gone() -> None:
+    log = frame([OPEN, "m", "a", ""]) + frame([END, ["a"], ["session_closed"], [""]]) + frame([OPEN, "m", "a", ""])
+    st = read_log(log, {"m": SPEC})
+    assert "a" in st.live and st.gone == {}
+
+
+def test_compaction_is_due_past_its_limit_and_not_again_after_a_rewrite(tmp_path) -> None:
+    one = len(frame([OPEN, "m", "a", ""]))
+    log = SessionLog(FileStore(tmp_path), {"m": SPEC}, compact_bytes=one)
+    log.opened("m", "a", "")
+    log.flush()
+    assert not log.due  # exactly at the limit
+    log.opened("m", "b", "")
+    log.flush()
+    assert log.due
+    log.rewrite([log.header("t")])
+    assert not log.due
