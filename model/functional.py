@@ -267,6 +267,14 @@ def running_mean(per_step: Tensor, score_sum: Tensor | None = None,
     and the new sum (B, C). The parallel form, the chunk form and the parallel ONNX graph answer through
     this function; single steps through ``running_mean_step``, its L = 1 case.
     """
+    scores, sums = running_sums(per_step, score_sum, seen)
+    return scores, sums[-1]
+
+
+def running_sums(per_step: Tensor, score_sum: Tensor | None = None,
+                 seen: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``running_mean`` with the sum after every new step (L, B, C) instead of the last one only (rows
+    that stop at different steps: ``PSNNet.chunk_ragged``)."""
     L = per_step.shape[0]
     if score_sum is None:
         sums = per_step.cumsum(0)
@@ -280,7 +288,7 @@ def running_mean(per_step: Tensor, score_sum: Tensor | None = None,
     steps = torch.arange(1, L + 1, device=per_step.device, dtype=per_step.dtype).reshape(L, 1, 1)
     if seen is not None:
         steps = steps + seen.to(per_step.dtype).reshape(1, -1, 1)
-    return sums / steps, sums[-1]
+    return sums / steps, sums
 
 
 def running_mean_step(per_step: Tensor, score_sum: Tensor, seen: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from model.checks import InputError, check_tensor, check_trailing_shape
 from model.config import LayerConfig, NetConfig, normalise
-from model.functional import NeuronState, masked_batch_norm, running_mean, running_mean_step
+from model.functional import NeuronState, masked_batch_norm, running_mean, running_mean_step, running_sums
 from model.kernels import fused_available, sliding_step_slots_
 from model.kinds import NEURONS, STREAMING_NEURONS
 from model.neurons import LIF, PSN, MaskedPSN, SlidingPSN
@@ -199,6 +199,44 @@ class PSNNet(nn.Module):
         logits = by_rows(self.readout, h.reshape(L * B, -1)).reshape(L, B, -1)
         scores, score_sum = running_mean(logits, state.score_sum, state.t)  # (L, B, C)
         new = NetState(neurons=tuple(new_neurons), score_sum=score_sum, t=state.t + L)
+        return NetOutput(spikes=h, scores=scores), new
+
+    @property
+    def ragged(self) -> bool:
+        """True where ``chunk_ragged`` runs: every neuron a sliding PSN, whose state is its window of recent
+        inputs (a masked PSN's weights end at its horizon, which padding steps could pass; LIF keeps a
+        membrane that only its last step holds)."""
+        return all(isinstance(layer.neuron, SlidingPSN) for layer in self.layers)
+
+    def chunk_ragged(self, x_chunk: Tensor, state: NetState, lengths: Tensor) -> tuple[NetOutput, NetState]:
+        """``chunk`` for rows that take different numbers of new steps, in one pass: row b takes the first
+        ``lengths[b]`` (1..L) of the L steps of ``x_chunk`` (L, B, *input_shape); the rest is padding,
+        whose outputs mean nothing. Every layer is causal, so a row's outputs up to its last step are
+        those of ``chunk`` over its own steps, bit for bit (the band sum is element-wise, the matrix
+        products batch-invariant: ``by_rows``), and its new state is taken at its own last step: each
+        neuron's window of the k inputs up to it, its score sum after it, its step count.
+
+        One pass instead of one per distinct length (``service/core/engine.py`` chooses): a small call
+        costs a CPU a fixed few hundred microseconds, a padding row a few. Sliding-PSN nets (``ragged``)."""
+        if not self.ragged:
+            raise InputError("chunk_ragged: every neuron of the net must be a sliding PSN")
+        L, B = x_chunk.shape[:2]
+        if lengths.shape != (B,) or int(lengths.min()) < 1 or int(lengths.max()) > L:
+            raise InputError(f"lengths: expected ({B},) step counts in 1..{L}")
+        rows = torch.arange(B, device=lengths.device).unsqueeze(1)
+        h = self._normalise(x_chunk)
+        new_neurons = []
+        for layer, ns in zip(self.layers, state.neurons, strict=True):
+            cur = layer.current_rows(h.reshape(L * B, *h.shape[2:]))
+            cur = cur.reshape(L, B, *cur.shape[1:])  # (L, B, *out)
+            h, _ = layer.neuron.chunk(cur, ns)
+            k = ns.window.shape[1]
+            ctx = torch.cat([ns.window, cur.transpose(0, 1)], dim=1)  # (B, k + L, *out): window, then the steps
+            take = lengths.unsqueeze(1) + torch.arange(k, device=lengths.device)  # the k inputs up to each end
+            new_neurons.append(NeuronState(window=ctx[rows, take].contiguous(), t=ns.t + lengths))
+        logits = by_rows(self.readout, h.reshape(L * B, -1)).reshape(L, B, -1)
+        scores, sums = running_sums(logits, state.score_sum, state.t)  # (L, B, C)
+        new = NetState(neurons=tuple(new_neurons), score_sum=sums[lengths - 1, rows[:, 0]], t=state.t + lengths)
         return NetOutput(spikes=h, scores=scores), new
 
     @torch.no_grad()

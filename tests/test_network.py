@@ -204,8 +204,9 @@ def _row(state: NetState, b: int) -> NetState:
 
 def check_batch_invariance(net: PSNNet, x: Tensor, rounds: int = 4) -> None:
     """Session 0 of ``x`` (steps, n, *input_shape) streamed alone one step at a time, then ``rounds``
-    times among the others in random batch sizes, positions and chunk lengths: its spikes, scores,
-    score sum and windows must be bit-identical every time."""
+    times among the others in random batch sizes, positions and chunk lengths (and, for a net that
+    can, ``rounds`` more with a chunk length per row: ``chunk_ragged``): its spikes, scores, score sum
+    and windows must be bit-identical every time."""
     steps, n = x.shape[:2]
     with torch.no_grad():
         alone, alone_scores, st = [], [], net.initial_state(1)
@@ -215,7 +216,8 @@ def check_batch_invariance(net: PSNNet, x: Tensor, rounds: int = 4) -> None:
             alone_scores.append(out.scores[0, 0])
         assert 0.02 < torch.stack(alone).mean() < 0.9
         rng = random.Random(1)
-        for _ in range(rounds):
+        for r in range(rounds + (rounds if net.ragged else 0)):
+            ragged = r >= rounds  # rows of one call take different numbers of steps (``chunk_ragged``)
             states, pos, got, got_scores = [net.initial_state(1) for _ in range(n)], [0] * n, [], []
             while pos[0] < steps:
                 L = rng.choice([1, 1, 2, 3, 5, 8])
@@ -224,18 +226,26 @@ def check_batch_invariance(net: PSNNet, x: Tensor, rounds: int = 4) -> None:
                 if pos[0] + L > steps:
                     L, members = steps - pos[0], [0]
                 rng.shuffle(members)
-                xb = torch.stack([x[pos[b]:pos[b] + L, b] for b in members], dim=1)  # (L, B, *input_shape)
-                out, new = net.chunk(xb, _stack([states[b] for b in members]))
-                for i, b in enumerate(members):
-                    states[b], pos[b] = _row(new, i), pos[b] + L
+                lengths = [rng.randint(1, L) if ragged else L for _ in members]
+                L = max(lengths)
+                # padding past a row's own steps: noise, which must change nothing of that row
+                xb = torch.stack([torch.cat([x[pos[b]:pos[b] + n_b, b], torch.randn(L - n_b, *x.shape[2:]) * 3])
+                                  for b, n_b in zip(members, lengths, strict=True)], dim=1)  # (L, B, *input_shape)
+                if ragged:
+                    out, new = net.chunk_ragged(xb, _stack([states[b] for b in members]), torch.tensor(lengths))
+                else:
+                    out, new = net.chunk(xb, _stack([states[b] for b in members]))
+                for i, (b, n_b) in enumerate(zip(members, lengths, strict=True)):
+                    states[b], pos[b] = _row(new, i), pos[b] + n_b
                     if b == 0:
-                        got.extend(out.spikes[:, i])
-                        got_scores.extend(out.scores[:, i])
+                        got.extend(out.spikes[:n_b, i])
+                        got_scores.extend(out.scores[:n_b, i])
             assert torch.equal(torch.stack(got), torch.stack(alone))
             assert torch.equal(torch.stack(got_scores), torch.stack(alone_scores))
-            assert torch.equal(states[0].score_sum, st.score_sum)
+            assert torch.equal(states[0].score_sum, st.score_sum) and torch.equal(states[0].t, st.t)
             for a, b in zip(states[0].neurons, st.neurons, strict=True):
                 assert torch.equal(a.window, b.window)  # the state too, not only its rarely-flipping spikes
+                assert torch.equal(a.t, b.t)
 
 
 @pytest.mark.parametrize("neuron,T,k", [("sliding", None, 4), ("masked", 48, 3)])

@@ -33,6 +33,23 @@ class TorchBackend:
             raise RuntimeError(f"model {self.model.name!r} cannot stream: it has no session slots")
         return self._state
 
+    def _gather(self, idx: Tensor) -> NetState:
+        """The state of slots ``idx`` (on the device), as new tensors."""
+        st = self._slots()
+        return NetState(
+            neurons=tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx)) for ns in st.neurons),
+            score_sum=st.score_sum.index_select(0, idx), t=st.t.index_select(0, idx))
+
+    def _scatter(self, idx: Tensor, new: NetState, sums: bool = True) -> None:
+        """Write ``new`` back to slots ``idx`` (with the score sums unless ``sums`` is False)."""
+        st = self._slots()
+        for ns, nn_ in zip(st.neurons, new.neurons, strict=True):
+            ns.window.index_copy_(0, idx, nn_.window)
+            ns.t.index_copy_(0, idx, nn_.t)
+        if sums:
+            st.score_sum.index_copy_(0, idx, new.score_sum)
+        st.t.index_copy_(0, idx, new.t)
+
     @torch.inference_mode()
     def reset(self, slots: Tensor) -> None:
         st = self._slots()
@@ -58,16 +75,10 @@ class TorchBackend:
     def replay(self, x: Tensor, slots: Tensor) -> None:
         """``run`` without outputs, for recovery: ``PSNNet.replay`` (computes each layer only where the
         next one reads it) over the gathered rows, scattered back."""
-        st = self._slots()
         idx = slots.to(self.device)
-        rows = NetState(
-            neurons=tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx)) for ns in st.neurons),
-            score_sum=st.score_sum.index_select(0, idx), t=st.t.index_select(0, idx))
+        rows = self._gather(idx)
         new = self.model.net.replay(x.to(self.device, self.dtype), rows)
-        for ns, nn_ in zip(st.neurons, new.neurons, strict=True):
-            ns.window.index_copy_(0, idx, nn_.window)
-            ns.t.index_copy_(0, idx, nn_.t)
-        st.t.index_copy_(0, idx, new.t)
+        self._scatter(idx, new, sums=False)  # score sums are the caller's
 
     @torch.inference_mode()
     def score_sums(self, slots: Tensor) -> Tensor:
@@ -80,7 +91,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def run(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        spikes, scores = self.step_device(x.to(self.device, self.dtype), slots.to(self.device))
+        return self._to_host(*self.step_device(x.to(self.device, self.dtype), slots.to(self.device)))
+
+    def _to_host(self, spikes: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
         if self.device.type != "cpu":  # 0/1 spikes cross the bus as bytes: 4x less to copy than float32
             return spikes.to(torch.uint8).cpu().to(self.dtype), scores.cpu()
         return spikes, scores
@@ -98,18 +111,27 @@ class TorchBackend:
         if x.shape[0] == 1 and net.steps_slots_fused(x):  # one kernel per layer, state updated in place
             out = net.step_slots_(x[0], st, idx)
             return out.spikes.unsqueeze(0), out.scores.unsqueeze(0)
-        rows = NetState(
-            neurons=tuple(NeuronState(ns.window.index_select(0, idx), ns.t.index_select(0, idx)) for ns in st.neurons),
-            score_sum=st.score_sum.index_select(0, idx), t=st.t.index_select(0, idx))
+        rows = self._gather(idx)
         # The engine has checked shape and finiteness on the host (a GPU check would synchronise); the
         # net streams (max_slots > 0) and a masked neuron still checks its horizon.
         out, new = net.chunk(x, rows, _checked=True)
-        for ns, nn_ in zip(st.neurons, new.neurons, strict=True):
-            ns.window.index_copy_(0, idx, nn_.window)
-            ns.t.index_copy_(0, idx, nn_.t)
-        st.score_sum.index_copy_(0, idx, new.score_sum)
-        st.t.index_copy_(0, idx, new.t)
+        self._scatter(idx, new)
         return out.spikes, out.scores
+
+    @property
+    def ragged(self) -> bool:
+        """True where ``run_ragged`` runs (``PSNNet.chunk_ragged``: sliding-PSN nets)."""
+        return self.max_slots > 0 and self.model.net.ragged
+
+    @torch.inference_mode()
+    def run_ragged(self, x: Tensor, slots: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """``run`` where slot b takes the first ``lengths[b]`` steps of ``x`` (L, B, *input_shape) and the rest
+        is padding: outputs (L, B, ...) of which row b's first ``lengths[b]`` steps mean something."""
+        idx, lengths = slots.to(self.device), lengths.to(self.device)
+        rows = self._gather(idx)
+        out, new = self.model.net.chunk_ragged(x.to(self.device, self.dtype), rows, lengths)
+        self._scatter(idx, new)
+        return self._to_host(out.spikes, out.scores)
 
     @torch.inference_mode()
     def classify(self, x: Tensor) -> tuple[Tensor, Tensor]:

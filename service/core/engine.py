@@ -422,16 +422,20 @@ class EngineCore:
         number of new steps L, or the exception of a call that failed (its sessions are then lost).
 
         One backend call per distinct L, unless ``split_levels`` finds fewer calls: requests of 1-16 steps
-        in one batch then take at most 5 calls (of 16, 8, 4, 2 and 1 steps), not up to 16. A session's
-        steps run in order whichever way (its pieces go highest first) and give the same bits (the
-        chunk form equals step after step, bit for bit: ``model.network``, ``runner.run``)."""
+        in one batch then take at most 5 calls (of 16, 8, 4, 2 and 1 steps), not up to 16; or one call
+        for all, each request padded to the longest, where the backend can (sliding-PSN nets) and the
+        padding costs less than the calls saved (``_ragged_pays``). A session's steps run in order
+        whichever way (its pieces go highest first) and give the same bits (the chunk form equals step
+        after step, bit for bit, and padding changes nothing before it: ``model.network``)."""
         r = self.runners[name]
         out: dict[int, tuple[np.ndarray, np.ndarray] | Exception] = {}
         t0 = time.perf_counter()
         for L, items in batch.runs.items():  # joined once: run, then the log
             batch.inputs[L] = b"".join(it.payload for it in items)
         levels = split_levels(batch.runs)
-        if levels is None:
+        if self._ragged_pays(r, batch.runs, len(batch.runs) if levels is None else len(levels)):
+            out = self._execute_ragged(name, batch)
+        elif levels is None:
             for L, items in batch.runs.items():
                 try:
                     out[L] = r.run([it.req.session.slot for it in items], batch.inputs[L], L)
@@ -445,6 +449,40 @@ class EngineCore:
             _, m_batch, m_seconds = self._m[name]
             m_batch.observe(sum(len(items) for items in batch.runs.values()))
             m_seconds.observe(time.perf_counter() - t0)
+        return out
+
+    @staticmethod
+    def _ragged_pays(r: ModelRunner, runs: dict[int, list], calls: int) -> bool:
+        """One ragged call (every request padded to the batch's longest) instead of ``calls`` calls, where the
+        padding rows it adds cost less than the calls it saves (``ModelRunner.call_rows``)."""
+        if calls < 2 or not r.ragged:
+            return False
+        longest = max(runs)
+        padding = sum((longest - L) * len(items) for L, items in runs.items())
+        return padding < (calls - 1) * r.call_rows
+
+    def _execute_ragged(self, name: str, batch: Batch) -> dict[int, tuple[np.ndarray, np.ndarray] | Exception]:
+        """``execute`` in one backend call, each request padded to the longest (``ModelRunner.run_ragged``):
+        the same bits as a call per length (``PSNNet.chunk_ragged``). A failed call fails every request."""
+        r = self.runners[name]
+        slots, payloads, lengths = [], [], []
+        for L, items in batch.runs.items():
+            for it in items:
+                slots.append(it.req.session.slot)
+                payloads.append(it.payload)
+                lengths.append(L)
+        try:
+            spikes, scores = r.run_ragged(slots, payloads, lengths)
+        except Exception as e:  # a backend failure fails these requests only; the loop keeps serving
+            log.exception("engine: backend call of model %r failed (%d sessions x up to %d steps)", name,
+                          len(slots), max(lengths))
+            return dict.fromkeys(batch.runs, e)
+        out: dict[int, tuple[np.ndarray, np.ndarray] | Exception] = {}
+        i = 0
+        for L, items in batch.runs.items():
+            n = len(items)
+            out[L] = (np.ascontiguousarray(spikes[i:i + n, :L]), np.ascontiguousarray(scores[i:i + n, :L]))
+            i += n
         return out
 
     def _execute_split(self, name: str, batch: Batch,

@@ -8,6 +8,7 @@ step. The front ends turn these arrays into JSON or binary frames (``service/fro
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -34,9 +35,20 @@ class ModelRunner:
         self.horizon = self.cfg.T if kind.horizon and kind.streams else None  # steps a session may take
         self.exact_T = self.cfg.T if kind.exact_T else None  # classify needs exactly T steps
 
+    # Padding rows (session-steps) one backend call's fixed cost is worth: a ragged call (``run_ragged``)
+    # replaces several where it adds fewer padding rows than this per call saved. Measured at warm-up
+    # (``measure_call_rows``); this until then (a CPU call of a few sessions costs about as much as a few
+    # hundred rows of the shipped models: BENCHMARKS.md).
+    call_rows = 128.0
+
     @property
     def streams(self) -> bool:
         return self.cfg.streams and self.backend.max_slots > 0
+
+    @property
+    def ragged(self) -> bool:
+        """The backend runs sessions of different step counts in one call (``run_ragged``)."""
+        return self.streams and bool(getattr(self.backend, "ragged", False))
 
     def check_payload(self, payload: bytes, L: int) -> None:
         """A payload must hold ``L`` >= 1 steps in the wire dtype (front ends check shapes before this)."""
@@ -63,6 +75,39 @@ class ModelRunner:
         packed spikes (B, L, nb), scores (B, L, C)."""
         spikes, scores = self.backend.run(self.inputs(data, len(slots), L), torch.tensor(slots, dtype=torch.long))
         return self.outputs(spikes, scores)
+
+    def run_ragged(self, slots: list[int], payloads: list[bytes], lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """One backend call for sessions of different step counts (``lengths``, each payload's): packed spikes
+        (B, L, nb) and scores (B, L, C) for L = max(lengths), of which row b's first ``lengths[b]`` steps
+        are its outputs (the rest is padding's)."""
+        L = max(lengths)
+        row = self.input_size * self.wire.itemsize
+        pad = {n: bytes((L - n) * row) for n in set(lengths)}
+        data = b"".join(part for p, n in zip(payloads, lengths, strict=True) for part in (p, pad[n]))
+        idx, steps = torch.tensor(slots, dtype=torch.long), torch.tensor(lengths, dtype=torch.long)
+        spikes, scores = self.backend.run_ragged(self.inputs(data, len(slots), L), idx, steps)
+        return self.outputs(spikes, scores)
+
+    def measure_call_rows(self, repeat: int = 3) -> None:
+        """``call_rows`` from timed calls on slots 0..B-1 (before any session has one; they are reset after):
+        one session of one step, and B sessions of 16 steps; the best of ``repeat`` each."""
+        B = min(16, self.backend.max_slots)
+        if not self.ragged or B < 2 or (self.horizon is not None and self.horizon < 16):
+            return
+
+        def best(n: int, L: int) -> float:
+            data = np.zeros(n * L * self.input_size, self.wire).tobytes()
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                self.run(list(range(n)), data, L)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        one, many = best(1, 1), best(B, 16)
+        per_row = max(many - one, 1e-9) / (B * 16 - 1)
+        self.call_rows = min(4096.0, max(8.0, (one - per_row) / per_row))
+        self.reset(list(range(B)))
 
     def classify(self, payloads: list, T: int) -> tuple[np.ndarray, np.ndarray]:
         """Whole sequences of ``T`` steps from an empty state, no slots touched."""
@@ -114,6 +159,7 @@ class ModelRunner:
                 if self.horizon is None or L <= self.horizon:
                     self.run([0], zeros(L), L)
             self.reset([0])
+            self.measure_call_rows()
 
     def info(self) -> dict:
         """What a front end needs to validate inputs and encode outputs (plus GET /v1/models)."""

@@ -4,6 +4,7 @@ EngineCore over a fake backend (so each decision is visible, not only its effect
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -507,8 +508,11 @@ def test_a_failed_piece_loses_the_sessions_in_it_and_the_rest_of_the_batch_is_an
     assert be.calls == [(1, [core.sessions.get(one).slot])]  # `three`'s last step did not run on a lost slot
 
 
-@pytest.mark.parametrize("neuron", ["sliding", "masked"])
-def test_split_batches_give_the_bits_of_each_session_run_alone(neuron: str) -> None:
+@pytest.mark.parametrize("neuron,plan", [("sliding", "split"), ("sliding", "ragged"), ("masked", "split")])
+def test_split_and_ragged_batches_give_the_bits_of_each_session_run_alone(neuron: str, plan: str) -> None:
+    """Requests of many lengths in one batch, run in power-of-two pieces or in one call padded to the
+    longest (a sliding-PSN net, where the calls saved outweigh the padding), give each session the bits
+    of its steps run alone."""
     torch.manual_seed(0)
     cfg = NetConfig(input_shape=(3,), num_classes=4, layers=(LayerConfig("linear", 24), LayerConfig("linear", 24)),
                     neuron=neuron, k=3, T=32 if neuron == "masked" else None)
@@ -523,6 +527,12 @@ def test_split_batches_give_the_bits_of_each_session_run_alone(neuron: str) -> N
     lengths = [1, 2, 3, 5, 6, 7, 9, 13]
     xs = [rng.normal(size=(2 * L, 3)).astype(np.float32) for L in lengths]  # two requests each
     batched = core()
+    runner = batched.runners["m"]
+    assert runner.ragged == (neuron == "sliding")
+    runner.call_rows = 1e9 if plan == "ragged" else 0.0  # a call's fixed cost: worth any padding, or none
+    ragged_calls = []
+    run_ragged = runner.run_ragged
+    runner.run_ragged = lambda *a: ragged_calls.append(a[2]) or run_ragged(*a)  # type: ignore[method-assign]
     sids = open_sessions(batched, len(lengths), "m")
     got: dict[int, list] = {}
     for half in (0, 1):
@@ -531,6 +541,7 @@ def test_split_batches_give_the_bits_of_each_session_run_alone(neuron: str) -> N
             batched.handle(b"f", [1000 * half + i, "steps", sid, -1, L, x[half * L:(half + 1) * L].tobytes()])
         batched.step()
         got.update(answers(batched))
+    assert ragged_calls == ([lengths, lengths] if plan == "ragged" else [])
     for i, x in enumerate(xs):  # the same steps of one session alone, in one call each
         alone = core()
         (sid,) = open_sessions(alone, 1, "m")
@@ -977,3 +988,61 @@ def test_a_front_end_that_attached_with_watch_is_told_of_expiry() -> None:
     clock.now += 11
     core.reap()
     assert core.take_outbox() == {b"g": [[0, "expired", a]]}
+
+
+def test_a_ragged_call_is_chosen_only_where_the_calls_it_saves_outweigh_its_padding() -> None:
+    runner = SimpleNamespace(ragged=True, call_rows=100.0)
+    items = [object()]
+    assert EngineCore._ragged_pays(runner, {16: items * 10, 1: items}, 2)  # 15 padding rows < 100
+    assert not EngineCore._ragged_pays(runner, {16: items, 1: items * 50}, 2)  # 750 padding rows > 1 x 100
+    assert not EngineCore._ragged_pays(runner, {16: items, 1: items * 50}, 8)  # 750 > 7 calls saved x 100
+    assert EngineCore._ragged_pays(runner, {16: items, 1: items * 50}, 9)  # 750 < 8 x 100
+    assert not EngineCore._ragged_pays(runner, {16: items}, 1)  # one call either way
+    runner.ragged = False  # the backend cannot (a masked or LIF net, ONNX)
+    assert not EngineCore._ragged_pays(runner, {16: items * 10, 1: items}, 2)
+
+
+def sliding_core(**settings) -> EngineCore:
+    torch.manual_seed(0)
+    cfg = NetConfig(input_shape=(3,), num_classes=4, layers=(LayerConfig("linear", 24),), neuron="sliding", k=3)
+    net = PSNNet(cfg).eval()
+    return EngineCore([TorchBackend(LoadedModel(name="m", path=Path("."), net=net, config={}), 16)],
+                      Settings(max_batch_size=16, max_wait_ms=0, warmup=False, max_sessions=16, **settings),
+                      clock=Clock())
+
+
+def test_a_failed_ragged_call_loses_its_sessions_and_the_loop_keeps_serving() -> None:
+    core = sliding_core()
+    runner = core.runners["m"]
+    runner.call_rows = 1e9
+    a, b, c = open_sessions(core, 3, "m")
+    run_ragged = runner.run_ragged
+
+    def fail(*args):
+        raise RuntimeError("device lost")
+
+    runner.run_ragged = fail  # type: ignore[method-assign]
+    for rid, (sid, L) in enumerate(((a, 1), (b, 2)), start=10):
+        core.handle(b"f", [rid, "steps", sid, -1, L, np.ones(3 * L, np.float32).tobytes()])
+    core.step()
+    got = answers(core)
+    assert got[10][1][0] == got[11][1][0] == "session_lost"
+    runner.run_ragged = run_ragged  # type: ignore[method-assign]
+    for rid, (sid, L) in enumerate(((c, 1), (c, 3)), start=20):
+        core.handle(b"f", [rid, "steps", sid, -1, L, np.ones(3 * L, np.float32).tobytes()])
+        core.step()
+    got = answers(core)
+    assert got[20][1][:3] == [0, 0, 1] and got[21][1][:3] == [1, 0, 4]
+
+
+def test_the_warm_up_measures_a_calls_cost_and_leaves_the_slots_empty() -> None:
+    core = sliding_core()
+    runner = core.runners["m"]
+    before = runner.backend.score_sums(torch.arange(16)).clone()
+    runner.call_rows = -1.0
+    runner.measure_call_rows()
+    assert 8.0 <= runner.call_rows <= 4096.0
+    assert torch.equal(runner.backend.score_sums(torch.arange(16)), before)
+    st = runner.backend._slots()
+    assert all(int(ns.window.abs().sum()) == 0 and int(ns.t.sum()) == 0 for ns in st.neurons)
+    assert int(st.t.sum()) == 0
