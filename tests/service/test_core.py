@@ -806,8 +806,7 @@ def test_without_access_control_the_per_key_session_limit_does_not_apply() -> No
 
 def test_without_access_control_the_per_key_step_rate_does_not_apply() -> None:
     core, be, clock = make_core(key_steps_per_s=2, max_steps_per_request=4, max_wait_ms=0)
-    core.handle(b"f", [1, "open", "fake", False])
-    a = answers(core)[1][1]["session_id"]
+    (a,) = open_sessions(core, 1)
     core.handle(b"f", [2, "steps", a, -1, 5, np.ones(10).tobytes()])  # more than a key's burst
     core.step()
     assert answers(core)[2][0] == 0 and "" not in core.quotas.buckets
@@ -878,8 +877,7 @@ def test_a_model_with_a_horizon_takes_exactly_T_steps_everywhere() -> None:
 
 def test_a_request_exactly_at_its_deadline_still_runs() -> None:
     core, be, clock = make_core(max_wait_ms=0, request_timeout_s=5)
-    core.handle(b"f", [1, "open", "fake", False])
-    a = answers(core)[1][1]["session_id"]
+    (a,) = open_sessions(core, 1)
     core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
     core.handle(b"f", [3, "classify", "fake", 1, np.ones(2).tobytes()])
     clock.now += 5
@@ -890,8 +888,7 @@ def test_a_request_exactly_at_its_deadline_still_runs() -> None:
 
 def test_idle_time_counts_from_when_the_steps_ran_not_when_they_arrived() -> None:
     core, be, clock = make_core(max_wait_ms=5000, idle_timeout_s=10)
-    core.handle(b"f", [1, "open", "fake", False])
-    a = answers(core)[1][1]["session_id"]
+    (a,) = open_sessions(core, 1)
     core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])  # at 1000
     clock.now += 5
     core.step()  # runs at 1005
@@ -901,8 +898,7 @@ def test_idle_time_counts_from_when_the_steps_ran_not_when_they_arrived() -> Non
 
 def test_a_clients_close_behind_steps_runs_in_its_own_turn() -> None:
     core, be, clock = make_core(max_wait_ms=1000)
-    core.handle(b"f", [1, "open", "fake", False])
-    a = answers(core)[1][1]["session_id"]
+    (a,) = open_sessions(core, 1)
     core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
     core.handle(b"f", [3, "close", a])
     clock.now += 2
@@ -935,8 +931,7 @@ def test_a_sequence_end_fits_when_exactly_two_places_are_free() -> None:
 
 def test_expires_in_is_never_negative() -> None:
     core, be, clock = make_core()
-    core.handle(b"f", [1, "open", "fake", False])
-    a = answers(core)[1][1]["session_id"]
+    (a,) = open_sessions(core, 1)
     clock.now += 15  # past the idle timeout, not reaped yet
     core.handle(b"f", [2, "get", a])
     assert answers(core)[2][1]["expires_in_s"] == 0.0
@@ -944,8 +939,7 @@ def test_expires_in_is_never_negative() -> None:
 
 def test_a_draining_engine_does_not_wait_for_fuller_batches() -> None:
     core, be, clock = make_core(max_wait_ms=1000)
-    core.handle(b"f", [1, "open", "fake", False])
-    a = answers(core)[1][1]["session_id"]
+    (a,) = open_sessions(core, 1)
     core.handle(b"f", [2, "steps", a, -1, 1, np.ones(2).tobytes()])
     core.begin_drain()
     assert core.wait_s() == 0.0
@@ -981,8 +975,7 @@ def test_refused_classify_requests_leave_the_queue() -> None:
 
 def test_a_front_end_that_attached_with_watch_is_told_of_expiry() -> None:
     core, be, clock = make_core()
-    core.handle(b"f", [1, "open", "fake", False])
-    a = answers(core)[1][1]["session_id"]
+    (a,) = open_sessions(core, 1)
     core.handle(b"g", [2, "get", a, True])
     core.take_outbox()
     clock.now += 11
