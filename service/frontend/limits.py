@@ -190,26 +190,34 @@ class SlowReaders:
     It wraps the whole app (``worker.py``): it needs uvicorn's own ``send``, whose ``__self__`` holds the
     connection's transport (Starlette's error middleware wraps ``send`` for HTTP). Per request it only
     notes the transport; one task per front end looks at the watched transports' buffers a few times a
-    second and forgets those that are empty (their next request notes them again). A slow reader is
+    second and forgets those that are empty with no request in flight (their next request notes them
+    again; one in flight may still write a large answer: forgotten while the engine core computed it,
+    a connection that never read was kept for ever). A slow reader is
     not a stuck one: what counts is the bytes waiting in the transport plus those in the kernel's send
     queue not yet acknowledged, which shrink whenever the client reads."""
 
     def __init__(self, app: ASGIApp, timeout_s: float):
         self.app, self.timeout_s = app, timeout_s
-        self.watched: dict[Any, list] = {}  # transport -> [bytes buffered when last seen, since when]
+        # transport -> [bytes buffered when last seen, since when, requests in flight]
+        self.watched: dict[Any, list] = {}
         self.task: asyncio.Task | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             transport = getattr(getattr(send, "__self__", None), "transport", None)
-            if transport is not None and transport not in self.watched and hasattr(transport,
-                                                                                   "get_write_buffer_size"):
-                self.watched[transport] = [None, 0.0]
-                if self.task is None or self.task.done():
-                    self.task = asyncio.get_running_loop().create_task(self.run(), name="http-slow-readers")
+            seen = None
+            if transport is not None and hasattr(transport, "get_write_buffer_size"):
+                seen = self.watched.get(transport)
+                if seen is None:
+                    seen = self.watched[transport] = [None, 0.0, 0]
+                    if self.task is None or self.task.done():
+                        self.task = asyncio.get_running_loop().create_task(self.run(), name="http-slow-readers")
+                seen[2] += 1  # requests of this connection in flight: it is watched until they are done
             try:
                 return await self.app(scope, receive, send)
             finally:
+                if seen is not None:
+                    seen[2] -= 1
                 release_admitted(scope)  # refused before SessionGate (ConnectionLimit), or failed
         await self.app(scope, receive, send)
 
@@ -224,7 +232,10 @@ class SlowReaders:
                 except Exception:  # noqa: BLE001 - a transport that has gone
                     size = 0
                 if size == 0:
-                    del self.watched[transport]
+                    if seen[2] <= 0:  # nothing unsent and no request in flight (its answer may come later)
+                        del self.watched[transport]
+                    else:
+                        seen[0] = None
                     continue
                 size += unsent_in_kernel(transport)  # a slow reader moves these first
                 if seen[0] is None or size < seen[0]:  # first look, or the client read some

@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
 import select
+import signal
 import socket
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from fastapi.routing import APIRoute
 from model.network import LayerConfig
 from service.config import Settings
 from service.frontend.app import create_app
+from service.frontend.limits import SlowReaders
 from tests.service.conftest import Server, make_model
 
 
@@ -134,6 +137,29 @@ def test_a_kept_alive_http_client_that_never_reads_its_answer_is_dropped(serve, 
         sock.close()
 
 
+def test_a_client_that_never_reads_an_answer_computed_slowly_is_dropped_too(serve, tmp_path: Path) -> None:
+    """The same, with the answer coming seconds after the request (the engine core held up): the watch on
+    the connection, whose buffers are empty meanwhile, must not be forgotten while its request is in flight
+    (it was, after a quarter of a second: seen once in a clean-clone run on a slow box)."""
+    make_model(tmp_path / "wide", "sliding", None, 2, (3,), (LayerConfig("linear", 8192),), seed=0)
+    srv = serve(model_dir=tmp_path, dtype="float32", ws_send_timeout_s=1)
+    sid = httpx.post(f"{srv.url}/v1/sessions", json={"model": "wide"}).json()["session_id"]
+    engine = httpx.get(f"{srv.url}/healthz").json()["engine_pid"]
+    os.kill(engine, signal.SIGSTOP)
+    try:
+        sock = _never_reading_client(srv, [_steps_request(sid, 512)])
+        time.sleep(1.5)  # several looks at an empty buffer
+    finally:
+        os.kill(engine, signal.SIGCONT)
+    try:
+        deadline = time.monotonic() + 30
+        while not _reset(sock):
+            assert time.monotonic() < deadline, "the server kept an HTTP client that does not read"
+            time.sleep(0.1)
+    finally:
+        sock.close()
+
+
 def test_a_slow_reader_is_not_taken_for_one_that_never_reads(serve, tmp_path: Path) -> None:
     """A client that reads a 4 MB answer at 400 kB/s gets all of it, although the bytes waiting in the
     front end's buffer stay put for longer than ``PSN_WS_SEND_TIMEOUT_S`` while the kernel's queue drains."""
@@ -158,3 +184,41 @@ def test_a_slow_reader_is_not_taken_for_one_that_never_reads(serve, tmp_path: Pa
         assert json.loads(body)["steps_seen"] == 256
     finally:
         sock.close()
+
+
+def test_slow_readers_watch_a_connection_while_its_request_runs_and_forget_it_after() -> None:
+    """``SlowReaders`` keeps watching a connection whose request is still running although nothing is
+    buffered yet, and forgets it once the request is done and its buffer empty (no watch left behind)."""
+    class Transport:
+        buffered = 0
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+        def get_extra_info(self, name: str, default=None):
+            return default
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.transport = Transport()
+
+        async def send(self, message: dict) -> None:
+            pass
+
+    async def run() -> None:
+        release = asyncio.Event()
+
+        async def app(scope, receive, send) -> None:
+            await release.wait()
+
+        readers = SlowReaders(app, timeout_s=0.4)  # looks every 0.1 s
+        cycle = Cycle()
+        request = asyncio.create_task(readers({"type": "http"}, None, cycle.send))
+        await asyncio.sleep(0.35)  # three looks at an empty buffer while the request runs
+        assert cycle.transport in readers.watched
+        release.set()
+        await request
+        await asyncio.sleep(0.25)
+        assert readers.watched == {} and readers.task is not None and readers.task.done()
+
+    asyncio.run(run())
