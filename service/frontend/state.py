@@ -27,6 +27,15 @@ def _consume(fut: Any) -> None:
         fut.exception()
 
 
+def _release(counts: dict[tuple[str, str], int], key: tuple[str, str]) -> None:
+    """One fewer of ``key`` in ``counts``; a count of zero is removed."""
+    n = counts[key] - 1
+    if n:
+        counts[key] = n
+    else:
+        del counts[key]
+
+
 class Frontend:
     def __init__(self, settings: Settings, client: EngineClient, metrics: FrontendMetrics, worker: int):
         self.settings, self.client, self.metrics, self.worker = settings, client, metrics, worker
@@ -84,7 +93,7 @@ class Frontend:
             model = self.remember(await self.client.call("get", sid, False, owner), owner)["model"]
         return self.codec(model)
 
-    def queue_full(self, sid: str, owner: str) -> SessionQueueFull | None:
+    def queue_full(self, sid: str, owner: str, ahead: int = 0) -> SessionQueueFull | None:
         """The refusal for one more steps request of ``owner``'s session ``sid`` if this front end alone has
         ``PSN_SESSION_QUEUE`` of them unanswered, else None.
 
@@ -92,7 +101,7 @@ class Frontend:
         one more would be refused anyway: refusing here spares the round trip, and the HTTP route
         (``limits.SessionGate``) spares reading and parsing the body too. A flood of requests on one
         session then costs the service little more than the TCP and HTTP work (bench/overload.py)."""
-        n = self.outstanding.get((owner, sid), 0)
+        n = self.outstanding.get((owner, sid), 0) + ahead
         if n < self.settings.session_queue:
             return None
         return SessionQueueFull.waiting(sid, n)
@@ -101,19 +110,14 @@ class Frontend:
         """``queue_full`` for a request seen from its head only (gate.py), counting the requests let through
         that way whose ASGI task has not run yet; a request let through is counted until ``admitted``."""
         key = (owner, sid)
-        n = self.outstanding.get(key, 0) + self.admitting.get(key, 0)
-        if n >= self.settings.session_queue:
-            return SessionQueueFull.waiting(sid, n)
-        self.admitting[key] = self.admitting.get(key, 0) + 1
-        return None
+        err = self.queue_full(sid, owner, self.admitting.get(key, 0))
+        if err is None:
+            self.admitting[key] = self.admitting.get(key, 0) + 1
+        return err
 
     def admitted(self, key: tuple[str, str]) -> None:
         """A request let through by ``admit`` has reached the app (or ended before it)."""
-        n = self.admitting[key] - 1
-        if n:
-            self.admitting[key] = n
-        else:
-            del self.admitting[key]
+        _release(self.admitting, key)
 
     async def steps(self, sid: str, codec: ModelCodec, start: int | None, L: int, payload: bytes,
                     owner: str, sequence: tuple[bool, bool] | None = None) -> list[Any]:
@@ -135,11 +139,7 @@ class Frontend:
             else:
                 answer = await self.client.call("sequence", sid, codec.name, *sequence, L, payload, owner)
         finally:
-            n = self.outstanding[key] - 1
-            if n:
-                self.outstanding[key] = n
-            else:
-                del self.outstanding[key]
+            _release(self.outstanding, key)
         self.metrics.latency(codec.name).observe(time.perf_counter() - t0)
         return answer
 
