@@ -22,6 +22,20 @@ def plain_json(value: Any) -> Any:
     return value
 
 
+class RequestModel(BaseModel):
+    """A request body or client message. A field it does not know is refused (422 naming it), not ignored:
+    a retry whose ``start`` is misspelt (``"Start"``, ``"strat"``) would otherwise append its steps a
+    second time, and a setting sent in the wrong request would look accepted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def unknown_field(field: str, model: type[BaseModel] | None) -> str:
+    """The message for a field ``model`` does not have (``extra_forbidden``), listing the ones it has."""
+    known = ", ".join(repr(name) for name in model.model_fields) if model is not None else ""
+    return f"{field}: unknown field" + (f"; expected only {known}" if known else "")
+
+
 STEP_EXAMPLE = {"index": 0, "spikes": [0, 1, 1, 0], "scores": [0.12, -0.3, 0.05], "predicted": 0, "label": "0"}
 
 
@@ -58,7 +72,7 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-class SessionCreate(BaseModel):
+class SessionCreate(RequestModel):
     model: str = Field(description="a name from GET /v1/models", examples=["mnist1d-sliding"])
 
 
@@ -75,7 +89,7 @@ class SessionInfo(BaseModel):
         "steps_seen": 0, "idle_timeout_s": 300.0, "expires_in_s": 300.0}})
 
 
-class StepsRequest(BaseModel):
+class StepsRequest(RequestModel):
     steps: list[Any] = Field(description="L steps, each of the model's input_shape: shape (L, *input_shape)",
                              examples=[[[0.5], [-1.2], [0.3]]])
     start: StrictInt | None = Field(None, ge=0, le=MAX_START, description=(
@@ -100,7 +114,7 @@ class StepsResponse(BaseModel):
     outputs: list[StepOutput]
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(RequestModel):
     model: str = Field(examples=["mnist1d-sliding"])
     steps: list[Any] = Field(description="the whole sequence, shape (T, *input_shape)",
                              examples=[[[0.5], [-1.2], [0.3]]])
@@ -129,26 +143,26 @@ FRAMES = Field(None, description="json or binary: how steps and answers travel o
                                   "(default: binary if the psn.binary.v1 subprotocol was chosen, else json)")
 
 
-class WsOpen(BaseModel):
+class WsOpen(RequestModel):
     type: Literal["open"]
     model: str
     frames: Literal["json", "binary"] | None = FRAMES
 
 
-class WsAttach(BaseModel):
+class WsAttach(RequestModel):
     type: Literal["attach"]
     session_id: str
     frames: Literal["json", "binary"] | None = FRAMES
 
 
-class WsSteps(BaseModel):
+class WsSteps(RequestModel):
     type: Literal["steps"]
     steps: list[Any]
     start: StrictInt | None = Field(None, ge=0, le=MAX_START)
     id: Annotated[Any, AfterValidator(plain_json)] = Field(None, description="echoed back in the answer")
 
 
-class WsClose(BaseModel):
+class WsClose(RequestModel):
     type: Literal["close"]
 
 

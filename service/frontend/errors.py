@@ -8,10 +8,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import InvalidInput, ServiceError, internal
-from service.schemas import ErrorResponse
+from service.schemas import ErrorResponse, unknown_field
 
 log = logging.getLogger("psn.api")
 
@@ -21,7 +22,14 @@ def error_responses(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse} for s in statuses}
 
 
-def validation_error(exc: RequestValidationError) -> InvalidInput:
+def body_model(request: Request) -> type[BaseModel] | None:
+    """The pydantic model of the matched route's JSON body, if it has one."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def validation_error(exc: RequestValidationError, model: type[BaseModel] | None = None) -> InvalidInput:
     errs = exc.errors()
     first = errs[0] if errs else {}
     if first.get("type") == "json_invalid":  # FastAPI puts the character offset into loc: not a field
@@ -31,6 +39,8 @@ def validation_error(exc: RequestValidationError) -> InvalidInput:
         return InvalidInput(f"body: malformed JSON{where}" + (f": {detail}" if detail else ""), field="body")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) or "body"
+    if first.get("type") == "extra_forbidden":
+        return InvalidInput(unknown_field(field, model if len(loc) == 1 else None), field=field)
     return InvalidInput(f"{field}: {first.get('msg', 'invalid request')}", field=field)
 
 
@@ -57,7 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _respond(request, validation_error(exc))
+        return _respond(request, validation_error(exc, body_model(request)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -84,6 +84,45 @@ def test_a_boolean_in_a_utf16_or_utf32_body_is_refused(client: httpx.Client, ses
     assert r.status_code == 200 and r.json()["start"] == 0  # numbers in UTF-16 still run
 
 
+def test_an_unknown_field_is_refused_naming_it_and_nothing_is_applied(client: httpx.Client, server: Server,
+                                                                       ref: Reference) -> None:
+    """A misspelt ``start`` would make a retry append its steps a second time: every request body and client
+    message refuses a field it does not know (422 naming it and listing the ones it takes), not ignores it."""
+    x = ref.sequence("sliding", 3, seed=25)
+    sid = client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    url = f"/v1/sessions/{sid}/steps"
+    assert client.post(url, json={"steps": x[:2].tolist()}).json()["steps_seen"] == 2
+    for bad in ("strat", "Start"):  # a retry of steps 0-1 with its index misspelt
+        r = client.post(url, json={"steps": x[:2].tolist(), bad: 0})
+        _check(r, 422, "invalid_input", [bad, "unknown field", "'steps', 'start'"])
+        assert r.json()["error"]["field"] == bad
+    assert client.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 2  # not applied again
+    r = client.post("/v1/sessions", json={"model": "sliding", "idle_timeout_s": 5})
+    _check(r, 422, "invalid_input", ["idle_timeout_s", "unknown field", "'model'"])
+    r = client.post("/v1/classify", json={"model": "sliding", "steps": x.tolist(), "label": 3})
+    _check(r, 422, "invalid_input", ["label", "unknown field", "'model', 'steps'"])
+    r = client.post(url, json={"steps": x[2:].tolist(), "start": 2})  # the same fields, spelt right
+    assert r.status_code == 200, r.text
+    assert_outputs(r.json()["outputs"], ref.outputs("sliding", x), start=2)
+    with ws_client.connect(server.ws_url) as ws:
+        def ask(msg: dict) -> dict:
+            ws.send(json.dumps(msg))
+            return json.loads(ws.recv(timeout=5))
+
+        e = ask({"type": "open", "model": "sliding", "frame": "binary"})["error"]  # "frames"
+        assert e["field"] == "frame" and "'type', 'model', 'frames'" in e["message"], e
+        assert ask({"type": "open", "model": "sliding"})["type"] == "opened"
+        assert ask({"type": "steps", "steps": x[:2].tolist()})["start"] == 0
+        e = ask({"type": "steps", "steps": x[:2].tolist(), "Start": 0, "id": 4})
+        assert e["id"] == 4 and e["error"]["field"] == "Start", e
+        assert "'type', 'steps', 'start', 'id'" in e["error"]["message"]
+        e = ask({"type": "close", "session": "x"})["error"]
+        assert e["field"] == "session" and "expected only 'type'" in e["message"]
+        r = ask({"type": "steps", "steps": x[2:].tolist()})  # nothing was applied twice: this is step 2
+        assert r["start"] == 2 and r["replayed"] == 0
+        assert_outputs(r["outputs"], ref.outputs("sliding", x), start=2)
+
+
 def test_unknown_route_names_the_path(client: httpx.Client) -> None:
     r = client.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

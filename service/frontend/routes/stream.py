@@ -36,11 +36,12 @@ from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object, may_
 from service.frontend.deps import get_frontend
 from service.frontend.limits import ABORT
 from service.frontend.state import Frontend
-from service.schemas import WsAttach, WsClose, WsOpen, WsSteps, plain_json
+from service.schemas import WsAttach, WsClose, WsOpen, WsSteps, plain_json, unknown_field
 
 router = APIRouter(tags=["stream"])
 log = logging.getLogger("psn.stream")
 
+MESSAGES = {"open": WsOpen, "attach": WsAttach, "steps": WsSteps, "close": WsClose}  # by "type"
 ClientMessage = TypeAdapter(Annotated[WsOpen | WsAttach | WsSteps | WsClose, Field(discriminator="type")])
 BINARY_SUBPROTOCOL = "psn.binary.v1"
 
@@ -152,7 +153,11 @@ class StreamConnection:
             msg = ClientMessage.validate_json(text)
         except ValidationError as e:
             first = e.errors()[0]
-            field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "message"
+            loc = first.get("loc", ())
+            field = ".".join(str(p) for p in loc[1:]) or "message"
+            if first.get("type") == "extra_forbidden":
+                raise InvalidInput(unknown_field(field, MESSAGES.get(loc[0]) if len(loc) == 2 else None),
+                                   field=field) from None
             raise InvalidInput(f"{field}: {first.get('msg', 'invalid message')}", field=field) from None
         fe = self.fe
         if isinstance(msg, WsSteps):
