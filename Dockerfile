@@ -65,8 +65,9 @@ RUN --mount=type=secret,id=ca \
     pip install "$@" "$TORCH_REQUIREMENT"; \
     python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
-# The project with its runtime dependencies only (no [train] or [dev] extras), installed as a wheel.
-COPY pyproject.toml README.md /src/
+# The project with its runtime dependencies only (no [train] or [dev] extras), installed as a wheel, at the
+# versions the test suite last passed with (constraints.txt).
+COPY pyproject.toml README.md constraints.txt /src/
 COPY model /src/model
 COPY service /src/service
 COPY exported /src/exported
@@ -75,7 +76,7 @@ RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     set --; \
     if [ -n "$WHEELS_URL" ]; then set -- "$@" --find-links "$WHEELS_URL"; fi; \
-    pip install "$@" /src; \
+    pip install "$@" -c /src/constraints.txt /src; \
     pip check; \
     python -c 'import model, service, exported; print("project imports ok")'
 
