@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model import LIF, PSN, HorizonError, InputError, MaskedPSN, SlidingPSN, mask_schedule
-from model.functional import band_mask, relaxed_mask, sliding_matrix
+from model.functional import band_mask, lif_scan, relaxed_mask, sliding_matrix
 from model.surrogate import arctan_surrogate_grad
 from tests.reference import lif_loop, masked_loop, psn_loop, sliding_loop
 
@@ -132,13 +132,17 @@ def _stream_all_ways(neuron, x: torch.Tensor, splits: list[int]):
 
 
 @pytest.mark.parametrize("make", [lambda: MaskedPSN(3, 13), lambda: SlidingPSN(5), lambda: SlidingPSN(1),
-                                  lambda: MaskedPSN(13, 13), lambda: LIF()])
+                                  lambda: MaskedPSN(13, 13), lambda: LIF(), lambda: SlidingPSN(2),
+                                  lambda: MaskedPSN(2, 13)])
 def test_step_equals_chunk_equals_parallel(make) -> None:
     neuron = make().double()
     _randomise(neuron, 7) if not isinstance(neuron, LIF) else None
     x = torch.randn(13, 4, 3, 2, dtype=torch.float64) * 2
     parallel = neuron(x)
     steps, chunks, state = _stream_all_ways(neuron, x, [1, 5, 2, 4, 1])
+    assert torch.equal(steps, parallel) and torch.equal(chunks, parallel)
+    with torch.no_grad():  # as served: the band sum's in-place path (with autograd it runs out of place)
+        steps, chunks, _ = _stream_all_ways(neuron, x, [1, 5, 2, 4, 1])
     assert torch.equal(steps, parallel) and torch.equal(chunks, parallel)
     assert 0 < parallel.mean() < 1
     assert state.t.tolist() == [13] * 4
@@ -339,3 +343,121 @@ def test_step_form_membrane_is_bit_identical_across_chunks_and_batches(kind: str
             if b == 0:
                 got.append(h[:, i])
     assert torch.equal(torch.cat(got), alone_h)
+
+
+def _dyadic(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Inputs from {0, 0.5, 1, 1.5, 2}: with weights and biases of halves, every H is exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 5, shape, generator=g).to(torch.float32) / 2
+
+
+@pytest.mark.parametrize("kind", ["sliding", "masked"])
+def test_a_membrane_of_exactly_zero_spikes_in_every_form(kind: str) -> None:
+    """Heaviside(0) = 1 (the paper's S = H >= 0): where H is exactly 0 the neuron spikes, in the parallel
+    form, with autograd (the surrogate's forward), one step at a time and in chunks, as the float64 loop
+    says. Random inputs never hit H = 0 exactly, so these inputs and weights make the ties on purpose."""
+    k, T = 2, 12
+    neuron = SlidingPSN(k) if kind == "sliding" else MaskedPSN(k, T)
+    with torch.no_grad():
+        neuron.weight.fill_(0.5)
+        neuron.bias.fill_(-1.0)
+    x = _dyadic((T, 3, 5), seed=4)
+    x2 = x.reshape(T, -1).double().numpy()
+    if kind == "sliding":
+        s_ref, h_ref = sliding_loop(x2, neuron.weight.detach().double().numpy(), -1.0)
+    else:
+        W, b = neuron.weight.detach().double().numpy(), neuron.bias.detach().double().numpy()
+        s_ref, h_ref = masked_loop(x2, W, b, k)
+    assert (h_ref == 0).mean() > 0.1 and (h_ref > 0).any() and (h_ref < 0).any()
+    want = torch.from_numpy(s_ref).float().reshape(x.shape)
+    with torch.no_grad():
+        assert torch.equal(neuron(x), want)
+        steps, chunks, _ = _stream_all_ways(neuron, x, [3, 1, 8])
+    assert torch.equal(steps, want) and torch.equal(chunks, want)
+    assert torch.equal(neuron(x.clone().requires_grad_(True)).detach(), want)  # through the surrogate
+
+
+def test_lif_at_exactly_the_threshold_spikes_in_every_form() -> None:
+    """v = v_th exactly is a spike (s = v - v_th >= 0) for LIF's loop, its step form and ``lif_scan``."""
+    x = _dyadic((10, 4, 6), seed=5) * 2  # {0, 1, 2, 3, 4}: with tau = 2 every v is a short binary fraction
+    ref = lif_loop(x.double().numpy(), 2.0, 1.0)
+    v = np.zeros(x.shape[1:])
+    ties = 0
+    for x_t in x.double().numpy():  # count the exact ties the reference meets
+        v = v + (x_t - v) / 2.0
+        ties += int((v == 1.0).sum())
+        v = v * (1 - (v >= 1.0))
+    assert ties > 5 and 0 < ref.mean() < 1
+    neuron = LIF(tau=2.0, v_threshold=1.0)
+    want = torch.from_numpy(ref).float()
+    assert torch.equal(neuron(x), want)
+    assert torch.equal(neuron(x.clone().requires_grad_(True)).detach(), want)
+    steps, chunks, _ = _stream_all_ways(neuron, x, [4, 6])
+    assert torch.equal(steps, want) and torch.equal(chunks, want)
+    assert torch.equal(lif_scan(x, 2.0, 1.0)[0], want)
+
+
+def test_a_masked_psn_over_fewer_than_T_steps_is_the_prefix_of_the_paper_loop() -> None:
+    """T' < T steps use the first T' rows of W and the first T' biases (causal: a prefix is exact)."""
+    k, T, Tp = 3, 10, 6
+    neuron = MaskedPSN(k, T)
+    _randomise(neuron, 21)
+    x = torch.randn(Tp, 40)
+    W, b = neuron.weight.detach().double().numpy(), neuron.bias.detach().double().numpy()
+    s_ref, h_ref = masked_loop(x.double().numpy(), W[:Tp, :Tp], b[:Tp], k)
+    _assert_matches(neuron(x), neuron.membrane(x), s_ref, h_ref)
+    state = neuron.initial_state(40)
+    s, _ = neuron.chunk(x, state)
+    away = np.abs(h_ref) > TIE
+    np.testing.assert_array_equal(s.detach().double().numpy()[away], s_ref[away])
+
+
+def test_the_horizon_counts_the_furthest_row_of_a_batch() -> None:
+    """Rows of one batch at different steps: the one at the horizon refuses the call (HorizonError), even
+    though the other row could still step."""
+    m = MaskedPSN(2, 4)
+    _, done = m.chunk(torch.randn(4, 1, 3), m.initial_state(1, (3,)))
+    fresh = m.initial_state(1, (3,))
+    for rows in ((done, fresh), (fresh, done)):
+        joint = type(done)(torch.cat([r.window for r in rows]), torch.cat([r.t for r in rows]))
+        with pytest.raises(HorizonError, match="T=4"):
+            m.step(torch.randn(2, 3), joint)
+        with pytest.raises(HorizonError, match="T=4"):
+            m.chunk(torch.randn(1, 2, 3), joint)
+    m.step(torch.randn(1, 3), fresh)  # the fresh row alone still steps
+
+
+def test_chunk_and_lif_check_their_inputs_as_step_does() -> None:
+    s, m = SlidingPSN(2), MaskedPSN(2, 4)
+    for neuron in (s, m, LIF()):
+        with pytest.raises(InputError, match="NaN or Inf"):
+            neuron.chunk(torch.tensor([[[1.0], [float("nan")]]]), neuron.initial_state(2, (1,)))
+        with pytest.raises(InputError, match="at least 2 dimensions"):
+            neuron.chunk(torch.randn(3), neuron.initial_state(1))
+        with pytest.raises(InputError, match=r"state.window: expected shape \(2, \d, 3\)"):
+            neuron.chunk(torch.randn(3, 2, 3), neuron.initial_state(2, (4,)))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        LIF()(torch.tensor([[1.0], [float("inf")]]))
+    with pytest.raises(InputError, match="floating-point"):
+        LIF()(torch.ones(4, 3, dtype=torch.long))
+
+
+def test_a_cached_band_is_not_handed_out_when_autograd_wants_one() -> None:
+    """The band cached by an inference call must not be returned under autograd: the band's gradient
+    reaches exactly the weights inside the mask, t-k < i <= t."""
+    T, k = 6, 3
+    neuron = MaskedPSN(k, T)
+    with torch.no_grad():
+        neuron.band_weight(T)
+    band = neuron.band_weight(T)
+    assert band.requires_grad
+    band.sum().backward()
+    want = torch.tensor([[1.0 if t - k < i <= t else 0.0 for i in range(T)] for t in range(T)])
+    assert torch.equal(neuron.weight.grad, want)
+
+
+def test_mask_schedule_accepts_a_reach_of_the_whole_run() -> None:
+    assert mask_schedule(0.5, reach=1.0) == pytest.approx(0.5) and mask_schedule(1.0, reach=1.0) == 1.0
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="reach"):
+            mask_schedule(0.5, reach=bad)
