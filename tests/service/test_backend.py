@@ -89,3 +89,33 @@ def test_a_sessions_outputs_do_not_depend_on_its_batch_float32(model_dir) -> Non
         nxt = x[steps:steps + 1, :1]
         a, b = alone.run(nxt, torch.tensor([0])), fresh.run(nxt, torch.tensor([1]))
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), name
+
+
+def test_a_rebuilt_session_in_a_used_slot_continues_exactly(ref: Reference) -> None:
+    """``ModelRunner.rebuild`` (seek, replay of the last inputs, score sums) into a slot another session used
+    before: the next outputs equal those of the session that never stopped, bit for bit. Sessions older and
+    younger than the receptive field (a young one is replayed from step 0 over its zero windows), one of a
+    single step among them."""
+    import numpy as np
+
+    from service.core.runner import ModelRunner
+
+    for name in ("sliding", "masked", "conv"):
+        model = ref.models[name]
+        r = model.net.replay_steps
+        for t in (1, 2, r + 3):
+            x = torch.stack([ref.sequence(name, t + 1, seed=80 + t)], dim=1)  # (t + 1, 1, *input_shape)
+            live = ModelRunner(get_backend_class("torch")(model, 1))
+            live.reset([0])
+            live.run([0], x[:t].numpy().tobytes(), t)
+            sums = live.score_sums(np.array([0]))
+            back = ModelRunner(get_backend_class("torch")(model, 3))
+            back.reset([0, 1, 2])
+            other = ref.sequence(name, 5, seed=99).unsqueeze(1)
+            back.run([2], other.numpy().tobytes(), 5)  # slot 2 used by another session: windows, t, sums
+            t0 = max(0, t - r)
+            back.rebuild(np.array([2]), np.array([t0]), [x[t0:t].numpy().tobytes()], t - t0, sums)
+            nxt = x[t:t + 1].numpy().tobytes()
+            a, b = live.run([0], nxt, 1), back.run([2], nxt, 1)
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), (name, t)
+            assert back.score_sums(np.array([2])).tolist() == live.score_sums(np.array([0])).tolist(), (name, t)

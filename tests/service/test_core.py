@@ -1039,3 +1039,107 @@ def test_the_warm_up_measures_a_calls_cost_and_leaves_the_slots_empty() -> None:
     st = runner.backend._slots()
     assert all(int(ns.window.abs().sum()) == 0 and int(ns.t.sum()) == 0 for ns in st.neurons)
     assert int(st.t.sum()) == 0
+
+
+def real_core(neuron: str, T: int | None, max_slots: int = 4, k: int = 3) -> EngineCore:
+    torch.manual_seed(1)
+    cfg = NetConfig(input_shape=(3,), num_classes=4, layers=(LayerConfig("linear", 8),), neuron=neuron, k=k, T=T)
+    net = PSNNet(cfg).double().eval()
+    return EngineCore([TorchBackend(LoadedModel(name="m", path=Path("."), net=net, config={}), max_slots)],
+                      Settings(max_batch_size=8, max_wait_ms=0, warmup=False, max_sessions=4), clock=Clock())
+
+
+def test_steps_past_a_masked_models_horizon_are_refused_before_they_run_and_the_session_lives_on() -> None:
+    core = real_core("masked", T=5)
+    (a,) = open_sessions(core, 1, "m")
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    core.handle(b"f", [10, "steps", a, -1, 3, x[:3].tobytes()])
+    core.step()
+    assert answers(core)[10][0] == 0
+    core.handle(b"f", [11, "steps", a, -1, 3, x[3:6].tobytes()])  # steps 4..6 of a horizon of 5
+    core.step()
+    got = answers(core)
+    assert got[11][0] == 422 and got[11][1][0] == "past_horizon", got[11]
+    core.handle(b"f", [12, "steps", a, -1, 2, x[3:5].tobytes()])  # the two that fit still run
+    core.step()
+    got = answers(core)
+    assert got[12][0] == 0 and got[12][1][:3] == [3, 0, 5], got[12]  # from step 3, none replayed, now at 5
+    core.handle(b"f", [13, "classify", "m", 6, x.tobytes()])
+    assert answers(core)[13][1][0] == "past_horizon"
+
+
+def test_a_plain_psn_classifies_exactly_T_steps_and_refuses_others_before_they_run() -> None:
+    core = real_core("psn", T=4)
+    x = np.random.default_rng(1).normal(size=(5, 3))
+    core.handle(b"f", [1, "classify", "m", 3, x[:3].tobytes()])
+    core.handle(b"f", [2, "classify", "m", 5, x.tobytes()])
+    got = answers(core)
+    for rid in (1, 2):
+        assert got[rid][0] == 422 and got[rid][1][0] == "invalid_input", got[rid]
+    assert not core.classify_queue["m"]
+    core.handle(b"f", [3, "classify", "m", 4, x[:4].tobytes()])
+    core.step()
+    assert answers(core)[3][0] == 0
+
+
+def test_the_warm_up_leaves_slot_0_fresh_for_a_net_it_does_not_measure() -> None:
+    """A masked-PSN net is not ragged, so no call-cost measurement resets the slots after the warm-up's
+    calls on slot 0: the warm-up itself must, or the first session there starts from its steps."""
+    core = real_core("masked", T=20)
+    runner = core.runners["m"]
+    core.warmup()
+    st = runner.backend._slots()
+    assert all(int(ns.t.abs().sum()) == 0 and float(ns.window.abs().sum()) == 0 for ns in st.neurons)
+    assert int(st.t.sum()) == 0 and float(st.score_sum.abs().sum()) == 0
+    (a,) = open_sessions(core, 1, "m")
+    x = np.random.default_rng(2).normal(size=(4, 3))
+    core.handle(b"f", [10, "steps", a, -1, 4, x.tobytes()])
+    core.step()
+    got = answers(core)[10][1]
+    want = runner.backend.model.net(torch.from_numpy(x).unsqueeze(1))
+    assert got[0] == 0
+    assert np.frombuffer(got[4], np.float64).tolist() == want.scores[:, 0].reshape(-1).tolist()
+
+
+def test_a_streaming_model_whose_backend_holds_no_slots_only_classifies() -> None:
+    """The backend contract lets a backend hold no session slots (an ONNX folder without a step graph):
+    the runner then does not stream, and its warm-up makes no streaming call."""
+    core = real_core("sliding", T=None, max_slots=0)
+    runner = core.runners["m"]
+    assert not runner.streams and not runner.ragged and runner.info()["streams"] is False
+    core.warmup()
+    core.handle(b"f", [1, "open", "m", False])
+    got = answers(core)[1]
+    assert got[0] == 409 and got[1][0] == "model_cannot_stream", got
+
+
+class StepClock:
+    """A clock that a backend call moves on by a fixed cost plus a cost per session-step row."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("fixed,per_row,want", [(1e-3, 1e-5, 100.0), (1.0, 1e-6, 4096.0), (1e-6, 1e-3, 8.0)])
+def test_the_call_cost_is_measured_as_a_calls_fixed_cost_over_a_rows_cost(monkeypatch, fixed, per_row, want) -> None:
+    """``call_rows`` is the number of padding rows one call's fixed cost is worth: fixed / per-row, kept in
+    [8, 4096]. The real backend runs; only the clock it is timed by is one whose time each call moves on by
+    ``fixed + rows * per_row``."""
+    import service.core.runner as runner_module
+
+    core = sliding_core()
+    runner = core.runners["m"]
+    clock = StepClock()
+    monkeypatch.setattr(runner_module, "time", clock)
+    backend_run = runner.backend.run
+
+    def timed(x, slots):
+        clock.now += fixed + x.shape[0] * x.shape[1] * per_row
+        return backend_run(x, slots)
+
+    monkeypatch.setattr(runner.backend, "run", timed)
+    runner.measure_call_rows()
+    assert runner.call_rows == pytest.approx(want, rel=1e-6)
