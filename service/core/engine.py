@@ -193,8 +193,10 @@ class EngineCore:
         self.check_open()
         r = self.runner(model)
         if not r.streams:
-            raise ModelCannotStream(f"model {model!r} ({r.cfg.neuron} neurons) cannot stream: each output step "
-                                    "reads the whole sequence; use POST /v1/classify", field="model")
+            why = ("its backend holds no session slots here (no step form loaded)" if r.cfg.streams
+                   else "each output step reads the whole sequence")
+            raise ModelCannotStream(f"model {model!r} ({r.cfg.neuron} neurons) cannot stream: {why}; use "
+                                    "POST /v1/classify", field="model")
         old = self.sessions.live.get(sid) if sid else None
         if old is not None and old.owner != owner:  # front ends put the owner into such ids: never happens
             raise InvalidInput(f"session id {sid!r} is taken", field="session_id")

@@ -1111,6 +1111,7 @@ def test_a_streaming_model_whose_backend_holds_no_slots_only_classifies() -> Non
     core.handle(b"f", [1, "open", "m", False])
     got = answers(core)[1]
     assert got[0] == 409 and got[1][0] == "model_cannot_stream", got
+    assert "no session slots" in got[1][1] and "reads the whole sequence" not in got[1][1]  # the reason that holds
 
 
 class StepClock:
