@@ -58,6 +58,8 @@ def test_ws_is_told_when_its_session_expires(serve, ref: Reference) -> None:
         sid = json.loads(ws.recv())["session"]["session_id"]
         msg = json.loads(ws.recv(timeout=5))
         assert msg["type"] == "expired" and msg["session_id"] == sid
+        assert msg["error"]["code"] == "session_expired" and msg["error"]["field"] == "session_id", msg
+        assert sid in msg["error"]["message"]
         ws.send(json.dumps({"type": "steps", "steps": x.tolist()}))
         err = json.loads(ws.recv(timeout=5))
         assert err["type"] == "error" and err["error"]["code"] == "session_expired"

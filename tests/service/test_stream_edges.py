@@ -1,0 +1,144 @@
+"""WS /v1/stream at its edges, against the real service (one front-end worker, a small message limit): a
+message of exactly PSN_MAX_REQUEST_BYTES is read and one byte more is refused unparsed, a closed session
+is gone from the connection, attach chooses the frames, an empty ?session_id= routes nothing, and errors
+and connections are counted in /metrics. A sweep of one-line mutations of
+service/frontend/routes/stream.py found each of these let through by the rest of the suite."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from tests.service.conftest import DEFAULTS, Reference, Server, assert_outputs
+
+L_AT_LIMIT = 170
+LIMIT = 16 + 12 * L_AT_LIMIT  # a binary frame of 170 steps of the sliding model (3 floats) is exactly the limit
+
+
+@pytest.fixture(scope="module")
+def small(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server({**DEFAULTS, "model_dir": model_dir, "max_request_bytes": LIMIT},
+                 tmp_path_factory.mktemp("small")).start()
+    yield srv
+    srv.stop()
+
+
+def _ask(ws, msg) -> dict:
+    ws.send(msg if isinstance(msg, str | bytes) else json.dumps(msg))
+    return json.loads(ws.recv(timeout=10))
+
+
+def _open(ws, model: str = "sliding", **extra) -> str:
+    msg = _ask(ws, {"type": "open", "model": model, **extra})
+    assert msg["type"] == "opened", msg
+    return msg["session"]["session_id"]
+
+
+def _padded(msg: dict, size: int) -> str:
+    """``msg`` as JSON text of exactly ``size`` characters (trailing whitespace is still JSON)."""
+    text = json.dumps(msg)
+    assert len(text) <= size
+    return text + " " * (size - len(text))
+
+
+def test_a_message_of_exactly_the_limit_is_read_and_one_more_is_refused_unparsed(small: Server,
+                                                                                  ref: Reference) -> None:
+    x = ref.sequence("sliding", 8, seed=80)
+    with connect(small.ws_url) as ws:
+        _open(ws)
+        r = _ask(ws, _padded({"type": "steps", "steps": x[:4].tolist(), "id": 1}, LIMIT))
+        assert r["type"] == "steps" and r["id"] == 1 and r["start"] == 0, r
+        err = _ask(ws, _padded({"type": "steps", "steps": x[4:].tolist(), "id": 2}, LIMIT + 1))
+        assert err["error"]["code"] == "request_too_large" and err["error"]["field"] == "message", err
+        assert err["id"] is None  # never parsed, not even for its id
+        r = _ask(ws, {"type": "steps", "steps": x[4:].tolist()})  # the refused steps were not applied
+        assert r["start"] == 4
+        assert_outputs(r["outputs"], ref.outputs("sliding", x), start=4)
+    with connect(small.ws_url, subprotocols=["psn.binary.v1"]) as ws:
+        _open(ws)
+        steps = np.zeros((L_AT_LIMIT, 3), "<f4")
+        ws.send(struct.pack("<IIq", 3, L_AT_LIMIT, -1) + steps.tobytes())  # exactly the limit: answered
+        assert struct.unpack_from("<IIq", ws.recv(timeout=10)) == (3, L_AT_LIMIT, 0)
+        err = _ask(ws, struct.pack("<IIq", 4, L_AT_LIMIT, -1) + steps.tobytes() + b"\0")
+        assert err["error"]["code"] == "request_too_large" and err["id"] == 4, err
+
+
+def test_after_close_the_connection_has_no_session(small: Server, ref: Reference) -> None:
+    """Steps after close are refused by the connection (no session: open or attach first), not sent to
+    the closed session; the connection then opens a new one."""
+    x = ref.sequence("sliding", 3, seed=81)
+    with connect(small.ws_url) as ws:
+        sid = _open(ws)
+        assert _ask(ws, {"type": "close"}) == {"type": "closed", "session_id": sid}
+        err = _ask(ws, {"type": "steps", "steps": x.tolist(), "id": 5})
+        assert err["error"]["code"] == "invalid_input" and err["error"]["field"] == "type", err
+        assert "no session on this connection" in err["error"]["message"] and err["id"] == 5
+        err = _ask(ws, {"type": "close"})
+        assert err["error"]["code"] == "invalid_input" and err["error"]["field"] == "type", err
+        _open(ws)
+        assert_outputs(_ask(ws, {"type": "steps", "steps": x.tolist()})["outputs"], ref.outputs("sliding", x))
+
+
+def test_attach_chooses_the_frames(small: Server, ref: Reference) -> None:
+    """"frames" on attach switches the connection, as on open: binary on a JSON connection, JSON on a
+    psn.binary.v1 connection; the steps continue the session either way."""
+    x = ref.sequence("sliding", 6, seed=82)
+    spikes, scores = ref.outputs("sliding", x)
+    with httpx.Client(base_url=small.url, timeout=20) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    with connect(small.ws_url) as ws:
+        assert _ask(ws, {"type": "attach", "session_id": sid, "frames": "binary"})["type"] == "attached"
+        ws.send(struct.pack("<IIq", 7, 3, -1) + x[:3].numpy().astype("<f4").tobytes())
+        data = ws.recv(timeout=10)
+        assert isinstance(data, bytes), data
+        msg_id, L, start, replayed, n_out, classes, nb = struct.unpack_from("<IIqIIII", data)
+        assert (msg_id, L, start, replayed, classes) == (7, 3, 0, 0, 4)
+        got = np.frombuffer(data, "<f4", L * classes, 32).reshape(L, classes)
+        assert got == pytest.approx(np.asarray(scores[:3]), rel=1e-6, abs=1e-6)
+    with connect(small.ws_url, subprotocols=["psn.binary.v1"]) as ws:
+        assert _ask(ws, {"type": "attach", "session_id": sid, "frames": "json"})["type"] == "attached"
+        r = _ask(ws, {"type": "steps", "steps": x[3:].tolist()})
+        assert r["type"] == "steps" and r["start"] == 3, r
+        assert_outputs(r["outputs"], (spikes, scores), start=3)
+
+
+def test_an_empty_session_id_in_the_url_routes_nothing(small: Server) -> None:
+    with httpx.Client(base_url=small.url, timeout=20) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    with connect(f"{small.ws_url}?session_id=") as ws:
+        assert _ask(ws, {"type": "attach", "session_id": sid})["type"] == "attached"
+
+
+def _metric(c: httpx.Client, line: str) -> float:
+    m = re.search(rf"^{re.escape(line)} (\S+)$", c.get("/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _until(c: httpx.Client, line: str, value: float) -> None:
+    deadline = time.monotonic() + 10
+    while (got := _metric(c, line)) != value:
+        assert time.monotonic() < deadline, f"{line} is {got}, not {value}"
+        time.sleep(0.05)
+
+
+def test_errors_and_connections_are_counted(small: Server) -> None:
+    """A WebSocket error is counted in psn_errors_total by its code, as over HTTP; psn_ws_connections
+    counts the connections open now."""
+    with httpx.Client(base_url=small.url, timeout=20) as c:
+        _until(c, "psn_ws_connections", 0)  # every earlier test's connection is closed by now
+        before = _metric(c, 'psn_errors_total{code="model_not_found"}')
+        with connect(small.ws_url) as a, connect(small.ws_url) as b:
+            for ws in (a, b):
+                assert _ask(ws, {"type": "open", "model": "nope"})["error"]["code"] == "model_not_found"
+            assert _metric(c, 'psn_errors_total{code="model_not_found"}') == before + 2
+            _until(c, "psn_ws_connections", 2)
+        _until(c, "psn_ws_connections", 0)
