@@ -135,10 +135,12 @@ def split_body(body: bytes, header_length: str | None) -> tuple[InferRequest, by
     """The JSON part (all of ``body`` without the binary extension) and the binary part."""
     n = len(body)
     if header_length is not None:
-        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
-            raise InvalidInput(f"Inference-Header-Content-Length: {header_length!r} is not a length within the "
+        digits = header_length.lstrip("0") or "0"  # int() refuses more than 4300 digits: compare lengths first
+        if not (header_length.isascii() and header_length.isdigit()) or len(digits) > len(str(len(body))) or \
+                int(digits) > len(body):
+            raise InvalidInput(f"Inference-Header-Content-Length: {header_length[:40]!r} is not a length within the "
                                f"{len(body)}-byte body", field="Inference-Header-Content-Length")
-        n = int(header_length)
+        n = int(digits)
     try:
         return InferRequest.model_validate_json(body[:n]), body[n:]
     except ValueError as e:
