@@ -9,7 +9,9 @@ service/frontend/routes/oip.py found each of these let through by the rest of th
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 
 import httpx
@@ -235,6 +237,9 @@ def test_a_sequence_past_the_slots_is_told_when_to_retry_and_counted(serve, ref:
         before = _errors(h, "invalid_input")
         _refused(h.post(URL, json={"inputs": [{**STEP, "datatype": "INT8"}]}), 422, "FP32")
         assert _errors(h, "invalid_input") == before + 1
+        before = _errors(h, "model_not_found")
+        _refused(h.get("/v2/models/nope"), 404, "nope")  # metadata of no model
+        assert _errors(h, "model_not_found") == before + 1
 
 
 def test_an_expired_sequence_must_be_started_again(serve, ref: Reference) -> None:
@@ -251,3 +256,28 @@ def test_an_expired_sequence_must_be_started_again(serve, ref: Reference) -> Non
         _refused(h.post(URL, json=oip_sequence(x[2:].numpy(), 5)), 422, "sequence_start", "session_expired")
         r = h.post(URL, json=oip_sequence(x.numpy(), 5, ("spikes",), sequence_start=True))  # started again: fresh
         assert _outputs(r)["spikes"][0].tolist() == ref.outputs("sliding", x.double())[0]
+
+
+def test_readiness_follows_the_engine_core(serve) -> None:
+    """/v2/health/ready and /v2/models/{name}/ready are 503 while the engine core does not answer (paused
+    here with SIGSTOP), and 200 again once it does."""
+    srv = serve()
+    with httpx.Client(base_url=srv.url, timeout=20) as h:
+        pid = h.get("/healthz").json()["engine_pid"]
+        paths = ("/v2/health/ready", "/v2/models/sliding/ready")
+        for path in paths:
+            r = h.get(path)
+            assert r.status_code == 200 and r.json()["ready"] is True, r.text
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for path in paths:
+                r = h.get(path)
+                assert r.status_code == 503 and r.json()["ready"] is False, r.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 15
+        for path in paths:
+            while (r := h.get(path)).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.05)
+            assert r.json()["ready"] is True
