@@ -17,6 +17,7 @@ from service.config import Settings
 from service.frontend.auth import AccessControl, add_cors
 from service.frontend.client import EngineClient
 from service.frontend.errors import install_error_handlers
+from service.frontend.fastpath import StepsFastPath
 from service.frontend.limits import BodyLimit, ConnectionLimit, SessionGate
 from service.frontend.routes import classify, health, models, oip, sessions, stream
 from service.frontend.state import Frontend
@@ -68,6 +69,7 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.state.settings = settings
     app.state.metrics = FrontendMetrics()
     app.state.worker = worker
+    app.add_middleware(StepsFastPath)  # innermost: JSON steps answered without FastAPI's routing (fastpath.py)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(SessionGate)  # refuses a full session's steps before BodyLimit reads the body
     app.add_middleware(AccessControl, settings=settings)  # before anything reads a body: keys, Origin

@@ -53,7 +53,8 @@ def body_parse_error(cause: BaseException) -> InvalidInput:
     return InvalidInput(f"body: could not be parsed as JSON ({type(cause).__name__})", field="body")
 
 
-def _respond(request: Request, err: ServiceError) -> JSONResponse:
+def error_response(request: Request, err: ServiceError) -> JSONResponse:
+    """The app's answer to ``err`` (counted in ``psn_errors_total``)."""
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
         metrics.error(err.code)
@@ -63,22 +64,22 @@ def _respond(request: Request, err: ServiceError) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return _respond(request, exc)
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _respond(request, validation_error(exc, body_model(request)))
+        return error_response(request, validation_error(exc, body_model(request)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI failed to parse the body
-            return _respond(request, body_parse_error(exc.__cause__))
+            return error_response(request, body_parse_error(exc.__cause__))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = f"{request.method} {request.url.path}: {exc.detail}"
         field = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else None
-        return _respond(request, ServiceError(message, status=exc.status_code, code=code, field=field))
+        return error_response(request, ServiceError(message, status=exc.status_code, code=code, field=field))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _respond(request, internal(exc))
+        return error_response(request, internal(exc))

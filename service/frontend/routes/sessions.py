@@ -8,6 +8,7 @@ from service.errors import InvalidInput
 from service.frontend.codec import join_object, may_hold_booleans
 from service.frontend.deps import FrontendDep, OwnerDep
 from service.frontend.errors import error_responses
+from service.frontend.state import Frontend
 from service.frontend.views import JSONText
 from service.schemas import SessionCreate, SessionInfo, StepsRequest, StepsResponse
 
@@ -47,13 +48,23 @@ async def delete_session(session_id: str, fe: FrontendDep, owner: OwnerDep) -> R
              summary="Apply one or more new steps; per step: index, spikes, scores, predicted class so far")
 async def post_steps(session_id: str, fe: FrontendDep, owner: OwnerDep, request: Request,
                      body: StepsRequest = Body(openapi_examples=STEPS_EXAMPLES)) -> Response:  # noqa: B008
+    # Most of these requests never get here: ``fastpath.StepsFastPath`` answers those whose JSON body
+    # parses and validates with the same two functions, without FastAPI's machinery.
+    refuse_start_in_url(request)
+    return await steps_answer(fe, session_id, owner, body, await request.body())  # the body, already read
+
+
+def refuse_start_in_url(request: Request) -> None:
     if "start" in request.query_params:  # ignored, it would append: a retry sent so applies its steps twice
         raise InvalidInput("start: goes in the JSON body ({\"steps\": ..., \"start\": N}), not in the URL",
                            field="start")
+
+
+async def steps_answer(fe: Frontend, session_id: str, owner: str, body: StepsRequest, raw: bytes) -> JSONText:
+    """The answer to a steps request whose body (``raw``, as it came) validated as ``body``."""
     fe.check_ready()
     codec = await fe.session_codec(session_id, owner)
-    L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request,
-                                  maybe_bools=may_hold_booleans(await request.body()))  # the body, already read
+    L, payload = codec.json_steps(body.steps, fe.settings.max_steps_per_request, maybe_bools=may_hold_booleans(raw))
     start, replayed, seen, spikes, scores = await fe.steps(session_id, codec, body.start, L, payload, owner)
     return JSONText(join_object({"session_id": session_id, "start": start, "replayed": replayed, "steps_seen": seen},
                                 codec.json_outputs(start, L, spikes, scores)))
