@@ -142,3 +142,35 @@ def test_errors_and_connections_are_counted(small: Server) -> None:
             assert _metric(c, 'psn_errors_total{code="model_not_found"}') == before + 2
             _until(c, "psn_ws_connections", 2)
         _until(c, "psn_ws_connections", 0)
+
+
+def test_the_send_watchdog_drops_only_sends_that_waited_past_the_timeout() -> None:
+    """``SendWatchdog``, with connections whose send is stuck (long past the timeout), under way (a client
+    that reads, just not yet) and idle: only the stuck one is dropped, once, and the task ends with them."""
+    import asyncio
+
+    from service.frontend.routes.stream import SendWatchdog
+
+    class Conn:
+        def __init__(self, age: float | None) -> None:
+            self.age, self.dropped = age, []
+
+        def drop(self, waited: float) -> None:
+            self.dropped.append(waited)
+
+    async def run() -> None:
+        now = asyncio.get_running_loop().time()
+        dog = SendWatchdog(timeout_s=2.0)  # looks every 0.25 s
+        stuck, busy, idle = Conn(5.0), Conn(0.05), Conn(None)
+        for conn in (stuck, busy, idle):
+            conn.sending_since = None if conn.age is None else now - conn.age
+            dog.add(conn)
+        await asyncio.sleep(0.4)  # one look: busy's send has waited about 0.3 s of its 2
+        assert len(stuck.dropped) == 1 and stuck.dropped[0] > 5.0
+        assert busy.dropped == [] and idle.dropped == []
+        assert dog.conns == {busy, idle}  # a dropped connection is no longer watched
+        busy.sending_since = None  # its send went through
+        dog.conns.clear()
+        await asyncio.wait_for(dog.task, 1)  # nothing left to watch: the task ends
+
+    asyncio.run(run())
