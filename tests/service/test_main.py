@@ -47,3 +47,23 @@ def test_python_m_service_serves_and_stops_on_sigterm(model_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_engine_core_that_fails_before_it_is_ready_stops_the_service_with_1(tmp_path: Path) -> None:
+    """A broken model folder: the engine core exits while starting; the supervisor must stop the service with
+    exit status 1 (a crash loop would look alive to a container runtime)."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    env = {**os.environ, "PSN_MODEL_DIR": str(tmp_path), "PSN_PORT": str(free_port()), "PSN_HOST": "127.0.0.1",
+           "PSN_WORKERS": "1", "PSN_LOG_LEVEL": "info"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"the service did not stop:\n{out[-3000:]}") from None
+    assert proc.returncode == 1, out[-3000:]
+    assert "before it was ready" in out and out.count("restarting it") == 0, out[-3000:]
+

@@ -1,0 +1,510 @@
+"""The front end's engine client (service/frontend/client.py) against a real asyncio Unix-socket server
+written here that speaks service/ipc.py's frames (a stand-in engine core that answers ``hello`` and what
+each test asks), the wire format itself, and the HTTP protocol's bound on a request's head
+(service/frontend/protocols.py) driven directly. Timings are short; every await a broken client could
+hang on is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from service.config import Settings
+from service.errors import InvalidInput, QueueFull, RequestTimeout, ServiceError
+from service.frontend.client import EngineClient, EngineUnavailable
+from service.ipc import LENGTH, MAX_FRAME, error_answer, frame, listen, pack, parse_address, unpack
+from service.supervisor import Supervisor, ctx
+
+HELLO = {"models": [], "engine": {"pid": 4242}}
+
+
+class FakeEngine:
+    """A Unix-socket server speaking the engine core's frames: it answers ``hello``, records every request,
+    and hands the others to ``on_request(request, writer)`` (which may answer, or not)."""
+
+    def __init__(self, path: Path, on_request: Callable[[list, asyncio.StreamWriter], None] | None = None):
+        self.path, self.on_request = str(path), on_request
+        self.requests: list[list] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                (n,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
+                for req in unpack(await reader.readexactly(n)):
+                    self.requests.append(req)
+                    if req[1] == "hello":
+                        writer.write(frame([[req[0], 0, HELLO]]))
+                    elif self.on_request is not None:
+                        self.on_request(req, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def drop(self) -> None:
+        """Close every connection (the engine core went away); the server keeps listening unless stopped."""
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.drop()
+        await self.server.wait_closed()
+        Path(self.path).unlink(missing_ok=True)
+
+
+async def connected(client: EngineClient, timeout: float = 2.0) -> float:
+    """Wait until the client has said hello again; returns how long that took."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    while not client.connected:
+        assert time.monotonic() < deadline, "the client did not (re)connect in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - t0
+
+
+async def disconnected(client: EngineClient, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.connected:
+        assert time.monotonic() < deadline, "the client did not notice the engine core went away"
+        await asyncio.sleep(0.005)
+
+
+def run_with(tmp_path: Path, test: Callable[[FakeEngine, EngineClient], Any], *, timeout_s: float = 30.0,
+             on_request: Callable[[list, asyncio.StreamWriter], None] | None = None, limit: float = 5.0) -> Any:
+    async def main() -> Any:
+        engine = FakeEngine(tmp_path / "engine.sock", on_request)
+        await engine.start()
+        client = EngineClient(f"unix:{engine.path}", timeout_s=timeout_s)
+        await client.start()
+        try:
+            await connected(client)
+            return await asyncio.wait_for(test(engine, client), limit)
+        finally:
+            await client.close()
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def answer_ok(req: list, writer: asyncio.StreamWriter) -> None:
+    writer.write(frame([[req[0], 0, {"op": req[1], "args": req[2:]}]]))
+
+
+# ----- answers, errors, events ------------------------------------------------------------------------
+def test_answers_errors_and_events_reach_their_callers(tmp_path: Path) -> None:
+    events: list[tuple[str, Any]] = []
+
+    def on_request(req: list, writer: asyncio.StreamWriter) -> None:
+        if req[1] == "close":
+            err = QueueFull("queue: full", field="steps", retry_after=3)
+            writer.write(frame([[0, "expired", "s9"], error_answer(req[0], err)]))
+        elif req[1] == "ping":
+            writer.write(frame([[req[0], 0, {"ready": False}]]))
+        else:
+            answer_ok(req, writer)
+
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        client.on_event = lambda kind, body: events.append((kind, body))
+        assert client.hello == HELLO and client.hello_seen.is_set()
+        assert await client.call("get", "s1", False, "") == {"op": "get", "args": ["s1", False, ""]}
+        with pytest.raises(ServiceError) as e:
+            await client.call("close", "s1", "")
+        assert (e.value.status, e.value.code, e.value.message, e.value.field, e.value.retry_after) == (
+            503, "queue_full", "queue: full", "steps", 3)
+        assert events == [("expired", "s9")]
+        assert await client.ping(1.0) is False  # connected, but the engine core says it is not ready
+
+    run_with(tmp_path, test, on_request=on_request)
+
+
+def test_a_large_answer_is_read_whole(tmp_path: Path) -> None:
+    """Answers of several MiB (a long classify, many steps) are one frame: the frame bound is far above them."""
+    big = bytes(range(256)) * (8 << 12)  # 8 MiB
+
+    def on_request(req: list, writer: asyncio.StreamWriter) -> None:
+        writer.write(frame([[req[0], 0, big]]))
+
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        assert await client.call("classify", "m", 1, b"") == big
+        assert client.connected
+
+    run_with(tmp_path, test, on_request=on_request)
+
+
+def test_an_answer_for_a_request_its_caller_gave_up_on_is_dropped(tmp_path: Path) -> None:
+    """A caller that went away cancels its future; the engine core's late answer must not break the
+    connection for the requests behind it."""
+    held: list[list] = []
+
+    def on_request(req: list, writer: asyncio.StreamWriter) -> None:
+        held.append(req)
+        if req[2] != "gone":  # answer what is held, the abandoned one first
+            for r in held:
+                answer_ok(r, writer)
+            held.clear()
+
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        first = client.call("get", "gone")
+        second = client.call("get", "here")
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second)["args"] == ["here"]
+        assert client.connected and engine.connections == 1
+        assert (await client.call("get", "after"))["args"] == ["after"]
+
+    run_with(tmp_path, test, on_request=on_request)
+
+
+# ----- timeouts -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("timeout_s", "at_most"), [(0.1, 0.24), (0.3, 0.55)])
+def test_an_unanswered_request_fails_504_after_the_timeout_and_not_before(tmp_path: Path, timeout_s: float,
+                                                                        at_most: float) -> None:
+    """The sweeper fails a request with 504 once it has waited ``timeout_s`` (to within its tick, a quarter
+    of the timeout at most), never earlier, and leaves a younger request waiting."""
+
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        t0 = time.monotonic()
+        old = client.call("steps", "s1")
+        await asyncio.sleep(timeout_s / 2)
+        young = client.call("steps", "s2")
+        with pytest.raises(RequestTimeout) as e:
+            await old
+        waited = time.monotonic() - t0
+        assert e.value.status == 504 and e.value.code == "request_timeout"
+        assert timeout_s <= waited < at_most, waited
+        assert not young.done()  # issued half a timeout later: still waiting
+        with pytest.raises(RequestTimeout):
+            await young
+        assert time.monotonic() - t0 >= 1.5 * timeout_s
+        assert client.connected  # a timeout is not a lost connection
+
+    run_with(tmp_path, test, timeout_s=timeout_s)
+
+
+# ----- losing the engine core, reconnecting -----------------------------------------------------------------
+def test_pending_requests_fail_503_at_once_when_the_engine_core_goes_away(tmp_path: Path) -> None:
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        pending = [client.call("steps", "s1"), client.call("get", "s2")]
+        while len(engine.requests) < 3:  # hello + both
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        engine.drop()
+        for fut in pending:
+            with pytest.raises(EngineUnavailable) as e:
+                await asyncio.wait_for(fut, 2)
+            assert e.value.status == 503 and e.value.code == "engine_unavailable"
+        assert time.monotonic() - t0 < 1.0  # not the 30 s timeout
+        await connected(client)  # the listener is still there: back at once, hello said again
+        assert [r[1] for r in engine.requests].count("hello") == 2
+        assert (await client.call("get", "s3"))["args"] == ["s3"]
+
+    run_with(tmp_path, test, on_request=lambda req, w: answer_ok(req, w) if req[2] == "s3" else None)
+
+
+def test_reconnect_attempts_back_off_to_at_most_half_a_second_and_start_over_after_a_connection(
+        tmp_path: Path) -> None:
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        await engine.stop()  # a restart of the engine core: nobody listens for a while
+        await disconnected(client)
+        with pytest.raises(EngineUnavailable):
+            client.call("get", "s1")  # refused while disconnected
+        await asyncio.sleep(1.6)  # attempts at about 0.05, 0.15, 0.35, 0.75, 1.25, 1.75 s
+        await engine.start()
+        assert await connected(client) < 0.5 + 0.25  # the next attempt is at most 0.5 s away
+        # a second, short outage: the backoff started over with the connection (0.05, 0.1, ...)
+        await engine.stop()
+        await disconnected(client)
+        t0 = time.monotonic()
+        await asyncio.sleep(0.06)
+        await engine.start()
+        await connected(client)
+        assert time.monotonic() - t0 < 0.4
+
+    run_with(tmp_path, test)
+
+
+def test_an_oversized_frame_from_the_engine_core_drops_the_connection(tmp_path: Path) -> None:
+    """A length prefix over MAX_FRAME means a broken peer: the client does not wait for a GiB, it fails the
+    request at once and reconnects."""
+
+    def on_request(req: list, writer: asyncio.StreamWriter) -> None:
+        writer.write(LENGTH.pack(MAX_FRAME + 1) + b"\0" * 64)  # and the connection stays open
+
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        with pytest.raises(EngineUnavailable):
+            await asyncio.wait_for(client.call("steps", "s1"), 2)
+        await connected(client)
+        assert engine.connections == 2
+
+    run_with(tmp_path, test, on_request=on_request)
+
+
+def test_a_failing_hello_handler_still_leaves_the_client_connected(tmp_path: Path) -> None:
+    async def main() -> None:
+        engine = FakeEngine(tmp_path / "engine.sock", answer_ok)
+        await engine.start()
+        client = EngineClient(f"unix:{engine.path}")
+
+        def on_hello(hello: dict) -> None:
+            raise RuntimeError("a bug in the hello handler")
+
+        client.on_hello = on_hello
+        await client.start()
+        try:
+            await asyncio.wait_for(client.hello_seen.wait(), 2)  # the app's startup waits on this
+            assert client.connected
+            assert (await asyncio.wait_for(client.call("get", "s1"), 2))["args"] == ["s1"]
+        finally:
+            await client.close()
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_a_request_on_a_closing_connection_fails_503_at_once() -> None:
+    async def run() -> None:
+        ours, theirs = socket.socketpair()
+        _, writer = await asyncio.open_connection(sock=ours)
+        client = EngineClient("unix:/nowhere")
+        client._writer = writer
+        writer.close()  # the engine core's connection is being closed; the reader has not noticed yet
+        with pytest.raises(EngineUnavailable):
+            await asyncio.wait_for(client._call("get", "s1"), 1)
+        theirs.close()
+
+    asyncio.run(run())
+
+
+def test_a_string_msgpack_cannot_encode_fails_alone() -> None:
+    """msgpack refuses a string with a lone surrogate (JSON can carry one: "\\ud800") with a ValueError
+    (UnicodeEncodeError), as it refuses too big integers with OverflowError: either is a 422 for that request
+    alone, never a lost turn."""
+
+    async def run() -> None:
+        ours, theirs = socket.socketpair()
+        _, writer = await asyncio.open_connection(sock=ours)
+        client = EngineClient("unix:/nowhere")
+        client._writer = writer
+        good = client._call("get", "s1")
+        bad = client._call("get", "s2\ud800")
+        with pytest.raises(InvalidInput):
+            await asyncio.wait_for(bad, 1)
+        theirs.setblocking(False)
+        await asyncio.sleep(0.02)
+        data = theirs.recv(1 << 16)
+        (n,) = LENGTH.unpack_from(data)
+        assert [item[1:] for item in unpack(data[LENGTH.size:LENGTH.size + n])] == [["get", "s1"]]
+        assert not good.done()
+        good.cancel()
+        writer.close()
+        theirs.close()
+
+    asyncio.run(run())
+
+
+# ----- the wire format and addresses -------------------------------------------------------------------------
+def test_a_frame_is_a_little_endian_u32_length_and_one_msgpack_document() -> None:
+    items = [[1, "steps", "s1", -1, 1, b"\x00\x00\x80\x3f"]]
+    data = frame(items)
+    body = msgpack.packb(items, use_bin_type=True)
+    assert data == len(body).to_bytes(4, "little") + body  # the documented wire: other hosts read it (tcp:)
+    assert pack(items) == body and unpack(body) == items
+
+
+def test_error_answers_carry_every_field() -> None:
+    err = ServiceError("x: bad", field="x", retry_after=7, status=409, code="conflict")
+    rid, status, body = unpack(pack([error_answer(5, err)]))[0]
+    assert (rid, status, body) == (5, 409, ["conflict", "x: bad", "x", 7])
+
+
+@pytest.mark.parametrize(("address", "parsed"), [
+    ("unix:/tmp/e.sock", ("unix", "/tmp/e.sock", 0)),
+    ("tcp:10.0.0.2:7000", ("tcp", "10.0.0.2", 7000)),
+    ("tcp:[::1]:7000", ("tcp", "::1", 7000)),
+])
+def test_engine_addresses(address: str, parsed: tuple[str, str, int]) -> None:
+    assert parse_address(address) == parsed
+
+
+@pytest.mark.parametrize("address", ["unix:", "tcp::7000", "tcp:host:", "tcp:host:x", "udp:h:1", "/tmp/e.sock"])
+def test_bad_engine_addresses_are_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="PSN_ENGINE_ADDRESS"):
+        parse_address(address)
+
+
+def test_listening_again_on_a_stale_unix_socket_replaces_it(tmp_path: Path) -> None:
+    """An engine core that crashed leaves its socket file; the restarted one must listen on it again."""
+    address = f"unix:{tmp_path / 'e.sock'}"
+    first = listen(address, 4)
+    first.close()  # the file stays, as after a crash
+    assert (tmp_path / "e.sock").exists()
+    second = listen(address, 4)
+    try:
+        with socket.socket(socket.AF_UNIX) as c:
+            c.connect(str(tmp_path / "e.sock"))
+    finally:
+        second.close()
+
+
+# ----- the HTTP protocol's bound on a request's head ------------------------------------------------------------
+def serve_bytes(max_bytes: int, pieces: list[bytes]) -> tuple[bytes, bool, list[str]]:
+    """Feed ``pieces`` (one read each) to the front end's HTTP protocol bounded at ``max_bytes``; what it
+    wrote, whether it closed the connection, and the paths the app was asked for."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from service.frontend.protocols import http_protocol
+    from tests.service.test_gate import Transport
+
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run() -> tuple[bytes, bool]:
+        config = uvicorn.Config(app, log_level="critical")
+        config.load()
+        protocol = http_protocol(max_bytes)(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        protocol.connection_made(transport)
+        for piece in pieces:
+            protocol.data_received(piece)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        out = bytes(transport.out), transport.closed
+        protocol.connection_lost(None)
+        return out
+
+    out, closed = asyncio.run(run())
+    return out, closed, seen
+
+
+def head_of(path: bytes, size: int) -> bytes:
+    """A GET whose url and header lines (``Name: value\\r\\n``) come to ``size`` bytes."""
+    fixed = len(path) + len(b"Host: x\r\n") + len(b"X-Pad: \r\n")
+    return b"GET %s HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n" % (path, b"a" * (size - fixed))
+
+
+@pytest.mark.parametrize(("path", "oip"), [(b"/v1/sessions", False), (b"/v2/models", True)])
+def test_a_head_of_exactly_the_bound_is_served_and_one_byte_more_is_431(path: bytes, oip: bool) -> None:
+    out, closed, seen = serve_bytes(200, [head_of(path, 200)])
+    assert out.startswith(b"HTTP/1.1 200") and seen == [path.decode()] and not closed
+    out, closed, seen = serve_bytes(200, [head_of(path, 201)])
+    assert out.startswith(b"HTTP/1.1 431") and seen == [] and closed
+    error = json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]
+    if oip:  # the Open Inference Protocol's shape under /v2
+        assert isinstance(error, str) and "200 bytes" in error
+    else:
+        assert error["code"] == "headers_too_large" and error["field"] == "headers"
+
+
+def test_a_head_that_does_not_end_is_stopped_past_the_bound() -> None:
+    """Read in pieces, a head still incomplete is refused once the bytes read for it pass the bound, not at it."""
+    start = b"GET /v1/sessions HTTP/1.1\r\nX-Pad: "
+    pieces = [start, b"a" * (150 - len(start)), b"a" * 50]  # 200 bytes, no end yet
+    out, closed, seen = serve_bytes(200, pieces)
+    assert out == b"" and not closed and seen == []
+    out, closed, seen = serve_bytes(200, [*pieces, b"a"])
+    assert out.startswith(b"HTTP/1.1 431") and closed and seen == []
+
+
+# ----- the supervisor's restarts, with stand-in processes --------------------------------------------------------
+def _exit_3_if_multiproc_dir() -> None:
+    import os
+    import sys
+
+    sys.exit(3 if "PROMETHEUS_MULTIPROC_DIR" in os.environ else 0)
+
+
+class StandInSupervisor(Supervisor):
+    """The real supervisor, whose front ends are stand-in processes (``target``) instead of uvicorn servers."""
+
+    def __init__(self, target: Callable[..., None], args: tuple = ()):
+        super().__init__(Settings(host="127.0.0.1", port=0, workers=2))
+        self.target, self.args = target, args
+        self.started: list[int] = []
+
+    def start_frontend(self, i: int) -> None:
+        p = ctx.Process(target=self.target, args=self.args, daemon=True)
+        self.spawn(p, frontend=True)
+        self.frontends[i] = p
+        self.started.append(i)
+
+    def close(self) -> None:
+        for p in self.frontends:
+            if p is not None and p.is_alive():
+                p.kill()
+                p.join(5)
+        self.sock.close()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def joined(p: Any, timeout: float = 10.0) -> Any:
+    p.join(timeout)
+    assert not p.is_alive()
+    return p
+
+
+def test_a_dead_front_end_is_restarted_and_its_live_gauges_dropped_unless_stopping() -> None:
+    sup = StandInSupervisor(time.sleep, (30,))
+    try:
+        sup.start_frontend(0)
+        sup.start_frontend(1)
+        dead = sup.frontends[0]
+        dead.kill()
+        joined(dead)
+        gauge = Path(sup.metrics_dir) / f"gauge_livesum_{dead.pid}.db"  # a dead process's live gauge file
+        gauge.write_bytes(b"")
+        sup.restart_frontends()
+        assert sup.started == [0, 1, 0] and sup.frontends[0] is not dead and sup.frontends[0].is_alive()
+        assert not gauge.exists()  # its values no longer count in /metrics
+        sup.restart_frontends()  # nothing else died
+        assert sup.started == [0, 1, 0]
+        sup.request_stop()  # stopping: front ends that exit are not started again
+        for p in sup.frontends:
+            p.kill()
+            joined(p)
+        sup.restart_frontends()
+        assert sup.started == [0, 1, 0]
+    finally:
+        sup.close()
+
+
+def test_only_front_ends_get_the_shared_metrics_folder() -> None:
+    """prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is imported: the engine core must not get it
+    (its metrics travel over the IPC), nor keep it in the supervisor's own environment."""
+    import os
+
+    sup = StandInSupervisor(_exit_3_if_multiproc_dir)
+    try:
+        front = ctx.Process(target=_exit_3_if_multiproc_dir, daemon=True)
+        engine = ctx.Process(target=_exit_3_if_multiproc_dir, daemon=True)
+        sup.spawn(front, frontend=True)
+        sup.spawn(engine, frontend=False)
+        assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        assert (joined(front).exitcode, joined(engine).exitcode) == (3, 0)
+    finally:
+        sup.close()
+
