@@ -161,6 +161,9 @@ class EngineClient:
                 await self._read(reader)
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 pass
+            except Exception:  # noqa: BLE001 - a frame it cannot take (a broken peer, a failing event listener):
+                # drop the connection and make it again, as for an oversized frame; never end this task for good
+                log.exception("front end: an answer from the engine core could not be handled; reconnecting")
             finally:
                 hello.cancel()
                 if self.connected:

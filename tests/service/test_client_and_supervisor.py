@@ -508,3 +508,31 @@ def test_only_front_ends_get_the_shared_metrics_folder() -> None:
     finally:
         sup.close()
 
+
+@pytest.mark.parametrize("bad", [LENGTH.pack(1) + b"\xc1",  # a byte msgpack never uses
+                                 frame([[1, 2]]),  # an answer without its body
+                                 frame([[0, "expired", "s1"]])])  # an event whose listener fails
+def test_a_frame_the_client_cannot_take_drops_the_connection_and_it_reconnects(tmp_path: Path, bad: bytes) -> None:
+    """Like an oversized frame, an answer the client cannot decode or hand on means a broken peer (or a bug in
+    an event listener): the connection is dropped and made again, never left down for good."""
+    sent: list[bytes] = []
+
+    def on_request(req: list, writer: asyncio.StreamWriter) -> None:
+        if not sent:
+            sent.append(bad)
+            writer.write(bad)
+        else:
+            answer_ok(req, writer)
+
+    def on_event(kind: str, body: Any) -> None:
+        raise RuntimeError("a bug in the event listener")
+
+    async def test(engine: FakeEngine, client: EngineClient) -> None:
+        client.on_event = on_event
+        with pytest.raises(EngineUnavailable):
+            await asyncio.wait_for(client.call("get", "s1"), 2)
+        await connected(client)
+        assert (await client.call("get", "s2"))["args"] == ["s2"]
+        assert engine.connections == 2
+
+    run_with(tmp_path, test, on_request=on_request)
