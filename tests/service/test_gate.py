@@ -231,3 +231,38 @@ def test_a_request_behind_one_still_being_answered_is_left_in_order() -> None:
         protocol.connection_lost(None)
 
     asyncio.run(run())
+
+
+def test_a_client_that_does_not_read_its_answers_gets_no_answers_written_from_the_head() -> None:
+    """While uvicorn's write buffer is over its high-water mark (the client does not read), refusable requests
+    are left to the app, whose answers wait for the buffer to drain: answering them from their heads would
+    grow the buffer without bound."""
+    g, fe = gate()
+    fe.outstanding[("", "full")] = 2
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        release_admitted(scope)
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 429, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def run() -> None:
+        config = uvicorn.Config(app, log_level="warning")
+        config.load()
+        protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        protocol.connection_made(transport)
+        protocol.pause_writing()  # what the transport calls when its buffer passes the high-water mark
+        protocol.data_received(post("full"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert transport.out == b"" and seen == ["/v1/sessions/full/steps"]  # the app's answer waits
+        protocol.resume_writing()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert bytes(transport.out).startswith(b"HTTP/1.1 429")
+        protocol.connection_lost(None)
+
+    asyncio.run(run())
