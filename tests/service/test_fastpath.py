@@ -159,3 +159,16 @@ def test_the_fast_path_and_the_route_give_the_same_answers(server: Server, ref: 
             r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": x.tolist(), "start": 0}).json()
             assert r["replayed"] == 6 and r["steps_seen"] == 7
             assert_outputs(r["outputs"], ref.outputs("sliding", x))
+
+
+def test_the_app_runs_the_fast_path_inside_the_body_limit() -> None:
+    """Innermost, so that every limit and the key check have run first (BodyLimit has read the body within
+    PSN_MAX_REQUEST_BYTES, SessionGate has refused a full session, AccessControl has set the owner)."""
+    from service.config import Settings
+    from service.frontend.app import create_app
+    from service.frontend.limits import BodyLimit, SessionGate
+
+    app = create_app(Settings(), "unix:/nonexistent/engine.sock")
+    order = [m.cls for m in app.user_middleware]  # outermost first
+    assert order[-1] is StepsFastPath
+    assert order.index(SessionGate) < order.index(BodyLimit) < order.index(StepsFastPath)
