@@ -91,6 +91,12 @@ class SpikingLayer(nn.Module):
         """``current`` for the step form, batch-invariant (``by_rows``)."""
         return by_rows(self.current, x)
 
+    def current_steps(self, h: Tensor) -> Tensor:
+        """``current_rows`` over steps: (L, B, *in) -> (L, B, *out)."""
+        L, B = h.shape[:2]
+        cur = self.current_rows(h.reshape(L * B, *h.shape[2:]))
+        return cur.reshape(L, B, *cur.shape[1:])
+
 
 def by_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """``fn(x)`` for a row-wise ``fn`` built on matrix products, batch-invariant: row i's result does
@@ -188,25 +194,33 @@ class PSNNet(nn.Module):
         h = self._normalise(x_chunk)
         new_neurons = []
         for layer, ns in zip(self.layers, state.neurons, strict=True):
-            cur = layer.current_rows(h.reshape(L * B, *h.shape[2:]))
-            cur = cur.reshape(L, B, *cur.shape[1:])  # (L, B, *out)
+            cur = layer.current_steps(h)  # (L, B, *out)
             if L == 1:
                 s, ns = layer.neuron.step(cur[0], ns)
                 h = s.unsqueeze(0)
             else:
                 h, ns = layer.neuron.chunk(cur, ns)
             new_neurons.append(ns)
-        logits = by_rows(self.readout, h.reshape(L * B, -1)).reshape(L, B, -1)
-        scores, score_sum = running_mean(logits, state.score_sum, state.t)  # (L, B, C)
+        scores, score_sum = running_mean(self._logits(h), state.score_sum, state.t)  # (L, B, C)
         new = NetState(neurons=tuple(new_neurons), score_sum=score_sum, t=state.t + L)
         return NetOutput(spikes=h, scores=scores), new
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """The readout of the last layer's spikes (L, B, *out) -> (L, B, C), batch-invariant."""
+        L, B = h.shape[:2]
+        return by_rows(self.readout, h.reshape(L * B, -1)).reshape(L, B, -1)
+
+    @property
+    def sliding_only(self) -> bool:
+        """Every neuron a sliding PSN."""
+        return all(isinstance(layer.neuron, SlidingPSN) for layer in self.layers)
 
     @property
     def ragged(self) -> bool:
         """True where ``chunk_ragged`` runs: every neuron a sliding PSN, whose state is its window of recent
         inputs (a masked PSN's weights end at its horizon, which padding steps could pass; LIF keeps a
         membrane that only its last step holds)."""
-        return all(isinstance(layer.neuron, SlidingPSN) for layer in self.layers)
+        return self.sliding_only
 
     def chunk_ragged(self, x_chunk: Tensor, state: NetState, lengths: Tensor) -> tuple[NetOutput, NetState]:
         """``chunk`` for rows that take different numbers of new steps, in one pass: row b takes the first
@@ -227,15 +241,13 @@ class PSNNet(nn.Module):
         h = self._normalise(x_chunk)
         new_neurons = []
         for layer, ns in zip(self.layers, state.neurons, strict=True):
-            cur = layer.current_rows(h.reshape(L * B, *h.shape[2:]))
-            cur = cur.reshape(L, B, *cur.shape[1:])  # (L, B, *out)
+            cur = layer.current_steps(h)  # (L, B, *out)
             h, _ = layer.neuron.chunk(cur, ns)
             k = ns.window.shape[1]
             ctx = torch.cat([ns.window, cur.transpose(0, 1)], dim=1)  # (B, k + L, *out): window, then the steps
             take = lengths.unsqueeze(1) + torch.arange(k, device=lengths.device)  # the k inputs up to each end
             new_neurons.append(NeuronState(window=ctx[rows, take].contiguous(), t=ns.t + lengths))
-        logits = by_rows(self.readout, h.reshape(L * B, -1)).reshape(L, B, -1)
-        scores, sums = running_sums(logits, state.score_sum, state.t)  # (L, B, C)
+        scores, sums = running_sums(self._logits(h), state.score_sum, state.t)  # (L, B, C)
         new = NetState(neurons=tuple(new_neurons), score_sum=sums[lengths - 1, rows[:, 0]], t=state.t + lengths)
         return NetOutput(spikes=h, scores=scores), new
 
@@ -257,10 +269,8 @@ class PSNNet(nn.Module):
         h = self._normalise(x)
         neurons = []
         for j, (layer, ns) in enumerate(zip(self.layers, state.neurons, strict=True)):
-            m, B = h.shape[:2]
-            cur = layer.current_rows(h.reshape(m * B, *h.shape[2:]))
             start = NeuronState(ns.window, ns.t + j * (k - 1))
-            s, new = layer.neuron.chunk(cur.reshape(m, B, *cur.shape[1:]), start)
+            s, new = layer.neuron.chunk(layer.current_steps(h), start)
             neurons.append(new)
             h = s[k - 1:]
         return NetState(neurons=tuple(neurons), score_sum=state.score_sum, t=state.t + n)
@@ -269,8 +279,7 @@ class PSNNet(nn.Module):
     def steps_slots_fused(self, x_t: Tensor) -> bool:
         """True where ``step_slots_`` runs for inputs like ``x_t``: a sliding-PSN net in eval mode, and the
         fused kernels available (Triton, a CUDA float32 tensor, PSN_FUSED not 0)."""
-        return (not self.training and fused_available(x_t)
-                and all(isinstance(layer.neuron, SlidingPSN) for layer in self.layers))
+        return not self.training and fused_available(x_t) and self.sliding_only
 
     @torch.no_grad()
     def step_slots_(self, x_t: Tensor, state: NetState, idx: Tensor) -> NetOutput:
