@@ -18,7 +18,7 @@ from service.errors import ServiceError
 from service.frontend.auth import OWNER
 from service.frontend.deps import get_frontend
 from service.frontend.errors import error_response
-from service.frontend.limits import STEPS_PREFIX, STEPS_SUFFIX
+from service.frontend.limits import steps_session
 from service.frontend.routes.sessions import refuse_start_in_url, steps_answer
 from service.schemas import StepsRequest
 
@@ -38,11 +38,11 @@ class StepsFastPath:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path: str = scope.get("path", "")
-        if (scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(STEPS_PREFIX)
-                or not path.endswith(STEPS_SUFFIX) or not json_content(scope)):
+        if scope["type"] != "http" or scope["method"] != "POST" or not json_content(scope):
             return await self.app(scope, receive, send)
-        sid = path[len(STEPS_PREFIX):-len(STEPS_SUFFIX)]
+        sid = steps_session(scope["path"])
+        if sid is None:
+            return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
             msg = await receive()
@@ -51,8 +51,8 @@ class StepsFastPath:
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
         raw = b"".join(chunks)
-        body = self._parse(raw) if sid and "/" not in sid else None
-        if body is None:  # FastAPI's own answer (a route miss, a body error): the body handed on unread
+        body = self._parse(raw)
+        if body is None:  # FastAPI's own answer (a body error): the body handed on unread
             replay: list[Message] = [{"type": "http.request", "body": raw, "more_body": False}]
 
             async def replay_receive() -> Message:

@@ -120,6 +120,14 @@ class ConnectionLimit:
 STEPS_PREFIX, STEPS_SUFFIX = "/v1/sessions/", "/steps"
 
 
+def steps_session(path: str) -> str | None:
+    """The session id of a ``/v1/sessions/{id}/steps`` path (the route's), else None."""
+    if not (path.startswith(STEPS_PREFIX) and path.endswith(STEPS_SUFFIX)):
+        return None
+    sid = path[len(STEPS_PREFIX):-len(STEPS_SUFFIX)]
+    return sid if sid and "/" not in sid else None
+
+
 class SessionGate:
     """``POST /v1/sessions/{id}/steps`` past the session's queue bound (``Frontend.queue_full``) is answered
     429 ``session_queue_full`` here, before the body is read or parsed and without asking the engine core.
@@ -133,14 +141,12 @@ class SessionGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             release_admitted(scope)  # from here on it counts (or is refused) as any request does
-            path: str = scope["path"]
-            if path.startswith(STEPS_PREFIX) and path.endswith(STEPS_SUFFIX):
-                sid = path[len(STEPS_PREFIX):-len(STEPS_SUFFIX)]
-                fe = getattr(scope["app"].state, "frontend", None)
-                if sid and "/" not in sid and fe is not None:
-                    err = fe.queue_full(sid, scope.get(OWNER, ""))
-                    if err is not None:
-                        return await send_json_error(scope, send, err, [])
+            sid = steps_session(scope["path"])
+            fe = getattr(scope["app"].state, "frontend", None) if sid is not None else None
+            if fe is not None:
+                err = fe.queue_full(sid, scope.get(OWNER, ""))
+                if err is not None:
+                    return await send_json_error(scope, send, err, [])
         await self.app(scope, receive, send)
 
 
