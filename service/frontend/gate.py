@@ -15,13 +15,11 @@ their order), and a client that reads its answers. Anything else goes the ASGI w
 
 from __future__ import annotations
 
-import json
-from http import HTTPStatus
 from typing import Any
 
 from service.config import Settings
 from service.frontend.auth import KeyRing, bearer_key
-from service.frontend.limits import ADMITTED, STEPS_PREFIX, STEPS_SUFFIX
+from service.frontend.limits import ADMITTED, STEPS_PREFIX, STEPS_SUFFIX, error_answer, raw_answer
 
 PREFIX, SUFFIX = STEPS_PREFIX.encode(), STEPS_SUFFIX.encode()
 
@@ -75,13 +73,7 @@ class FastRefusal:
             return cached[1]
         if len(self.answers) >= 1024:
             self.answers.clear()
-        data = json.dumps(err.body_for(path)).encode()
-        head = [b"HTTP/1.1 %d %s\r\n" % (err.status, HTTPStatus(err.status).phrase.encode())]
-        head.extend(b"%s: %s\r\n" % (name, value) for name, value in default_headers)
-        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(data))
-        head.extend(b"%s: %s\r\n" % (k.lower().encode(), v.encode()) for k, v in err.headers().items())
-        head.append(b"\r\n")
-        head.append(data)
-        answer = b"".join(head)
+        headers, data = error_answer(err, path)
+        answer = raw_answer(err.status, [*default_headers, *headers], data)
         self.answers[key] = (default_headers, answer)  # a flood gets the same answer many times a second
         return answer

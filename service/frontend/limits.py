@@ -14,6 +14,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -43,11 +44,26 @@ def count_error(scope: Scope, err: ServiceError) -> None:
         metrics.error(err.code)
 
 
+def error_answer(err: ServiceError, path: str | bytes,
+                 extra: tuple[tuple[bytes, bytes], ...] = ()) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers (content type and length, ``extra``, the error's own) and the JSON body answering ``err``
+    to a request for ``path``, for the answers written outside FastAPI's handlers."""
+    data = json.dumps(err.body_for(path)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data)), *extra,
+               *((k.lower().encode(), v.encode()) for k, v in err.headers().items())]
+    return headers, data
+
+
+def raw_answer(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A whole HTTP/1.1 answer, to write straight onto a connection (no ASGI)."""
+    head = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+    head.extend(b"%s: %s\r\n" % (name, value) for name, value in headers)
+    return b"".join([*head, b"\r\n", body])
+
+
 async def send_json_error(scope: Scope, send: Send, err: ServiceError, extra: list[tuple[bytes, bytes]]) -> None:
     count_error(scope, err)
-    data = json.dumps(err.body_for(scope["path"])).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *extra,
-               *((k.lower().encode(), v.encode()) for k, v in err.headers().items())]
+    headers, data = error_answer(err, scope["path"], tuple(extra))
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 

@@ -15,22 +15,20 @@ Inference Protocol's ``{"error": "..."}`` under ``/v2``) and never a hang:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from service.errors import HeadersTooLarge, ServiceError, UrlTooLong
+from service.frontend.limits import error_answer, raw_answer
 
 log = logging.getLogger("psn.frontend")
 
 
 def write_error(transport: asyncio.Transport, err: ServiceError, path: bytes) -> None:
     """Answer ``err`` in the shape for ``path`` straight onto the connection, then close it."""
-    data = json.dumps(err.body_for(path)).encode()
-    transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: "
-                    b"close\r\n\r\n%s" % (err.status, HTTPStatus(err.status).phrase.encode(), len(data), data))
+    headers, data = error_answer(err, path, ((b"connection", b"close"),))
+    transport.write(raw_answer(err.status, headers, data))
     transport.close()
 
 
