@@ -12,13 +12,13 @@ import json
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ServiceError
 from service.frontend.auth import OWNER
 from service.frontend.deps import get_frontend
 from service.frontend.errors import error_response
-from service.frontend.limits import steps_session
+from service.frontend.limits import replaying, steps_session
 from service.frontend.routes.sessions import refuse_start_in_url, steps_answer
 from service.schemas import StepsRequest
 
@@ -52,13 +52,8 @@ class StepsFastPath:
             more = msg.get("more_body", False)
         raw = b"".join(chunks)
         body = self._parse(raw)
-        if body is None:  # FastAPI's own answer (a body error): the body handed on unread
-            replay: list[Message] = [{"type": "http.request", "body": raw, "more_body": False}]
-
-            async def replay_receive() -> Message:
-                return replay.pop() if replay else await receive()
-
-            return await self.app(scope, replay_receive, send)
+        if body is None:  # FastAPI's own answer (a body error): the body handed on as it came
+            return await self.app(scope, replaying(raw, receive), send)
         request = Request(scope, receive)
         try:
             fe = get_frontend(request)

@@ -31,6 +31,16 @@ ABORT = "psn.abort"  # scope key of a WebSocket: drops the connection at once (o
 ADMITTED = "psn.admitted"  # scope key: (Frontend, key) of a steps request let through from its head (gate.py)
 
 
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body``, read already, as one message, then what ``receive`` gives."""
+    replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay_receive() -> Message:
+        return replay.pop() if replay else await receive()
+
+    return replay_receive
+
+
 def release_admitted(scope: Scope) -> None:
     """The request has reached ``SessionGate`` or ended: it no longer counts as let through from its head."""
     held = scope.pop(ADMITTED, None)
@@ -188,12 +198,7 @@ class BodyLimit:
                 return await self._refuse(scope, send, size)
             body.append(chunk)
             more = msg.get("more_body", False)
-        replay: list[Message] = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
-
-        async def replay_receive() -> Message:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replay_receive, send)
+        await self.app(scope, replaying(b"".join(body), receive), send)
 
     async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
         err = RequestTooLarge(f"body: {size} bytes, at most {self.max_bytes} allowed (PSN_MAX_REQUEST_BYTES)",
