@@ -57,7 +57,6 @@ from service.errors import (
     RequestTimeout,
     RetryTooOld,
     ServiceError,
-    SessionQueueFull,
     ShuttingDown,
     StepGap,
     TooManySessions,
@@ -295,11 +294,10 @@ class EngineCore:
             self._adopting.append((front, rid, [rid, "sequence", sid, model, start, end, L, payload, owner]))
             return QUEUED
         s = self.lookup(sid, owner=owner) if end else None  # the session the steps and the close go to
-        if s is not None and len(s.queue) + 2 > self.schedulers[s.model].session_queue:
-            raise SessionQueueFull.waiting(s.id, len(s.queue))  # room for both, or neither is queued
         result = self.steps(front, rid, sid, -1, L, payload, owner)
-        if s is not None:
-            self.schedulers[s.model].add(Request(front, UNANSWERED, s, "close", self.clock()))
+        if s is not None:  # one request with its steps: the close takes no place of its own in the session's
+            # queue (counted, it never fitted under PSN_SESSION_QUEUE=1, and refused a start+end after the open)
+            self.schedulers[s.model].add(Request(front, UNANSWERED, s, "close", self.clock()), bounded=False)
         return result
 
     def _check_admission(self, model: str, owner: str, L: int) -> None:

@@ -69,10 +69,11 @@ class Scheduler:
         self.ready: deque[Session] = deque()  # sessions with queued requests, in turn order
         self.pending = 0  # queued requests, all sessions
 
-    def add(self, req: Request) -> None:
-        """Queue ``req`` behind its session's other requests, at most ``session_queue`` of them."""
+    def add(self, req: Request, bounded: bool = True) -> None:
+        """Queue ``req`` behind its session's other requests, at most ``session_queue`` of them (``bounded``
+        false: a close that is part of the request queued just before it, an OIP ``sequence_end``)."""
         s = req.session
-        if len(s.queue) >= self.session_queue:
+        if bounded and len(s.queue) >= self.session_queue:
             raise SessionQueueFull.waiting(s.id, len(s.queue))
         s.queue.append(req)
         if len(s.queue) == 1:

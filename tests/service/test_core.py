@@ -392,18 +392,21 @@ def test_a_sequence_end_closes_in_the_turn_of_its_steps_so_a_next_start_is_fresh
     assert core.schedulers["fake"].pending == 0 and not core.schedulers["fake"].ready
 
 
-def test_a_sequence_end_without_room_for_its_close_is_refused_whole() -> None:
+def test_a_sequence_end_without_room_for_its_steps_is_refused_whole() -> None:
     """The steps and the close behind them are queued together or not at all: steps queued alone would be
     applied while the client is told 429."""
     core, be, clock = make_core(max_wait_ms=1000, session_queue=2)
     sid = "oip::fake:8"
     core.handle(b"f", [1, "sequence", sid, "fake", True, False, 1, np.ones(2).tobytes()])
-    core.handle(b"f", [2, "sequence", sid, "fake", False, True, 1, np.ones(2).tobytes()])  # 1 queued + 2 > 2
-    assert answers(core)[2][1][0] == "session_queue_full"
+    core.handle(b"f", [2, "sequence", sid, "fake", False, False, 1, np.ones(2).tobytes()])
+    core.handle(b"f", [3, "sequence", sid, "fake", False, True, 1, np.ones(2).tobytes()])  # 2 queued: full
+    assert answers(core)[3][1][0] == "session_queue_full"
     clock.now += 2
     core.step()
     core.step()
-    assert answers(core)[1][1][:3] == [0, 0, 1] and core.sessions.live[sid].t == 1  # request 2 applied nothing
+    got = answers(core)
+    assert got[1][1][:3] == [0, 0, 1] and got[2][1][:3] == [1, 0, 2]
+    assert core.sessions.live[sid].t == 2  # request 3 applied nothing, and closed nothing
 
 
 def test_engine_core_expiry_pushes_to_watchers_and_close_waits_for_queued_work() -> None:
@@ -918,15 +921,21 @@ def test_a_sequence_end_on_a_session_lost_in_its_batch_is_answered_once() -> Non
     assert [item[0] for item in out] == [1] and out[0][2][0] == "session_lost"
 
 
-def test_a_sequence_end_fits_when_exactly_two_places_are_free() -> None:
-    core, be, clock = make_core(max_wait_ms=0, session_queue=2)
+def test_a_sequence_end_takes_one_place_in_its_session_queue() -> None:
+    """The close a sequence_end queues behind its steps is part of that request: under PSN_SESSION_QUEUE=1 a
+    sequence can still end, and a start+end request (a whole sequence in one) runs, on a fresh session."""
+    core, be, clock = make_core(max_wait_ms=0, session_queue=1)
     sid = "oip::fake:1"
     core.handle(b"f", [1, "sequence", sid, "fake", True, False, 1, np.ones(2).tobytes()])
     core.step()
-    core.handle(b"f", [2, "sequence", sid, "fake", False, True, 1, np.ones(2).tobytes()])  # empty queue: room for 2
+    core.handle(b"f", [2, "sequence", sid, "fake", False, True, 1, np.ones(2).tobytes()])  # empty queue: room for it
     core.step()
     got = answers(core)
     assert got[2][0] == 0 and got[2][1][:3] == [1, 0, 2] and sid not in core.sessions.live
+    core.handle(b"f", [3, "sequence", sid, "fake", True, True, 2, np.ones(4).tobytes()])
+    core.step()
+    got = answers(core)
+    assert got[3][0] == 0 and got[3][1][:3] == [0, 0, 2] and sid not in core.sessions.live
 
 
 def test_expires_in_is_never_negative() -> None:

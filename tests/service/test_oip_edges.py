@@ -281,3 +281,22 @@ def test_readiness_follows_the_engine_core(serve) -> None:
                 assert time.monotonic() < deadline, r.text
                 time.sleep(0.05)
             assert r.json()["ready"] is True
+
+
+def test_sequences_start_and_end_under_a_session_queue_of_one(serve, ref: Reference) -> None:
+    """PSN_SESSION_QUEUE=1: a sequence_end takes one place in its session's queue (the close it queues is part
+    of the request), so a whole sequence in one request (start + end) runs and a sequence can end. Counted
+    as two places, every such request was 429 ("0 requests are already waiting"), and a start + end one
+    reset the live sequence of its id before it was refused."""
+    srv = serve(session_queue=1)
+    x = ref.sequence("sliding", 6, seed=71).float()
+    want = ref.outputs("sliding", x.double())[0]
+    with httpx.Client(base_url=srv.url, timeout=20) as h:
+        r = h.post(URL, json=oip_sequence(x.numpy(), 9, ("spikes",), sequence_start=True, sequence_end=True))
+        assert _outputs(r)["spikes"][0].tolist() == want
+        assert h.get("/v1/sessions/oip::sliding:9").json()["error"]["code"] == "session_closed"
+        r = h.post(URL, json=oip_sequence(x[:2].numpy(), 9, ("spikes",), sequence_start=True))
+        assert _outputs(r)["spikes"][0].tolist() == want[:2]
+        r = h.post(URL, json=oip_sequence(x[2:].numpy(), 9, ("spikes",), sequence_end=True))
+        assert _outputs(r)["spikes"][0].tolist() == want[2:]
+        assert h.get("/v1/sessions/oip::sliding:9").json()["error"]["code"] == "session_closed"
