@@ -22,6 +22,7 @@ router = APIRouter(tags=["demo"])
 
 
 @router.get("/demo", include_in_schema=False)
+@router.get("/demo/", include_in_schema=False)  # the app redirects no slashes (app.py): a typed /demo/ works too
 async def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html")
 

@@ -65,7 +65,10 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
         finally:
             await client.close()
 
-    app = FastAPI(title="psn-stream", version="0.2.0", description=DESCRIPTION, lifespan=lifespan, **NO_OTEL)
+    # No slash redirects: a path with a stray "/" is 404 not_found in the API's shape (/v2: the protocol's), as
+    # docs/api.md says, not an empty 307 whose Location is built from the request's Host header
+    app = FastAPI(title="psn-stream", version="0.2.0", description=DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False, **NO_OTEL)
     app.state.settings = settings
     app.state.metrics = FrontendMetrics()
     app.state.worker = worker

@@ -129,6 +129,25 @@ def test_unknown_route_names_the_path(client: httpx.Client) -> None:
     assert r.json()["error"]["field"] == "path" and "/v1/nothing-here" in r.json()["error"]["message"]
 
 
+def test_a_stray_slash_is_not_found_not_redirected(client: httpx.Client, ref: Reference) -> None:
+    """A path with a trailing slash is no route: 404 in the API's shape (under /v2 the protocol's), not an
+    empty 307 to a Location built from the request's Host header; nothing is applied. The demo page takes
+    /demo/ too."""
+    sid = client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    x = ref.sequence("sliding", 1, seed=23)
+    for method, path, body in (("POST", f"/v1/sessions/{sid}/steps/", {"steps": x.tolist()}),
+                               ("POST", "/v1/sessions/", {"model": "sliding"}),
+                               ("GET", f"/v1/sessions/{sid}/", None), ("GET", "/v1/models/", None),
+                               ("POST", "/v1/classify/", {"model": "sliding", "steps": x.tolist()})):
+        r = client.request(method, path, json=body, headers={"host": "elsewhere.example"})
+        assert r.status_code == 404 and "location" not in r.headers, (path, r.status_code, r.headers)
+        assert r.json()["error"]["code"] == "not_found" and r.json()["error"]["field"] == "path"
+    r = client.post("/v2/models/sliding/infer/", json={"inputs": []})
+    assert r.status_code == 404 and isinstance(r.json()["error"], str) and "location" not in r.headers
+    assert client.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 0
+    assert client.get("/demo/").status_code == 200 and "text/html" in client.get("/demo/").headers["content-type"]
+
+
 def test_unknown_things(client: httpx.Client) -> None:
     _check(client.post("/v1/sessions", json={"model": "nope"}), 404, "model_not_found", ["model", "nope", "sliding"])
     _check(client.get("/v1/models/nope"), 404, "model_not_found")
