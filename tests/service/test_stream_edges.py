@@ -7,7 +7,9 @@ service/frontend/routes/stream.py found each of these let through by the rest of
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import struct
 import time
 from collections.abc import Iterator
@@ -174,3 +176,36 @@ def test_the_send_watchdog_drops_only_sends_that_waited_past_the_timeout() -> No
         await asyncio.wait_for(dog.task, 1)  # nothing left to watch: the task ends
 
     asyncio.run(run())
+
+
+def test_a_close_refused_for_now_keeps_the_session_on_the_connection(serve, ref: Reference) -> None:
+    """A close the engine core refuses for now (429 session_queue_full: another connection's steps fill the
+    session's queue) leaves the session on the connection, so the close can be sent again once they are
+    answered. It used to drop it first: the retried close was 422 "no session on this connection", the
+    session stayed open, and the connection no longer heard of its expiry."""
+    srv = serve(session_queue=1)
+    x = ref.sequence("sliding", 4, seed=72)
+    with connect(srv.ws_url) as a, connect(srv.ws_url) as b, httpx.Client(base_url=srv.url, timeout=20) as h:
+        pid = h.get("/healthz").json()["engine_pid"]
+        for _ in range(5):  # the steps and the close reach the paused engine core together: the close finds it busy
+            sid = _open(a)
+            assert _ask(b, {"type": "attach", "session_id": sid})["type"] == "attached"
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                b.send(json.dumps({"type": "steps", "steps": x.tolist()}))
+                time.sleep(0.2)
+                a.send(json.dumps({"type": "close"}))
+                time.sleep(0.2)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            first = json.loads(a.recv(timeout=10))
+            steps = json.loads(b.recv(timeout=10))
+            assert steps["type"] == "steps", steps
+            assert_outputs(steps["outputs"], ref.outputs("sliding", x))
+            if first["type"] == "error":
+                break
+            assert first["type"] == "closed", first
+        assert first["error"]["code"] == "session_queue_full" and first["error"]["retry_after"] >= 1, first
+        assert h.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 4
+        assert _ask(a, {"type": "close"}) == {"type": "closed", "session_id": sid}
+        assert h.get(f"/v1/sessions/{sid}").json()["error"]["code"] == "session_closed"

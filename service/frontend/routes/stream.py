@@ -186,9 +186,14 @@ class StreamConnection:
             await self.send({"type": "attached", "session": info})
         else:
             sid, _ = self._current()
-            self.unbind()
             fe.check_ready()
-            await fe.client.call("close", sid, self.owner)
+            try:
+                await fe.client.call("close", sid, self.owner)
+            except ServiceError as e:  # a refusal to wait on (429, 503) keeps the session: the client retries the close
+                if e.status in (404, 410):  # the session is gone (or another key's): nothing left to close
+                    self.unbind()
+                raise
+            self.unbind()
             await self.send({"type": "closed", "session_id": sid})
 
     async def handle_binary(self, data: bytes) -> None:
