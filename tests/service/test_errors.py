@@ -227,6 +227,8 @@ def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
         assert e["error"]["field"] == "id" and "NaN" in e["error"]["message"] and e["id"] is None
         assert ask('{"type": "steps", "steps": [[0, 0, 0]], "id": {"a": [1e400]}}')["error"]["field"] == "id"
         assert ask('{"type": "dance", "id": -Infinity}')["id"] is None  # not echoed
+        e = ask('{"type": "steps", "steps": [[0, 0, 0]], "id": "\\ud800"}')  # a lone surrogate: the parser refuses
+        assert e["error"]["field"] == "message" and e["id"] is None  # it, so it is not echoed (strict parsers fail)
         e = ask({"type": "steps", "steps": [[0, 0, 0]], "start": 2**64, "id": 10})
         assert e["error"]["code"] == "invalid_input" and e["error"]["field"] == "start" and e["id"] == 10
         r = ask({"type": "steps", "steps": x.tolist()})

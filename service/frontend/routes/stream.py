@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import Field, TypeAdapter, ValidationError
+from pydantic_core import from_json
 from uvicorn.protocols.utils import ClientDisconnected
 
 from service.errors import InvalidInput, RequestTooLarge, ServiceError, internal
@@ -265,8 +266,9 @@ def _msg_id(text: str | None, data: bytes | None, limit: int) -> Any:
         return REQUEST_HEADER.unpack_from(data)[0] if len(data) >= REQUEST_HEADER.size else None
     if text is None or len(text) > limit:  # an oversized message is never parsed, not even for its id
         return None
-    try:
-        d = json.loads(text or "")
+    try:  # the parser that read the message (pydantic's): an id in text it refused, e.g. "\ud800" (a lone
+        # surrogate, which json.loads takes and strict parsers refuse), is not echoed, nor one of NaN or Infinity
+        d = from_json(text or "")
         return plain_json(d.get("id")) if isinstance(d, dict) else None
-    except (ValueError, RecursionError):  # an id of NaN or Infinity is not echoed: the answer must be JSON
+    except (ValueError, RecursionError):
         return None
