@@ -9,7 +9,8 @@ Inference Protocol's ``{"error": "..."}`` under ``/v2``) and never a hang:
   8,192 bytes, over 128 headers) is answered 414 / 431 / 400 in that shape: uvicorn before 0.55 left
   websockets' answer unsent and the connection open, so the client waited for ever; 0.55 sends
   websockets' plain-text answer;
-- a handshake refused by the app with an HTTP answer (401, 403) is not logged as an app error.
+- a handshake refused by the app with an HTTP answer (401, 403) is not logged as an app error;
+- a request whose client half-closes the connection after sending it is still answered.
 """
 
 from __future__ import annotations
@@ -122,6 +123,17 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asynci
             if not self.refused:
                 super().on_message_complete()
             self.refused = False
+
+        def eof_received(self) -> bool | None:
+            """The client shut down its sending side (a half-close, as ``shutdown(SHUT_WR)``, ``nc -N`` or
+            ``curl`` with a closed stdin do) after a whole request: that request is still answered, and the
+            connection closed after it. uvicorn's ``eof_received`` returns None, so asyncio closed the
+            connection at once: the request ran (steps applied, a session opened) and its answer was lost."""
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete and not cycle.more_body:
+                cycle.keep_alive = False  # the last request the client sent: close once it is answered
+                return True
+            return None  # nothing left to answer, or a body that will never end: close as before
 
         def send_400_response(self, msg: str) -> None:
             if self.too_large:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 
 import httpx
@@ -146,6 +147,36 @@ def test_a_stray_slash_is_not_found_not_redirected(client: httpx.Client, ref: Re
     assert r.status_code == 404 and isinstance(r.json()["error"], str) and "location" not in r.headers
     assert client.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 0
     assert client.get("/demo/").status_code == 200 and "text/html" in client.get("/demo/").headers["content-type"]
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_a_request_then_a_half_close_is_answered(server: Server, client: httpx.Client, ref: Reference) -> None:
+    """A client that shuts down its sending side after a whole request (shutdown(SHUT_WR), ``nc -N``) still
+    gets the answer, then the connection closes. asyncio closed such a connection at once: the steps were
+    applied and their answer lost. A body cut short by the half-close is never applied."""
+    sid = client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    x = ref.sequence("sliding", 3, seed=24)
+    for t in range(3):
+        body = json.dumps({"steps": x[t:t + 1].tolist()}).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+            head, _, answer = _read_to_eof(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert_outputs(json.loads(answer)["outputs"], ref.outputs("sliding", x), start=t)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     "content-length: 100\r\n\r\n{\"steps\": ".encode())
+        sock.shutdown(socket.SHUT_WR)
+        assert _read_to_eof(sock) == b""  # closed, not left waiting for the rest of the body
+    assert client.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 3
 
 
 def test_unknown_things(client: httpx.Client) -> None:
