@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # server's own origin (Origin matching Host) and clients that send no Origin are always allowed; "*": any.
     allowed_origins: str = ""
     max_header_bytes: int = Field(32768, ge=1024)  # request line + headers; past it: 431, connection closed
+    # a request's head and body must have come in full this long after its first byte (or after the connection
+    # opened, for its first request); a client that sends slower is answered 408 read_timeout and disconnected
+    read_timeout_s: float = Field(60.0, gt=0)
     _key_hashes: tuple[bytes, ...] = PrivateAttr(())
 
     @model_validator(mode="after")

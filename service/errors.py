@@ -113,6 +113,12 @@ class RequestTimeout(ServiceError):
     status, code = 504, "request_timeout"
 
 
+class ReadTimeout(ServiceError):
+    """The client took longer than PSN_READ_TIMEOUT_S to send a whole request (head and body)."""
+
+    status, code = 408, "read_timeout"
+
+
 class TooManySessions(ServiceError):
     status, code = 503, "too_many_sessions"
 

@@ -10,7 +10,11 @@ Inference Protocol's ``{"error": "..."}`` under ``/v2``) and never a hang:
   websockets' answer unsent and the connection open, so the client waited for ever; 0.55 sends
   websockets' plain-text answer;
 - a handshake refused by the app with an HTTP answer (401, 403) is not logged as an app error;
-- a request whose client half-closes the connection after sending it is still answered.
+- a request whose client half-closes the connection after sending it is still answered;
+- a client must send each request whole (head and body) within ``PSN_READ_TIMEOUT_S`` of its first byte
+  (its first request: of the connection's opening): one that trickles bytes, or connects and sends
+  nothing, would hold its connection (and, with a body under way, a ``PSN_MAX_CONNECTIONS`` place) for
+  ever. A request under way is answered 408 ``read_timeout``; a connection that sent nothing is closed.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from service.errors import HeadersTooLarge, ServiceError, UrlTooLong
+from service.errors import HeadersTooLarge, ReadTimeout, ServiceError, UrlTooLong
 from service.frontend.limits import error_answer, raw_answer
 
 log = logging.getLogger("psn.frontend")
@@ -37,7 +41,8 @@ def write_error(transport: asyncio.Transport, err: ServiceError, path: bytes) ->
 Refusal = Callable[[bytes, bytes, dict[str, Any], list[tuple[bytes, bytes]]], bytes | None]
 
 
-def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asyncio.Protocol] | None:
+def http_protocol(max_bytes: int, refusal: Refusal | None = None,
+                  read_timeout_s: float | None = None) -> type[asyncio.Protocol] | None:
     """uvicorn's httptools protocol with a bound on each request's head (request line and headers, the
     WebSocket handshake's too): past ``max_bytes`` it answers 431 ``headers_too_large`` and closes the
     connection (httptools would read a 100 MB header into memory); a request it cannot parse is a 400
@@ -48,7 +53,10 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asynci
     connection is kept alive; the request's body is read and dropped as it comes). It is
     asked only when nothing else of the connection is being answered (answers keep their order), the
     client reads its answers (uvicorn's write buffer is below its high-water mark) and the request is
-    plain HTTP/1.1 keep-alive without ``Expect: 100-continue``."""
+    plain HTTP/1.1 keep-alive without ``Expect: 100-continue``.
+
+    ``read_timeout_s``: each request must have come in whole (head and body) that long after its first byte,
+    or after the connection opened for its first one (None: no bound, uvicorn's way)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
         from uvicorn.protocols.utils import get_client_addr
@@ -65,6 +73,51 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asynci
             self.too_large = False
             self.head_path = b""  # the current request's path, as far as it came (its error's shape)
             self.refused = False  # the request being read was answered from its head (``refusal``)
+            self.read_timer: asyncio.TimerHandle | None = None  # armed while a request is awaited or read
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.arm_read_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm_read_timer()
+            super().connection_lost(exc)
+
+        def arm_read_timer(self) -> None:
+            if read_timeout_s is not None and self.read_timer is None:
+                self.read_timer = self.loop.call_later(read_timeout_s, self.read_timed_out)
+
+        def disarm_read_timer(self) -> None:
+            if self.read_timer is not None:
+                self.read_timer.cancel()
+                self.read_timer = None
+
+        def read_timed_out(self) -> None:
+            """The request being read (or the first one awaited) has taken ``read_timeout_s``. A request whose
+            head or body is late is answered 408 and the connection closed; a connection that sent nothing is
+            closed; a late pipelined head behind an answer still due closes the connection after that answer."""
+            self.read_timer = None
+            if self.transport.is_closing() or self.transport.get_protocol() is not self:  # closed, or upgraded
+                return
+            cycle = self.cycle
+            answering = cycle is not None and not cycle.response_complete  # a request of this connection runs
+            if answering and not self.in_head and cycle.more_body:  # its body is late
+                cycle.keep_alive, cycle.disconnected = False, True  # the app's receive() gets a disconnect:
+                cycle.message_event.set()  # it never takes a half body for a whole one
+                if cycle.response_started:
+                    self.transport.close()
+                    return
+            elif self.in_head and answering:  # a pipelined request: the answer before it goes out first
+                cycle.keep_alive = False
+                return
+            elif not self.in_head:  # nothing sent since the connection opened
+                self.transport.close()
+                return
+            log.info("a request did not come in whole within %g s (PSN_READ_TIMEOUT_S): 408, closing",
+                     read_timeout_s)
+            write_error(self.transport, ReadTimeout(
+                f"request: not sent in full within {read_timeout_s:g} s of its first byte (PSN_READ_TIMEOUT_S); "
+                "send the request line, headers and body without pauses", field="request"), self.head_path)
 
         def data_received(self, data: bytes) -> None:
             self.ended = False
@@ -77,6 +130,7 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asynci
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.arm_read_timer()  # already armed for a connection's first request (from its opening)
             self.in_head, self.head_size, self.head_raw, self.head_path = True, 0, 0, b""
 
         def on_url(self, url: bytes) -> None:
@@ -120,6 +174,7 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asynci
 
         def on_message_complete(self) -> None:
             self.ended = True
+            self.disarm_read_timer()
             if not self.refused:
                 super().on_message_complete()
             self.refused = False
@@ -134,6 +189,10 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None) -> type[asynci
                 cycle.keep_alive = False  # the last request the client sent: close once it is answered
                 return True
             return None  # nothing left to answer, or a body that will never end: close as before
+
+        def handle_websocket_upgrade(self) -> None:
+            self.disarm_read_timer()  # the handshake's head has come; the WebSocket protocol takes over
+            super().handle_websocket_upgrade()
 
         def send_400_response(self, msg: str) -> None:
             if self.too_large:

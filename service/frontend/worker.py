@@ -34,7 +34,8 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
     except ImportError:
         pass
     fastapi_app = create_app(settings, engine_address, worker)
-    http = http_protocol(settings.max_header_bytes, FastRefusal(fastapi_app, settings).answer) or "h11"
+    http = (http_protocol(settings.max_header_bytes, FastRefusal(fastapi_app, settings).answer, settings.read_timeout_s)
+            or "h11")
     app = SlowReaders(fastapi_app, settings.ws_send_timeout_s)
     config = uvicorn.Config(app, log_level=settings.log_level,
                             ws=ws_protocol(), ws_max_size=ws_max_size(settings.max_request_bytes), http=http,

@@ -1,0 +1,261 @@
+"""PSN_READ_TIMEOUT_S: a client must send each request whole (head and body) within the read timeout of its
+first byte (its first request: of the connection's opening). Unit tests drive the front end's HTTP protocol
+(service/frontend/protocols.py) with the protocol's timers on an injected clock; the end-to-end tests use a
+real server and raw sockets, as a slow client would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import websockets.sync.client as ws_client
+from uvicorn.server import ServerState
+
+from service.frontend.protocols import http_protocol
+from tests.service.conftest import Reference, Server, assert_outputs
+from tests.service.test_gate import Transport as GateTransport
+
+TIMEOUT = 10.0
+
+
+class Transport(GateTransport):
+    """test_gate's recording transport, which also knows its protocol (a WebSocket upgrade replaces it)."""
+
+    protocol: Any = None
+
+    def get_protocol(self) -> Any:
+        return self.protocol
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+
+class Timer:
+    def __init__(self, when: float, callback: Callable[..., None], args: tuple) -> None:
+        self.when, self.callback, self.args, self.cancelled = when, callback, args, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Clock:
+    """The protocol's event loop, with its timers on a clock the test moves (``advance``); tasks go to the
+    running loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.now, self.timers = loop, 0.0, []
+
+    def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> Timer:
+        timer = Timer(self.now + delay, callback, args)
+        self.timers.append(timer)
+        return timer
+
+    def pending(self) -> list[Timer]:
+        return [t for t in self.timers if not t.cancelled]
+
+    async def advance(self, dt: float) -> None:
+        self.now += dt
+        for t in sorted(self.pending(), key=lambda t: t.when):
+            if t.when <= self.now and not t.cancelled:
+                t.cancelled = True
+                t.callback(*t.args)
+        await settle()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loop, name)
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class App:
+    """Reads each request's body, records what it received, answers 200 "ok" (after ``release`` is set)."""
+
+    def __init__(self) -> None:
+        self.received: list[list[dict]] = []
+        self.answered: list[bytes] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        got: list[dict] = []
+        self.received.append(got)
+        while True:
+            msg = await receive()
+            got.append(msg)
+            if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+                break
+        if got[-1]["type"] == "http.disconnect":
+            return
+        await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        self.answered.append(b"".join(m.get("body", b"") for m in got))
+
+
+def connect(app: App, read_timeout_s: float | None = TIMEOUT) -> tuple[Any, Transport, Clock]:
+    config = uvicorn.Config(app, log_level="warning")
+    config.load()
+    clock = Clock(asyncio.get_running_loop())
+    protocol = http_protocol(1 << 15, None, read_timeout_s)(config=config, server_state=ServerState(),
+                                                           app_state={}, _loop=clock)
+    transport = Transport()
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    return protocol, transport, clock
+
+
+def request(path: str = "/v1/sessions/s1/steps", body: bytes = b'{"steps": [[1.0]]}') -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+
+
+def answer(transport: Transport) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = bytes(transport.out).partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_a_connection_that_sends_nothing_is_closed_at_the_read_timeout() -> None:
+    async def run() -> None:
+        _, transport, clock = connect(App())
+        await clock.advance(TIMEOUT - 0.1)
+        assert not transport.closed
+        await clock.advance(0.2)
+        assert transport.closed and transport.out == b""  # nothing to answer: closed, as a keep-alive timeout does
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("path", ["/v1/sessions/s1/steps", "/v2/models/m/infer"])
+def test_a_head_that_trickles_in_is_answered_408_in_the_apis_shape(path: str) -> None:
+    async def run() -> None:
+        app = App()
+        protocol, transport, clock = connect(app)
+        whole = request(path)
+        protocol.data_received(whole[:12])
+        await clock.advance(TIMEOUT / 2)
+        protocol.data_received(whole[12:30])  # bytes keep coming, but the request is not whole in time
+        await clock.advance(TIMEOUT / 2 - 0.1)
+        assert transport.out == b"" and not transport.closed
+        await clock.advance(0.2)
+        status, headers, body = answer(transport)
+        assert status == 408 and transport.closed and headers["connection"] == "close"
+        err = json.loads(body)["error"]
+        if path.startswith("/v2"):  # the Open Inference Protocol's error shape
+            assert "PSN_READ_TIMEOUT_S" in err
+        else:
+            assert err["code"] == "read_timeout" and err["field"] == "request" and "PSN_READ_TIMEOUT_S" in err["message"]
+        assert app.received == []  # the app never saw it
+
+    asyncio.run(run())
+
+
+def test_a_late_body_is_answered_408_and_the_app_gets_a_disconnect_not_half_a_body() -> None:
+    async def run() -> None:
+        app = App()
+        protocol, transport, clock = connect(app)
+        whole = request(body=b'{"steps": [[1.0], [2.0]]}')
+        protocol.data_received(whole[:-10])  # the head and part of the body
+        await settle()
+        await clock.advance(TIMEOUT + 0.1)
+        status, _, body = answer(transport)
+        assert status == 408 and transport.closed and json.loads(body)["error"]["code"] == "read_timeout"
+        assert app.received[0][-1] == {"type": "http.disconnect"} and app.answered == []
+
+    asyncio.run(run())
+
+
+def test_the_clock_starts_again_at_each_requests_first_byte() -> None:
+    """A keep-alive connection's next request has the whole timeout from its own first byte, however long the
+    connection has been open; a request that takes nearly the whole timeout is answered as usual."""
+
+    async def run() -> None:
+        app = App()
+        protocol, transport, clock = connect(app)
+        protocol.data_received(request(body=b'{"steps": [[1.0]]}'))
+        await settle()
+        assert app.answered == [b'{"steps": [[1.0]]}'] and not clock.pending()[:-1]  # only uvicorn's keep-alive
+        await clock.advance(4.0)  # under uvicorn's 5 s keep-alive
+        second = request(body=b'{"steps": [[2.0]]}')
+        protocol.data_received(second[:20])
+        await clock.advance(TIMEOUT - 0.1)  # 4 + 9.9 s after the connection opened
+        protocol.data_received(second[20:])
+        await settle()
+        assert app.answered[-1] == b'{"steps": [[2.0]]}' and not transport.closed
+        assert bytes(transport.out).count(b"HTTP/1.1 200") == 2
+
+    asyncio.run(run())
+
+
+def test_a_late_pipelined_head_lets_the_answer_before_it_go_out_first() -> None:
+    async def run() -> None:
+        app = App()
+        app.release.clear()  # the first request's answer is still being made
+        protocol, transport, clock = connect(app)
+        protocol.data_received(request() + request()[:15])
+        await settle()
+        await clock.advance(TIMEOUT + 0.1)
+        assert transport.out == b"" and not transport.closed  # no 408 in the middle of an answer
+        app.release.set()
+        await settle()
+        status, headers, body = answer(transport)
+        assert status == 200 and body == b"ok" and headers["connection"] == "close" and transport.closed
+
+    asyncio.run(run())
+
+
+def test_no_read_timeout_no_timer() -> None:
+    async def run() -> None:
+        protocol, transport, clock = connect(App(), read_timeout_s=None)
+        protocol.data_received(request()[:10])
+        assert clock.pending() == []
+
+    asyncio.run(run())
+
+
+# ----- a real server, raw sockets ------------------------------------------------------------------
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_clients_against_a_real_server(serve: Callable[..., Server], ref: Reference) -> None:
+    srv = serve(read_timeout_s=1.0)
+    with httpx.Client(base_url=srv.url, timeout=20) as client:
+        sid = client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        x = ref.sequence("sliding", 2, seed=31)
+        body = json.dumps({"steps": x[:1].tolist()}).encode()
+        head = (f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\n\r\n").encode()
+        # a head, then a body, that stop short: 408 read_timeout, nothing applied
+        for partial in (head[:25], head + body[:5]):
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+                sock.sendall(partial)
+                status, _, answer_body = read_all(sock).partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 408"), status
+            assert json.loads(answer_body)["error"]["code"] == "read_timeout"
+        assert client.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 0
+        # connected, nothing sent: closed
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            t0 = time.monotonic()
+            assert read_all(sock) == b""
+            assert time.monotonic() - t0 < 8  # closed by the read timeout, not left open
+        # a WebSocket is not a request being read: it stays open and usable past the read timeout
+        with ws_client.connect(srv.ws_url) as ws:
+            ws.send(json.dumps({"type": "attach", "session_id": sid}))
+            assert json.loads(ws.recv())["type"] == "attached"
+            time.sleep(1.5)
+            ws.send(json.dumps({"type": "steps", "steps": x.tolist()}))
+            assert_outputs(json.loads(ws.recv(timeout=10))["outputs"], ref.outputs("sliding", x))
