@@ -9,6 +9,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -41,6 +42,20 @@ class. Steps of many sessions are computed together in batches by the engine cor
 # (a few us each, 3% of a refused request's CPU, py-spy): the service's metrics are Prometheus (/metrics)
 NO_OTEL = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
            if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
+class HeadAsGet:
+    """Every GET route answers HEAD too (RFC 9110: a HEAD is a GET without the body; load balancers probe
+    /healthz with it): the app sees GET, and uvicorn, whose own scope still says HEAD, sends the headers
+    (Content-Length included) without the body."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings, engine_address: str, worker: int = 0) -> FastAPI:
@@ -77,7 +92,8 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.add_middleware(SessionGate)  # refuses a full session's steps before BodyLimit reads the body
     app.add_middleware(AccessControl, settings=settings)  # before anything reads a body: keys, Origin
     add_cors(app, settings)  # outside AccessControl: answers preflights (no key), adds CORS headers to refusals
-    app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)  # outermost: counts everything
+    app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)  # counts everything
+    app.add_middleware(HeadAsGet)  # outermost: every layer and route sees a HEAD as the GET it is
     install_error_handlers(app)
     for r in (models.router, sessions.router, stream.router, classify.router, health.router, oip.router,
               demo.router):

@@ -149,6 +149,21 @@ def test_a_stray_slash_is_not_found_not_redirected(client: httpx.Client, ref: Re
     assert client.get("/demo/").status_code == 200 and "text/html" in client.get("/demo/").headers["content-type"]
 
 
+def test_head_is_a_get_without_its_body(client: httpx.Client) -> None:
+    """Every GET route answers HEAD (load balancers probe /healthz with it): the GET's status and headers,
+    Content-Length included, and no body; HEAD where only POST is allowed is the GET's 405."""
+    sid = client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    for path in ("/healthz", "/readyz", "/v1/models", "/v1/models/sliding", f"/v1/sessions/{sid}", "/v2/health/ready",
+                 "/v2/models/sliding", "/demo"):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code == 200 and head.content == b"", (path, head.status_code)
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+        assert head.headers["content-type"] == get.headers["content-type"]
+    r = client.head("/v1/classify")
+    assert r.status_code == 405 and r.content == b"" and client.get("/v1/classify").status_code == 405
+    assert client.head("/nope").status_code == 404
+
+
 def _read_to_eof(sock: socket.socket) -> bytes:
     data = b""
     while chunk := sock.recv(65536):
