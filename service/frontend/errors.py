@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.errors import InvalidInput, ServiceError, internal
 from service.schemas import ErrorResponse, unknown_field
@@ -53,6 +54,19 @@ def body_parse_error(cause: BaseException) -> InvalidInput:
     return InvalidInput(f"body: could not be parsed as JSON ({type(cause).__name__})", field="body")
 
 
+METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods some route takes on the request's path (HEAD wherever GET: ``app.HeadAsGet``), for a 405's
+    ``Allow``: each asked of the routes as the router would. Starlette's own header names only the first
+    matching route's methods (GET, not DELETE, for /v1/sessions/{id})."""
+    routes = request.app.router.routes
+    allowed = [m for m in METHODS
+               if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
+    return sorted(allowed + ["HEAD"] if "GET" in allowed else allowed)
+
+
 def error_response(request: Request, err: ServiceError) -> JSONResponse:
     """The app's answer to ``err`` (counted in ``psn_errors_total``)."""
     metrics = getattr(request.app.state, "metrics", None)
@@ -77,7 +91,13 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = f"{request.method} {request.url.path}: {exc.detail}"
         field = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else None
-        return error_response(request, ServiceError(message, status=exc.status_code, code=code, field=field))
+        allow = allowed_methods(request) if exc.status_code == 405 else []
+        if allow:
+            message += f"; allowed: {', '.join(allow)}"
+        response = error_response(request, ServiceError(message, status=exc.status_code, code=code, field=field))
+        if allow:  # RFC 9110: a 405 says which methods the resource takes
+            response.headers["Allow"] = ", ".join(allow)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
