@@ -12,7 +12,7 @@ from torch import Tensor
 from model import InputError
 from model.folder import load_model_folder
 from model.functional import NeuronState
-from model.network import LayerConfig, NetConfig, NetState, PSNNet, state_size_bytes
+from model.network import LayerConfig, NetConfig, NetState, PSNNet, normalise, state_size_bytes
 from tests.nets import make_spiking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +149,47 @@ def test_network_bad_inputs() -> None:
 def test_config_round_trips() -> None:
     cfg = _net("masked", T=9).cfg
     assert NetConfig.from_dict(cfg.to_dict()) == cfg
+
+
+BAD_CONFIGS = {  # each refused by NetConfig itself, so a config.json holding it is refused on load
+    "psn T=0": (dict(neuron="psn", T=0), "horizon T >= 1"),
+    "sliding k=0": (dict(neuron="sliding", k=0), "k must be >= 1"),
+    "masked k > T": (dict(neuron="masked", k=5, T=4), "k <= T"),
+    "input_mean of 2 values for 3 features": (dict(input_mean=(0.0, 1.0)), "input_mean: 2 values"),
+    "input_std 0": (dict(input_std=0.0), "input_std must be > 0"),
+    "one per-feature input_std 0": (dict(input_std=(1.0, 0.0, 2.0)), "input_std must be > 0"),
+    "no layers": (dict(layers=()), "at least one spiking layer"),
+    "no classes": (dict(num_classes=0), "num_classes 0"),
+    "an empty input axis": (dict(input_shape=(3, 0)), "bad input_shape"),
+    "unknown layer kind": (dict(layers=(LayerConfig("gru"),)), "layers[0].kind"),
+    "even conv kernel": (dict(input_shape=(1, 3), layers=(LayerConfig("conv", 4, kernel_size=4),)),
+                         "layers[0].kernel_size must be odd"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_config_refuses_what_no_network_can_be_built_from(case: str) -> None:
+    override, message = BAD_CONFIGS[case]
+    with pytest.raises(ValueError) as e:
+        NetConfig(**{"input_shape": (3,), "num_classes": 2, **override})
+    assert message in str(e.value)
+
+
+def test_config_takes_the_edges_it_allows() -> None:
+    """k = T for a masked PSN (its band is the whole lower triangle), and the horizon only where the kind has one."""
+    net = PSNNet(NetConfig(input_shape=(3,), num_classes=2, layers=(LayerConfig("linear", 4),), neuron="masked",
+                           k=4, T=4)).eval()
+    assert net(torch.randn(4, 2, 3)).scores.shape == (4, 2, 2) and net.cfg.horizon == 4
+    assert NetConfig(input_shape=(3,), num_classes=2, neuron="sliding", T=12).horizon is None
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 2.0), (1.5, 1.0), ((0.0, 1.0, -2.0), 1.0), (0.0, (1.0, 4.0, 0.5))])
+def test_normalise_is_minus_mean_over_std(mean, std) -> None:
+    """Either statistic alone at its neutral value still applies the other (one scalar or one per feature)."""
+    x = torch.randn(5, 3, dtype=torch.float64)
+    cfg = NetConfig(input_shape=(3,), num_classes=2, input_mean=mean, input_std=std)
+    want = (x - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(std, dtype=torch.float64)
+    torch.testing.assert_close(normalise(cfg, x), want, rtol=0, atol=0)
 
 
 def test_running_mean_is_the_mean_of_the_readouts_so_far_and_its_step_case_agrees():
@@ -302,3 +343,48 @@ def test_replay_of_the_receptive_field_continues_a_session_exactly(neuron: str, 
             assert torch.equal(oa.spikes, ob.spikes) and torch.equal(oa.scores, ob.scores)
         for a, b in zip(rebuilt.neurons, st.neurons, strict=True):  # windows exact from here on
             assert torch.equal(a.window[:, 1:], b.window[:, 1:])
+
+
+def test_batchnorm_fold_keeps_every_layers_input_current() -> None:
+    """The fold is exact in each layer's current, not only in its spikes (a current scaled by a factor near
+    1, e.g. a fold without batch norm's eps, rarely flips a spike and never changes the scores)."""
+    net = _net("sliding", layers=(LayerConfig("conv", 4), LayerConfig("linear", 12)))
+    fused = net.fused()
+    h = torch.randn(20, 2, 7, dtype=torch.float64) * 2
+    for a, b in zip(net.layers, fused.layers, strict=True):
+        want = a.current(h)
+        torch.testing.assert_close(b.current(h), want, rtol=1e-12, atol=1e-12)
+        h = (torch.randn_like(want) > 0).to(want.dtype)  # spikes, as the next layer sees them
+
+
+def test_step_form_refused_in_training_mode_when_any_layer_batch_normalises() -> None:
+    layers = (LayerConfig("linear", 8, batch_norm=False), LayerConfig("linear", 6))
+    net = _net("sliding", layers=layers, input_shape=(3,)).train()
+    with pytest.raises(InputError, match="eval"):
+        net.initial_state(2)
+    assert net.eval().initial_state(2).t.tolist() == [0, 0]
+
+
+def test_chunk_ragged_refuses_lengths_outside_1_to_L_and_nets_other_than_sliding() -> None:
+    net = _net("sliding", layers=(LayerConfig("linear", 8),), input_shape=(3,))
+    x, st = torch.randn(3, 2, 3, dtype=torch.float64), net.initial_state(2)
+    for lengths in ([0, 2], [1, 4], [2, 2, 2]):
+        with pytest.raises(InputError, match=r"lengths: expected \(2,\) step counts in 1..3"):
+            net.chunk_ragged(x, st, torch.tensor(lengths))
+    assert net.chunk_ragged(x, st, torch.tensor([1, 3]))[1].t.tolist() == [1, 3]
+    for neuron, T in (("masked", 6), ("lif", None)):
+        other = _net(neuron, T, layers=(LayerConfig("linear", 8),), input_shape=(3,))
+        with pytest.raises(InputError, match="every neuron of the net must be a sliding PSN"):
+            other.chunk_ragged(x, other.initial_state(2), torch.tensor([1, 3]))
+
+
+def test_masked_network_takes_fewer_than_T_steps_as_the_prefix_of_T() -> None:
+    """A masked PSN's horizon is a most, not an exact count (a plain PSN's is exact): T' < T steps answer
+    what the first T' of a T-step run answer."""
+    net = _net("masked", T=10, k=3)
+    x = torch.randn(10, 3, 2, 7, dtype=torch.float64) * 2
+    full = net(x)
+    for steps in (1, 4, 9):
+        part = net(x[:steps])
+        assert torch.equal(part.spikes, full.spikes[:steps])
+        torch.testing.assert_close(part.scores, full.scores[:steps], rtol=1e-12, atol=1e-12)
