@@ -71,6 +71,9 @@ class NetConfig:
                 raise ValueError(f"layers[{i}].kind: expected 'linear' or 'conv', got {layer.kind!r}")
             if layer.kind == "conv" and layer.kernel_size % 2 == 0:
                 raise ValueError(f"layers[{i}].kernel_size must be odd, got {layer.kernel_size}")
+            for size in ("out", "kernel_size", "stride"):
+                if getattr(layer, size) < 1:
+                    raise ValueError(f"layers[{i}].{size} must be >= 1, got {getattr(layer, size)}")
 
     @property
     def kind(self) -> NeuronKind:

@@ -36,6 +36,8 @@ def parse_layers(spec: str) -> tuple[LayerConfig, ...]:
         m = re.fullmatch(r"L(\d+)|C(\d+)k(\d+)s(\d+)", item.strip())
         if m is None:
             raise argparse.ArgumentTypeError(f"bad layer {item!r}: expected L<out> or C<channels>k<kernel>s<stride>")
+        if any(int(g) < 1 for g in m.groups() if g is not None):
+            raise argparse.ArgumentTypeError(f"bad layer {item!r}: sizes, kernel and stride must be >= 1")
         if m.group(1):
             layers.append(LayerConfig("linear", int(m.group(1))))
         else:

@@ -164,6 +164,12 @@ BAD_CONFIGS = {  # each refused by NetConfig itself, so a config.json holding it
     "unknown layer kind": (dict(layers=(LayerConfig("gru"),)), "layers[0].kind"),
     "even conv kernel": (dict(input_shape=(1, 3), layers=(LayerConfig("conv", 4, kernel_size=4),)),
                          "layers[0].kernel_size must be odd"),
+    "a layer of 0 features": (dict(layers=(LayerConfig("linear", 0),)), "layers[0].out must be >= 1, got 0"),
+    "conv stride 0": (dict(input_shape=(1, 3), layers=(LayerConfig("conv", 4, stride=0),)),
+                      "layers[0].stride must be >= 1"),
+    "conv kernel -1": (dict(input_shape=(1, 3),
+                            layers=(LayerConfig("conv", 4), LayerConfig("conv", 2, kernel_size=-1))),
+                       "layers[1].kernel_size must be >= 1"),
 }
 
 

@@ -78,6 +78,8 @@ def test_same_seed_same_weights(tmp_path):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--layers", "L32,Q3"], "bad layer 'Q3'"),
     (["--layers", "L32,C4k3s1"], "conv layers must all come before the linear layers"),
+    (["--layers", "L0"], "bad layer 'L0': sizes, kernel and stride must be >= 1"),
+    (["--layers", "C4k3s0,L8"], "bad layer 'C4k3s0'"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
 ])
 def test_bad_options_fail_before_training(argv, message, tmp_path, capsys):
