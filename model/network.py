@@ -318,6 +318,8 @@ class PSNNet(nn.Module):
         if x.dtype != p.dtype:
             raise InputError(f"{name}: expected dtype {p.dtype}, got {x.dtype}")
         check_trailing_shape(x, name, lead, self.cfg.input_shape)
+        if x.numel() == 0:  # no step or no session: nothing to answer (the readout cannot shape an empty batch)
+            raise InputError(f"{name}: expected shape ({lead}, ...) with {lead} >= 1, got {tuple(x.shape)}")
 
     def set_lam(self, lam: float) -> None:
         """Set the masked PSN mask relaxation of every layer (no-op for other neurons)."""

@@ -394,3 +394,17 @@ def test_masked_network_takes_fewer_than_T_steps_as_the_prefix_of_T() -> None:
         part = net(x[:steps])
         assert torch.equal(part.spikes, full.spikes[:steps])
         torch.testing.assert_close(part.scores, full.scores[:steps], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("neuron,T", [("sliding", None), ("masked", 6), ("lif", None)])
+def test_empty_inputs_are_refused_by_name(neuron: str, T: int | None) -> None:
+    """No steps or no sessions: an InputError naming the input, not a reshape error from inside the readout."""
+    net = _net(neuron, T, k=2, layers=(LayerConfig("linear", 8),), input_shape=(3,))
+    calls = {"x_seq": lambda: net(torch.zeros(0, 2, 3, dtype=torch.float64)),
+             "x_seq ": lambda: net(torch.zeros(4, 0, 3, dtype=torch.float64)),
+             "x_chunk": lambda: net.chunk(torch.zeros(0, 2, 3, dtype=torch.float64), net.initial_state(2)),
+             "x_chunk ": lambda: net.chunk(torch.zeros(2, 0, 3, dtype=torch.float64), net.initial_state(0)),
+             "x_t": lambda: net.step(torch.zeros(0, 3, dtype=torch.float64), net.initial_state(0))}
+    for name, call in calls.items():
+        with pytest.raises(InputError, match=rf"^{name.strip()}: expected shape \(.*\) with .* >= 1, got"):
+            call()
