@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.network import NetConfig, PSNNet
@@ -107,8 +108,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFolderError(f"{path}: missing {CONFIG_FILE}")
     try:
         config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: not UTF-8
         raise ModelFolderError(f"{cfg_file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ModelFolderError(f"{cfg_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("format_version") != FORMAT_VERSION:
         raise ModelFolderError(f"{cfg_file}: format_version {config.get('format_version')!r}, "
                                f"this code reads {FORMAT_VERSION}")
@@ -121,15 +124,18 @@ def load_model_folder(path: str | os.PathLike, *, device: str | torch.device = "
     path = Path(path)
     config = read_config(path)
     try:
-        cfg = NetConfig.from_dict(config["net"])
+        net = PSNNet(NetConfig.from_dict(config["net"]))  # PSNNet: layer shapes (a conv needs (channels, length))
     except (KeyError, TypeError, ValueError) as e:
         raise ModelFolderError(f"{path / CONFIG_FILE}: bad 'net' config ({e})") from e
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFolderError(f"{path}: missing {WEIGHTS_FILE}")
-    net = PSNNet(cfg)
     try:
-        net.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ModelFolderError(f"{weights}: not a readable safetensors file ({e})") from e
+    try:
+        net.load_state_dict(state)
     except RuntimeError as e:
         raise ModelFolderError(f"{weights}: does not match the config ({e})") from e
     net.eval()
@@ -137,7 +143,10 @@ def load_model_folder(path: str | os.PathLike, *, device: str | torch.device = "
         net = net.fused()
     net = net.to(device=device, dtype=dtype)
     metrics_file = path / METRICS_FILE
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    except ValueError as e:
+        raise ModelFolderError(f"{metrics_file}: not valid JSON ({e})") from e
     return LoadedModel(name=config.get("name", path.name), path=path, net=net, config=config, metrics=metrics)
 
 

@@ -35,12 +35,19 @@ def _weights_of(folder: Path, net: PSNNet) -> None:
 BROKEN: dict[str, tuple[Callable[[Path], object], str]] = {
     "no config.json": (lambda f: (f / "config.json").unlink(), "missing config.json"),
     "config.json not JSON": (lambda f: (f / "config.json").write_text("{"), "config.json: not valid JSON"),
+    "config.json not UTF-8": (lambda f: (f / "config.json").write_bytes(b"\xff\xfe{"), "config.json: not valid JSON"),
+    "config.json a list": (lambda f: (f / "config.json").write_text("[1]"), "config.json: expected a JSON object"),
     "another format version": (lambda f: _edit_config(f, lambda c: c.update(format_version=2)),
                                "format_version 2, this code reads 1"),
     "no net": (lambda f: _edit_config(f, lambda c: c.pop("net")), "bad 'net' config"),
     "a bad net value": (lambda f: _edit_config(f, lambda c: c["net"].update(k=0)), "bad 'net' config (k must be"),
+    "a conv layer on one feature axis": (lambda f: _edit_config(f, lambda c: c["net"]["layers"][0].update(kind="conv")),
+                                         "bad 'net' config (conv layer needs (channels, length) input"),
     "no weights": (lambda f: (f / "weights.safetensors").unlink(), "missing weights.safetensors"),
+    "weights not safetensors": (lambda f: (f / "weights.safetensors").write_bytes(b"garbage"),
+                                "weights.safetensors: not a readable safetensors file"),
     "weights of another net": (lambda f: _weights_of(f, _net(out=7)), "does not match the config"),
+    "metrics.json not JSON": (lambda f: (f / "metrics.json").write_text("{"), "metrics.json: not valid JSON"),
 }
 
 

@@ -7,6 +7,7 @@ is checked from its committed ONNX files, on random inputs and on real test samp
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,9 +167,12 @@ def test_shipped_model_files_exist_pass_checker_and_match_torch(folder):
 # ----- the command line -----------------------------------------------------------------------------
 def test_cli_refuses_bad_input_with_a_clear_message(tiny, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    broken = Path(shutil.copytree(tiny["sliding"], tmp_path / "broken"))
+    (broken / "weights.safetensors").write_bytes(b"garbage")
     cases = [
         ([str(tmp_path / "missing")], "no such model folder"),
         ([str(tmp_path / "empty")], "missing config.json"),
+        ([str(broken)], "weights.safetensors: not a readable safetensors file"),
         (["--opset", "7", str(tiny["sliding"])], "opset 7 is not supported"),
         ([], "name model folders or pass --all"),
         (["--all", "--root", str(tmp_path / "empty")], "no model folders"),
