@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model.data import (
+    Dataset,
     DataUnavailable,
     _require,
     batches,
@@ -61,6 +62,36 @@ def test_batches_are_time_major_and_cover_every_sample():
     assert conv.input_shape == (1, 8) and fit_input_shape(d, (1, 8)).input_shape == (1, 8)
     with pytest.raises(ValueError, match="steps of shape"):
         fit_input_shape(d, (3, 8))
+
+
+def test_batches_shuffle_with_a_generator_and_keep_the_order_without():
+    x, y = torch.arange(40, dtype=torch.float32).reshape(10, 2, 2), torch.arange(10)
+    plain = torch.cat([yb for _, yb in batches(x, y, 4)])
+    shuffled = [(xb, yb) for xb, yb in batches(x, y, 4, generator=torch.Generator().manual_seed(0))]
+    assert plain.tolist() == list(range(10))
+    got = torch.cat([yb for _, yb in shuffled])
+    assert sorted(got.tolist()) == list(range(10)) and got.tolist() != list(range(10))
+    for xb, yb in shuffled:  # each sample's steps stay with its label
+        assert torch.equal(xb.transpose(0, 1), x[yb])
+
+
+def _dataset(x_train: torch.Tensor, **kw) -> Dataset:
+    n = x_train.shape[0]
+    return Dataset("t", x_train, torch.zeros(n, dtype=torch.long), x_train, torch.zeros(n, dtype=torch.long), ["a"],
+                   "test data", **kw)
+
+
+def test_input_stats_per_feature_give_a_constant_feature_std_one():
+    x = torch.stack([torch.randn(6, 5), torch.full((6, 5), 3.0)], dim=2)  # (N, T, 2): feature 1 never changes
+    mean, std = _dataset(x).input_stats(per_feature=True)
+    assert mean[1] == 3.0 and std[1] == 1.0 and std[0] == pytest.approx(float(x[..., 0].std()), rel=1e-6)
+
+
+def test_variable_length_when_either_split_has_lengths():
+    x = torch.zeros(4, 3, 1)
+    assert not _dataset(x).variable_length
+    assert _dataset(x, lengths_test=torch.tensor([1, 3, 2, 3])).variable_length
+    assert _dataset(x, lengths_train=torch.tensor([1, 3, 2, 3])).variable_length
 
 
 class _Evil:

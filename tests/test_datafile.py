@@ -248,6 +248,23 @@ BAD = {
     "csv gap in steps": (lambda p: _csv_text(p, "a,0,1.0,x\na,2,2.0,x\n"), "expected 0..L-1"),
     "csv text feature": (lambda p: _csv_text(p, "a,0,high,x\n"), "features numbers"),
     "ts not a ts file": (lambda p: str(_write(p / "junk.ts", "hello\n")), "not a readable .ts file"),
+    "x_test without y_test": (lambda p: _bad_npz(p, y_test=None), "bad.npz: x_test without y_test"),
+    "text x": (lambda p: _bad_npz(p, x=np.full((90, 10, 2), "a")), "x: expected numbers, got dtype <U1"),
+    "no sequences": (lambda p: _bad_npz(p, x=np.zeros((0, 10, 2)), y=np.zeros(0, dtype=int)),
+                     "x: no sequences or no steps"),
+    "fractional lengths": (lambda p: _bad_npz(p, lengths=np.full(90, 3.0)), "lengths: expected (90,) integers"),
+    "length 0": (lambda p: _bad_npz(p, lengths=np.r_[4, 0, np.full(88, 4)]), "lengths: sequence 1 has length 0"),
+    "names outside class_names": (lambda p: _bad_npz(p, y=np.array(["low", "mid", "top"] * 30),
+                                                     y_test=np.array(["low"] * 40)),
+                                  "labels ['top'] are not in class_names"),
+    "test label never in training": (lambda p: _bad_npz(p, y=np.array(["a", "b", "c"] * 30), class_names=None,
+                                                        y_test=np.array(["a"] * 39 + ["q"])),
+                                     "test set: label 'q' is out of range"),
+    "indices and names mixed": (lambda p: _bad_npz(p, y_test=np.array(["low"] * 40)),
+                                "both use class indices or both names"),
+    "csv of 3 columns": (lambda p: _csv_text(p, "a,0,x\na,1,x\n"), "got 3 columns"),
+    "csv rows of two widths": (lambda p: _csv_text(p, "a,0,1.0,x\na,1,2.0,3.0,x\n"),
+                               "data row 2 has 5 columns, the first has 4"),
 }
 
 
@@ -281,3 +298,58 @@ def test_psn_neuron_refuses_variable_lengths_and_data_excludes_dataset(tmp_path,
         with pytest.raises(SystemExit):
             train_main(["--data", path, *argv, "--out", str(tmp_path / "never"), "--quiet"])
         assert message in capsys.readouterr().err
+
+
+def _one_step_csv(path: Path, ids: list[str], labels: list[str]) -> str:
+    """One step per sequence whose feature is the sequence's position in the file."""
+    path.write_text("".join(f"{sid},0,{i}.0,{lab}\n" for i, (sid, lab) in enumerate(zip(ids, labels, strict=True))))
+    return str(path)
+
+
+def test_csv_sequences_in_numeric_id_order_and_labels_as_indices_or_sorted_names(tmp_path):
+    ids = [str(i) for i in range(11, 0, -1)]  # 11, 10, ..., 1: as text "10" < "2"
+    path = _one_step_csv(tmp_path / "ids.csv", ids, ["0", "2"] * 5 + ["0"])
+    d = load_data_file(path, test_path=path)
+    assert d.x_train[:, 0, 0].tolist() == [10 - i for i in range(11)]  # sequences "1".."11" in that order
+    assert d.class_names == ["0", "1", "2"] and sorted(set(d.y_train.tolist())) == [0, 2]  # indices, 1 unseen
+    named = _one_step_csv(tmp_path / "named.csv", ids, ["-1", "10", "9"] * 3 + ["-1", "10"])
+    d = load_data_file(named, test_path=named)  # a negative number is a name; names sort as numbers
+    assert d.class_names == ["-1", "9", "10"]
+
+
+def test_npz_byte_string_labels_are_names(tmp_path):
+    x, y, _ = make_sequences(30, 6, seed=7, variable=False)
+    path = write_npz(tmp_path / "b.npz", variable=False, x=x, y=np.array([b"lo", b"mid", b"hi"])[y], x_test=None,
+                     y_test=None, class_names=None)
+    d = load_data_file(str(path))
+    assert d.class_names == ["hi", "lo", "mid"]
+    got = sorted(d.class_names[i] for i in d.y_train.tolist() + d.y_test.tolist())
+    assert got == sorted(np.array(["lo", "mid", "hi"])[y].tolist())
+
+
+def test_a_test_file_gives_its_x_and_its_class_names(tmp_path):
+    """--test-data: the test file's x (not its own x_test), and its class_names where the training file has none."""
+    x, y, _ = make_sequences(30, 6, seed=8, variable=False)
+    xt, yt, _ = make_sequences(12, 6, seed=9, variable=False)
+    train = write_npz(tmp_path / "train.npz", variable=False, x=x, y=y, x_test=None, y_test=None, class_names=None)
+    test = write_npz(tmp_path / "test.npz", variable=False, x=xt, y=yt, x_test=xt[:5], y_test=yt[:5],
+                     class_names=np.array(["a", "b", "c"]))
+    d = load_data_file(str(train), test_path=str(test))
+    assert d.x_test.shape[0] == 12 and d.y_test.tolist() == yt.tolist()
+    assert d.class_names == ["a", "b", "c"] and d.x_train.shape[0] == 30
+
+
+def test_held_out_test_part_is_at_least_one_sequence_and_never_all(tmp_path):
+    x, _, _ = make_sequences(3, 5, seed=10, variable=False)
+    path = str(write_npz(tmp_path / "three_train.npz", variable=False, x=x, y=np.zeros(3, dtype=int), x_test=None,
+                         y_test=None, class_names=None))
+    d = load_data_file(path, test_fraction=0.1)  # 0.3 of a sequence rounds to none: one is held out
+    assert (d.x_train.shape[0], d.x_test.shape[0]) == (2, 1)
+    assert d.name == "three"  # _train is not part of the name
+    for fraction in (0.0, 1.0):
+        with pytest.raises(DataFileError, match=r"test fraction must be in \(0, 1\)"):
+            load_data_file(path, test_fraction=fraction)
+    one = str(write_npz(tmp_path / "one.npz", variable=False, x=x[:1], y=np.zeros(1, dtype=int), x_test=None,
+                        y_test=None, class_names=None))
+    with pytest.raises(DataFileError, match="1 sequences are too few to hold out a test split"):
+        load_data_file(one)
