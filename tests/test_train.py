@@ -76,6 +76,13 @@ def test_same_seed_same_weights(tmp_path):
     (["--neuron", "masked", "-k", "9"], "masked PSN needs k <= T; data set 'digits' has T=8"),
     (["-k", "0"], "-k must be >= 1"),
     (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--train-limit", "0"], "--train-limit must be >= 1"),
+    (["--test-limit", "-3"], "--test-limit must be >= 1"),
+    (["--test-data", "t.npz"], "--test-data needs --data"),
     (["--layers", "L32,Q3"], "bad layer 'Q3'"),
     (["--layers", "L32,C4k3s1"], "conv layers must all come before the linear layers"),
     (["--layers", "L0"], "bad layer 'L0': sizes, kernel and stride must be >= 1"),
@@ -89,6 +96,34 @@ def test_bad_options_fail_before_training(argv, message, tmp_path, capsys):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_options_take_their_edges_and_each_data_set_its_own_preset(tmp_path):
+    from model.options import PRESETS, parse_args
+
+    a = parse_args(["--dataset", "digits", "--neuron", "masked", "-k", "8", "--out", str(tmp_path / "m")])
+    assert a.k == 8 and a.preset == "tiny" and a.layers == PRESETS["tiny"]  # k = T is allowed; digits has no preset
+    for dataset in ("mnist1d", "smnist"):
+        a = parse_args(["--dataset", dataset])
+        assert a.preset == dataset and a.layers == PRESETS[dataset] and a.out == f"exported/{dataset}-sliding"
+
+
+def test_evaluate_reports_the_largest_streaming_difference_whichever_its_sign():
+    """A step form that answers lower than the parallel form shows as a positive max_score_diff (a uniform
+    offset leaves every prediction, so agreement stays 1)."""
+    from model.network import LayerConfig, NetConfig, NetOutput, PSNNet
+
+    class LowStream(PSNNet):  # a fault put into the step form: every streamed score 0.25 lower
+        def step(self, x_t, state):
+            out, state = super().step(x_t, state)
+            return NetOutput(out.spikes, out.scores - 0.25), state
+
+    torch.manual_seed(0)
+    net = LowStream(NetConfig(input_shape=(3,), num_classes=4, layers=(LayerConfig("linear", 8),))).eval()
+    x, y = torch.randn(10, 5, 3), torch.randint(0, 4, (10,))
+    ev = evaluate(net, x, y)
+    assert ev.max_score_diff == pytest.approx(0.25, abs=1e-5) and ev.agreement == 1.0
+    assert ev.acc_streaming == ev.acc_parallel
 
 
 @functools.cache
