@@ -267,6 +267,11 @@ def _classes(train: _Split, test: _Split, names: list[str] | None) -> tuple[np.n
                 why = f"{len(names)} class_names" if names is not None else f"the training labels 0..{C - 1}"
                 raise DataFileError(f"{s.where.replace('x', 'y', 1)}: label {s.labels[bad[0]]} of sequence {bad[0]} "
                                     f"is out of range: {why}")
+        if names is None and C > len(train.labels):  # C names and a readout of C classes: refuse a stray index
+            i = int(train.labels.argmax())
+            raise DataFileError(f"{train.where.replace('x', 'y', 1)}: label {C - 1} of sequence {i} makes {C} classes "
+                                f"for {len(train.labels)} training sequences; class indices are 0..C-1 (give "
+                                "class_names, or use names as labels)")
         return train.labels, test.labels, names or [str(i) for i in range(C)]
     found = sorted(set(train.labels.tolist()), key=lambda v: (float(v), v) if _is_number(v) else (float("inf"), v))
     if names is not None and set(found) - set(names):
