@@ -150,8 +150,8 @@ def _split(x: np.ndarray, y: np.ndarray, lengths: np.ndarray | None, where: str)
     if x.ndim < 3:
         raise DataFileError(f"{where}: expected shape (N, T, features...), got {x.shape}"
                             + ("; one feature per step is (N, T, 1): x[..., None]" if x.ndim == 2 else ""))
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise DataFileError(f"{where}: expected numbers, got dtype {x.dtype}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataFileError(f"{where}: expected real numbers, got dtype {x.dtype}")
     N, T = x.shape[:2]
     if N == 0 or T == 0:
         raise DataFileError(f"{where}: no sequences or no steps (shape {x.shape})")
