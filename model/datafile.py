@@ -1,7 +1,7 @@
 """Your own data for ``psn train --data PATH``: ``.npz``, CSV and UEA/UCR ``.ts`` files, checked before training.
 
 Formats (docs/training.md has examples):
-- ``.npz``: ``x`` (N, T, *features) numbers, ``y`` (N,) integer class indices 0..C-1; optional
+- ``.npz``: ``x`` (N, T, *features) real numbers, ``y`` (N,) integer class indices 0..C-1; optional
   ``lengths`` (N,) valid steps per sequence (1..T; steps past it are padding and may hold anything,
   NaN included), ``x_test`` / ``y_test`` / ``lengths_test`` (the test split), ``class_names`` (C,).
 - ``.csv``: one row per step, columns ``sequence, step, feature..., label``; a header row is optional.
@@ -12,7 +12,8 @@ Formats (docs/training.md has examples):
 - ``sktime:<Name>``: the ``.ts`` files of data set <Name> shipped inside the sktime wheel
   (``sktime/datasets/data/<Name>/``), e.g. ``sktime:JapaneseVowels``; nothing is downloaded.
 
-Labels: integers are class indices (C = ``len(class_names)`` or the largest training label + 1);
+Labels: integers are class indices (C = ``len(class_names)`` or the largest training label + 1, which may
+not exceed the number of training sequences);
 any other labels are names, sorted into classes (numerically when they all read as numbers).
 Test split: ``test_path`` if given, else the file's own, else ``test_fraction`` of the sequences
 drawn with a fixed seed. Every problem raises ``DataFileError`` naming the array, sequence and step.
