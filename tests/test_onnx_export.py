@@ -21,6 +21,9 @@ from exported.export import PARITY_FILE, export_folder, load_test_samples, main
 from exported.onnx_export import PARALLEL_FILE, STEP_FILE, export_is_current, export_model
 from exported.parity import check_parity, random_inputs
 from exported.runtime import OnnxModel
+from model.data import final_scores
+from model.datafile import load_source
+from model.evaluate import parallel_scores
 from model.folder import find_model_folders, load_model_folder, save_model_folder
 from model.network import LayerConfig, NetConfig, PSNNet
 
@@ -160,6 +163,17 @@ def test_shipped_model_files_exist_pass_checker_and_match_torch(folder):
     assert report["passed"], json.dumps(report, indent=1)
     real = report["real"]
     assert real["samples"] == 256
+    # the accuracies are read at each sample's own last step, as training's evaluation reads them
+    ds = load_source(model.config)
+    x = ds.x_test[:256].reshape(256, ds.x_test.shape[1], *model.cfg.input_shape)
+    lengths = None if ds.lengths_test is None else ds.lengths_test[:256]
+    final = final_scores(parallel_scores(model.net, x), lengths)
+    want = float((final.argmax(-1) == ds.y_test[:256]).float().mean())
+    assert real["acc_torch"] == pytest.approx(want, abs=1e-12)
+    streams = model.cfg.streams  # then also the step file against the parallel one
+    assert len(real["checks"]) == 1 + streams
+    for key in ("acc_onnx", "acc_onnx_step")[:1 + streams]:
+        assert abs(real[key] - want) <= real["checks"][0]["samples_with_spike_mismatch"] / 256
     print(f"{model.name}: acc torch {real['acc_torch']:.4f} onnx {real['acc_onnx']:.4f} "
           f"step {real.get('acc_onnx_step')}")
 
@@ -214,3 +228,222 @@ def test_export_defaults_reproduce_the_shipped_parity_files(folder):
     assert shipped["parity"]["real"]["samples"] == min(DEFAULT_SAMPLES, test_samples)
     assert build_parser().parse_args(["--all"]).samples == DEFAULT_SAMPLES
     assert shipped["opset"] == build_parser().parse_args(["--all"]).opset
+
+
+# ----- edges a mutation sweep of exported/ found untested ------------------------------------------
+def _graph_dims(value_info) -> list:
+    """An ONNX input's or output's declared shape: symbolic axes as their names, fixed ones as ints."""
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "sliding-conv"])
+def test_metadata_shapes_are_the_graphs_own(tiny, kind):
+    """The ``inputs`` / ``outputs`` / ``state`` metadata say what the ONNX graph itself declares (its value
+    infos), ``T`` is empty where there is no horizon, and only a masked step file has ``horizon``."""
+    model = load_model_folder(tiny[kind])
+    for name in (PARALLEL_FILE, STEP_FILE):
+        if not (tiny[kind] / name).is_file():
+            continue
+        proto = onnx.load(str(tiny[kind] / name))
+        meta = {p.key: p.value for p in proto.metadata_props}
+        declared = {v.name: _graph_dims(v) for v in (*proto.graph.input, *proto.graph.output)}
+        for key in ("inputs", "outputs"):
+            for tensor, shape in json.loads(meta[key]).items():
+                # an axis the exporter left open (the LIF Loop's outputs: "Loopspikes_dim_2") is checked by
+                # running the graph below
+                graph = [m if isinstance(d, str) and d not in ("T", "batch") else d
+                         for d, m in zip(declared[tensor], shape, strict=True)]
+                assert graph == shape, (name, tensor)
+        if name == STEP_FILE:
+            for s in json.loads(meta["state"]):
+                assert declared[s["name"]] == declared[s["output"]] == s["shape"], s
+        assert meta["input_shape"] == json.dumps(list(model.cfg.input_shape))
+        assert meta["T"] == ("8" if kind in ("masked", "psn") else "")
+        assert meta["dynamic_T"] == ("true" if kind in ("sliding", "lif", "sliding-conv") else "false")
+        assert ("horizon" in meta) == (kind == "masked" and name == STEP_FILE)
+    x = random_inputs(model, 8, 3, seed=0)
+    spikes, scores = OnnxModel(tiny[kind]).parallel(x)
+    assert scores.shape == (8, 3, model.cfg.num_classes) and spikes.shape == (8, 3, *model.net.out_shape)
+
+
+@pytest.mark.parametrize("opset", [13, 23])
+def test_the_lowest_and_highest_opsets_export_and_run(tiny, tmp_path, opset):
+    """Both ends of the documented 13..23 range export and run in onnxruntime; 12 and 24 are refused."""
+    for kind in ("sliding", "masked"):
+        model = load_model_folder(tiny[kind])
+        export_model(model, tmp_path / kind, opset=opset)
+        onnx_model = OnnxModel(tmp_path / kind)
+        assert onnx_model.meta["opset"] == str(opset)
+        assert check_parity(model, onnx_model)["passed"]
+    for bad in (opset - 1 if opset == 13 else opset + 1,):
+        with pytest.raises(ValueError, match=f"opset {bad} is not supported: use one of 13..23"):
+            export_model(load_model_folder(tiny["sliding"]), tmp_path / "bad", opset=bad)
+    assert not (tmp_path / "bad" / PARALLEL_FILE).exists()
+
+
+def test_export_is_current_needs_every_file_of_this_export_version(tiny, tmp_path):
+    """Not current: the step file of a streaming model missing, or a file of another export version."""
+    import shutil
+
+    folder = shutil.copytree(tiny["sliding"], tmp_path / "m")
+    assert export_is_current(folder, True)
+    (folder / STEP_FILE).unlink()
+    assert not export_is_current(folder, True) and export_is_current(folder, False)
+    proto = onnx.load(str(tiny["sliding"] / STEP_FILE))
+    for p in proto.metadata_props:
+        if p.key == "export_version":
+            p.value = "0"
+    (folder / STEP_FILE).write_bytes(proto.SerializeToString())
+    assert not export_is_current(folder, True)
+    shutil.copy(tiny["sliding"] / STEP_FILE, folder / STEP_FILE)
+    assert export_is_current(folder, True)
+
+
+def test_export_folder_into_another_folder_leaves_the_model_folder_alone(tiny, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny["masked"], tmp_path / "m")
+    for name in (PARALLEL_FILE, STEP_FILE, PARITY_FILE):
+        (folder / name).unlink()
+    summary = export_folder(folder, samples=0, out_dir=tmp_path / "out")
+    assert summary["passed"] and summary["files"] == [PARALLEL_FILE, STEP_FILE]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {PARALLEL_FILE, STEP_FILE, PARITY_FILE}
+    assert not any((folder / name).exists() for name in (PARALLEL_FILE, STEP_FILE, PARITY_FILE))
+
+
+def test_cli_samples_0_and_no_parity(tiny, tmp_path, capsys):
+    """``--samples 0``: parity on random inputs only, the real check recorded as skipped; ``--no-parity``:
+    the ONNX files only, no check."""
+    import shutil
+
+    folder = shutil.copytree(tiny["sliding"], tmp_path / "m")
+    assert main([str(folder), "--samples", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "real samples: skipped (real samples not requested)" in out and "parity: PASSED" in out
+    summary = json.loads((folder / PARITY_FILE).read_text())
+    assert summary["passed"] and summary["parity"]["real"] == {"skipped": "real samples not requested"}
+    for name in (PARALLEL_FILE, STEP_FILE):
+        (folder / name).unlink()
+    assert main([str(folder), "--no-parity"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote model.onnx, model_step.onnx" in out and "parity" not in out
+    assert (folder / PARALLEL_FILE).is_file() and (folder / STEP_FILE).is_file()
+
+
+def test_cli_a_failed_parity_check_exits_1_and_says_fail(tiny, tmp_path, capsys, monkeypatch):
+    """A parity failure (here: a score tolerance nothing can meet) writes the files and the summary,
+    prints FAIL on the failing rows and exits 1; a bad folder in the same run still makes it 2."""
+    import shutil
+
+    from exported import parity
+
+    folder = shutil.copytree(tiny["sliding"], tmp_path / "m")
+    monkeypatch.setattr(parity, "SCORE_ATOL", -1.0)
+    assert main([str(folder), "--samples", "20"]) == 1
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "spike flips=" in line]  # random, step, 4 x dynamic T, 2 x real
+    assert len(rows) == 8 and all(line.endswith("  FAIL") for line in rows) and "parity: FAILED" in out
+    assert json.loads((folder / PARITY_FILE).read_text())["passed"] is False
+    assert main([str(folder), str(tmp_path / "missing"), "--samples", "0"]) == 2
+    assert main([str(tmp_path / "missing"), str(folder), "--samples", "0"]) == 2
+
+
+def test_compare_rules():
+    """``compare``: scores only over samples whose spikes agree; a flip is allowed only in a sample marked
+    as a near tie, and only in at most 1% of the samples."""
+    from exported.parity import MAX_TIE_FRACTION, SCORE_ATOL, compare
+
+    T, B = 4, 200
+    g = np.random.default_rng(0)
+    spikes = (g.random((T, B, 5)) < 0.5).astype(np.float32)
+    scores = g.standard_normal((T, B, 3)).astype(np.float32)
+    no_tie = np.zeros(B, bool)
+    assert compare(spikes, scores, spikes, scores + SCORE_ATOL / 2, no_tie)["ok"]
+    assert not compare(spikes, scores, spikes, scores + 2 * SCORE_ATOL, no_tie)["ok"]
+    flipped, off = spikes.copy(), scores.copy()
+    flipped[2, 7, 1] = 1 - flipped[2, 7, 1]
+    off[:, 7] += 1.0  # a flipped spike moves that sample's scores: not held against the score tolerance
+    tie = no_tie.copy()
+    tie[7] = True
+    c = compare(spikes, scores, flipped, off, tie)
+    assert c["ok"] and c["scores_max_abs_diff"] == 0.0 and c["scores_max_abs_diff_all"] == pytest.approx(1.0)
+    assert (c["spike_mismatches"], c["samples_with_spike_mismatch"], c["unexplained_by_ties"]) == (1, 1, 0)
+    c = compare(spikes, scores, flipped, off, no_tie)  # the same flip where PyTorch saw no tie
+    assert not c["ok"] and c["unexplained_by_ties"] == 1
+    many = spikes.copy()
+    n = int(MAX_TIE_FRACTION * B) + 1  # explained by ties, but in more than 1% of the samples
+    many[0, :n, 0] = 1 - many[0, :n, 0]
+    assert not compare(spikes, scores, many, scores, np.ones(B, bool))["ok"]
+    many[0, n - 1, 0] = spikes[0, n - 1, 0]
+    assert compare(spikes, scores, many, scores, np.ones(B, bool))["ok"]
+
+
+def test_parity_fails_on_changed_accuracy_that_the_score_rule_let_through(tiny, monkeypatch):
+    """The accuracy rule is part of the verdict: with the score tolerance out of the way (patched), a network
+    whose readout no longer matches the files (its classes swapped) keeps every spike, so every comparison
+    passes, but its real-sample accuracy moves: not passed."""
+    from exported import parity
+
+    model = load_model_folder(tiny["sliding"])
+    with torch.no_grad():
+        model.net.readout.weight.copy_(model.net.readout.weight.roll(1, 0))
+        model.net.readout.bias.copy_(model.net.readout.bias.roll(1, 0))
+    samples, why = load_test_samples(model, 200)
+    assert samples is not None, why
+    monkeypatch.setattr(parity, "SCORE_ATOL", float("inf"))
+    report = check_parity(model, OnnxModel(tiny["sliding"]), samples)
+    real = report["real"]
+    assert all(c["ok"] and c["spike_mismatches"] == 0 for c in real["checks"])
+    assert real["acc_torch"] != real["acc_onnx"] and not real["accuracy_ok"] and not report["passed"]
+
+
+def test_min_abs_membrane_against_the_sliding_loop(tiny):
+    """The tie detector: per sample, the smallest |H| of any spiking layer, where each layer reads the
+    previous layer's spikes, against the paper's sliding PSN loop in float64 (tests/reference.py)."""
+    from exported.parity import min_abs_membrane
+    from model.config import normalise
+    from tests.reference import sliding_loop
+
+    model = load_model_folder(tiny["sliding"])
+    ref = load_model_folder(tiny["sliding"], dtype=torch.float64).net
+    T, B = 12, 5
+    x = random_inputs(model, T, B, seed=11)
+    h = normalise(ref.cfg, torch.from_numpy(x).double())
+    want = np.full(B, np.inf)
+    for layer in ref.layers:
+        with torch.no_grad():
+            cur = layer.current(h.reshape(T * B, *h.shape[2:])).reshape(T, B, -1).numpy()
+        w, b = layer.neuron.weight.detach().numpy(), float(layer.neuron.bias.detach())
+        s, mem = sliding_loop(cur.reshape(T, -1), w, b)
+        want = np.minimum(want, np.abs(mem).reshape(T, B, -1).min(axis=(0, 2)))
+        h = torch.from_numpy(s.reshape(T, B, -1))
+    got = min_abs_membrane(model.net, torch.from_numpy(x))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert want.max() > 1e-3  # not all trivially zero
+
+
+def test_parity_report_runs_the_documented_checks(tiny):
+    """Random inputs at the data's T, the step file against the parallel one, and for a dynamic-T model
+    T = 1, 3, T + 5 and 2T + 1 (docs/onnx.md), each on the training scale of the inputs."""
+    model = load_model_folder(tiny["sliding"])
+    report = check_parity(model, OnnxModel(tiny["sliding"]))
+    T0 = 8  # no horizon, no metrics.json: the export's example T
+    assert report["passed"] and (report["random"]["T"], report["random"]["batch"]) == (T0, 16)
+    assert report["step_vs_parallel"]["ok"] and report["step_vs_parallel"]["T"] == T0
+    assert [c["T"] for c in report["dynamic_T"]] == [1, 3, T0 + 5, 2 * T0 + 1]
+    x = random_inputs(model, 50, 100, seed=0)  # N(input_mean, input_std): 5 and 6 for the tiny nets
+    assert abs(x.mean() - 5.0) < 0.1 and abs(x.std() - 6.0) < 0.1
+    masked = check_parity(load_model_folder(tiny["masked"]), OnnxModel(tiny["masked"]))
+    assert masked["passed"] and "dynamic_T" not in masked and masked["random"]["T"] == 8
+    # without real samples a sliding model is checked at the length it was trained on (metrics.json)
+    shipped = REPO / "exported" / "mnist1d-sliding"
+    model = load_model_folder(shipped)
+    report = check_parity(model, OnnxModel(shipped), batch=4)
+    assert report["passed"] and report["random"]["T"] == model.metrics["T"] == 40
+
+
+def test_step_on_a_model_without_a_step_file_is_a_clear_error(tiny):
+    onnx_model = OnnxModel(tiny["psn"])
+    assert not onnx_model.streams and onnx_model.initial_state(2) == []
+    with pytest.raises(ValueError, match="model 'tiny-psn' has no step form"):
+        onnx_model.step(np.zeros((1, 8), np.float32), [])
