@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from service.backends import BACKENDS, get_backend_class
@@ -11,6 +12,9 @@ from tests.service.conftest import Reference
 def test_registry() -> None:
     assert {"torch", "onnx"} <= set(BACKENDS)
     assert get_backend_class("torch").__name__ == "TorchBackend"
+    assert get_backend_class("onnx").__name__ == "OnnxBackend"
+    with pytest.raises(ValueError, match=r"PSN_BACKEND: unknown backend 'tensorrt'; known: \['onnx', 'torch'\]"):
+        get_backend_class("tensorrt")
 
 
 def test_run_over_scattered_slots_equals_parallel_form(ref: Reference) -> None:
