@@ -68,11 +68,12 @@ def weights_sha256(folder: str | os.PathLike) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-def export_is_current(folder: str | os.PathLike, streams: bool) -> bool:
-    """Whether ``folder`` holds the ONNX files its model needs, made from its current weights."""
+def export_is_current(folder: str | os.PathLike, streams: bool, sha256: str | None = None) -> bool:
+    """Whether ``folder`` holds the ONNX files its model needs, made from its current weights (``sha256``:
+    the weights' hash, for files exported away from their weights, e.g. into the serving cache)."""
     folder = Path(folder)
     files = [PARALLEL_FILE] + ([STEP_FILE] if streams else [])
-    want = weights_sha256(folder)
+    want = weights_sha256(folder) if sha256 is None else sha256
     for name in files:
         if not (folder / name).is_file():
             return False

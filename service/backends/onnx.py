@@ -34,8 +34,9 @@ def onnx_folder(model: LoadedModel, cache_dir: Path | None = None) -> Path:
     if export_is_current(model.path, streams):
         return model.path
     cache_dir = cache_dir or Path.home() / ".cache" / "psn-stream" / "onnx"
-    cached = cache_dir / f"{model.name}-{weights_sha256(model.path)[:16]}"
-    if not export_is_current(cached, streams):
+    sha = weights_sha256(model.path)
+    cached = cache_dir / f"{model.name}-{sha[:16]}"
+    if not export_is_current(cached, streams, sha):  # the cache holds no weights file: compare with the model's
         log.info("exporting model %r to ONNX in %s (no current ONNX files in %s)", model.name, cached, model.path)
         export_model(model, cached)
     return cached

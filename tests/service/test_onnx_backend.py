@@ -19,7 +19,7 @@ import torch
 
 from exported.onnx_export import PARALLEL_FILE, STEP_FILE
 from tests.service import test_streaming as streaming
-from tests.service.conftest import DEFAULTS, TINY, Server, assert_outputs
+from tests.service.conftest import DEFAULTS, TINY, Server, assert_outputs, make_model
 from tests.service.test_streaming import (  # noqa: F401  (collected here, run with this module's server)
     test_classify_equals_parallel_form,
     test_concurrent_sessions_equal_parallel_form,
@@ -117,9 +117,9 @@ def test_onnx_backend_rebuilds_a_session_in_a_used_slot_exactly(ref, backend_cac
             np.testing.assert_allclose(c[1].reshape(-1), alone.scores[-1, 0].numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_backend_serves_the_folders_own_current_files(model_dir: Path, tmp_path: Path) -> None:
+def test_onnx_backend_serves_the_folders_own_current_files_and_exports_once(model_dir: Path, tmp_path: Path) -> None:
     """A model folder with current ONNX files is served from them (nothing exported); one without is exported
-    into the cache."""
+    into the cache once: a second backend for it (the next start) reuses the files as they are."""
     import shutil
 
     from exported.onnx_export import export_model
@@ -133,6 +133,15 @@ def test_onnx_backend_serves_the_folders_own_current_files(model_dir: Path, tmp_
     model = load_model_folder(model_dir / "masked", dtype=torch.float64)
     first = _onnx_backend(model, 2, cache).folder
     assert first.parent == cache and (first / PARALLEL_FILE).is_file() and (first / STEP_FILE).is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    assert _onnx_backend(model, 2, cache).folder == first
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == stamps  # not exported again
+    # another model of the same name (other weights) shares the cache without taking the first one's place
+    make_model(tmp_path / "other" / "masked", *TINY["masked"], seed=7)
+    second = _onnx_backend(load_model_folder(tmp_path / "other" / "masked", dtype=torch.float64), 2, cache).folder
+    assert second != first and second.parent == cache
+    assert _onnx_backend(model, 2, cache).folder == first
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == stamps
 
 
 @torch.no_grad()
