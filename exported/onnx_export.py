@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 
 from exported.graphs import ParallelGraph, StepGraph, state_spec
 from model.folder import WEIGHTS_FILE, LoadedModel
@@ -77,7 +78,11 @@ def export_is_current(folder: str | os.PathLike, streams: bool, sha256: str | No
     for name in files:
         if not (folder / name).is_file():
             return False
-        meta = {p.key: p.value for p in onnx.load(str(folder / name), load_external_data=False).metadata_props}
+        try:
+            proto = onnx.load(str(folder / name), load_external_data=False)
+        except (OSError, DecodeError):  # unreadable, truncated, a Git LFS pointer: not a usable export
+            return False
+        meta = {p.key: p.value for p in proto.metadata_props}
         if meta.get("weights_sha256") != want or meta.get("export_version") != str(EXPORT_VERSION):
             return False
     return True

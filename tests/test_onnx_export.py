@@ -299,6 +299,18 @@ def test_export_is_current_needs_every_file_of_this_export_version(tiny, tmp_pat
     assert export_is_current(folder, True)
 
 
+def test_an_onnx_file_that_does_not_parse_is_not_current(tiny, tmp_path):
+    """A truncated copy or a Git LFS pointer in place of model.onnx: not current (so a server exports the model
+    again instead of failing to start)."""
+    import shutil
+
+    folder = shutil.copytree(tiny["sliding"], tmp_path / "m")
+    data = (folder / PARALLEL_FILE).read_bytes()
+    for broken in (data[: len(data) // 2], b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n"):
+        (folder / PARALLEL_FILE).write_bytes(broken)
+        assert not export_is_current(folder, True)
+
+
 def test_export_folder_into_another_folder_leaves_the_model_folder_alone(tiny, tmp_path):
     import shutil
 

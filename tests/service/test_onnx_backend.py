@@ -145,6 +145,25 @@ def test_onnx_backend_serves_the_folders_own_current_files_and_exports_once(mode
 
 
 @torch.no_grad()
+def test_onnx_backend_exports_a_model_whose_onnx_file_does_not_parse(ref, model_dir: Path, tmp_path: Path) -> None:
+    """A model folder whose model.onnx is cut short (or a Git LFS pointer) is served from a fresh export in
+    the cache, with the model's answers, instead of the engine failing to start."""
+    import shutil
+
+    from model.folder import load_model_folder
+
+    folder = shutil.copytree(model_dir / "sliding", tmp_path / "sliding")
+    (folder / PARALLEL_FILE).write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n")
+    (folder / STEP_FILE).write_bytes(b"\x08\x08\x12")  # a truncated protobuf
+    be = _onnx_backend(load_model_folder(folder, dtype=torch.float64), 1, tmp_path / "cache")
+    assert be.folder.parent == tmp_path / "cache"
+    x = ref.sequence("sliding", 7, seed=5).unsqueeze(1)
+    be.reset(torch.tensor([0]))
+    scores = be.run(x, torch.tensor([0]))[1]
+    torch.testing.assert_close(scores.double(), ref.models["sliding"].net(x).scores, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_onnx_backend_of_a_model_that_cannot_stream_holds_no_slots(ref, backend_cache: Path) -> None:
     be = _onnx_backend(ref.models["full"], 8, backend_cache)
     assert be.max_slots == 0
