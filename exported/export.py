@@ -7,7 +7,8 @@ Usage:
              --no-parity (write the files only)
 
 For each folder it writes ``model.onnx`` (parallel form), ``model_step.onnx`` (step form; not for
-plain PSN models, which cannot stream), and ``onnx_parity.json`` (the parity summary, also printed).
+plain PSN models, which cannot stream), and ``onnx_parity.json`` (the parity summary, also printed;
+``--no-parity`` removes an earlier one).
 Exit status: 0 all exported and in parity, 1 a parity check failed, 2 bad input (nothing written for
 that folder).
 """
@@ -80,6 +81,8 @@ def export_folder(folder: str | Path, *, opset: int = DEFAULT_OPSET, samples: in
             summary["parity"]["real"] = {"skipped": why}
         summary["passed"] = summary["parity"]["passed"]
         (out / PARITY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    else:  # an earlier summary would vouch for files it did not check
+        (out / PARITY_FILE).unlink(missing_ok=True)
     return summary
 
 

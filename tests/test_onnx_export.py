@@ -340,6 +340,7 @@ def test_cli_samples_0_and_no_parity(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote model.onnx, model_step.onnx" in out and "parity" not in out
     assert (folder / PARALLEL_FILE).is_file() and (folder / STEP_FILE).is_file()
+    assert not (folder / PARITY_FILE).exists()  # the earlier summary checked other files
 
 
 def test_cli_a_failed_parity_check_exits_1_and_says_fail(tiny, tmp_path, capsys, monkeypatch):
