@@ -119,9 +119,10 @@ def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 @pytest.mark.parametrize("text", [exposition(), "# HELP x a gauge\n# TYPE x gauge\nx{} 1.0\nx 2.0\n"],
                          ids=["scrape", "empty braces"])
-def test_with_label_adds_the_replica_to_every_sample_and_nothing_else(text: str) -> None:
-    out = with_label(text, "replica", "r-1")
-    assert samples(out) == [(name, {"replica": "r-1", **labels}, value) for name, labels, value in samples(text)]
+@pytest.mark.parametrize("replica", ["r-1", 'pod "7" \\ a\nb'])  # PSN_REPLICA_ID is any string
+def test_with_label_adds_the_replica_to_every_sample_and_nothing_else(text: str, replica: str) -> None:
+    out = with_label(text, "replica", replica)
+    assert samples(out) == [(name, {"replica": replica, **labels}, value) for name, labels, value in samples(text)]
     assert [line for line in out.splitlines() if line.startswith("#")] == \
         [line for line in text.splitlines() if line.startswith("#")]
     assert out.endswith("\n")  # the text format: the last line ends with a line feed too

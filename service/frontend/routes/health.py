@@ -22,7 +22,8 @@ def replica(request: Request) -> str | None:
 
 def with_label(text: str, name: str, value: str) -> str:
     """Every sample of a Prometheus text exposition with one more label (a replica's id)."""
-    label = f'{name}="{value}"'
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")  # the text format's escapes
+    label = f'{name}="{escaped}"'
     out = []
     for line in text.splitlines():
         if line and not line.startswith("#"):
