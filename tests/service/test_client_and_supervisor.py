@@ -492,6 +492,85 @@ def test_a_dead_front_end_is_restarted_and_its_live_gauges_dropped_unless_stoppi
         sup.close()
 
 
+def _front_end_with_metrics(connections: int) -> None:
+    from service.metrics import FrontendMetrics  # imported here: PROMETHEUS_MULTIPROC_DIR is set by now
+
+    metrics = FrontendMetrics()
+    metrics.connections.set(connections)
+    metrics.error("not_found")
+    time.sleep(30)
+
+
+def test_every_front_end_reports_the_sum_over_the_live_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What any front end's /metrics says (``FrontendMetrics.text`` in the shared folder): counters summed over
+    every front end that ran, the WebSocket connections gauge over the live ones only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.metrics import FrontendMetrics
+
+    def values() -> tuple[float, float]:
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", sup.metrics_dir)  # as in a front end (spawn() unsets it)
+        samples = {s.name: s.value for f in text_string_to_metric_families(FrontendMetrics().text()) for s in f.samples
+                   if s.name in ("psn_ws_connections", "psn_errors_total")}
+        return samples.get("psn_ws_connections", 0.0), samples.get("psn_errors_total", 0.0)
+
+    sup = StandInSupervisor(_front_end_with_metrics, (3,))
+    try:
+        sup.start_frontend(0)
+        sup.start_frontend(1)
+        deadline = time.monotonic() + 60  # spawned processes import the test module: seconds on a busy box
+        while values() != (6, 2):
+            assert time.monotonic() < deadline, values()
+            time.sleep(0.05)
+        dead = sup.frontends[0]
+        dead.kill()
+        joined(dead)
+        sup.restart_frontends()
+        while values() != (6, 3):  # the new one's 3 connections, not the dead one's; every error counted
+            assert time.monotonic() < deadline, values()
+            time.sleep(0.05)
+    finally:
+        sup.close()
+
+
+def _child_that_dies_with_its_parent() -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nfrom service.lifetime import die_with_parent\n"
+                              "die_with_parent()\nprint('ready', flush=True)\ntime.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    print(child.pid, flush=True)
+    time.sleep(60)
+
+
+def test_a_process_that_calls_die_with_parent_ends_when_its_parent_is_killed() -> None:
+    """What keeps an engine core or a front end from outliving a supervisor killed with SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", "from tests.service.test_client_and_supervisor import "
+                               "_child_that_dies_with_its_parent as f; f()"], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists() and "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError("the child outlived its parent")
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_only_front_ends_get_the_shared_metrics_folder() -> None:
     """prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is imported: the engine core must not get it
     (its metrics travel over the IPC), nor keep it in the supervisor's own environment."""
