@@ -19,6 +19,7 @@ import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from service.core.sessions import id_tag
 from tests.service.conftest import DEFAULTS, ROOT, Reference, Server, assert_outputs, free_port, oip_sequence
 from tests.service.test_durable import redis_server
 
@@ -78,6 +79,8 @@ def test_a_session_moves_to_the_replica_asked_and_the_old_one_refuses_it(cluster
         r = cb.get(f"/v1/sessions/{sid}")  # ended in the shared log: every replica says so
         assert r.status_code == 410 and r.json()["error"]["code"] == "session_closed", r.text
         assert cb.get("/v1/sessions/made-up").status_code == 404
+        other = cb.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert id_tag(other) == id_tag(sid) is not None  # every replica issues ids under the cluster's one tag
     text = httpx.get(f"{b.url}/metrics").text
     assert 'psn_sessions_adopted_total{replica="B",model="sliding"} 1.0' in text, text
     assert 'psn_sessions_moved_total{replica="B",model="sliding"} 1.0' in text
@@ -310,6 +313,15 @@ def test_records_of_a_session_opened_again_in_the_same_write_are_not_refused(tmp
         assert a.r.lrange("psn:s:s", 0, -1) == [b"third run"]
         b.add("a", "s", b"late")
         assert b.flush() == {"s"}
+        b.add("a", "s", b"later")  # not B's any more: nothing more is written or refused
+        assert b.flush() == set() and a.r.lrange("psn:s:s", 0, -1) == [b"third run"]
+        assert b.claim("never") is None
+        b.add("a", "never", b"x")  # a session with no records was not taken: none of its writes go out
+        assert b.flush() == set() and not b.r.exists("psn:s:never")
+        assert b.claim_many(["never", "s"]) == [None, b"third run"]
+        b.add("a", "never", b"x")
+        b.add("e", "s", b"end")  # the end record frees the lease: nobody holds an ended session
+        assert b.flush() == set() and not b.r.exists("psn:lease:s") and not a.holds("s")
     finally:
         proc.kill()
         proc.wait()
