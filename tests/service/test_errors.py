@@ -14,6 +14,7 @@ import pytest
 import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed
 
+from service.errors import InvalidInput, TooManySessions
 from tests.service.conftest import Reference, Server, assert_outputs
 
 BAD_STEPS = [  # (body, status, code, words the message must contain)
@@ -64,6 +65,8 @@ def test_bad_steps_are_refused_and_session_unharmed(client: httpx.Client, sessio
     r = client.post(url, content=b"{not json", headers={"content-type": "application/json"})
     _check(r, 422, "invalid_input", ["body", "malformed JSON", "character 1"])
     assert r.json()["error"]["field"] == "body"  # not the character offset
+    r = client.post(url, content=b'{"steps": [[0.5, "\xff", 0.5]]}', headers={"content-type": "application/json"})
+    _check(r, 422, "invalid_input", ["body", "not valid UTF-8"])
     r = client.post(url, json={"steps": x[2:].tolist()})
     assert r.status_code == 200 and r.json()["start"] == 2
     assert_outputs(r.json()["outputs"], ref.outputs("sliding", x), start=2)
@@ -128,6 +131,9 @@ def test_unknown_route_names_the_path(client: httpx.Client) -> None:
     r = client.get("/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     assert r.json()["error"]["field"] == "path" and "/v1/nothing-here" in r.json()["error"]["message"]
+    r = client.delete("/v1/models")  # a route that takes other methods
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert r.json()["error"]["field"] == "method" and "DELETE /v1/models" in r.json()["error"]["message"]
 
 
 def test_a_stray_slash_is_not_found_not_redirected(client: httpx.Client, ref: Reference) -> None:
@@ -293,6 +299,8 @@ def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
         assert e["error"]["field"] == "message" and e["id"] is None  # it, so it is not echoed (strict parsers fail)
         e = ask({"type": "steps", "steps": [[0, 0, 0]], "start": 2**64, "id": 10})
         assert e["error"]["code"] == "invalid_input" and e["error"]["field"] == "start" and e["id"] == 10
+        e = ask({"type": "steps", "steps": [[0, 0, 0]], "start": -1, "id": 11})
+        assert e["error"]["code"] == "invalid_input" and e["error"]["field"] == "start" and e["id"] == 11
         r = ask({"type": "steps", "steps": x.tolist()})
         assert_outputs(r["outputs"], ref.outputs("sliding", x))
 
@@ -448,3 +456,14 @@ def test_a_request_the_ipc_cannot_carry_fails_alone_not_its_whole_turn() -> None
     sent, error = asyncio.run(run())
     assert [item[1:3] for item in sent] == [["steps", "s1"], ["get", "s2"]]  # the bad one left out, nothing else
     assert isinstance(error, InvalidInput) and error.field == "request", error
+
+
+@pytest.mark.parametrize(("after", "seconds"), [(0.3, 1), (1, 1), (2.4, 2), (2.6, 3), (30.0, 30)])
+def test_retry_after_is_whole_seconds_and_never_0(after: float, seconds: int) -> None:
+    """Retry-After is whole seconds (HTTP's delta-seconds), the same in a WebSocket error; a wait under a
+    second is 1, never 0 (which says: retry at once). An error where waiting does not help has neither."""
+    err = TooManySessions("sessions: all in use", retry_after=after)  # e.g. min(PSN_IDLE_TIMEOUT_S, 30)
+    assert err.headers() == {"Retry-After": str(seconds)} and err.ws_error()["retry_after"] == seconds
+    plain = InvalidInput("steps: bad", field="steps")
+    assert plain.headers() == {} and plain.ws_error() == {"code": "invalid_input", "message": "steps: bad",
+                                                          "field": "steps"}

@@ -103,6 +103,22 @@ def test_everything_else_goes_on_to_the_app_with_its_body_intact(body: bytes, he
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE", "GET"])
+def test_a_steps_request_by_another_method_goes_on_to_the_app(method: str) -> None:
+    """Only POST applies steps: the app answers the others (405), even with a body that would validate."""
+    async def run() -> None:
+        fe, engine = frontend()
+        engine.sessions[("a", "s1")] = "m"
+        inner, sent = Inner(), Sent()
+        scope, receive = request("/v1/sessions/s1/steps", b'{"steps": [[0.5, 1.0]]}', fe=fe)
+        scope["method"] = method
+        await asyncio.wait_for(StepsFastPath(inner)(scope, receive, sent), 1)
+        assert inner.seen == [("/v1/sessions/s1/steps", b'{"steps": [[0.5, 1.0]]}')] and sent.status() == 299
+        assert engine.calls == []
+
+    asyncio.run(run())
+
+
 def test_its_errors_are_the_apps_error_answers() -> None:
     async def run() -> None:
         fe, engine = frontend()

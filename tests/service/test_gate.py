@@ -75,22 +75,26 @@ def test_the_refusal_is_the_apps_answer_and_counted() -> None:
     err = json.loads(body)["error"]
     assert err["code"] == "session_queue_full" and err["field"] == "session_id" and "2 requests" in err["message"]
     assert ask(g, head()) == raw  # the same answer, kept for the flood
+    fe.outstanding[("", "s1")] = 3  # one more came in by the app's way: the answer says how many wait now
+    assert "3 requests" in json.loads(ask(g, head()).partition(b"\r\n\r\n")[2])["error"]["message"]
+    fe.outstanding[("", "s1")] = 2
     later = [(b"date", b"Mon, 07 Dec 2026 00:00:01 GMT"), DATE[1]]  # uvicorn's next list, a second later
     assert g.answer(b"POST", b"/v1/sessions/s1/steps", head(), later) == raw.replace(DATE[0][1], later[0][1])
     errors = g.app.state.metrics.errors.labels("session_queue_full")._value.get()
-    assert errors == 3
+    assert errors == 4
 
 
-@pytest.mark.parametrize("case", ["GET", "other path", "percent-encoded id", "nested", "origin", "no frontend yet"])
+@pytest.mark.parametrize("case", ["GET", "other path", "percent-encoded id", "nested", "no id", "origin",
+                                  "no frontend yet"])
 def test_what_the_gate_leaves_to_the_app(case: str) -> None:
     g, fe = gate()
-    fe.outstanding[("", "s1")] = 2
+    fe.outstanding[("", "s1")] = fe.outstanding[("", "")] = 2  # no id: the app answers 404, never 429
     fe.outstanding[("", "a%2Fb")] = fe.outstanding[("", "a/b")] = 2
     scope = head(origin=b"http://page.example") if case == "origin" else head()
     if case == "no frontend yet":
         g.app.state.frontend = None
     url = {"other path": b"/v1/sessions/s1", "percent-encoded id": b"/v1/sessions/a%2Fb/steps",
-           "nested": b"/v1/sessions/a/b/steps"}.get(case, b"/v1/sessions/s1/steps")
+           "nested": b"/v1/sessions/a/b/steps", "no id": b"/v1/sessions//steps"}.get(case, b"/v1/sessions/s1/steps")
     assert g.answer(b"GET" if case == "GET" else b"POST", url, scope, DATE) is None
     assert ADMITTED not in scope
 

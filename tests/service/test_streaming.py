@@ -90,6 +90,7 @@ def test_classify_equals_parallel_form(client: httpx.Client, ref: Reference) -> 
         spikes, scores = ref.outputs(model, x)
         assert_outputs(body["outputs"], (spikes, scores))
         assert body["scores"] == body["outputs"][-1]["scores"]
+        assert body["predicted"] == body["outputs"][-1]["predicted"]  # the class after the last step
         assert body["label"] == ["w", "x", "y", "z"][body["predicted"]]
 
 
