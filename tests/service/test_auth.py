@@ -116,6 +116,11 @@ def test_settings_keep_only_hashes_and_refuse_bad_keys(tmp_path: Path) -> None:
         with pytest.raises(KeySettingsError) as e:
             Settings(**kwargs)
         assert words in str(e.value) and "short-key" not in str(e.value) and "spaces" not in str(e.value)
+    for n in (16, 256):  # the bounds themselves are keys; one character short of or past them is not
+        assert len(Settings(api_keys=f"{KEY_A},{'k' * n}").key_hashes) == 2
+    for n in (15, 257):
+        with pytest.raises(KeySettingsError, match="key 2 must be 16-256 characters"):
+            Settings(api_keys=f"{KEY_A},{'k' * n}")
 
 
 # ----- keys on HTTP and WebSocket ------------------------------------------------------------------

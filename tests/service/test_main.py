@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from service.config import Settings, default_workers
 from tests.service.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,3 +69,11 @@ def test_an_engine_core_that_fails_before_it_is_ready_stops_the_service_with_1(t
     assert proc.returncode == 1, out[-3000:]
     assert "before it was ready" in out and out.count("restarting it") == 0, out[-3000:]
 
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(None, 2), (1, 2), (2, 2), (3, 2), (4, 3), (9, 8), (17, 16), (64, 16)])
+def test_the_default_front_ends_are_a_core_each_but_the_engine_cores_at_least_two_at_most_16(
+        monkeypatch: pytest.MonkeyPatch, cores: int | None, workers: int) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.delenv("PSN_WORKERS", raising=False)
+    assert default_workers() == workers and Settings().workers == workers
