@@ -31,10 +31,10 @@ def onnx_folder(model: LoadedModel, cache_dir: Path | None = None) -> Path:
     """A folder with current ONNX files for ``model``: its own, or a folder under ``cache_dir``
     (default ``~/.cache/psn-stream/onnx``) exported on demand."""
     streams = model.cfg.streams
-    if export_is_current(model.path, streams):
+    sha = weights_sha256(model.path)  # read and hashed once, for both folders
+    if export_is_current(model.path, streams, sha):
         return model.path
     cache_dir = cache_dir or Path.home() / ".cache" / "psn-stream" / "onnx"
-    sha = weights_sha256(model.path)
     cached = cache_dir / f"{model.name}-{sha[:16]}"
     if not export_is_current(cached, streams, sha):  # the cache holds no weights file: compare with the model's
         log.info("exporting model %r to ONNX in %s (no current ONNX files in %s)", model.name, cached, model.path)
