@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, PrivateAttr, SecretStr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:  # the front ends never import torch (only the engine core runs models)
@@ -27,7 +27,15 @@ def key_hash(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-class KeySettingsError(Exception):
+class SettingsError(Exception):
+    """A PSN_* variable the service cannot start with; the message names each bad variable, one per line."""
+
+
+class BadSetting(SettingsError, ValueError):
+    """A PSN_* variable found bad when it is used (an unknown backend, a store URL of another scheme, ...)."""
+
+
+class KeySettingsError(SettingsError):
     """A bad PSN_API_KEYS / PSN_API_KEYS_FILE. Not a ValueError on purpose: pydantic would wrap that in a
     ValidationError that prints the settings' input, keys included."""
 
@@ -58,7 +66,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"  # `python -m service` binds here
     port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"  # any case
     model_dir: Path = Path("exported")  # every folder with a config.json under it is served
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
@@ -120,6 +128,11 @@ class Settings(BaseSettings):
     read_timeout_s: float = Field(60.0, gt=0)
     _key_hashes: tuple[bytes, ...] = PrivateAttr(())
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _hash_keys(self) -> Settings:
         keys: list[str] = []
@@ -154,6 +167,9 @@ class Settings(BaseSettings):
 
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BadSetting("PSN_DEVICE=cuda: this torch sees no CUDA device (torch.cuda.is_available() is "
+                             "false); set PSN_DEVICE=cpu or auto")
         return torch.device(self.device)
 
     @property
@@ -163,6 +179,23 @@ class Settings(BaseSettings):
         return getattr(torch, self.dtype)
 
 
+def settings_error(e: ValidationError) -> SettingsError:
+    """One line per bad variable, ``PSN_WORKERS: Input should be a valid integer (got 'abc')``, instead of
+    pydantic's report with its links; the value of a secret (an API key) is never repeated."""
+    lines = []
+    for err in e.errors(include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        name = "PSN_" + field.upper() if field else "PSN_* settings"
+        secret = field in Settings.model_fields and "SecretStr" in str(Settings.model_fields[field].annotation)
+        got = f" (got {err['input']!r})" if isinstance(err.get("input"), str) and not secret else ""
+        lines.append(f"{name}: {err['msg']}{got}")
+    return SettingsError("\n".join(lines))
+
+
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a SettingsError naming each bad PSN_* variable."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise settings_error(e) from None

@@ -50,6 +50,7 @@ from typing import Any
 
 import msgpack
 
+from service.config import BadSetting
 from service.errors import ServiceError
 
 EVENT = 0  # rid of pushed events
@@ -72,7 +73,7 @@ def parse_address(address: str) -> tuple[str, str, int]:
         host, _, port = rest.rpartition(":")
         if host and port.isdigit():
             return "tcp", host.strip("[]"), int(port)
-    raise ValueError(f"PSN_ENGINE_ADDRESS: expected unix:PATH or tcp:HOST:PORT, got {address!r}")
+    raise BadSetting(f"PSN_ENGINE_ADDRESS: expected unix:PATH or tcp:HOST:PORT, got {address!r}")
 
 
 def listen(address: str, backlog: int) -> socket.socket:

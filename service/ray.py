@@ -37,7 +37,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 from yarl import URL
 
-from service.config import get_settings
+from service.config import BadSetting, SettingsError, get_settings
 from service.lifetime import die_with_parent
 from service.ray_router import SessionRouter, oip_sequence_key
 
@@ -218,11 +218,24 @@ class Replica:
         return status, out, content
 
 
+def env_number(name: str, default: str, kind: type[int] | type[float]) -> Any:
+    """A positive number from the environment variable ``name``; a BadSetting naming it otherwise."""
+    text = os.environ.get(name, default)
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value == float("inf"):
+        what = "a whole number" if kind is int else "a number"
+        raise BadSetting(f"{name}: expected {what} > 0, got {text!r}")
+    return value
+
+
 def build(env: dict[str, str] | None = None, replicas: int | None = None) -> Any:
     """The Serve application: ``replicas`` (default ``PSN_RAY_REPLICAS``) replicas of the service."""
     settings = get_settings()
-    n = replicas or int(os.environ.get("PSN_RAY_REPLICAS", "2"))
-    cpus = float(os.environ.get("PSN_RAY_REPLICA_CPUS", "1"))
+    n = replicas or env_number("PSN_RAY_REPLICAS", "2", int)
+    cpus = env_number("PSN_RAY_REPLICA_CPUS", "1", float)
     passed = {k: v for k, v in os.environ.items() if k.startswith("PSN_")} | (env or {})
     if not (passed.get("PSN_STATE_URL") or settings.state_url):
         raise SystemExit("service.ray: set PSN_STATE_URL=redis://HOST:PORT/DB (the sessions replicas share)")
@@ -247,14 +260,17 @@ def app_builder(args: dict[str, str]) -> Any:
 def main() -> None:
     import ray
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+        application = build()
+    except SettingsError as e:  # names each bad variable (a bad key by its position, never its value)
+        raise SystemExit("\n".join(f"service.ray: {line}" for line in str(e).splitlines())) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    application = build()
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": settings.host, "port": settings.port},
                 logging_config=serve_logging(settings.log_level))
     serve.run(application, name="psn", route_prefix="/")
-    log.info("psn-stream on Ray Serve: %s replicas on %s:%d", os.environ.get("PSN_RAY_REPLICAS", "2"),
+    log.info("psn-stream on Ray Serve: %s replicas on %s:%d", env_number("PSN_RAY_REPLICAS", "2", int),
              settings.host, settings.port)
     stopping = False
 

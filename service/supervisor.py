@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service.config import KeySettingsError, Settings, get_settings
+from service.config import Settings, SettingsError, get_settings
 from service.ipc import default_address, listen
 
 log = logging.getLogger("psn.supervisor")
@@ -137,8 +137,8 @@ class Supervisor:
 def main() -> None:
     try:
         settings = get_settings()
-    except KeySettingsError as e:  # says which key is bad by its position, never its value
-        raise SystemExit(f"psn-stream: {e}") from None
+    except SettingsError as e:  # names each bad variable (a bad key by its position, never its value)
+        raise SystemExit("\n".join(f"psn-stream: {line}" for line in str(e).splitlines())) from None
     # Only the keys' hashes go on (in settings); children must not inherit the keys in their environment.
     os.environ.pop("PSN_API_KEYS", None)
     logging.basicConfig(level=settings.log_level.upper(),

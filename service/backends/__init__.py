@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from service.backends.base import Backend, BackendClass
+from service.config import BadSetting
 
 BACKENDS: dict[str, str] = {
     "torch": "service.backends.torch_backend:TorchBackend",
@@ -20,7 +21,7 @@ def get_backend_class(name: str) -> BackendClass:
     try:
         target = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"PSN_BACKEND: unknown backend {name!r}; known: {sorted(BACKENDS)}") from None
+        raise BadSetting(f"PSN_BACKEND: unknown backend {name!r}; known: {sorted(BACKENDS)}") from None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
 

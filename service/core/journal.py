@@ -50,6 +50,8 @@ from typing import Any, Protocol
 import msgpack
 import numpy as np
 
+from service.config import BadSetting
+
 log = logging.getLogger("psn.journal")
 FRAME = struct.Struct("<II")  # length of body, crc32 of body
 HEADER_LEN = struct.Struct("<I")
@@ -238,7 +240,7 @@ class RedisStore:
 def open_store(state_dir: Path | None, state_url: str | None, fsync: bool) -> Store | None:
     if state_url:
         if not state_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"PSN_STATE_URL: expected redis://HOST:PORT/DB (or rediss://, unix://), got {state_url!r}")
+            raise BadSetting(f"PSN_STATE_URL: expected redis://HOST:PORT/DB (or rediss://, unix://), got {state_url!r}")
         return RedisStore(state_url)
     if state_dir:
         return FileStore(state_dir, fsync)

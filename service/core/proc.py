@@ -22,7 +22,7 @@ import torch
 from model.folder import find_model_folders, load_model_folder
 from service import logs
 from service.backends import get_backend_class
-from service.config import Settings
+from service.config import BadSetting, Settings, SettingsError
 from service.core.cluster import ClusterStore
 from service.core.engine import EngineCore
 from service.core.journal import open_store
@@ -39,6 +39,9 @@ MAX_BACKLOG = 256 << 20  # answers a front end has not read; past it the front e
 def build_core(settings: Settings) -> EngineCore:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if not settings.model_dir.is_dir():  # a typo would serve no model at all, every request a 404
+        raise BadSetting(f"PSN_MODEL_DIR: {str(settings.model_dir)!r} is not a folder (it should hold one "
+                         "folder per model, each with a config.json)")
     folders = find_model_folders(settings.model_dir)
     if not folders:
         log.warning("no model folders under %s", settings.model_dir)
@@ -51,7 +54,7 @@ def build_core(settings: Settings) -> EngineCore:
         backends.append(backend_cls(m, settings.max_sessions, settings))
     if settings.cluster:
         if not settings.state_url:
-            raise ValueError("PSN_CLUSTER=1 needs PSN_STATE_URL=redis://... (the sessions replicas share)")
+            raise BadSetting("PSN_CLUSTER=1 needs PSN_STATE_URL=redis://... (the sessions replicas share)")
         cluster = ClusterStore(settings.state_url, settings.replica_id, settings.cluster_prefix,
                                live_ttl_s=max(2 * settings.idle_timeout_s, 600.0))
         core = EngineCore(backends, settings, cluster=cluster)
@@ -224,7 +227,11 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
     die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
     kept = keep_freed_memory(settings.malloc_keep_mb)  # before the models load: every batch reuses its memory
-    core = build_core(settings)
+    try:
+        core = build_core(settings)
+    except SettingsError as e:  # a bad PSN_* variable: its own message, no traceback (the supervisor stops)
+        log.error("%s", e)
+        raise SystemExit(1) from None
     gc.collect()
     gc.freeze()  # torch and the models live as long as the process: keep them out of every collection
     proc = EngineProcess(core, address)

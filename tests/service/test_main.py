@@ -77,3 +77,62 @@ def test_the_default_front_ends_are_a_core_each_but_the_engine_cores_at_least_tw
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.delenv("PSN_WORKERS", raising=False)
     assert default_workers() == workers and Settings().workers == workers
+
+
+def run_service(env: dict[str, str], module: str = "service", timeout: float = 90) -> subprocess.CompletedProcess:
+    """``python -m module`` with ``env`` on top of ours, to its exit (output joined)."""
+    base = {**os.environ, "PSN_PORT": str(free_port()), "PSN_HOST": "127.0.0.1", "PSN_WORKERS": "1",
+            "PSN_LOG_LEVEL": "info"}
+    return subprocess.run([sys.executable, "-m", module], cwd=ROOT, env={**base, **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("env", [
+    {"PSN_WORKERS": "abc"},
+    {"PSN_PORT": "99999", "PSN_READ_TIMEOUT_S": "-1"},
+    {"PSN_LOG_LEVEL": "loud"},
+    {"PSN_DEVICE": "tpu"},
+], ids=["not-a-number", "two-bad", "log-level", "device"])
+def test_a_bad_setting_stops_the_service_with_a_line_naming_each_bad_variable(env: dict[str, str]) -> None:
+    done = run_service(env)
+    assert done.returncode == 1, done.stdout
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == list(env), done.stdout
+    for line, value in zip(lines, env.values(), strict=True):
+        assert line.startswith("psn-stream: PSN_") and f"(got {value!r})" in line, done.stdout
+
+
+def test_log_level_is_any_case() -> None:
+    assert Settings(log_level="WARNING").log_level == "warning"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"PSN_BACKEND": "tensorrt"}, "PSN_BACKEND: unknown backend 'tensorrt'"),
+    ({"PSN_MODEL_DIR": "no-such-folder"}, "PSN_MODEL_DIR: 'no-such-folder' is not a folder"),
+    ({"PSN_STATE_URL": "http://127.0.0.1:1/0"}, "PSN_STATE_URL: expected redis://"),
+    ({"PSN_DEVICE": "cuda"}, "PSN_DEVICE=cuda: this torch sees no CUDA device"),
+], ids=["backend", "model-dir", "state-url", "cuda"])
+def test_a_setting_the_engine_core_cannot_use_stops_the_service_with_its_message_not_a_traceback(
+        model_dir: Path, env: dict[str, str], says: str) -> None:
+    if "PSN_DEVICE" in env:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+    done = run_service({"PSN_MODEL_DIR": str(model_dir), **env})
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "ERROR psn.engine" in done.stdout and says in done.stdout, done.stdout[-3000:]
+    assert "Traceback" not in done.stdout and "before it was ready" in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"PSN_RAY_REPLICAS": "two"}, "service.ray: PSN_RAY_REPLICAS: expected a whole number > 0, got 'two'"),
+    ({"PSN_RAY_REPLICAS": "0"}, "service.ray: PSN_RAY_REPLICAS: expected a whole number > 0, got '0'"),
+    ({"PSN_RAY_REPLICA_CPUS": "nan"}, "service.ray: PSN_RAY_REPLICA_CPUS: expected a number > 0, got 'nan'"),
+    ({"PSN_WORKERS": "x"}, "service.ray: PSN_WORKERS: Input should be a valid integer"),
+], ids=["replicas-word", "replicas-0", "cpus-nan", "service-setting"])
+def test_python_m_service_ray_names_a_bad_setting(env: dict[str, str], says: str) -> None:
+    pytest.importorskip("ray.serve", reason="the cluster extra: pip install -e '.[cluster]'")
+    done = run_service({"PSN_STATE_URL": "redis://127.0.0.1:1/0", **env}, module="service.ray")
+    assert done.returncode == 1 and done.stdout.strip().splitlines() == [done.stdout.strip()], done.stdout
+    assert done.stdout.startswith(says), done.stdout
