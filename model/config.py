@@ -7,6 +7,7 @@ as a dict (``to_dict`` / ``from_dict``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +61,10 @@ class NetConfig:
             else:
                 v = float(v)
             object.__setattr__(self, name, v)
-        if not min(_as_tuple(self.input_std)) > 0:
-            raise ValueError(f"input_std must be > 0, got {self.input_std}")
+        if not all(math.isfinite(v) for v in _as_tuple(self.input_mean)):  # NaN would make every score NaN
+            raise ValueError(f"input_mean must be finite, got {self.input_mean}")
+        if not all(0 < v < math.inf for v in _as_tuple(self.input_std)):  # inf would make every input 0
+            raise ValueError(f"input_std must be > 0 and finite, got {self.input_std}")
         if not self.layers:
             raise ValueError("layers: at least one spiking layer is needed")
         if self.num_classes < 1 or not self.input_shape or min(self.input_shape) < 1:
