@@ -117,13 +117,19 @@ class AccessControl:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         origin = host = authorization = None
+        origins = authorizations = 0
         for name, value in scope["headers"]:
             if name == b"origin":
-                origin = value
+                origin, origins = value, origins + 1
             elif name == b"host":
                 host = value
             elif name == b"authorization":
-                authorization = value
+                authorization, authorizations = value, authorizations + 1
+        # two of either: which one counts would be a guess (an Authorization only matters with keys on)
+        twice = "Origin" if origins > 1 else "Authorization" if authorizations > 1 and self.keys is not None else ""
+        if twice:
+            return await refuse(scope, receive, send, ServiceError(
+                f"{twice}: the request sends more than one {twice} header; send one", field=twice))
         if origin is not None and not self.origin_allowed(origin, host):
             err = OriginNotAllowed(f"Origin: {origin.decode('latin-1')!r} may not use this API (PSN_ALLOWED_ORIGINS)",
                                    field="Origin")

@@ -275,6 +275,28 @@ def test_websocket_origin_allow_list_and_cors(keyed: Server) -> None:
         assert "access-control-allow-origin" not in r.headers
 
 
+def test_two_authorization_or_two_origin_headers_are_refused_400_naming_the_header(keyed: Server) -> None:
+    """Which of two keys (or origins) counts would be a guess: a proxy that adds its own header must not
+    make the server pick one. Either order, HTTP and the WebSocket handshake."""
+    wrong = "wrong-key-0123456789abcdef"
+    with httpx.Client(base_url=keyed.url, timeout=20) as c:
+        for headers in ([("Authorization", f"Bearer {KEY_A}"), ("Authorization", f"Bearer {wrong}")],
+                        [("Authorization", f"Bearer {wrong}"), ("Authorization", f"Bearer {KEY_A}")],
+                        [("Authorization", f"Bearer {KEY_A}"), ("Authorization", f"Bearer {KEY_A}")],
+                        [("Authorization", f"Bearer {KEY_A}"), ("Origin", ALLOWED), ("Origin", FOREIGN)],
+                        [("Authorization", f"Bearer {KEY_A}"), ("Origin", FOREIGN), ("Origin", ALLOWED)]):
+            field = headers[-1][0]
+            r = c.post("/v1/sessions", json={"model": "sliding"}, headers=headers)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["code"] == "bad_request" and err["field"] == field, r.text
+            assert f"more than one {field} header" in err["message"]
+            assert handshake_status(keyed, additional_headers=headers) == 400
+            r = c.post("/v2/models/sliding/infer", json={}, headers=headers)
+            assert r.status_code == 400 and f"more than one {field} header" in r.json()["error"]  # OIP's shape
+        assert c.post("/v1/sessions", json={"model": "sliding"}, headers=[
+            ("Authorization", f"Bearer {KEY_A}"), ("Origin", ALLOWED)]).status_code == 201
+
+
 # ----- the request head is bounded ------------------------------------------------------------------
 def raw_request(srv: Server, head: bytes, chunk: int = 0) -> bytes:
     """Send ``head`` (in ``chunk``-byte writes a moment apart, 0: at once) and read the answer until the server

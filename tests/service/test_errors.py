@@ -467,3 +467,9 @@ def test_retry_after_is_whole_seconds_and_never_0(after: float, seconds: int) ->
     plain = InvalidInput("steps: bad", field="steps")
     assert plain.headers() == {} and plain.ws_error() == {"code": "invalid_input", "message": "steps: bad",
                                                           "field": "steps"}
+
+
+def test_without_keys_a_second_authorization_header_is_nobodys_business(client: httpx.Client) -> None:
+    r = client.post("/v1/sessions", json={"model": "sliding"},
+                    headers=[("Authorization", "Bearer one"), ("Authorization", "Basic two")])
+    assert r.status_code == 201, r.text
