@@ -8,6 +8,7 @@ INT64 ``[B, L]``. With Triton's sequence parameters B is 1 and L is the request'
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from typing import Any
@@ -84,12 +85,19 @@ def metadata(codec: ModelCodec) -> ModelMetadata:
 
 
 FLAGS = ("sequence_start", "sequence_end", "binary_data_output")  # request parameters that are booleans
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
 
 def check_request(req: InferRequest) -> None:
     """What can be refused about a request before it is run, so that a refused request leaves its sequence
     as it was: the requested outputs' names and the boolean parameters (strict: "false" is not false)."""
     params = req.parameters or {}
+    for name in params:  # other parameters are free-form (the protocol's), but a misspelt sequence flag
+        # silently ignored would run the steps on the wrong state (a start that does not start over)
+        if name not in SEQUENCE_PARAMETERS and (name.lower().startswith("seq") or difflib.get_close_matches(
+                name.lower(), SEQUENCE_PARAMETERS, n=1, cutoff=0.75)):
+            raise InvalidInput(f"parameters.{name}: not a parameter of this server; did you mean one of "
+                               f"{', '.join(SEQUENCE_PARAMETERS)}?", field=f"parameters.{name}")
     for name in FLAGS:
         if name in params and not isinstance(params[name], bool):
             raise InvalidInput(f"parameters.{name}: expected true or false, got {params[name]!r}",

@@ -97,6 +97,22 @@ def test_flags_must_be_json_booleans(server: Server, ref: Reference) -> None:
         _refused(r, 422, "sequence_start", "not open")
 
 
+def test_a_misspelt_sequence_parameter_is_refused_and_the_sequence_is_left_as_it_was(server: Server,
+                                                                                     ref: Reference) -> None:
+    """Free-form parameters are the protocol's, but a misspelt sequence flag ignored would run the steps on
+    the wrong state: ``sequence_strat`` meant to start over would append to the open sequence instead."""
+    x = ref.sequence("sliding", 4, seed=62).float()
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        first = h.post(URL, json=oip_sequence(x[:2].numpy(), 6262, ("spikes",), sequence_start=True))
+        for name in ("sequence_strat", "Sequence_Start", "sequence_ends", "sequenceid", "seq_end"):
+            r = h.post(URL, json=oip_sequence(x[2:].numpy(), 6262, ("spikes",), **{name: True}))
+            _refused(r, 422, f"parameters.{name}", "sequence_start")
+        rest = h.post(URL, json=oip_sequence(x[2:].numpy(), 6262, ("spikes",), sequence_end=True,
+                                              priority=1, timeout=10_000, my_tag="a"))  # others: free-form
+        spikes = np.concatenate([_outputs(first)["spikes"][0], _outputs(rest)["spikes"][0]])
+        assert spikes.tolist() == ref.outputs("sliding", x.double())[0]  # refused requests applied nothing
+
+
 def test_a_256_character_sequence_id_is_a_sequence(server: Server, ref: Reference) -> None:
     x = ref.sequence("sliding", 4, seed=61).float()
     seq = "q" * 256
