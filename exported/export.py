@@ -39,10 +39,10 @@ DEFAULT_SAMPLES = 2000
 
 
 @functools.lru_cache(maxsize=4)
-def _dataset(data: str, dataset: str, test_data: str | None):
+def _dataset(data: str, dataset: str, test_data: str | None, test_fraction: float | None):
     from model.datafile import load_source
 
-    return load_source({"data": data, "dataset": dataset, "test_data": test_data})
+    return load_source({"data": data, "dataset": dataset, "test_data": test_data, "test_fraction": test_fraction})
 
 
 def load_test_samples(model: LoadedModel, n: int) -> tuple[Samples | None, str]:
@@ -52,7 +52,7 @@ def load_test_samples(model: LoadedModel, n: int) -> tuple[Samples | None, str]:
         return None, "real samples not requested"
     try:
         ds = _dataset(model.config.get("data") or "", str(model.config.get("dataset") or ""),
-                      model.config.get("test_data"))
+                      model.config.get("test_data"), model.config.get("test_fraction"))
     except (DataUnavailable, DataFileError, ImportError) as e:
         return None, str(e)
     name = ds.name

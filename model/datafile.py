@@ -88,7 +88,9 @@ def load_source(config: dict) -> Dataset:
         return load_dataset(source)
     if not source:
         raise DataFileError("the model folder does not say which data it was trained on")
-    return load_data_file(source, test_path=config.get("test_data"))
+    # the held-out part training drew (--test-fraction); a folder that does not record it used the default
+    drawn = {} if config.get("test_fraction") is None else {"test_fraction": float(config["test_fraction"])}
+    return load_data_file(source, test_path=config.get("test_data"), **drawn)
 
 
 # ----- files ------------------------------------------------------------------------------------

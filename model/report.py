@@ -199,7 +199,8 @@ def write_folder(out: Path, net: PSNNet, fused: PSNNet, data: Dataset, metrics: 
     }
     return save_model_folder(out, net.cpu(), name=name, dataset=data.name, class_names=data.class_names,
                              metrics=metrics, extra_config={"preset": metrics["preset"], "data": data.source,
-                                                           "test_data": metrics.get("test_data")},
+                                                           "test_data": metrics.get("test_data"),
+                                                           "test_fraction": metrics.get("test_fraction")},
                              extra_files=extra)
 
 

@@ -211,6 +211,7 @@ def run(a: argparse.Namespace) -> Path:
     metrics: dict[str, Any] = {
         "dataset": data.name, "data": data.source, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
         "variable_length": data.variable_length, "test_data": a.test_data,
+        "test_fraction": a.test_fraction if a.data is not None else None,
         "test_acc_parallel": round(ev.acc_parallel, 5),
         "test_acc_streaming": None if ev.acc_streaming is None else round(ev.acc_streaming, 5),
         "streaming_agreement": ev.agreement, "streaming_max_score_diff": ev.max_score_diff,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from model.report import check_reference
 from model.train import main as train_main
 from model.train import parse_args, train
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--neuron", "sliding", "-k", "3", "--layers", "L24", "--epochs", "3", "--batch-size", "16", "--lr", "2e-2",
         "--threads", "1", "--quiet"]
 
@@ -358,3 +361,24 @@ def test_held_out_test_part_is_at_least_one_sequence_and_never_all(tmp_path):
                         y_test=None, class_names=None))
     with pytest.raises(DataFileError, match="1 sequences are too few to hold out a test split"):
         load_data_file(one)
+
+
+def _export(folder: Path) -> dict:
+    """`python -m exported.export FOLDER` as a user runs it (from the repository); its onnx_parity.json."""
+    proc = subprocess.run([sys.executable, "-m", "exported.export", str(folder), "--samples", "1000"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads((folder / "onnx_parity.json").read_text())
+
+
+def test_export_checks_the_held_out_part_that_training_held_out(tmp_path):
+    """--test-fraction is recorded, so the export's real samples are the model's own test set (with the
+    default fraction they were another split, training sequences among them, and parity still PASSED)."""
+    x, y, _ = make_sequences(90, 8, seed=11, variable=False)
+    path = write_npz(tmp_path / "held.npz", variable=False, x=x, y=y, x_test=None, y_test=None)
+    out = _train(str(path), tmp_path / "held", "--test-fraction", "0.5")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_samples"] == 45
+    real = _export(out)["parity"]["real"]
+    assert real["samples"] == 45
+    assert real["acc_torch"] == pytest.approx(m["test_acc_parallel"], abs=1e-5)  # metrics: 5 digits
