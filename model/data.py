@@ -50,7 +50,7 @@ class Dataset:
     description: str  # one line for the model card
     lengths_train: Tensor | None = None  # (N,) int64 valid steps of each sequence (the rest is padding); None: all T
     lengths_test: Tensor | None = None  # (M,) likewise for the test split
-    source: str = ""  # how to load it again: a built-in name, or the --data argument (model.datafile)
+    source: str = ""  # how to load it again: a built-in name, or the --data file made absolute (model.datafile)
 
     @property
     def T(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,12 @@ def is_data_argument(arg: str) -> bool:
     return arg.startswith(SKTIME_PREFIX) or Path(arg).suffix.lower() in (".npz", ".csv", ".ts")
 
 
+def source_of(arg: str) -> str:
+    """``arg`` as a model folder records it: a file path made absolute, so that ``load_source`` finds the
+    file again from any working directory (``sktime:<Name>`` as it is)."""
+    return arg if arg.startswith(SKTIME_PREFIX) else os.path.abspath(arg)
+
+
 def load_data_file(path: str, *, test_path: str | None = None, test_fraction: float = 0.2) -> Dataset:
     """Read ``path`` (and its test split) into a checked ``Dataset`` of padded float32 tensors."""
     files = _resolve(path)
@@ -76,7 +83,7 @@ def load_data_file(path: str, *, test_path: str | None = None, test_fraction: fl
                    f"{steps} steps x {feats} features, {len(class_names)} classes")
     return Dataset(name, _tensor(train.x, T), torch.from_numpy(y_train), _tensor(test.x, T), torch.from_numpy(y_test),
                    list(class_names), description, lengths_train=_lengths(train.lengths, T),
-                   lengths_test=_lengths(test.lengths, T), source=path)
+                   lengths_test=_lengths(test.lengths, T), source=source_of(path))
 
 
 def load_source(config: dict) -> Dataset:
@@ -335,4 +342,4 @@ def _is_int(s: str) -> bool:
         return False
 
 
-__all__ = ["DataFileError", "load_data_file", "load_source", "is_data_argument", "SKTIME_PREFIX"]
+__all__ = ["DataFileError", "load_data_file", "load_source", "is_data_argument", "source_of", "SKTIME_PREFIX"]

@@ -43,6 +43,7 @@ from model.data import (
     time_major,
     with_channel_axis,
 )
+from model.datafile import source_of
 from model.evaluate import evaluate
 from model.kinds import kind
 from model.network import NetConfig, PSNNet
@@ -210,7 +211,8 @@ def run(a: argparse.Namespace) -> Path:
     ev = evaluate(fused, data.x_test, data.y_test, lengths=data.lengths_test)
     metrics: dict[str, Any] = {
         "dataset": data.name, "data": data.source, "neuron": a.neuron, "k": a.k, "preset": a.preset, "T": data.T,
-        "variable_length": data.variable_length, "test_data": a.test_data,
+        "variable_length": data.variable_length,
+        "test_data": None if a.test_data is None else source_of(a.test_data),
         "test_fraction": a.test_fraction if a.data is not None else None,
         "test_acc_parallel": round(ev.acc_parallel, 5),
         "test_acc_streaming": None if ev.acc_streaming is None else round(ev.acc_streaming, 5),

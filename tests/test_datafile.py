@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -382,3 +383,20 @@ def test_export_checks_the_held_out_part_that_training_held_out(tmp_path):
     real = _export(out)["parity"]["real"]
     assert real["samples"] == 45
     assert real["acc_torch"] == pytest.approx(m["test_acc_parallel"], abs=1e-5)  # metrics: 5 digits
+
+
+def test_relative_data_paths_are_found_again_from_another_directory(tmp_path):
+    """`psn train --data x.npz --test-data t.npz` in the data's folder, then the export from the repository:
+    the folder records where the files are, so the parity check reads the model's test set (a relative path
+    was recorded as typed: 'real samples: skipped (x.npz: no such file)', and parity PASSED unchecked)."""
+    x, y, _ = make_sequences(40, 8, seed=12, variable=False)
+    xt, yt, _ = make_sequences(20, 8, seed=13, variable=False)
+    write_npz(tmp_path / "rel.npz", variable=False, x=x, y=y, x_test=None, y_test=None)
+    write_npz(tmp_path / "rel_test.npz", variable=False, x=xt, y=yt, x_test=None, y_test=None)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "model.train", "--data", "rel.npz", "--test-data", "rel_test.npz",
+                           *FAST, "--out", "rel-model"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    real = _export(tmp_path / "rel-model")["parity"]["real"]
+    assert "skipped" not in real and real["samples"] == 20
