@@ -43,8 +43,11 @@ def build_core(settings: Settings) -> EngineCore:
         raise BadSetting(f"PSN_MODEL_DIR: {str(settings.model_dir)!r} is not a folder (it should hold one "
                          "folder per model, each with a config.json)")
     folders = find_model_folders(settings.model_dir)
-    if not folders:
-        log.warning("no model folders under %s", settings.model_dir)
+    if not folders:  # a service of no models answers 404 to everything: say why at once instead
+        hint = (f"; {str(settings.model_dir)!r} is a model folder itself: set PSN_MODEL_DIR to the folder that holds "
+                "it" if (settings.model_dir / "config.json").is_file() else "")
+        raise BadSetting(f"PSN_MODEL_DIR: no model folders under {str(settings.model_dir)!r} (each model is a folder "
+                         f"with a config.json, directly under it){hint}")
     backend_cls = get_backend_class(settings.backend)
     backends = []
     for folder in folders:

@@ -109,9 +109,11 @@ def test_log_level_is_any_case() -> None:
 @pytest.mark.parametrize(("env", "says"), [
     ({"PSN_BACKEND": "tensorrt"}, "PSN_BACKEND: unknown backend 'tensorrt'"),
     ({"PSN_MODEL_DIR": "no-such-folder"}, "PSN_MODEL_DIR: 'no-such-folder' is not a folder"),
+    ({"PSN_MODEL_DIR": "service"}, "PSN_MODEL_DIR: no model folders under 'service' (each model is a folder"),
+    ({"PSN_MODEL_DIR": "exported/mnist1d-sliding"}, "is a model folder itself: set PSN_MODEL_DIR to the folder"),
     ({"PSN_STATE_URL": "http://127.0.0.1:1/0"}, "PSN_STATE_URL: expected redis://"),
     ({"PSN_DEVICE": "cuda"}, "PSN_DEVICE=cuda: this torch sees no CUDA device"),
-], ids=["backend", "model-dir", "state-url", "cuda"])
+], ids=["backend", "model-dir", "no-models", "a-model-folder", "state-url", "cuda"])
 def test_a_setting_the_engine_core_cannot_use_stops_the_service_with_its_message_not_a_traceback(
         model_dir: Path, env: dict[str, str], says: str) -> None:
     if "PSN_DEVICE" in env:
