@@ -138,3 +138,35 @@ def test_python_m_service_ray_names_a_bad_setting(env: dict[str, str], says: str
     done = run_service({"PSN_STATE_URL": "redis://127.0.0.1:1/0", **env}, module="service.ray")
     assert done.returncode == 1 and done.stdout.strip().splitlines() == [done.stdout.strip()], done.stdout
     assert done.stdout.startswith(says), done.stdout
+
+
+def test_scripts_serve_reads_a_relative_model_dir_from_where_it_is_run(model_dir: Path, tmp_path: Path) -> None:
+    """scripts/serve moves to the repository to set up and start: a relative PSN_MODEL_DIR (or state dir) is
+    the caller's, so it is made absolute first (it was read from the repository: no model folders there)."""
+    (tmp_path / "models").symlink_to(model_dir)
+    port = free_port()
+    env = {**os.environ, "PSN_MODEL_DIR": "models", "PSN_STATE_DIR": "state", "PSN_PORT": str(port),
+           "PSN_HOST": "127.0.0.1", "PSN_WORKERS": "1", "PSN_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "not ready within 90 s"
+            time.sleep(0.2)
+        names = {m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]}
+        assert names == {p.name for p in model_dir.iterdir() if (p / "config.json").is_file()}
+        assert (tmp_path / "state").is_dir()  # the session log is where the caller said
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
