@@ -18,6 +18,20 @@ from tests.service.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
+    """Until the service on ``port`` says ready; its output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"not ready within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
 def test_python_m_service_serves_and_stops_on_sigterm(model_dir: Path) -> None:
     port = free_port()
     env = {**os.environ, "PSN_MODEL_DIR": str(model_dir), "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1",
@@ -26,16 +40,7 @@ def test_python_m_service_serves_and_stops_on_sigterm(model_dir: Path) -> None:
                             stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready within 60 s"
-            time.sleep(0.1)
+        wait_ready(proc, port, 60)
         with httpx.Client(base_url=url) as c:
             for _ in range(3):
                 assert c.post("/v1/sessions", json={"model": "sliding"}).status_code == 201
@@ -150,16 +155,7 @@ def test_scripts_serve_reads_a_relative_model_dir_from_where_it_is_run(model_dir
     proc = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready within 90 s"
-            time.sleep(0.2)
+        wait_ready(proc, port, 90)
         names = {m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]}
         assert names == {p.name for p in model_dir.iterdir() if (p / "config.json").is_file()}
         assert (tmp_path / "state").is_dir()  # the session log is where the caller said
