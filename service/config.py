@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -177,6 +178,34 @@ class Settings(BaseSettings):
         import torch
 
         return getattr(torch, self.dtype)
+
+
+def settings_help() -> str:
+    """Every PSN_* variable with its default, one a line (``--help``; docs/api.md says what each does)."""
+    computed = {"workers": f"{default_workers()} here (one per core but the engine core's, 2 to 16)",
+                "replica_id": "$HOSTNAME, else replica-<pid>", "onnx_cache_dir": "~/.cache/psn-stream/onnx",
+                "engine_address": "unset (a private unix socket)"}
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = computed.get(name, "unset" if field.default is None else
+                               str(field.default).lower() if isinstance(field.default, bool) else str(field.default))
+        rows.append(f"  PSN_{name.upper():<26} {default or '(empty)'}")
+    return "\n".join(rows)
+
+
+def check_argv(argv: list[str], prog: str, what: str) -> None:
+    """``prog`` takes no arguments, its settings being environment variables: ``--help`` prints them and
+    exits 0; anything else is a usage error (exit 2) rather than silently ignored (``--port 9000`` would
+    still listen on PSN_PORT)."""
+    if not argv:
+        return
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: {prog}\n\n{what}\nSettings are environment variables (docs/api.md says what each does), "
+              f"e.g. PSN_PORT=9000 {prog}. Defaults:\n{settings_help()}")
+        raise SystemExit(0)
+    print(f"{prog}: takes no arguments, got {' '.join(argv)!r}; settings are PSN_* environment variables, "
+          f"e.g. PSN_PORT=9000 {prog} ({prog} --help lists them)", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def settings_error(e: ValidationError) -> SettingsError:

@@ -37,7 +37,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 from yarl import URL
 
-from service.config import BadSetting, SettingsError, get_settings
+from service.config import BadSetting, SettingsError, check_argv, get_settings
 from service.lifetime import die_with_parent
 from service.ray_router import SessionRouter, oip_sequence_key
 
@@ -258,6 +258,8 @@ def app_builder(args: dict[str, str]) -> Any:
 
 
 def main() -> None:
+    check_argv(sys.argv[1:], "python -m service.ray", "Run PSN_RAY_REPLICAS replicas of the service on Ray Serve "
+               "(PSN_RAY_REPLICA_CPUS CPUs each), sessions shared through PSN_STATE_URL (docs/cluster.md).")
     import ray
 
     try:

@@ -17,13 +17,14 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from service.config import Settings, SettingsError, get_settings
+from service.config import Settings, SettingsError, check_argv, get_settings
 from service.ipc import default_address, listen
 
 log = logging.getLogger("psn.supervisor")
@@ -135,6 +136,8 @@ class Supervisor:
 
 
 def main() -> None:
+    check_argv(sys.argv[1:], "python -m service", "Serve every model folder under PSN_MODEL_DIR over HTTP and "
+               "WebSocket on PSN_HOST:PSN_PORT: an engine core process and PSN_WORKERS front ends.")
     try:
         settings = get_settings()
     except SettingsError as e:  # names each bad variable (a bad key by its position, never its value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,3 +167,33 @@ def test_scripts_serve_reads_a_relative_model_dir_from_where_it_is_run(model_dir
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_python_m_service_help_lists_every_setting_with_the_default_the_docs_give() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSN_")}
+    done = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: python -m service"), done.stdout + done.stderr
+    shown = dict(re.findall(r"^  (PSN_[A-Z0-9_]+) +(.*)$", done.stdout, flags=re.M))
+    assert set(shown) == {f"PSN_{name.upper()}" for name in Settings.model_fields}
+    docs = dict(re.findall(r"^\| `(PSN_[A-Z0-9_]+)` \| `([^`|]*)` \|", (ROOT / "docs" / "api.md").read_text(),
+                           flags=re.M))
+    compared = [name for name in docs if name in shown and docs[name]]
+    for name in compared:
+        same = shown[name] == docs[name] or (re.fullmatch(r"-?[0-9.e+]+", docs[name]) is not None and
+                                             float(shown[name]) == float(docs[name]))
+        assert same, f"{name}: --help says {shown[name]!r}, docs/api.md {docs[name]!r}"
+    assert len(compared) >= 20
+    assert shown["PSN_WORKERS"].startswith(f"{default_workers()} here")
+
+
+@pytest.mark.parametrize("module", ["service", "service.ray"])
+def test_an_argument_is_a_usage_error_not_silently_ignored(module: str) -> None:
+    """``--port 9000`` would still have listened on PSN_PORT: settings are environment variables."""
+    if module == "service.ray":
+        pytest.importorskip("ray.serve", reason="the cluster extra: pip install -e '.[cluster]'")
+    done = subprocess.run([sys.executable, "-m", module, "--port", "9000"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert f"python -m {module}: takes no arguments, got '--port 9000'" in done.stderr
+    assert "PSN_PORT=9000" in done.stderr
