@@ -34,9 +34,9 @@ ctx = mp.get_context("spawn")  # no fork: children start clean (torch dislikes f
 class Supervisor:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.address = settings.engine_address or default_address()
         host = f"[{settings.host}]" if ":" in settings.host else settings.host  # IPv6 literal
-        self.sock = listen(f"tcp:{host}:{settings.port}", 2048)
+        self.sock = listen(f"tcp:{host}:{settings.port}", 2048)  # first: nothing to clean up if it fails
+        self.address = settings.engine_address or default_address()
         self.sock.set_inheritable(True)  # handed to every front-end process
         self.engine: mp.Process | None = None
         self.frontends: list[mp.Process | None] = [None] * settings.workers
@@ -59,7 +59,9 @@ class Supervisor:
         """Start the engine core; False if it exited before becoming ready."""
         from service.core.proc import run_engine_core  # torch: imported in the engine core's process only
 
-        ready = ctx.Event()
+        # kept as long as the engine core: the child unpickles it while it starts, and an Event collected by
+        # then (a stop during the start returns at once) has unlinked its semaphore: FileNotFoundError there
+        self.engine_ready = ready = ctx.Event()
         self.engine = ctx.Process(target=run_engine_core, args=(self.settings, self.address, ready),
                                   name="psn-engine-core", daemon=False)
         self.spawn(self.engine, frontend=False)
@@ -146,4 +148,9 @@ def main() -> None:
     os.environ.pop("PSN_API_KEYS", None)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [supervisor %(process)d] %(message)s")
-    raise SystemExit(Supervisor(settings).run())
+    try:
+        supervisor = Supervisor(settings)
+    except OSError as e:  # the port taken, an address not of this machine, a host name that does not resolve
+        raise SystemExit(f"psn-stream: cannot listen on {settings.host}:{settings.port} (PSN_HOST, PSN_PORT): "
+                         f"{e.strerror or e}") from None
+    raise SystemExit(supervisor.run())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,3 +198,71 @@ def test_an_argument_is_a_usage_error_not_silently_ignored(module: str) -> None:
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
     assert f"python -m {module}: takes no arguments, got '--port 9000'" in done.stderr
     assert "PSN_PORT=9000" in done.stderr
+
+
+def test_a_port_in_use_or_an_address_not_here_is_one_line_not_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for env, says in (({"PSN_PORT": str(port)}, "Address already in use"),
+                          ({"PSN_HOST": "no-such-host.invalid"}, "")):
+            done = run_service(env)
+            assert done.returncode == 1, done.stdout
+            host = env.get("PSN_HOST", "127.0.0.1")
+            assert done.stdout.startswith(f"psn-stream: cannot listen on {host}:"), done.stdout
+            assert says in done.stdout and "Traceback" not in done.stdout and len(done.stdout.splitlines()) == 1
+
+
+def _children(pid: int) -> set[int]:
+    """The engine core and front ends of the supervisor ``pid`` (from /proc: its children that run a spawned
+    process's main, not multiprocessing's resource tracker)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_sigterm_while_the_engine_core_is_still_starting_stops_everything(model_dir: Path) -> None:
+    """Stopped before it was ready (a deploy rolled back at once): the supervisor must not wait for a
+    readiness that no longer matters, nor leave an engine core or a front end behind."""
+    port = free_port()
+    env = {**os.environ, "PSN_MODEL_DIR": str(model_dir), "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1",
+           "PSN_WORKERS": "2", "PSN_LOG_LEVEL": "info"}
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        while "starting the engine core" not in seen:  # its signal handlers are in place
+            line = proc.stdout.readline()
+            assert line, seen
+            seen += line
+        deadline = time.monotonic() + 30
+        while len(kids := _children(proc.pid)) < 3:  # two front ends and the engine core, still starting
+            assert time.monotonic() < deadline, kids
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGTERM), seen + out
+        assert "Traceback" not in seen + out, seen + out
+        assert not [pid for pid in kids if _running(pid)]  # the supervisor waited for each
+        with socket.socket() as again:  # nothing holds the port
+            again.bind(("127.0.0.1", port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
