@@ -27,7 +27,7 @@ from service.core.cluster import ClusterStore
 from service.core.engine import EngineCore
 from service.core.journal import open_store
 from service.ipc import LENGTH, MAX_FRAME, frame, listen, unpack
-from service.lifetime import die_with_parent
+from service.lifetime import die_with_parent, spawned_by
 from service.memory import keep_freed_memory
 
 log = logging.getLogger("psn.engine")
@@ -227,7 +227,7 @@ def run_engine_core(settings: Settings, address: str, ready: object | None = Non
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [engine %(process)d] %(message)s")
     logs.install()
-    die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
+    die_with_parent(parent=spawned_by())  # no engine core or front end outlives a supervisor killed with SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM, in order
     kept = keep_freed_memory(settings.malloc_keep_mb)  # before the models load: every batch reuses its memory
     try:

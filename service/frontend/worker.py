@@ -13,7 +13,7 @@ from service.frontend.app import create_app
 from service.frontend.gate import FastRefusal
 from service.frontend.limits import SlowReaders
 from service.frontend.protocols import InvalidUtf8, http_protocol, ws_protocol
-from service.lifetime import die_with_parent
+from service.lifetime import die_with_parent, spawned_by
 
 
 def ws_max_size(max_request_bytes: int) -> int:
@@ -28,7 +28,7 @@ def ws_max_size(max_request_bytes: int) -> int:
 def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, worker: int) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s [front end {worker} %(process)d] %(message)s")
-    die_with_parent()  # a supervisor killed with SIGKILL leaves no engine core or front end behind
+    die_with_parent(parent=spawned_by())  # no engine core or front end outlives a supervisor killed with SIGKILL
     try:
         import uvloop  # noqa: F401 - uvicorn picks it up by itself when installed
     except ImportError:

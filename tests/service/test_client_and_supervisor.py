@@ -571,6 +571,57 @@ def test_a_process_that_calls_die_with_parent_ends_when_its_parent_is_killed() -
         parent.wait()
 
 
+def _late_child(parent: int) -> None:
+    """A multiprocessing child that calls die_with_parent only after its parent has been killed."""
+    import os
+
+    from service.lifetime import die_with_parent, spawned_by
+
+    assert spawned_by() == parent
+    deadline = time.monotonic() + 20
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    die_with_parent(parent=spawned_by())
+    time.sleep(60)
+
+
+def _parent_of_a_late_child() -> None:
+    import multiprocessing as mp
+    import os
+
+    p = mp.get_context("spawn").Process(target=_late_child, args=(os.getpid(),))
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(60)
+
+
+def test_a_child_whose_parent_died_before_it_called_die_with_parent_ends_too() -> None:
+    """The kernel sends nothing for a parent death before prctl: an engine core still importing torch when
+    its supervisor is killed must end as soon as it gets to the call, not serve on as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", "from tests.service.test_client_and_supervisor import "
+                               "_parent_of_a_late_child as f; f()"], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text():
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError("the child outlived its parent")
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_only_front_ends_get_the_shared_metrics_folder() -> None:
     """prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is imported: the engine core must not get it
     (its metrics travel over the IPC), nor keep it in the supervisor's own environment."""
