@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from model.data import DATASETS, DataUnavailable, check_available
 from model.datafile import DataFileError, load_data_file
+from model.folder import CONFIG_FILE
 from model.kinds import KINDS, NEURONS, kind
 from model.network import LayerConfig
 
@@ -132,8 +135,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     kinds = [lc.kind for lc in a.layers]
     if "conv" in kinds and "linear" in kinds and kinds.index("linear") < len(kinds) - kinds[::-1].index("conv"):
         parser.error("--layers: conv layers must all come before the linear layers")
+    if a.out is not None and not a.out.strip():
+        parser.error("--out is empty: name the model folder to write")
     a.out = a.out or f"exported/{a.dataset}-{a.neuron}"
+    if Path(a.out).name in ("", ".", ".."):  # '.', '..', '/': the folder's own name is needed to replace it
+        a.out = str(Path(a.out).resolve())
+    problem = out_problem(Path(a.out))
+    if problem:
+        parser.error(f"--out {a.out}: {problem}")
     return a
+
+
+def out_problem(path: Path) -> str | None:
+    """Why the model folder cannot be written at ``path`` (None: it can). The folder is replaced as a whole
+    at the end of training, so what is there must be a model folder (or an empty one), and the nearest
+    existing folder above it writable (a temporary folder is made and removed there to find out)."""
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            return "exists and is not a folder"
+        if any(path.iterdir()) and not (path / CONFIG_FILE).is_file():
+            return (f"is a folder with files in it but no {CONFIG_FILE}, not a model folder: training replaces "
+                    "the whole folder; name a new folder or a model folder")
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is not a folder"
+    try:
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=above):
+            pass
+    except OSError as e:
+        return f"cannot write in {above} ({e.strerror or e})"
+    return None
 
 
 def resolve_device(name: str) -> torch.device:

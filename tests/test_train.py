@@ -246,3 +246,31 @@ def test_ctrl_c_is_answered_130_even_when_it_lands_in_code_run_from_c(tmp_path):
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
     assert "nothing was written" in proc.stderr and not (tmp_path / "never").exists()
+
+
+def test_out_that_training_could_not_replace_is_refused_before_training(tmp_path, capsys):
+    """--out is replaced as a whole at the end: a file there became a folder (the file left as a hidden
+    '.NAME.old'), a folder of other files was deleted, and '.' or a path under a file failed with a traceback
+    after training. Each is now a usage error that leaves what was there alone."""
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data.csv").write_text("mine")
+    cases = [(tmp_path / "notes.txt", "exists and is not a folder"),
+             (tmp_path / "notes.txt" / "m", "notes.txt is not a folder"),
+             (tmp_path / "work", "no config.json, not a model folder"),
+             (tmp_path / "work" / "..", "no config.json, not a model folder")]
+    for out, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train_main([*TINY, "--epochs", "1", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "--out" in err, (out, err)
+    with pytest.raises(SystemExit) as e:
+        train_main([*TINY, "--out", ""])  # not the default exported/digits-sliding
+    assert e.value.code == 2 and "--out is empty" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "work" / "data.csv").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "work"]
+    # an empty folder and an earlier model folder are replaced, as before
+    (tmp_path / "empty").mkdir()
+    _train(tmp_path, "empty", "--epochs", "1")
+    _train(tmp_path, "empty", "--epochs", "1")
+    assert (tmp_path / "empty" / "config.json").is_file()
