@@ -7,6 +7,7 @@ a usage error, like a bad option, before any step is taken.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import tempfile
 from collections.abc import Sequence
@@ -113,8 +114,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "threads"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
-    if not a.lr > 0:
-        parser.error(f"--lr must be > 0, got {a.lr}")
+    for name, low in (("lr", "> 0"), ("alpha", "> 0"), ("weight_decay", ">= 0"), ("noise", ">= 0")):
+        v = getattr(a, name)  # inf passed a plain 'v > 0': NaN weights, written with exit status 0
+        if not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
+            parser.error(f"--{name.replace('_', '-')} must be {low} and finite, got {v}")
+    if a.shift < 0:
+        parser.error(f"--shift must be >= 0 (steps), got {a.shift}")
     for name in ("train_limit", "test_limit"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

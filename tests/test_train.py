@@ -80,6 +80,14 @@ def test_same_seed_same_weights(tmp_path):
     (["--threads", "0"], "--threads must be >= 1"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--lr", "nan"], "--lr must be > 0"),
+    (["--lr", "inf"], "--lr must be > 0 and finite, got inf"),  # trained to NaN weights, written, exit 0
+    (["--alpha", "0"], "--alpha must be > 0"),  # a surrogate gradient of 0: no layer below the readout learned
+    (["--alpha", "nan"], "--alpha must be > 0"),  # NaN weights, written, exit 0
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),  # torch's ValueError after loading the data
+    (["--weight-decay", "nan"], "--weight-decay must be >= 0"),
+    (["--noise", "-0.1"], "--noise must be >= 0"),  # silently no noise
+    (["--noise", "inf"], "--noise must be >= 0"),
+    (["--shift", "-2"], "--shift must be >= 0"),  # silently no shift
     (["--train-limit", "0"], "--train-limit must be >= 1"),
     (["--test-limit", "-3"], "--test-limit must be >= 1"),
     (["--test-data", "t.npz"], "--test-data needs --data"),
