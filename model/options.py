@@ -20,6 +20,7 @@ from model.datafile import DataFileError, load_data_file
 from model.folder import CONFIG_FILE
 from model.kinds import KINDS, NEURONS, kind
 from model.network import LayerConfig
+from model.report import compare_metrics
 
 DATASET_STEPS = {"mnist1d": 40, "smnist": 28, "digits": 8}  # T of each data set, known before loading it
 
@@ -140,6 +141,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     kinds = [lc.kind for lc in a.layers]
     if "conv" in kinds and "linear" in kinds and kinds.index("linear") < len(kinds) - kinds[::-1].index("conv"):
         parser.error("--layers: conv layers must all come before the linear layers")
+    for folder in a.compare:
+        try:
+            compare_metrics(folder)
+        except ValueError as e:
+            parser.error(f"--compare: {e}")
     if a.out is not None and not a.out.strip():
         parser.error("--out is empty: name the model folder to write")
     a.out = a.out or f"exported/{a.dataset}-{a.neuron}"

@@ -24,6 +24,10 @@ from model.network import PSNNet
 
 REFERENCE_FILE, FIGURE_FILE, CARD_FILE = "reference.json", "training.png", "README.md"
 REFERENCE_SAMPLES = 4
+# what a --compare folder's metrics.json must hold: its row in the model card's comparison table
+COMPARE_KEYS: dict[str, tuple[type, ...]] = {
+    "neuron": (str,), "test_acc_parallel": (int, float), "test_acc_streaming": (int, float, type(None)),
+    "params": (int,), "train_seconds": (int, float)}
 # MNIST-1D test accuracy of the published baselines (Greydanus 2020, "Scaling down deep learning").
 MNIST1D_PUBLISHED = [("logistic regression", 0.32), ("MLP", 0.68), ("GRU", 0.91), ("CNN", 0.94)]
 # JapaneseVowels test accuracy (270 train / 370 test): the UEA archive paper's 1-NN benchmarks (Bagnall et al.
@@ -130,13 +134,33 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
+def compare_metrics(folder: str | Path) -> dict[str, Any] | None:
+    """The metrics.json of a ``--compare`` folder, with what its row in the model card reads; None if there
+    is none (the row is left out: a recipe may name a baseline run not kept here); ``ValueError`` naming the
+    file if it is unreadable or not a run's metrics (checked before training, so the run is not lost at the end)."""
+    f = Path(folder) / "metrics.json"
+    if not f.exists():
+        return None
+    try:
+        m = json.loads(f.read_text())
+    except OSError as e:
+        raise ValueError(f"{f}: cannot read it ({e.strerror or e})") from e
+    except ValueError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from e
+    if not isinstance(m, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(m).__name__}")
+    wrong = [k for k, types in COMPARE_KEYS.items() if not isinstance(m.get(k), types) or isinstance(m.get(k), bool)]
+    if wrong:
+        raise ValueError(f"{f}: not a training run's metrics: {', '.join(wrong)} missing or of the wrong type")
+    return m
+
+
 def comparison_rows(metrics: dict[str, Any], name: str, compare: list[str | Path]) -> list[str]:
     rows = [f"| **{name}** (this model) | {metrics['neuron']} | {_pct(metrics['test_acc_parallel'])} | "
             f"{_pct(metrics['test_acc_streaming'])} | {metrics['params']} | {metrics['train_seconds']:.0f} s |"]
     for folder in compare:
-        f = Path(folder) / "metrics.json"
-        if f.is_file():
-            m = json.loads(f.read_text())
+        m = compare_metrics(folder)
+        if m is not None:
             rows.append(f"| {Path(folder).name} | {m['neuron']} | {_pct(m['test_acc_parallel'])} | "
                         f"{_pct(m['test_acc_streaming'])} | {m['params']} | {m['train_seconds']:.0f} s |")
     rows += [f"| {n} | - | {_pct(acc)} | - | - | - |" for n, acc in PUBLISHED.get(metrics["dataset"], [])]
@@ -204,4 +228,5 @@ def write_folder(out: Path, net: PSNNet, fused: PSNNet, data: Dataset, metrics: 
                              extra_files=extra)
 
 
-__all__ = ["write_folder", "check_reference", "model_card", "reference", "REFERENCE_FILE", "FIGURE_FILE"]
+__all__ = ["write_folder", "check_reference", "compare_metrics", "model_card", "reference", "REFERENCE_FILE",
+           "FIGURE_FILE"]

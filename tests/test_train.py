@@ -282,3 +282,22 @@ def test_out_that_training_could_not_replace_is_refused_before_training(tmp_path
     _train(tmp_path, "empty", "--epochs", "1")
     _train(tmp_path, "empty", "--epochs", "1")
     assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_compare_folder_whose_metrics_cannot_make_a_row_is_refused_before_training(tmp_path, capsys):
+    """--compare read each folder's metrics.json only when writing the model card, after training: one that
+    was not JSON or lacked a key stopped the run there with a traceback and nothing written."""
+    for name, text, message in [("broken", "{", "not valid JSON"), ("other", '{"accuracy": 0.9}', "neuron"),
+                                ("list", "[1]", "expected a JSON object")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(text)
+        with pytest.raises(SystemExit) as e:
+            train_main([*TINY, "--epochs", "1", "--compare", str(tmp_path / name), "--out", str(tmp_path / "m")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--compare" in err and "metrics.json" in err and message in err, err
+        assert not (tmp_path / "m").exists()
+    # a folder without metrics.json (a baseline run not kept here) gets no row; a model folder gets one
+    base = _train(tmp_path, "base", "--epochs", "1")
+    out = _train(tmp_path, "m", "--epochs", "1", "--compare", str(base), str(tmp_path / "absent"))
+    card = (out / "README.md").read_text()
+    assert "| base | sliding |" in card and "| absent |" not in card
