@@ -198,8 +198,13 @@ def _split(x: np.ndarray, y: np.ndarray, lengths: np.ndarray | None, where: str)
 
 
 def _read_csv(path: Path) -> _Split:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{path.name}: not UTF-8 text ({e.reason} at byte {e.start}); save the CSV as UTF-8") from e
+    except (OSError, csv.Error) as e:
+        raise DataFileError(f"{path.name}: not a readable CSV file ({e})") from e
     if rows and not _is_number(rows[0][1] if len(rows[0]) > 1 else ""):
         rows = rows[1:]  # a header row
     if not rows:

@@ -272,6 +272,8 @@ BAD = {
                                                                 class_names=None),
                                  "y: label 1000000000000 of sequence 89 makes 1000000000001 classes for 90 training"),
     "csv of 3 columns": (lambda p: _csv_text(p, "a,0,x\na,1,x\n"), "got 3 columns"),
+    "csv not UTF-8": (lambda p: str(_write_bytes(p / "bad.csv", "séq,step,f0,label\na,0,1.0,x\n".encode("latin-1"))),
+                      "bad.csv: not UTF-8 text"),  # UnicodeDecodeError's traceback
     "csv rows of two widths": (lambda p: _csv_text(p, "a,0,1.0,x\na,1,2.0,3.0,x\n"),
                                "data row 2 has 5 columns, the first has 4"),
 }
@@ -279,6 +281,11 @@ BAD = {
 
 def _csv_text(tmp_path: Path, text: str) -> str:
     return str(_write(tmp_path / "bad.csv", "seq,step,f0,label\n" + text))
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def _write(path: Path, text: str) -> Path:
