@@ -183,6 +183,11 @@ def _split(x: np.ndarray, y: np.ndarray, lengths: np.ndarray | None, where: str)
         n, t = bad_steps[0]
         raise DataFileError(f"{where}: NaN or Inf at sequence {n}, step {t} ({len(bad_steps)} steps in all); "
                             "only padding past a sequence's length may hold them")
+    big = np.argwhere(valid & (np.abs(x.reshape(N, T, -1)) > np.finfo(np.float32).max).any(axis=2))
+    if big.size:  # finite here, Inf once stored as float32 (training's type): the net refused it mid-run
+        n, t = big[0]
+        raise DataFileError(f"{where}: a value past float32's range (|x| > {np.finfo(np.float32).max:.3g}) at "
+                            f"sequence {n}, step {t} ({len(big)} steps in all)")
     x[~valid] = 0.0  # padding is zero
     if y.dtype.kind in "iu":
         labels = y.astype(np.int64)

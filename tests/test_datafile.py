@@ -274,6 +274,8 @@ BAD = {
     "csv of 3 columns": (lambda p: _csv_text(p, "a,0,x\na,1,x\n"), "got 3 columns"),
     "csv not UTF-8": (lambda p: str(_write_bytes(p / "bad.csv", "séq,step,f0,label\na,0,1.0,x\n".encode("latin-1"))),
                       "bad.csv: not UTF-8 text"),  # UnicodeDecodeError's traceback
+    "x past float32": (lambda p: _bad_npz(p, x_test=np.full((40, 12, 2), 1e39)),  # InputError after loading
+                       "x_test: a value past float32's range (|x| > 3.4e+38) at sequence 0, step 0"),
     "csv rows of two widths": (lambda p: _csv_text(p, "a,0,1.0,x\na,1,2.0,3.0,x\n"),
                                "data row 2 has 5 columns, the first has 4"),
 }
