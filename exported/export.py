@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         check_opset(args.opset)
     except ExportError as e:
         return fail(str(e))
+    if args.samples < 0:
+        return fail(f"--samples must be >= 0 (0: no real samples), got {args.samples}")
     if args.all == bool(args.folders):
         return fail("name model folders or pass --all (not both)")
     folders = [Path(f) for f in args.folders]
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = export_folder(folder, opset=args.opset, samples=args.samples, parity=not args.no_parity)
         except (ModelFolderError, ExportError) as e:
             status = max(status, fail(str(e)))
+            continue
+        except OSError as e:  # a read-only folder, a directory where a file goes: was a traceback
+            status = max(status, fail(f"{folder}: cannot write its files ({e.strerror or e}: {e.filename})"))
             continue
         print(format_summary(summary))
         if not summary.get("passed", True):

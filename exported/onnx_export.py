@@ -207,5 +207,9 @@ def _finish(proto: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
 
 def _write(proto: onnx.ModelProto, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(proto.SerializeToString())
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

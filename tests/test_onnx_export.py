@@ -197,6 +197,21 @@ def test_cli_refuses_bad_input_with_a_clear_message(tiny, tmp_path, capsys):
     assert not (tmp_path / "empty" / PARALLEL_FILE).exists()
 
 
+def test_cli_folder_it_cannot_write_and_negative_samples_are_bad_input(tiny, tmp_path, capsys):
+    """A folder the files cannot be written into (read-only; here a directory where model.onnx goes, which
+    fails for root too) stopped the export with an OSError traceback; --samples -5 was taken as 0."""
+    folder = Path(shutil.copytree(tiny["sliding"], tmp_path / "blocked"))
+    (folder / PARALLEL_FILE).unlink()
+    (folder / PARALLEL_FILE).mkdir()
+    (folder / PARALLEL_FILE / "keep").write_text("x")
+    assert main([str(folder), "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(folder) in err and PARALLEL_FILE in err and len(err.splitlines()) == 1
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]  # no temporary file left behind
+    assert main([str(tiny["sliding"]), "--samples", "-5"]) == 2
+    assert "--samples must be >= 0" in capsys.readouterr().err
+
+
 def test_cli_psn_model_gets_the_parallel_file_only_and_says_so(tmp_path, capsys):
     folder = _tiny("psn", tmp_path)
     (folder / STEP_FILE).write_bytes(b"stale")  # an old step file must not survive
