@@ -14,10 +14,20 @@ import urllib.request
 
 from websockets.sync.client import connect
 
+if sys.argv[1:] in (["-h"], ["--help"]):
+    print(__doc__)
+    sys.exit(0)
+if len(sys.argv) not in (3, 4) or not os.path.isdir(sys.argv[2]):  # was an IndexError or FileNotFoundError
+    why = "no such folder: " + sys.argv[2] if len(sys.argv) in (3, 4) else "expected 2 or 3 arguments"
+    print(f"stream_check: {why}\nusage: python scripts/stream_check.py HOST:PORT MODELS_DIR [MODEL]", file=sys.stderr)
+    sys.exit(2)
 base, models_dir = sys.argv[1], sys.argv[2]
 only = sys.argv[3] if len(sys.argv) > 3 else ""
 http, ws_url = f"http://{base}", f"ws://{base}/v1/stream"
-ready = json.load(urllib.request.urlopen(http + "/readyz", timeout=10))
+try:
+    ready = json.load(urllib.request.urlopen(http + "/readyz", timeout=10))
+except (OSError, ValueError) as e:  # URLError, a refused connection, a non-JSON answer: was a traceback
+    sys.exit(f"stream_check: no service answered on {http}/readyz ({e})")
 served = {m["name"]: m for m in json.load(urllib.request.urlopen(http + "/v1/models", timeout=10))["models"]}
 print(f"readyz: {ready['status']}, models: {', '.join(sorted(served))}")
 names = [only] if only else sorted(n for n in os.listdir(models_dir)
