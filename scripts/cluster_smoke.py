@@ -288,9 +288,17 @@ def ray_serve(tmp: Path, log_name: str = "ray.log") -> Iterator[tuple[str, dict[
 
 
 def main() -> int:
-    mode = sys.argv[1] if len(sys.argv) > 1 else "ray"
+    args = sys.argv[1:] or ["ray"]
+    if args in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
+    if args != ["ray"] and (args[0] != "url" or len(args) != 3):  # was: anything but 'url' started Ray Serve
+        print(f"cluster_smoke: bad arguments: {' '.join(args)}\nusage: python scripts/cluster_smoke.py [ray]\n"
+              "       python scripts/cluster_smoke.py url HOST:PORT KILL_COMMAND", file=sys.stderr)
+        return 2
+    mode = args[0]
     if mode == "url":
-        base, command = sys.argv[2], sys.argv[3]
+        base, command = args[1], args[2]
         ok = run(base, lambda: subprocess.run(command, shell=True, check=False))
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1

@@ -31,3 +31,16 @@ def test_stream_check_usage_errors_and_no_service(tmp_path):
     assert out.stderr.strip().startswith(f"stream_check: no service answered on http://127.0.0.1:{port}/readyz")
     out = _run("stream_check.py", "--help")
     assert out.returncode == 0 and "HOST:PORT MODELS_DIR [MODEL]" in out.stdout
+
+
+def test_cluster_smoke_refuses_arguments_it_does_not_take():
+    """cluster_smoke.py took any first argument but 'url' as 'ray' (scripts/cluster-smoke --help started Ray
+    Serve and a redis-server) and 'url' without its two arguments ended in an IndexError. 'url' comes first:
+    without the check it fails at once, before a case that would start Ray."""
+    for args in (["url"], ["url", "127.0.0.1:8000"], ["foo"], ["ray", "extra"]):
+        out = _run("cluster_smoke.py", *args)
+        assert out.returncode == 2 and "usage: python scripts/cluster_smoke.py" in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    for args in (["-h"], ["--help"]):
+        out = _run("cluster_smoke.py", *args)
+        assert out.returncode == 0 and "url HOST:PORT KILL" in out.stdout, out.stderr
