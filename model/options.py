@@ -184,6 +184,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
+    if dev.type not in ("cpu", "cuda"):  # meta, xpu, mps, ...: training stopped inside torch with a traceback
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("CUDA was asked for but is not available here")
     return dev

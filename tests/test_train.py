@@ -96,6 +96,7 @@ def test_same_seed_same_weights(tmp_path):
     (["--layers", "L0"], "bad layer 'L0': sizes, kernel and stride must be >= 1"),
     (["--layers", "C4k3s0,L8"], "bad layer 'C4k3s0'"),
     (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
+    (["--device", "meta"], "--device: expected auto, cpu, cuda or cuda:N, got 'meta'"),  # a traceback in training
 ])
 def test_bad_options_fail_before_training(argv, message, tmp_path, capsys):
     out = tmp_path / "never"
