@@ -10,9 +10,12 @@ USAGE = "usage: psn {train} ...\n  train   train a PSN-family network and write 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args:  # a usage error: the usage goes to stderr, as for an unknown command
+        print(USAGE, file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if args else 2
+        return 0
     cmd, rest = args[0], args[1:]
     if cmd == "train":
         from model.train import main as train_main

@@ -165,7 +165,8 @@ def test_psn_console_script_points_at_the_cli(capsys):
     target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["psn"]
     module, func = target.split(":")
     entry = getattr(importlib.import_module(module), func)
-    assert entry([]) == 2 and "psn {train}" in capsys.readouterr().out
+    assert entry([]) == 2 and "psn {train}" in capsys.readouterr().err  # a usage error: stderr, not stdout
+    assert entry(["-h"]) == 0 and "psn {train}" in capsys.readouterr().out
     assert entry(["serve-nothing"]) == 2 and "unknown command" in capsys.readouterr().err
 
 
