@@ -3,7 +3,7 @@
 Formats (docs/training.md has examples):
 - ``.npz``: ``x`` (N, T, *features) real numbers, ``y`` (N,) integer class indices 0..C-1; optional
   ``lengths`` (N,) valid steps per sequence (1..T; steps past it are padding and may hold anything,
-  NaN included), ``x_test`` / ``y_test`` / ``lengths_test`` (the test split), ``class_names`` (C,).
+  NaN included), ``x_test`` / ``y_test`` / ``lengths_test`` (the test split), ``class_names`` (C,) distinct names.
 - ``.csv``: one row per step, columns ``sequence, step, feature..., label``; a header row is optional.
   The steps of a sequence are 0..L-1 (rows in any order) and its label is the same on each of its rows;
   sequences are taken in the order of their ids (numeric when every id is a number).
@@ -151,7 +151,13 @@ def _read_npz(path: Path, is_test: bool) -> tuple[_Split, _Split | None, list[st
             raise DataFileError(f"{path.name}: x_test without y_test")
         test = _split(arrays["x_test"], arrays["y_test"], arrays.get("lengths_test"), "x_test")
     names = arrays.get("class_names")
-    return split, test, None if names is None else [str(n) for n in names.reshape(-1)]
+    if names is None:
+        return split, test, None
+    names = [str(n) for n in names.reshape(-1)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # two classes of one name: a served prediction could not say which it is
+        raise DataFileError(f"{path.name}: class_names: {twice[0]!r} names more than one class; each must be unique")
+    return split, test, names
 
 
 def _split(x: np.ndarray, y: np.ndarray, lengths: np.ndarray | None, where: str) -> _Split:

@@ -276,6 +276,8 @@ BAD = {
                       "bad.csv: not UTF-8 text"),  # UnicodeDecodeError's traceback
     "x past float32": (lambda p: _bad_npz(p, x_test=np.full((40, 12, 2), 1e39)),  # InputError after loading
                        "x_test: a value past float32's range (|x| > 3.4e+38) at sequence 0, step 0"),
+    "class_names twice": (lambda p: _bad_npz(p, class_names=np.array(["low", "mid", "low"])),
+                          "class_names: 'low' names more than one class"),  # trained and served as two 'low's
     "csv rows of two widths": (lambda p: _csv_text(p, "a,0,1.0,x\na,1,2.0,3.0,x\n"),
                                "data row 2 has 5 columns, the first has 4"),
 }
