@@ -14,7 +14,8 @@ Formats (docs/training.md has examples):
 
 Labels: integers are class indices (C = ``len(class_names)`` or the largest training label + 1, which may
 not exceed the number of training sequences);
-any other labels are names, sorted into classes (numerically when they all read as numbers).
+any other labels are names, sorted into classes (numerically when they all read as numbers). There must be
+at least 2 classes.
 Test split: ``test_path`` if given, else the file's own, else ``test_fraction`` of the sequences
 drawn with a fixed seed. Every problem raises ``DataFileError`` naming the array, sequence and step.
 """
@@ -74,6 +75,9 @@ def load_data_file(path: str, *, test_path: str | None = None, test_fraction: fl
         raise DataFileError(f"test set: steps of shape {test.x.shape[2:]} (features), the training set has "
                             f"{train.x.shape[2:]}: both must have the same features")
     y_train, y_test, class_names = _classes(train, test, class_names)
+    if len(class_names) < 2:  # trained to '100%' by always answering it: a wrong label column went unnoticed
+        raise DataFileError(f"{train.where.replace('x', 'y', 1)}: every sequence has class {class_names[0]!r}; "
+                            "a classifier needs at least 2 classes")
     T = max(train.x.shape[1], test.x.shape[1])
     name = _name(path)
     n_steps = np.concatenate([train.lengths, test.lengths])

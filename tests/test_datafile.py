@@ -278,6 +278,10 @@ BAD = {
                        "x_test: a value past float32's range (|x| > 3.4e+38) at sequence 0, step 0"),
     "class_names twice": (lambda p: _bad_npz(p, class_names=np.array(["low", "mid", "low"])),
                           "class_names: 'low' names more than one class"),  # trained and served as two 'low's
+    "one class": (lambda p: _csv_text(p, "".join(f"s{n},{t},{n + t},same\n" for n in range(6) for t in range(3))),
+                  "bad.csv: every sequence has class 'same'; a classifier needs at least 2 classes"),
+    "one class_name": (lambda p: _bad_npz(p, y=np.zeros(90, dtype=int), y_test=np.zeros(40, dtype=int),
+                                          class_names=np.array(["only"])), "y: every sequence has class 'only'"),
     "csv rows of two widths": (lambda p: _csv_text(p, "a,0,1.0,x\na,1,2.0,3.0,x\n"),
                                "data row 2 has 5 columns, the first has 4"),
 }
@@ -361,8 +365,8 @@ def test_a_test_file_gives_its_x_and_its_class_names(tmp_path):
 
 def test_held_out_test_part_is_at_least_one_sequence_and_never_all(tmp_path):
     x, _, _ = make_sequences(3, 5, seed=10, variable=False)
-    path = str(write_npz(tmp_path / "three_train.npz", variable=False, x=x, y=np.zeros(3, dtype=int), x_test=None,
-                         y_test=None, class_names=None))
+    path = str(write_npz(tmp_path / "three_train.npz", variable=False, x=x, y=np.array([0, 1, 0]), x_test=None,
+                         y_test=None, class_names=np.array(["a", "b"])))  # two classes, whichever is held out
     d = load_data_file(path, test_fraction=0.1)  # 0.3 of a sequence rounds to none: one is held out
     assert (d.x_train.shape[0], d.x_test.shape[0]) == (2, 1)
     assert d.name == "three"  # _train is not part of the name
