@@ -2,7 +2,10 @@
 own CPU or device, sessions routed by id and shared through Redis (``docs/cluster.md``).
 
     PSN_STATE_URL=redis://127.0.0.1:6379/0 python -m service.ray     # PSN_RAY_REPLICAS=2 on PSN_PORT
-    serve run service.ray:app                                       # the same app, Serve's own CLI
+    serve run service.ray:app_builder replicas=2                    # the same app, Serve's own CLI
+
+It takes no arguments: every setting is a PSN_* environment variable (PSN_RAY_REPLICAS, PSN_RAY_REPLICA_CPUS,
+PSN_STATE_URL, PSN_PORT, ...; docs/cluster.md; ``--help`` lists the service's).
 
 Each Serve replica starts ``python -m service`` on a private port with ``PSN_CLUSTER=1`` and its Serve
 replica tag as ``PSN_REPLICA_ID``, and relays HTTP requests and ``/v1/stream`` WebSockets to it. Ray's
@@ -220,7 +223,11 @@ class Replica:
 
 def env_number(name: str, default: str, kind: type[int] | type[float]) -> Any:
     """A positive number from the environment variable ``name``; a BadSetting naming it otherwise."""
-    text = os.environ.get(name, default)
+    return positive(name, os.environ.get(name, default), kind)
+
+
+def positive(name: str, text: str, kind: type[int] | type[float]) -> Any:
+    """``text`` as a finite ``kind`` > 0; a BadSetting naming ``name`` otherwise."""
     try:
         value = kind(text)
     except ValueError:
@@ -254,7 +261,7 @@ def serve_logging(level: str) -> LoggingConfig:
 
 def app_builder(args: dict[str, str]) -> Any:
     """``serve run service.ray:app_builder [replicas=N]``: the app for Serve's CLI and config files."""
-    return build(replicas=int(args["replicas"]) if "replicas" in args else None)
+    return build(replicas=positive("replicas", args["replicas"], int) if "replicas" in args else None)
 
 
 def main() -> None:

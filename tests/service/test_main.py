@@ -266,3 +266,12 @@ def test_sigterm_while_the_engine_core_is_still_starting_stops_everything(model_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_runs_replicas_argument_is_checked() -> None:
+    ray = pytest.importorskip("service.ray", reason="the cluster extra: pip install -e '.[cluster]'")
+    from service.config import BadSetting
+
+    for bad in ("two", "0", "-1"):
+        with pytest.raises(BadSetting, match=f"replicas: expected a whole number > 0, got '{bad}'"):
+            ray.app_builder({"replicas": bad})
