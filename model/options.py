@@ -23,6 +23,7 @@ from model.network import LayerConfig
 from model.report import compare_metrics
 
 DATASET_STEPS = {"mnist1d": 40, "smnist": 28, "digits": 8}  # T of each data set, known before loading it
+MAX_THREADS = 1024  # torch.set_num_threads: far past any machine; 16,384 crashed torch (threads it could not start)
 
 # Architecture presets: the hidden spiking layers (the readout is added by PSNNet).
 PRESETS: dict[str, tuple[LayerConfig, ...]] = {
@@ -115,6 +116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "threads"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.threads > MAX_THREADS:  # torch segfaults past what the OS lets it start (16,384 did here)
+        parser.error(f"--threads must be at most {MAX_THREADS}, got {a.threads}")
     for name, low in (("lr", "> 0"), ("alpha", "> 0"), ("weight_decay", ">= 0"), ("noise", ">= 0")):
         v = getattr(a, name)  # inf passed a plain 'v > 0': NaN weights, written with exit status 0
         if not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     backend: str = "torch"  # a name in service.backends.BACKENDS
-    torch_threads: int | None = Field(1, ge=1)  # torch.set_num_threads (1: the event loop needs the other core
+    torch_threads: int | None = Field(1, ge=1, le=1024)  # torch.set_num_threads (1: the event loop needs the other core
     # of a small CPU box, and more threads on a shared CPU measured 10x slower); None = torch's default
     # the engine core keeps up to this many MB of freed memory for the next batch instead of handing it back
     # to the kernel and page-faulting it in again (service/memory.py); 0: glibc's defaults
@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # PSN_BACKEND=onnx only: where models without current ONNX files are exported once (default
     # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).
     onnx_cache_dir: Path | None = None
-    onnx_threads: int | None = Field(None, ge=1)
+    onnx_threads: int | None = Field(None, ge=1, le=1024)
     # Access control (off unless keys are given; docs/api.md "Access control"). Only SHA-256 hashes of the
     # keys are kept: both settings are read once, hashed, and the raw value dropped.
     api_keys: SecretStr | None = None  # comma-separated API keys; setting it turns access control on

@@ -78,6 +78,7 @@ def test_same_seed_same_weights(tmp_path):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "100000"], "--threads must be at most 1024"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--lr", "nan"], "--lr must be > 0"),
     (["--lr", "inf"], "--lr must be > 0 and finite, got inf"),  # trained to NaN weights, written, exit 0

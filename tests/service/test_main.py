@@ -99,7 +99,8 @@ def run_service(env: dict[str, str], module: str = "service", timeout: float = 9
     {"PSN_PORT": "99999", "PSN_READ_TIMEOUT_S": "-1"},
     {"PSN_LOG_LEVEL": "loud"},
     {"PSN_DEVICE": "tpu"},
-], ids=["not-a-number", "two-bad", "log-level", "device"])
+    {"PSN_TORCH_THREADS": "100000"},
+], ids=["not-a-number", "two-bad", "log-level", "device", "threads"])
 def test_a_bad_setting_stops_the_service_with_a_line_naming_each_bad_variable(env: dict[str, str]) -> None:
     done = run_service(env)
     assert done.returncode == 1, done.stdout
