@@ -13,10 +13,13 @@ Writes are atomic: the folder is built beside its target and renamed into place.
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,24 @@ class LoadedModel:
         return list(self.config.get("class_names") or [str(i) for i in range(self.cfg.num_classes)])
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot, and nothing was changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (glibc < 2.28)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM):  # not supported here
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def save_model_folder(path: str | os.PathLike, net: PSNNet, *, name: str | None = None, dataset: str = "",
                       class_names: list[str] | None = None, metrics: dict[str, Any] | None = None,
                       extra_config: dict[str, Any] | None = None,
@@ -85,7 +106,9 @@ def save_model_folder(path: str | os.PathLike, net: PSNNet, *, name: str | None 
                 f.write(content)
         for f in tmp.iterdir():  # safetensors writes its file 0600; a served folder must be readable by all
             f.chmod(0o644)
-        if path.exists():
+        if path.exists() and _exchange(tmp, path):  # one atomic step: never a moment without the folder
+            shutil.rmtree(tmp, ignore_errors=True)  # the old folder, now
+        elif path.exists():  # two renames: a kill between them leaves the old folder as .NAME.old
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)

@@ -87,6 +87,52 @@ def test_a_write_over_a_folder_replaces_it_and_leaves_nothing_beside(tmp_path: P
                                                  strict=True))
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_write_over_a_folder_never_leaves_the_name_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           exchange: bool) -> None:
+    """The old folder is swapped for the new one in one step where the system can (renameat2
+    RENAME_EXCHANGE): a training run killed mid-swap must not leave the model without a folder. Each
+    rename is watched: with the exchange the name is never missing; without it (another file system),
+    the two renames still end with the new folder."""
+    import model.folder as folder
+
+    path = save_model_folder(tmp_path / "m", _net(seed=0))
+    if exchange and not folder._exchange(tmp_path / "m", tmp_path / "m"):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    if not exchange:
+        monkeypatch.setattr(folder, "_exchange", lambda a, b: False)
+    gaps = []
+    real_rename = Path.rename
+
+    def watched(self: Path, target: str | Path) -> Path:
+        out = real_rename(self, target)
+        gaps.append(not path.exists())
+        return out
+
+    monkeypatch.setattr(Path, "rename", watched)
+    new = _net(seed=1)
+    save_model_folder(path, new)
+    assert gaps == ([] if exchange else [True, False])  # the exchange renames nothing the plain way
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    loaded = load_model_folder(path, fuse=False)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.net.state_dict().values(), new.state_dict().values(),
+                                                 strict=True))
+
+
+def test_exchange_swaps_two_folders(tmp_path: Path) -> None:
+    from model.folder import _exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("b")
+    if not _exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+    with pytest.raises(FileNotFoundError):
+        _exchange(tmp_path / "a", tmp_path / "missing")
+
+
 def test_a_failed_write_keeps_the_old_folder_and_leaves_nothing_beside(tmp_path: Path) -> None:
     path = save_model_folder(tmp_path / "m", _net(seed=0))
     before = (path / "weights.safetensors").read_bytes()
