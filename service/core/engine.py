@@ -35,6 +35,7 @@ from service.core.journal import (
     HEADER,
     OPEN,
     STEPS,
+    CorruptLog,
     LogSpec,
     Recovered,
     SessionLog,
@@ -647,9 +648,9 @@ class EngineCore:
     def recover(self) -> dict[str, Any]:
         """Rebuild every live session of the log (before the engine turns ready); the rest are lost.
 
-        A log this code cannot read (a bug, or records of another version) must not keep the engine
-        core from starting, or the supervisor would restart it forever: it is kept aside for a
-        person to look at, its sessions answer 410 session_lost, and the engine starts empty."""
+        A log this code cannot read (a bug, records of another version, or damaged before its end) must not
+        keep the engine core from starting, or the supervisor would restart it forever: it is kept aside for
+        a person to look at, its sessions answer 410 session_lost, and the engine starts empty."""
         if self.cluster is not None:  # sessions are claimed one by one when first asked for (adopt)
             self.sessions.tag = self.cluster.shared_tag(self.sessions.tag)
             return {}
@@ -658,10 +659,14 @@ class EngineCore:
         data = self.log.store.load()
         try:
             return self._recover(data)
-        except Exception:
+        except Exception as e:
             where = self.log.store.keep_aside(data)
-            log.exception("session log: recovery failed; the log was kept aside at %s and the engine core starts "
-                          "without its sessions (their ids answer 410 session_lost)", where)
+            after = (f"the log was kept aside at {where} and the engine core starts without its sessions (their ids "
+                     "answer 410 session_lost)")
+            if isinstance(e, CorruptLog):  # damaged, not a bug: one line (its sessions may be older than their answers)
+                log.error("%s, so none of its sessions can be trusted; %s", e, after)
+            else:
+                log.exception("session log: recovery failed; %s", after)
             for s in list(self.sessions.live.values()):
                 self.sessions.close(s, "session_lost")
             self.log.pending = []
@@ -823,7 +828,11 @@ class EngineCore:
             if data is None:
                 errors[sid] = self.sessions.gone_error(sid)
                 continue
-            st = read_log(data, self.specs)
+            try:
+                st = read_log(data, self.specs)
+            except CorruptLog as e:
+                lost.append((sid, str(e)))
+                continue
             rec = st.live.get(sid)
             if rec is None:
                 self.cluster.forget(sid)

@@ -11,8 +11,9 @@ is batch-invariant (``model.functional.band_sum``, ``SpikingLayer.current_rows``
 state equals the lost one bit for bit.
 
 The log is a sequence of frames ``u32 length | u32 crc32 | body``; a body is ``u32 n | msgpack
-header (n bytes) | raw arrays``. A torn last frame (a crash mid-write) or a bad checksum ends the
-read there. Records (header first element):
+header (n bytes) | raw arrays``. A torn last frame (a crash mid-write) ends the read there; any other
+bad frame (a bad checksum) makes the whole log untrusted: what it held is unknown, so a session that
+took steps after it would come back at an older step. Records (header first element):
 
 - ``[0, {"tag": issuer tag, "models": {name: fingerprint}}]``: the first record of every generation;
 - ``[1, model, sid, owner]``: a session opened (t = 0);
@@ -109,14 +110,25 @@ def frame(header: list[Any], *arrays: np.ndarray | Buffer) -> bytes:
     return b"".join(frame_parts(header, *arrays))
 
 
+class CorruptLog(ValueError):
+    """A log damaged before its end: the records after the damage cannot be read, so what the log says of
+    any session may be out of date (a session that took steps after it would come back at an older step)."""
+
+
 def read_frames(data: bytes | memoryview) -> Iterator[tuple[list[Any], memoryview]]:
-    """(header, raw tail) of each whole, intact frame; stops at a torn or corrupt one."""
+    """(header, raw tail) of each whole, intact frame; stops at a torn last one (cut short by a crash
+    mid-write: its answers never left). Raises ``CorruptLog`` for any other bad record (a whole one with a
+    bad checksum, or the first: a log starts with a whole header record): what followed it is unknown."""
     mv, off = memoryview(data), 0
     while len(mv) - off >= FRAME.size:
         n, crc = FRAME.unpack_from(mv, off)
         body = mv[off + FRAME.size:off + FRAME.size + n]
         if len(body) < n or zlib.crc32(body) != crc:
-            log.warning("session log: a torn or corrupt record at byte %d; reading stops there", off)
+            if off == 0 or len(body) == n:
+                raise CorruptLog(f"session log: the record at byte {off} of {len(mv)} is corrupt (bad checksum or "
+                                 f"length){'' if off else ': not a session log'}")
+            log.warning("session log: a torn last record at byte %d of %d (a crash mid-write); reading stops there",
+                        off, len(mv))
             return
         (h,) = HEADER_LEN.unpack_from(body, 0)
         yield msgpack.unpackb(body[4:4 + h], raw=False), body[4 + h:]

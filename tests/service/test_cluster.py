@@ -478,3 +478,25 @@ def test_when_a_replica_is_added_moved_sessions_are_refused_by_the_old_one_and_r
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_session_whose_shared_log_is_damaged_midway_is_lost_not_rolled_back(cluster, ref: Reference) -> None:
+    """A byte flipped in the middle of a session's records in Redis: the replica that takes it over read up
+    to the damage and continued the session from that older step (answering 200); it is 410 session_lost."""
+    import redis
+
+    a, b = cluster(2)
+    x = ref.sequence("sliding", T, seed=9)
+    with httpx.Client(base_url=a.url, timeout=20) as ca, httpx.Client(base_url=b.url, timeout=20) as cb:
+        sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        for start in range(0, 12, 3):
+            assert steps(ca, sid, x, start, 3).status_code == 200
+        r = redis.Redis.from_url(a.settings["state_url"])
+        key = f"psn:s:{sid}"
+        records = r.lrange(key, 0, -1)
+        middle = bytearray(records[len(records) // 2])
+        middle[len(middle) // 2] ^= 0xFF
+        r.lset(key, len(records) // 2, bytes(middle))
+        got = cb.get(f"/v1/sessions/{sid}")
+        assert got.status_code == 410 and got.json()["error"]["code"] == "session_lost", got.text
+    assert "is corrupt" in b.log()

@@ -375,3 +375,43 @@ def test_a_restarted_oip_sequence_survives_compaction_and_a_restart(serve, ref: 
     _, scores = ref.outputs("sliding", torch.from_numpy(x[:sent]).double())
     got = np.asarray(r.json()["outputs"][0]["data"]).reshape(64, -1)
     assert got == pytest.approx(np.asarray(scores[sent - 64:sent]), rel=1e-5, abs=1e-5)
+
+
+def test_a_log_damaged_before_its_end_answers_410_for_every_session(serve, tmp_path: Path) -> None:
+    """A byte flipped in the middle of the log (a bad disk, a bad copy): the records after it cannot be
+    read, so the session whose steps it held came back at an older step (answering 200 from there) and
+    one opened after it answered 404. Every id of the log answers 410 session_lost instead, the log is
+    kept aside, and the service starts; a log cut short at its end (a crash mid-write) is still read."""
+    state = tmp_path / "state"
+    srv = serve(state_dir=state)
+    sids, ends = [], []
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        for i in range(3):
+            sids.append(c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"])
+            for _ in range(3):
+                r = c.post(f"/v1/sessions/{sids[-1]}/steps", json={"steps": [[0.1 * i, 0.2, 0.3]] * 2})
+                assert r.status_code == 200
+            ends.append(sum(p.stat().st_size for p in state.glob("log.*")))  # answered: its records are written
+    srv.stop()
+    (log,) = state.glob("log.*")
+    data = bytearray(log.read_bytes())
+    data[(ends[0] + ends[1]) // 2] ^= 0xFF  # in the second session's records
+    log.write_bytes(bytes(data))
+    srv = serve(state_dir=state)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        for sid in sids:
+            r = c.get(f"/v1/sessions/{sid}")
+            assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost", r.text
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]] * 2}).status_code == 200
+    assert srv.log().count("so none of its sessions can be trusted") == 1
+    assert "Traceback" not in srv.log()
+    assert [p for p in state.iterdir() if p.name.startswith("unreadable.")]
+    srv.stop()
+    (log,) = state.glob("log.*")
+    os.truncate(log, log.stat().st_size - 3)  # the last record cut short
+    srv = serve(state_dir=state)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.get(f"/v1/sessions/{sid}")
+        assert r.status_code == 200 and r.json()["steps_seen"] <= 2, r.text
+    assert "a torn last record" in srv.log()

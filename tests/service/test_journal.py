@@ -9,6 +9,7 @@ from service.core.journal import (
     END,
     OPEN,
     STEPS,
+    CorruptLog,
     FileStore,
     LogSpec,
     Recovered,
@@ -44,7 +45,9 @@ def test_frames_stop_at_a_torn_or_corrupt_record() -> None:
     assert [h[2] for h, _ in read_frames(a + b[:-3])] == ["s1"]  # a crash mid-write
     bad = bytearray(b)
     bad[-1] ^= 0xFF
-    assert [h[2] for h, _ in read_frames(a + bytes(bad) + a)] == ["s1"]  # nothing after a bad checksum is trusted
+    for damaged in (a + bytes(bad) + a, a + bytes(bad), bytes(bad) + a, b"not a session log at all"):
+        with pytest.raises(CorruptLog):  # a whole record that is bad: what it and what follows held is unknown
+            list(read_frames(damaged))
 
 
 def test_read_log_keeps_the_replay_tail_outputs_and_sums() -> None:
