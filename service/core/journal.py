@@ -253,9 +253,18 @@ def open_store(state_dir: Path | None, state_url: str | None, fsync: bool) -> St
     if state_url:
         if not state_url.startswith(("redis://", "rediss://", "unix://")):
             raise BadSetting(f"PSN_STATE_URL: expected redis://HOST:PORT/DB (or rediss://, unix://), got {state_url!r}")
-        return RedisStore(state_url)
+        import redis
+
+        try:
+            return RedisStore(state_url)
+        except redis.RedisError as e:  # the URL may hold a password: not repeated here
+            raise BadSetting(f"PSN_STATE_URL: the session store cannot be reached: {e}") from None
     if state_dir:
-        return FileStore(state_dir, fsync)
+        try:
+            return FileStore(state_dir, fsync)
+        except OSError as e:  # a file in its place, read-only, not ours to write: the log cannot be kept
+            raise BadSetting(f"PSN_STATE_DIR: cannot keep the session log in {str(state_dir)!r} (a folder the "
+                             f"service can write): {e.strerror}: {e.filename!r}") from None
     return None
 
 

@@ -120,8 +120,12 @@ def test_log_level_is_any_case() -> None:
     ({"PSN_MODEL_DIR": "service"}, "PSN_MODEL_DIR: no model folders under 'service' (each model is a folder"),
     ({"PSN_MODEL_DIR": "exported/mnist1d-sliding"}, "is a model folder itself: set PSN_MODEL_DIR to the folder"),
     ({"PSN_STATE_URL": "http://127.0.0.1:1/0"}, "PSN_STATE_URL: expected redis://"),
+    ({"PSN_STATE_URL": "redis://127.0.0.1:1/0"}, "PSN_STATE_URL: the session store cannot be reached: "),
+    ({"PSN_STATE_DIR": "pyproject.toml"}, "PSN_STATE_DIR: cannot keep the session log in 'pyproject.toml' (a folder "),
+    ({"PSN_STATE_DIR": "pyproject.toml/state"}, "PSN_STATE_DIR: cannot keep the session log in 'pyproject.toml/state'"),
     ({"PSN_DEVICE": "cuda"}, "PSN_DEVICE=cuda: this torch sees no CUDA device"),
-], ids=["backend", "model-dir", "no-models", "a-model-folder", "state-url", "cuda"])
+], ids=["backend", "model-dir", "no-models", "a-model-folder", "state-url", "state-url-unreachable", "state-dir-file",
+        "state-dir-under-a-file", "cuda"])
 def test_a_setting_the_engine_core_cannot_use_stops_the_service_with_its_message_not_a_traceback(
         model_dir: Path, env: dict[str, str], says: str) -> None:
     if "PSN_DEVICE" in env:
