@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +45,7 @@ from service.core.journal import (
     frame_parts,
     read_log,
     snapshot_frame,
+    store_error,
 )
 from service.core.quotas import OwnerQuotas
 from service.core.runner import ModelRunner
@@ -133,6 +135,8 @@ class EngineCore:
         elif cluster is not None:
             self.sessions.on_close = self._cluster_end
         self._log_failures = 0
+        self._log_stale = False  # a write failed: the log lacks records until it is rewritten from memory
+        self._log_retry_at = 0.0  # when to try that rewrite (or a failed compaction) again
         self.recovery: dict[str, Any] = {}  # what the last recover() did
         m = self.metrics
         self._m = {name: (m.steps.labels(name), m.batch_size.labels(name), m.batch_seconds.labels(name))
@@ -589,27 +593,51 @@ class EngineCore:
         """Hand this turn's log records to the store (before the turn's answers go out); compact when due.
 
         A store that fails (disk full, Redis gone) is logged and serving goes on without durability
-        for those records: refusing every request would turn a degraded store into an outage."""
+        for those records: refusing every request would turn a degraded store into an outage. The log
+        then lacks records, so appending more would not make it whole: until a rewrite of the log from
+        memory (every live session) succeeds, tried once a second, records are dropped."""
         if self.cluster is not None:
             self.flush_cluster()
             return
         if self.log is None:
             return
+        if self._log_stale:
+            self.log.pending = []  # the rewrite holds what they say
+            if self.clock() < self._log_retry_at:
+                return
+            try:
+                self.compact()
+            except Exception:
+                self._log_retry_at = self.clock() + 1.0
+                self._store_failed("session log: rewriting the log failed", "a restart")
+                return
+            log.warning("session log: the store takes writes again after %d failed tries; the log was rewritten "
+                        "from memory, every live session is durable again", self._log_failures)
+            self._log_stale, self._log_failures = False, 0
+            return
         try:
             self.log.flush()
-            if self.log.due:
-                self.compact()
-            self._log_failures = 0
         except Exception:
-            self._store_failed("session log: writing to the store failed", "a restart")
             self.log.pending = []
+            self._log_stale, self._log_retry_at = True, self.clock() + 1.0
+            self._store_failed("session log: writing to the store failed", "a restart")
+            return
+        if self.log.due and self.clock() >= self._log_retry_at:
+            try:
+                self.compact()
+                self._log_failures = 0
+            except Exception:  # the log is whole, only longer: appends go on, the rewrite is tried again
+                self._log_retry_at = self.clock() + 1.0
+                self._store_failed("session log: rewriting the log as one snapshot failed", "")
 
     def _store_failed(self, what: str, survives: str) -> None:
         """Log a failed store write (the first, then every 1000th in a row: a dead store fails every turn)."""
         self._log_failures += 1
         if self._log_failures == 1 or self._log_failures % 1000 == 0:
-            log.exception("%s (%d times in a row); sessions of this period may not survive %s", what,
-                          self._log_failures, survives)
+            e = sys.exc_info()[1]
+            log.error("%s (%d times in a row): %s: %s; %s", what, self._log_failures, type(e).__name__, e,
+                      f"steps answered until it works again may not survive {survives}" if survives
+                      else "the log grows until it works", exc_info=not store_error(e))  # a bug: its traceback
 
     def compact(self) -> None:
         """Rewrite the log as one snapshot of every live session (and the remembered ended ids)."""
@@ -696,7 +724,13 @@ class EngineCore:
             self.sessions.remember(sid, "session_lost", st.live[sid].owner if sid in st.live else "")
             log.warning("session lost id=%s: %s", sid[:8], why)
         t_replay = time.perf_counter()
-        self.compact()
+        try:
+            self.compact()
+        except Exception as e:  # a full disk: the log just read still holds every session; rewritten once it can be
+            if not store_error(e):
+                raise
+            self._log_stale, self._log_retry_at = True, self.clock() + 1.0
+            self._store_failed("session log: rewriting the log after the recovery failed", "a restart")
         t_end = time.perf_counter()
         stats = {"sessions": rebuilt, "lost": len(lost), "log_bytes": len(data), "records": st.records,
                  "seconds": round(t_end - t_start, 3), "read_s": round(t_read - t_start, 3),

@@ -136,6 +136,11 @@ def read_frames(data: bytes | memoryview) -> Iterator[tuple[list[Any], memoryvie
 
 
 # ----- stores ------------------------------------------------------------------------------------
+def store_error(e: BaseException | None) -> bool:
+    """Whether ``e`` is the store failing (the OS's: disk full, read-only; Redis's: gone, too slow), not a bug."""
+    return isinstance(e, OSError) or type(e).__module__.partition(".")[0] == "redis"
+
+
 class Store(Protocol):
     def load(self) -> bytes: ...  # the current generation, whole
 
@@ -192,6 +197,9 @@ class FileStore:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)  # the old generation goes next: this one must be whole on disk first
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk: a half-written copy would only keep it full
+            raise
         finally:
             os.close(fd)
         os.replace(tmp, self._path(new))

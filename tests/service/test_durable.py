@@ -249,14 +249,14 @@ def test_restart_without_a_store_answers_410_for_old_ids(serve) -> None:
     assert "its sessions are lost: no PSN_STATE_DIR" in srv.log()
 
 
-def redis_server(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+def redis_server(tmp_path: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server); the Redis store is "
                     "tested only where it is")
     from tests.service.conftest import free_port
 
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -288,6 +288,38 @@ def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> N
             s.close()
     finally:
         proc.terminate()
+        proc.wait(10)
+
+
+def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Reference, tmp_path: Path) -> None:
+    """Redis (PSN_STATE_URL) is killed mid-stream and comes back empty: serving goes on, the failure is
+    logged once, and once Redis answers again the engine core rewrites the log from memory, so a kill -9
+    after that loses nothing and every session continues exactly (the records dropped meanwhile left
+    gaps: every session that took a step then was session_lost after the next restart)."""
+    proc, port = redis_server(tmp_path)
+    try:
+        srv = serve(state_url=f"redis://127.0.0.1:{port}/0")
+        streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(8)]
+        run_streams(streams, stop_at=T // 3)
+        proc.kill()
+        proc.wait(10)
+        run_streams(streams, stop_at=2 * T // 3)  # answered while Redis is away
+        proc, _ = redis_server(tmp_path, port)
+        deadline = time.monotonic() + 60
+        while "the log was rewritten from memory" not in srv.log():  # tried once a second, idle or not
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.1)
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        run_streams(streams)
+        check(streams, ref)
+        assert "recovered 8 sessions (0 lost)" in srv.log()
+        assert srv.log().count("writing to the store failed") == 1 and "Traceback" not in srv.log()
+        for s in streams:
+            s.close()
+    finally:
+        proc.kill()
         proc.wait(10)
 
 
@@ -415,3 +447,62 @@ def test_a_log_damaged_before_its_end_answers_410_for_every_session(serve, tmp_p
         r = c.get(f"/v1/sessions/{sid}")
         assert r.status_code == 200 and r.json()["steps_seen"] <= 2, r.text
     assert "a torn last record" in srv.log()
+
+
+def small_disk(path: Path, size: str) -> None:
+    """A tmpfs of ``size`` at ``path`` (a disk that fills up), or skip: mounting needs root."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"a full disk is simulated with a small tmpfs, and mounting one is not allowed here "
+                    f"({done.stderr.strip() or done.returncode})")
+
+
+def test_a_full_disk_is_logged_once_and_the_log_is_whole_again_once_space_comes_back(
+        serve, ref: Reference, tmp_path: Path) -> None:
+    """The session log's disk fills up mid-stream: serving goes on (as the docs say) and the failure is
+    logged once (it was logged again, with a traceback, after every request); once space comes back the
+    engine core rewrites the log from memory, so a kill -9 after that loses nothing and every session
+    continues exactly (appends after a half-written record were unreadable: sessions came back at an
+    older step, and those that missed records were lost)."""
+    state = tmp_path / "state"
+    small_disk(state, "32k")
+    srv = None
+    try:
+        srv = serve(state_dir=state)
+        streams = [Stream(srv, ref, i, ws=False) for i in (0, 3)]  # both of model "sliding"
+        for i, s in enumerate(streams):
+            s.x = ref.sequence(s.model, 1000, seed=200 + i)
+
+        def chunk() -> None:
+            for s in streams:
+                a = s.acked
+                r = s.http.post(f"/v1/sessions/{s.sid}/steps", json={"start": a, "steps": s.x[a:a + 5].tolist()})
+                assert r.status_code == 200, r.text
+                s.outputs.extend(r.json()["outputs"])
+                assert s.acked + 5 <= len(s.x), "the disk never filled up / the log was never rewritten"
+
+        while "writing to the store failed" not in srv.log():
+            chunk()
+        for _ in range(5):
+            chunk()
+        assert subprocess.run(["mount", "-o", "remount,size=4m", str(state)]).returncode == 0  # space comes back
+        while "the log was rewritten from memory" not in srv.log():
+            chunk()
+            time.sleep(0.05)  # the rewrite is tried once a second
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        for s in streams:
+            assert s.http.get(f"/v1/sessions/{s.sid}").json()["steps_seen"] == s.acked
+        chunk()
+        for s in streams:
+            assert_outputs(s.outputs, ref.outputs(s.model, s.x[:s.acked]))
+        assert srv.log().count("writing to the store failed") == 1 and "Traceback" not in srv.log()
+        for s in streams:
+            s.close()
+    finally:
+        if srv is not None:
+            srv.stop()
+        subprocess.run(["umount", "-l", str(state)])
