@@ -35,6 +35,7 @@ lose the OS's unwritten pages unless ``PSN_STATE_FSYNC=1``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -155,11 +156,25 @@ class Store(Protocol):
 
 class FileStore:
     """``dir/log.<generation>``: appended with ``os.write``; a new generation is written to
-    ``log.<g>.tmp``, renamed into place, and the old one removed."""
+    ``log.<g>.tmp``, renamed into place, and the old one removed. ``dir/lock`` is held (``flock``) while
+    the store is open, so a second service on the same folder is refused instead of rewriting the log
+    under the first."""
 
     def __init__(self, directory: Path, fsync: bool = False):
         self.dir, self.fsync = Path(directory), fsync
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)  # one service per log: held until exit
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.lock, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.lock)
+            raise BadSetting(f"PSN_STATE_DIR: {str(self.dir)!r} is in use by another running service (its engine core, "
+                             f"pid {holder}); two services on one session log would overwrite each other's records: "
+                             "give each its own PSN_STATE_DIR (replicas share sessions with PSN_CLUSTER=1 and Redis, "
+                             "docs/cluster.md)") from None
+        os.ftruncate(self.lock, 0)
+        os.pwrite(self.lock, f"{os.getpid()}\n".encode(), 0)
         gens = sorted(int(p.name.split(".")[1]) for p in self.dir.glob("log.*") if p.name.count(".") == 1
                       and p.name.split(".")[1].isdigit())
         self.gen = gens[-1] if gens else 0
@@ -215,6 +230,7 @@ class FileStore:
 
     def close(self) -> None:
         os.close(self.fd)
+        os.close(self.lock)
 
 
 class RedisStore:

@@ -100,6 +100,15 @@ def test_snapshot_then_steps_round_trip() -> None:
     assert b.last_inputs(3, 8) == np.concatenate([inputs[1], more[0]])[-3:].tobytes()
 
 
+def load_anew(path) -> bytes:
+    """The log as a new process finds it (the folder's lock is held by one store at a time)."""
+    store = FileStore(path)
+    try:
+        return store.load()
+    finally:
+        store.close()
+
+
 def test_file_store_generations(tmp_path) -> None:
     store = FileStore(tmp_path)
     log = SessionLog(store, {"m": SPEC}, compact_bytes=100)
@@ -112,15 +121,24 @@ def test_file_store_generations(tmp_path) -> None:
     log.rewrite([log.header("tag1"), frame([OPEN, "m", "c", ""])])
     log.opened("m", "d", "")
     log.flush()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.1"]  # the old generation is gone
-    st = read_log(FileStore(tmp_path).load(), {"m": SPEC})  # a new process finds the newest one
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock", "log.1"]  # the old generation is gone
+    st = read_log(load_anew(tmp_path), {"m": SPEC})  # a new process finds the newest one
     assert st.tag == "tag1" and set(st.live) == {"c", "d"}
     (tmp_path / "log.2.tmp").write_bytes(b"half a snapshot")  # a crash while writing the next one
-    assert set(read_log(FileStore(tmp_path).load(), {"m": SPEC}).live) == {"c", "d"}
+    assert set(read_log(load_anew(tmp_path), {"m": SPEC}).live) == {"c", "d"}
     (tmp_path / "log.9").write_bytes(frame([OPEN, "m", "old", ""]))  # a crash between rename and unlink
     (tmp_path / "log.10").write_bytes(frame([OPEN, "m", "new", ""]))  # newest by number, not by name
-    assert set(read_log(FileStore(tmp_path).load(), {"m": SPEC}).live) == {"new"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.10", "log.2.tmp"]  # older ones removed
+    assert set(read_log(load_anew(tmp_path), {"m": SPEC}).live) == {"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock", "log.10", "log.2.tmp"]  # older ones removed
+
+
+def test_a_second_store_on_a_folder_in_use_is_refused_naming_it(tmp_path) -> None:
+    first = FileStore(tmp_path)
+    with pytest.raises(ValueError, match="PSN_STATE_DIR: .* is in use by another running service"):
+        FileStore(tmp_path)
+    first.close()
+    FileStore(tmp_path).close()  # free again once the first is gone
 
 
 @pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
