@@ -29,6 +29,8 @@ class EngineMetrics:
                                       registry=r)
         self.sessions_expired = Counter("psn_sessions_expired", "Sessions closed by the idle timeout", ["model"],
                                         registry=r)
+        self.log_stale = Gauge("psn_session_log_stale", "1 while the session store fails: steps answered meanwhile "
+                               "are not in the log, and a restart would lose them", registry=r)
 
 
 class FrontendMetrics:

@@ -614,12 +614,14 @@ class EngineCore:
             log.warning("session log: the store takes writes again after %d failed tries; the log was rewritten "
                         "from memory, every live session is durable again", self._log_failures)
             self._log_stale, self._log_failures = False, 0
+            self.metrics.log_stale.set(0)
             return
         try:
             self.log.flush()
         except Exception:
             self.log.pending = []
             self._log_stale, self._log_retry_at = True, self.clock() + 1.0
+            self.metrics.log_stale.set(1)
             self._store_failed("session log: writing to the store failed", "a restart")
             return
         if self.log.due and self.clock() >= self._log_retry_at:
@@ -730,6 +732,7 @@ class EngineCore:
             if not store_error(e):
                 raise
             self._log_stale, self._log_retry_at = True, self.clock() + 1.0
+            self.metrics.log_stale.set(1)
             self._store_failed("session log: rewriting the log after the recovery failed", "a restart")
         t_end = time.perf_counter()
         stats = {"sessions": rebuilt, "lost": len(lost), "log_bytes": len(data), "records": st.records,

@@ -305,11 +305,13 @@ def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Refe
         proc.kill()
         proc.wait(10)
         run_streams(streams, stop_at=2 * T // 3)  # answered while Redis is away
+        assert "\npsn_session_log_stale 1.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
         proc, _ = redis_server(tmp_path, port)
         deadline = time.monotonic() + 60
         while "the log was rewritten from memory" not in srv.log():  # tried once a second, idle or not
             assert time.monotonic() < deadline, srv.log()
             time.sleep(0.1)
+        assert "\npsn_session_log_stale 0.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
         pid = engine_pid(srv)
         os.kill(pid, signal.SIGKILL)
         wait_new_engine(srv, pid)
