@@ -621,6 +621,7 @@ class EngineCore:
         except Exception:
             self.log.pending = []
             self._log_stale, self._log_retry_at = True, self.clock() + 1.0
+            self._log_failures = 0  # failed compactions before do not count: this one is logged
             self.metrics.log_stale.set(1)
             self._store_failed("session log: writing to the store failed", "a restart")
             return

@@ -532,3 +532,44 @@ def test_a_second_service_on_the_same_state_dir_is_refused(serve, model_dir: Pat
         os.kill(pid, signal.SIGKILL)
         wait_new_engine(srv, pid)
         assert c.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 6
+
+
+def test_a_log_that_cannot_be_rewritten_is_logged_once_and_still_appended(serve, ref: Reference,
+                                                                           tmp_path: Path) -> None:
+    """The log is due for its rewrite as one snapshot, but the new file cannot be created (here: a folder
+    in its way; a read-only folder does the same to a service not run as root): the failure is logged
+    once (it was logged after every request, each turn building a snapshot of every session again),
+    appends go on, and once the rewrite works the log holds every step: a kill -9 loses nothing."""
+    state = tmp_path / "state"
+    srv = serve(state_dir=state, state_compact_bytes=65536)
+    (s,) = streams = [Stream(srv, ref, 0, ws=False)]
+    s.x = ref.sequence(s.model, 3000, seed=300)
+    (log,) = state.glob("log.*")
+    blocker = state / f"log.{int(log.name.split('.')[1]) + 1}.tmp"
+    blocker.mkdir()
+
+    def chunk() -> None:
+        a = s.acked
+        r = s.http.post(f"/v1/sessions/{s.sid}/steps", json={"start": a, "steps": s.x[a:a + 5].tolist()})
+        assert r.status_code == 200, r.text
+        s.outputs.extend(r.json()["outputs"])
+        assert s.acked + 5 <= len(s.x), "the log was never due / never rewritten"
+
+    while "rewriting the log as one snapshot failed" not in srv.log():
+        chunk()
+    for _ in range(50):
+        chunk()
+    blocker.rmdir()
+    compacted = srv.log().count("session log compacted")
+    while srv.log().count("session log compacted") == compacted:
+        chunk()
+        time.sleep(0.05)  # tried again once a second
+    pid = engine_pid(srv)
+    os.kill(pid, signal.SIGKILL)
+    wait_new_engine(srv, pid)
+    assert s.http.get(f"/v1/sessions/{s.sid}").json()["steps_seen"] == s.acked
+    chunk()
+    assert_outputs(s.outputs, ref.outputs(s.model, s.x[:s.acked]))
+    assert srv.log().count("rewriting the log as one snapshot failed") == 1 and "Traceback" not in srv.log()
+    for s in streams:
+        s.close()
