@@ -799,8 +799,10 @@ class EngineCore:
         assert self.cluster is not None
         answered, self._answered = self._answered, {}
         try:
+            wrote = bool(self.cluster.ops)
             refused = self.cluster.flush()
-            self._log_failures = 0
+            if wrote:  # a turn with nothing to write says nothing of Redis
+                self._log_failures = 0
         except Exception:
             self._store_failed("cluster: writing to Redis failed", "a replica's death")
             self.cluster.ops = []

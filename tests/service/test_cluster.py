@@ -500,3 +500,25 @@ def test_a_session_whose_shared_log_is_damaged_midway_is_lost_not_rolled_back(cl
         got = cb.get(f"/v1/sessions/{sid}")
         assert got.status_code == 410 and got.json()["error"]["code"] == "session_lost", got.text
     assert "is corrupt" in b.log()
+
+
+def test_redis_gone_under_a_replica_is_logged_once(cluster, ref: Reference, tmp_path) -> None:
+    """Redis dies under a replica serving its sessions: serving goes on (as for the single-service store)
+    and the failure is one ERROR line, not one with a traceback after every request (the in-a-row count
+    was reset by every engine turn that had nothing to write)."""
+    import contextlib
+
+    import redis
+
+    (a,) = cluster(1)
+    x = ref.sequence("sliding", T, seed=11)
+    with httpx.Client(base_url=a.url, timeout=20) as ca:
+        sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert steps(ca, sid, x, 0, 3).status_code == 200
+        with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
+            redis.Redis.from_url(a.settings["state_url"]).shutdown(nosave=True)
+        for start in range(3, 15, 3):
+            assert steps(ca, sid, x, start, 3).status_code == 200
+            time.sleep(0.05)  # turns with nothing to write in between
+    assert a.log().count("cluster: writing to Redis failed") == 1, a.log()
+    assert "Traceback" not in a.log()
