@@ -20,13 +20,14 @@ log = logging.getLogger("psn.memory")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 MAX_MMAP_THRESHOLD = 32 << 20  # glibc refuses larger values on 64-bit (HEAP_MAX_SIZE / 2)
+MAX_TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes a C int; ctypes wraps a larger value (4096 MB: 0, trim always)
 ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
 def keep_freed_memory(keep_mb: int) -> bool:
-    """Raise glibc's mmap and trim thresholds so that freed blocks up to ``keep_mb`` MB are reused, not
-    returned to the kernel. True if applied; False with ``keep_mb`` = 0, off glibc, or where the
-    environment already sets malloc's thresholds (the operator's choice wins)."""
+    """Raise glibc's mmap and trim thresholds so that freed blocks up to ``keep_mb`` MB (at most 2 GiB: mallopt
+    takes a C int) are reused, not returned to the kernel. True if applied; False with ``keep_mb`` = 0, off
+    glibc, or where the environment already sets malloc's thresholds (the operator's choice wins)."""
     if keep_mb <= 0 or not sys.platform.startswith("linux"):
         return False
     if any(os.environ.get(name) for name in ENV):
@@ -36,7 +37,7 @@ def keep_freed_memory(keep_mb: int) -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
-    size = keep_mb << 20
+    size = min(keep_mb << 20, MAX_TRIM_THRESHOLD)
     ok = mallopt(M_MMAP_THRESHOLD, min(size, MAX_MMAP_THRESHOLD)) == 1 and mallopt(M_TRIM_THRESHOLD, size) == 1
     if not ok:
         log.warning("mallopt refused the thresholds for PSN_MALLOC_KEEP_MB=%d; batches may page-fault", keep_mb)

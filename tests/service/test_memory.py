@@ -48,3 +48,14 @@ def test_kept_memory_is_reused_without_page_faults():
 def test_the_environments_malloc_settings_win():
     applied, _ = faults(256, MALLOC_TRIM_THRESHOLD_="1")
     assert not applied
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.parametrize("keep_mb", [4096, 4100])
+def test_more_than_mallopt_takes_keeps_as_much_as_it_takes(keep_mb: int) -> None:
+    """mallopt's value is a C int: PSN_MALLOC_KEEP_MB=4096 wrapped to a trim threshold of 0 (4100: 4 MB), so
+    every batch was handed back and faulted in again, as with glibc's defaults, while the engine core logged
+    the memory as kept. Past 2047 MB the thresholds are now mallopt's largest."""
+    applied, kept = faults(keep_mb)
+    _, default = faults(0)
+    assert applied and kept < default / 20, (kept, default)
