@@ -8,7 +8,8 @@ Inference Protocol's ``{"error": "..."}`` under ``/v2``) and never a hang:
 - a WebSocket handshake the websockets library cannot parse (a request line or a header line over its
   8,192 bytes, over 128 headers) is answered 414 / 431 / 400 in that shape: uvicorn before 0.55 left
   websockets' answer unsent and the connection open, so the client waited for ever; 0.55 sends
-  websockets' plain-text answer;
+  websockets' plain-text answer; one that parses but that websockets refuses (no valid
+  ``Sec-WebSocket-Key``, a version other than 13) is a 400 in that shape too;
 - a handshake refused by the app with an HTTP answer (401, 403) is not logged as an app error;
 - a request whose client half-closes the connection after sending it is still answered;
 - a client must send each request whole (head and body) within ``PSN_READ_TIMEOUT_S`` of its first byte
@@ -235,6 +236,16 @@ def ws_protocol() -> type[asyncio.Protocol] | str:
             exc = getattr(self.conn, "handshake_exc", None)
             if not self.handshake_initiated and exc is not None and not self.transport.is_closing():
                 self.refuse_handshake(exc)  # uvicorn < 0.55 left websockets' answer unsent
+
+        def handle_connect(self, event: Any) -> None:
+            """A handshake that parses but that websockets refuses (no or a bad ``Sec-WebSocket-Key``, a version other
+            than 13, a header given twice) is a 400: uvicorn writes websockets' plain-text one, ours is in the API's
+            shape. (``accept`` runs again in uvicorn's ``handle_connect``; it only reads the request.)"""
+            if self.conn.accept(event).status_code == 400:
+                self.handshake_initiated = self.handshake_complete = True
+                self.refuse_handshake(self.conn.handshake_exc)
+                return
+            super().handle_connect(event)
 
         def handle_handshake_exception(self) -> None:
             """uvicorn >= 0.55 writes websockets' own plain-text answer here: ours is in the API's shape."""

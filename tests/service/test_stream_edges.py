@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -130,6 +131,28 @@ def _until(c: httpx.Client, line: str, value: float) -> None:
     while (got := _metric(c, line)) != value:
         assert time.monotonic() < deadline, f"{line} is {got}, not {value}"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("headers", "named"), [
+    (b"Sec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Key"),  # no key
+    (b"Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Key"),  # 5 bytes, not 16
+    (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n", "Sec-WebSocket-Version"),
+    (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 13\r\n",
+     "Sec-WebSocket-Version"),
+])
+def test_a_handshake_websockets_refuses_is_a_400_in_the_apis_shape(small: Server, headers: bytes, named: str) -> None:
+    """A handshake that parses but is not a valid WebSocket opening got the websockets library's plain-text 400
+    ("Failed to open a WebSocket connection: ..."), where every other refusal is {"error": {...}}."""
+    with socket.create_connection(("127.0.0.1", small.port), timeout=10) as s:
+        s.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" + headers
+                  + b"\r\n")
+        answer = b""
+        while data := s.recv(65536):
+            answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["field"] == "request" and named in error["message"], error
 
 
 def test_errors_and_connections_are_counted(small: Server) -> None:
