@@ -77,6 +77,25 @@ def test_a_valid_json_steps_request_is_answered_without_the_app() -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("content_type", [b"application/json", b"APPLICATION/JSON", b"application/json ;charset=utf-8"])
+def test_json_however_spelt_in_one_body_message_takes_the_fast_path(content_type: bytes) -> None:
+    """The media type is case-insensitive and may have whitespace before its parameters (RFC 9110's OWS); a
+    body may come in one message without ``more_body``, which ASGI then reads as the last."""
+    async def run() -> None:
+        fe, engine = frontend()
+        engine.sessions[("a", "s1")] = "m"
+        inner, sent = Inner(), Sent()
+        scope, _ = request("/v1/sessions/s1/steps", b"", headers=[(b"content-type", content_type)], fe=fe)
+        receive = receiving({"type": "http.request", "body": b'{"steps": [[0.5, 1.0]]}'})
+        task = asyncio.create_task(StepsFastPath(inner)(scope, receive, sent))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert [a[:3] for a in engine.asked("steps")] == [("s1", -1, 1)] and inner.seen == []
+        task.cancel()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("body,headers,path", [
     (b'{"steps": [[0.5, 1.0]]', None, "/v1/sessions/s1/steps"),  # malformed JSON: FastAPI's error
     (b'[[0.5, 1.0]]', None, "/v1/sessions/s1/steps"),  # not an object
