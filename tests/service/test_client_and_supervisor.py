@@ -430,6 +430,21 @@ def test_a_head_that_does_not_end_is_stopped_past_the_bound() -> None:
     assert out.startswith(b"HTTP/1.1 431") and closed and seen == []
 
 
+def test_a_head_that_does_not_end_is_stopped_on_a_kept_alive_connection_too() -> None:
+    """The bound on bytes read for an incomplete head holds for each request of a connection, not only its first
+    (a request ending in one read must not leave the next one's head uncounted)."""
+    start = b"GET /v1/sessions HTTP/1.1\r\nX-Pad: "
+    out, closed, seen = serve_bytes(200, [head_of(b"/v1/models", 100), start, b"a" * (201 - len(start))])
+    assert b"HTTP/1.1 431" in out and closed and seen == ["/v1/models"]
+
+
+def test_a_request_refused_400_in_a_read_past_the_bound_gets_that_one_answer() -> None:
+    """A head httptools cannot parse is answered 400 and the connection closed; that the read it came in was over
+    the bound adds no 431 behind the 400."""
+    out, closed, seen = serve_bytes(200, [b"GET /v1/models HTTP/1.1\r\nX-Bad\x01: 1\r\nX-Pad: " + b"a" * 300])
+    assert out.startswith(b"HTTP/1.1 400") and out.count(b"HTTP/1.1 4") == 1 and closed and seen == []
+
+
 # ----- the supervisor's restarts, with stand-in processes --------------------------------------------------------
 def _exit_3_if_multiproc_dir() -> None:
     import os

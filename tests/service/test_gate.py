@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -193,6 +194,82 @@ def test_the_protocol_answers_a_refused_request_without_the_app_and_keeps_the_co
         protocol.connection_lost(None)
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("request_bytes", [
+    post("full").replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"),  # the body may never be sent
+    post("full").replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"),  # to be closed after its answer
+    post("full").replace(b"HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"),
+    post("full").replace(b"Host: x\r\n", b"Host: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"),
+], ids=["expect 100-continue", "connection close", "HTTP/1.0 keep-alive", "upgrade"])
+def test_only_a_plain_keep_alive_request_is_answered_from_its_head(request_bytes: bytes) -> None:
+    """Anything else is the app's to answer (uvicorn then sends 100 Continue, closes the connection, or answers
+    as HTTP/1.0 asks), even for a full session."""
+    g, fe = gate()
+    fe.outstanding[("", "full")] = 2
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        release_admitted(scope)
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 429, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def run() -> None:
+        config = uvicorn.Config(app, log_level="warning")
+        config.load()
+        protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(request_bytes)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert seen == ["/v1/sessions/full/steps"] and b" 429 " in bytes(transport.out)
+        protocol.connection_lost(None)
+
+    asyncio.run(run())
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_a_request_refused_from_its_head_is_in_the_access_log_as_the_apps_answers_are() -> None:
+    g, fe = gate()
+    fe.outstanding[("", "full")] = 2
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        release_admitted(scope)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run() -> list[str]:
+        config = uvicorn.Config(app, log_level="info")
+        config.load()
+        access = logging.getLogger("uvicorn.access")
+        records = Records()
+        access.addHandler(records)
+        try:
+            protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=ServerState(), app_state={})
+            transport = Transport()
+            protocol.connection_made(transport)
+            protocol.data_received(post("full") + post("free"))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            protocol.connection_lost(None)
+        finally:
+            access.removeHandler(records)
+        return records.lines
+
+    assert asyncio.run(run()) == ['127.0.0.1:5000 - "POST /v1/sessions/full/steps HTTP/1.1" 429',
+                                  '127.0.0.1:5000 - "POST /v1/sessions/free/steps HTTP/1.1" 200']
 
 
 def test_a_request_behind_one_still_being_answered_is_left_in_order() -> None:

@@ -136,15 +136,16 @@ def test_a_connection_that_sends_nothing_is_closed_at_the_read_timeout() -> None
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("path", ["/v1/sessions/s1/steps", "/v2/models/m/infer"])
-def test_a_head_that_trickles_in_is_answered_408_in_the_apis_shape(path: str) -> None:
+@pytest.mark.parametrize(("path", "cut"), [("/v1/sessions/s1/steps", 12), ("/v2/models/m/infer", 12),
+                                           ("/v2/models/m/infer", 7)])  # 7: the url read as "/v", then "2/..."
+def test_a_head_that_trickles_in_is_answered_408_in_the_apis_shape(path: str, cut: int) -> None:
     async def run() -> None:
         app = App()
         protocol, transport, clock = connect(app)
         whole = request(path)
-        protocol.data_received(whole[:12])
+        protocol.data_received(whole[:cut])
         await clock.advance(TIMEOUT / 2)
-        protocol.data_received(whole[12:30])  # bytes keep coming, but the request is not whole in time
+        protocol.data_received(whole[cut:30])  # bytes keep coming, but the request is not whole in time
         await clock.advance(TIMEOUT / 2 - 0.1)
         assert transport.out == b"" and not transport.closed
         await clock.advance(0.2)
@@ -207,6 +208,52 @@ def test_a_late_pipelined_head_lets_the_answer_before_it_go_out_first() -> None:
         await settle()
         await clock.advance(TIMEOUT + 0.1)
         assert transport.out == b"" and not transport.closed  # no 408 in the middle of an answer
+        app.release.set()
+        await settle()
+        status, headers, body = answer(transport)
+        assert status == 200 and body == b"ok" and headers["connection"] == "close" and transport.closed
+
+    asyncio.run(run())
+
+
+def test_a_closed_connection_leaves_no_timer_behind() -> None:
+    """A connection that goes away mid-request takes its read timer with it (a timer left armed would hold the
+    closed connection's protocol and buffers for the rest of PSN_READ_TIMEOUT_S)."""
+    async def run() -> None:
+        protocol, _, clock = connect(App())
+        protocol.data_received(request()[:20])
+        assert clock.pending()
+        protocol.connection_lost(None)
+        assert clock.pending() == []
+
+    asyncio.run(run())
+
+
+def test_a_connection_already_closing_gets_no_408_after_its_answer() -> None:
+    """A head refused 431 closes the connection, which stays open until its answer is flushed to a client that
+    may not read it; the request's read timer firing meanwhile writes nothing behind that answer."""
+    async def run() -> None:
+        protocol, transport, clock = connect(App())
+        protocol.data_received(b"GET /v1/models HTTP/1.1\r\nX-Pad: " + b"a" * (1 << 15))  # past the bound, no end
+        assert transport.closed and bytes(transport.out).startswith(b"HTTP/1.1 431")
+        answered = bytes(transport.out)
+        await clock.advance(TIMEOUT + 0.1)
+        assert bytes(transport.out) == answered
+
+    asyncio.run(run())
+
+
+def test_a_half_closed_connection_is_answered_then_closed() -> None:
+    """A client that shuts down its sending side after its request gets the answer, marked and followed by the
+    connection's close (uvicorn would keep it open for its keep-alive time, waiting for a request that cannot
+    come)."""
+    async def run() -> None:
+        app = App()
+        app.release.clear()
+        protocol, transport, _ = connect(app)
+        protocol.data_received(request())
+        await settle()
+        assert protocol.eof_received() is True  # keep the connection for the answer
         app.release.set()
         await settle()
         status, headers, body = answer(transport)

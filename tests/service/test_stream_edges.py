@@ -139,6 +139,9 @@ def _until(c: httpx.Client, line: str, value: float) -> None:
     (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n", "Sec-WebSocket-Version"),
     (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 13\r\n",
      "Sec-WebSocket-Version"),
+    # one websockets cannot read: the reason named is the one under its "did not receive a valid HTTP request"
+    (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nTransfer-Encoding: chunked\r\n",
+     "transfer codings"),
 ])
 def test_a_handshake_websockets_refuses_is_a_400_in_the_apis_shape(small: Server, headers: bytes, named: str) -> None:
     """A handshake that parses but is not a valid WebSocket opening got the websockets library's plain-text 400
