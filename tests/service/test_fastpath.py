@@ -191,7 +191,9 @@ def test_the_fast_path_and_the_route_give_the_same_answers(server: Server, ref: 
                 answers.append((r.status_code, r.text.replace(sid, "SID"), r.headers.get("content-type")))
             assert answers[0] == answers[1], (body, answers)
         for sid in sids:  # both sessions advanced alike, and as the paper's loop says
-            r = c.post(f"/v1/sessions/{sid}/steps", json={"steps": x.tolist(), "start": 0}).json()
+            answer = c.post(f"/v1/sessions/{sid}/steps", json={"steps": x.tolist(), "start": 0})
+            assert answer.headers["content-type"] == "application/json"
+            r = answer.json()
             assert r["replayed"] == 6 and r["steps_seen"] == 7
             assert_outputs(r["outputs"], ref.outputs("sliding", x))
 

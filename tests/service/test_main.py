@@ -280,3 +280,20 @@ def test_serve_runs_replicas_argument_is_checked() -> None:
     for bad in ("two", "0", "-1"):
         with pytest.raises(BadSetting, match=f"replicas: expected a whole number > 0, got '{bad}'"):
             ray.app_builder({"replicas": bad})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux only")
+def test_a_supervisor_killed_with_sigkill_leaves_no_front_end_or_engine_core(serve) -> None:
+    srv = serve()
+    health = httpx.get(f"{srv.url}/healthz", timeout=10).json()
+    pids = [health["pid"], health["engine_pid"]]
+    assert srv.proc is not None
+    srv.proc.kill()
+    srv.proc.wait()
+    deadline = time.monotonic() + 20
+    while left := [p for p in pids if _running(p)]:
+        if time.monotonic() > deadline:
+            for p in left:
+                os.kill(p, signal.SIGKILL)
+            raise AssertionError(f"{left} outlived the supervisor (front end, engine core: {pids})")
+        time.sleep(0.05)

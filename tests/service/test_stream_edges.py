@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
+from service.frontend.worker import ws_max_size
 from tests.service.conftest import DEFAULTS, Reference, Server, assert_outputs
 
 L_AT_LIMIT = 170
@@ -73,6 +74,20 @@ def test_a_message_of_exactly_the_limit_is_read_and_one_more_is_refused_unparsed
         assert struct.unpack_from("<IIq", ws.recv(timeout=10)) == (3, L_AT_LIMIT, 0)
         err = _ask(ws, struct.pack("<IIq", 4, L_AT_LIMIT, -1) + steps.tobytes() + b"\0")
         assert err["error"]["code"] == "request_too_large" and err["id"] == 4, err
+
+
+def test_the_frame_limit_is_twice_the_request_limit_and_at_least_4_mib() -> None:
+    """docs/api.md: a message between PSN_MAX_REQUEST_BYTES and the larger of 4 MiB and twice it is read and
+    answered request_too_large on a connection that stays; past that it is closed with 1009."""
+    assert ws_max_size(1_000_000) == 4 << 20 and ws_max_size(3_000_000) == 6_000_000
+
+
+def test_no_compression_unless_ws_compression_is_on(small: Server) -> None:
+    """PSN_WS_COMPRESSION is off by default: a client offering permessage-deflate (websockets' client does by
+    default) is answered without it."""
+    with connect(small.ws_url) as ws:
+        assert "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
 
 
 def test_after_close_the_connection_has_no_session(small: Server, ref: Reference) -> None:
