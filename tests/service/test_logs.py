@@ -1,0 +1,87 @@
+"""``service.logs``: session ids are cut to their first 8 characters wherever a log line names a
+``/v1/sessions/`` path, in the message and in uvicorn's access-log arguments, on every handler ``install``
+reaches (the root logger's, which the engine core and our own loggers write to, and the named ones). And
+protocols.py's ``InvalidUtf8``, the other filter on uvicorn's log."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from service.frontend.protocols import InvalidUtf8
+from service.logs import RedactSessionIds, install, redact
+
+SID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    (f"POST /v1/sessions/{SID}/steps", "POST /v1/sessions/01234567.../steps"),
+    (f"/v1/sessions/{SID}?start=3 /v1/sessions/{SID}", "/v1/sessions/01234567...?start=3 /v1/sessions/01234567..."),
+    ("/v1/sessions/abcdefgh/steps", "/v1/sessions/abcdefgh/steps"),  # 8 characters: nothing cut, no "..."
+    ("/v1/sessions/abc?start=123456", "/v1/sessions/abc?start=123456"),  # a query is not part of the id
+    (f"/v2/models/m/infer {SID}", f"/v2/models/m/infer {SID}"),  # only /v1/sessions/ paths
+])
+def test_redact_cuts_ids_in_session_paths_to_8_characters(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_the_filter_redacts_the_message_and_the_access_logs_string_arguments() -> None:
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "POST", f"/v1/sessions/{SID}/steps", "1.1", 200), None)
+    assert RedactSessionIds().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "POST /v1/sessions/01234567.../steps HTTP/1.1" 200'
+    record = logging.LogRecord("psn", logging.INFO, __file__, 1, f"closed /v1/sessions/{SID}", None, None)
+    assert RedactSessionIds().filter(record) and record.getMessage() == "closed /v1/sessions/01234567..."
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def handlers() -> Iterator[tuple[Lines, Lines]]:
+    root, named = Lines(), Lines()
+    logging.getLogger().addHandler(root)
+    logger = logging.getLogger("test-logs-named")
+    logger.addHandler(named)
+    logger.propagate = False
+    yield root, named
+    logging.getLogger().removeHandler(root)
+    logger.removeHandler(named)
+
+
+def test_install_filters_the_root_loggers_handlers_and_the_named_ones_once(handlers: tuple[Lines, Lines]) -> None:
+    root, named = handlers
+    install("test-logs-named")
+    install("test-logs-named")
+    assert [type(f) for f in root.filters] == [RedactSessionIds] == [type(f) for f in named.filters]
+    logging.getLogger("psn.test-logs").warning(f"session /v1/sessions/{SID} gone")
+    logging.getLogger("test-logs-named").warning("GET %s", f"/v1/sessions/{SID}")
+    assert root.lines == ["session /v1/sessions/01234567... gone"] and named.lines == ["GET /v1/sessions/01234567..."]
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.WARNING])
+def test_a_text_frame_that_is_not_utf8_is_one_info_line_and_only_where_info_is_logged(level: int) -> None:
+    logger = logging.getLogger("test-logs-utf8")
+    lines = Lines()
+    lines.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger.addHandler(lines)
+    logger.addFilter(InvalidUtf8())
+    logger.propagate = False
+    logger.setLevel(level)
+    try:
+        try:
+            b"\xff".decode()
+        except UnicodeDecodeError:
+            logger.exception(InvalidUtf8.MESSAGE)
+        logger.error("something else")
+    finally:
+        logger.removeHandler(lines)
+    assert lines.lines == ([f"INFO {InvalidUtf8.MESSAGE}"] if level == logging.INFO else []) + ["ERROR something else"]
