@@ -45,9 +45,18 @@ def test_kept_memory_is_reused_without_page_faults():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_the_environments_malloc_settings_win():
-    applied, _ = faults(256, MALLOC_TRIM_THRESHOLD_="1")
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "1"}, {"MALLOC_MMAP_THRESHOLD_": "131072"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}])
+def test_the_environments_malloc_settings_win(env: dict[str, str]):
+    applied, _ = faults(256, **env)
     assert not applied
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_an_empty_malloc_variable_is_no_setting():
+    """As a compose file passes a variable it has no value for."""
+    applied, _ = faults(256, MALLOC_TRIM_THRESHOLD_="")
+    assert applied
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
@@ -59,3 +68,11 @@ def test_more_than_mallopt_takes_keeps_as_much_as_it_takes(keep_mb: int) -> None
     applied, kept = faults(keep_mb)
     _, default = faults(0)
     assert applied and kept < default / 20, (kept, default)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_keep_mb_is_how_many_megabytes_are_kept() -> None:
+    """Each batch frees 32 MB at once: 48 MB kept holds them, 30 MB does not (glibc trims past the threshold)."""
+    _, kept = faults(48)
+    _, trimmed = faults(30)
+    assert trimmed > 20_000 and kept < trimmed / 20, (kept, trimmed)
