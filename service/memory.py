@@ -19,7 +19,7 @@ import sys
 log = logging.getLogger("psn.memory")
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MAX_MMAP_THRESHOLD = 32 << 20  # glibc refuses larger values on 64-bit (HEAP_MAX_SIZE / 2)
+MAX_MMAP_THRESHOLD = 32 << 20  # older glibc refused more on 64-bit (HEAP_MAX_SIZE / 2); 2.36 takes 1 GiB, kept as is
 MAX_TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes a C int; ctypes wraps a larger value (4096 MB: 0, trim always)
 ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
