@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import Tensor
 
 from model.cli import main as psn_main
 from model.data import final_scores, fit_input_shape, load_dataset
@@ -304,3 +307,306 @@ def test_compare_folder_whose_metrics_cannot_make_a_row_is_refused_before_traini
     out = _train(tmp_path, "m", "--epochs", "1", "--compare", str(base), str(tmp_path / "absent"))
     card = (out / "README.md").read_text()
     assert "| base | sliding |" in card and "| absent |" not in card
+
+
+def _unfused(folder: Path):
+    """The trained net as written (batch norm not folded), rebuilt from config.json and weights.safetensors."""
+    from model.network import NetConfig, PSNNet
+
+    net = PSNNet(NetConfig.from_dict(json.loads((folder / "config.json").read_text())["net"]))
+    net.load_state_dict(load_file(str(folder / "weights.safetensors")))
+    return net.eval()
+
+
+def test_run_writes_what_it_did_and_says_so(tmp_path, capsys):
+    """metrics.json, config.json, reference.json, the model card and the progress output against the options
+    given and against the folder's own net measured again on the test split."""
+    out = tmp_path / "small"
+    argv = ["--dataset", "digits", "--preset", "tiny", "--epochs", "2", "--train-limit", "90", "--test-limit", "120",
+            "--batch-size", "32", "--lr", "3e-2", "--weight-decay", "1e-4", "--alpha", "3", "--shift", "1",
+            "--noise", "0.05", "--seed", "5", "--out", str(out)]
+    assert psn_main(["train", *argv]) == 0
+    err = capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    d = load_dataset("digits")
+    x_tr, x_te, y_te = d.x_train[:90], d.x_test[:120], d.y_test[:120]
+    # the options as given
+    assert m["command"] == "psn train " + " ".join(argv)
+    assert (m["dataset"], m["data"], m["neuron"], m["preset"], m["T"]) == ("digits", "digits", "sliding", "tiny", 8)
+    assert (m["epochs"], m["batch_size"], m["optimizer"], m["lr"], m["weight_decay"], m["seed"]) == \
+        (2, 32, "adam", 3e-2, 1e-4, 5)
+    assert m["augment"] == {"shift": 1, "noise": 0.05} and m["test_fraction"] is None and m["test_data"] is None
+    assert (m["train_samples"], m["test_samples"]) == (90, 120)
+    # one history row per epoch; the learning rate follows the cosine over all steps (0 after the last)
+    assert [r["epoch"] for r in m["history"]] == [1, 2]
+    assert [r["lr"] for r in m["history"]] == pytest.approx([1.5e-2, 0.0], abs=1e-7)
+    # config.json: the data's classes, its source, the scalar normalisation of the training part, alpha
+    assert config["name"] == "small" and config["dataset"] == "digits" and config["class_names"] == d.class_names
+    assert (config["preset"], config["data"], config["test_fraction"]) == ("tiny", "digits", None)
+    net_cfg = config["net"]
+    assert net_cfg["input_mean"] == pytest.approx(float(x_tr.mean()), rel=1e-6)
+    assert net_cfg["input_std"] == pytest.approx(float(x_tr.std()), rel=1e-6)
+    assert net_cfg["alpha"] == 3 and net_cfg["T"] is None
+    # the accuracies: the folder's net measured again on the test split (parallel, streamed), and the last
+    # epoch's test_acc that of the net as trained (batch norm not folded)
+    loaded = load_model_folder(out)
+    par = final_scores(parallel_scores(loaded.net, x_te), None).argmax(1)
+    stream = streamed_scores(loaded.net, x_te).argmax(1)
+    assert m["test_acc_parallel"] == pytest.approx(float((par == y_te).float().mean()), abs=1e-5)
+    assert m["test_acc_streaming"] == pytest.approx(float((stream == y_te).float().mean()), abs=1e-5)
+    trained = final_scores(parallel_scores(_unfused(out), x_te), None).argmax(1)
+    assert m["history"][-1]["test_acc"] == pytest.approx(float((trained == y_te).float().mean()), abs=1e-5)
+    # reference.json: the first test sample of each class, with the loaded net's own answers to them
+    ref = json.loads((out / "reference.json").read_text())
+    first = sorted(int((y_te == c).nonzero()[0]) for c in range(10))
+    assert ref["test_index"] == first and ref["y"] == y_te[first].tolist()
+    x_ref = torch.tensor(ref["x"])  # (T, n, F)
+    assert torch.equal(x_ref, x_te[first].transpose(0, 1))
+    with torch.no_grad():
+        scores = loaded.net(x_ref).scores[-1]
+    assert torch.allclose(scores, torch.tensor(ref["scores"]), atol=1e-5)
+    assert ref["predictions"] == scores.argmax(1).tolist()
+    # the model card says the same
+    card = (out / "README.md").read_text()
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f}%"
+
+    assert card.startswith("# small\n")
+    assert f"parallel form: **{pct(m['test_acc_parallel'])}**" in card
+    assert f"(`initial_state` + `step`): **{pct(m['test_acc_streaming'])}**" in card
+    assert f"normalised inside the net as (x - {net_cfg['input_mean']:.4g}) / {net_cfg['input_std']:.4g}" in card
+    curve = ", ".join(f"{t} steps: {pct(m['acc_per_step'][t - 1])}" for t in (2, 4, 6, 8))
+    assert f"accuracy after t steps: {curve}" in card
+    assert f"| **small** (this model) | sliding | {pct(m['test_acc_parallel'])} | {pct(m['test_acc_streaming'])} |" \
+        in card
+    assert "2 epochs, batch 32, adam lr 0.03 with a cosine schedule, seed 5" in card and m["machine"] in card
+    assert f"```\n{m['command']}\n```" in card
+    # progress: the data, the size of the net, a bar with loss and accuracy, and where it wrote what
+    assert d.description in err and f"sliding k=8 preset=tiny: {m['params']} parameters" in err
+    assert "loss=" in err and "test=" in err
+    assert f"wrote {out}: test acc parallel {m['test_acc_parallel']:.4f}, streaming {m['test_acc_streaming']:.4f}" \
+        in err
+
+
+def test_quiet_run_shows_no_progress_bar(tmp_path, capsys):
+    out = _train(tmp_path, "quiet", "--epochs", "1")
+    err = capsys.readouterr().err
+    assert "parameters" in err and f"wrote {out}" in err
+    assert "loss=" not in err and "it/s" not in err
+
+
+def _setup(tmp_path: Path, *options: str):
+    """Options and data for a direct ``train`` call on a small variable-length data file, and a fresh net
+    with a copy of its initial weights."""
+    import copy
+
+    from model.network import PSNNet
+    from model.train import net_config, parse_args
+    from tests.test_datafile import write_npz
+
+    path = tmp_path / "var.npz"
+    if not path.exists():
+        write_npz(path, variable=True)
+    a = parse_args(["--data", str(path), "--neuron", "sliding", "-k", "3", "--layers", "L16", "--threads", "1",
+                    "--quiet", *options, "--out", str(tmp_path / "never")])
+    torch.manual_seed(0)
+    net = PSNNet(net_config(a, a.loaded))
+    return a, a.loaded, net, copy.deepcopy(net)
+
+
+def test_history_rows_measure_each_epoch(tmp_path):
+    """With one batch of all the training data, epoch 1's loss and train_acc are those of the initial net on
+    the training set (each sequence read at its own end), and test_acc that of the trained net on the test
+    split; the learning rate follows the cosine over all steps, a last partial batch included."""
+    from model.train import train
+
+    a, data, net, init = _setup(tmp_path, "--epochs", "1", "--batch-size", "1000")
+    row = train(net.eval(), data, a).history[0]  # whatever mode it came in, it trains in training mode
+    init.train()
+    with torch.no_grad():
+        scores = final_scores(init(data.x_train.transpose(0, 1), data.lengths_train).scores, data.lengths_train)
+    assert row["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(scores, data.y_train)), rel=1e-5)
+    assert row["train_acc"] == pytest.approx(float((scores.argmax(1) == data.y_train).float().mean()), abs=1e-6)
+    with torch.no_grad():
+        test = final_scores(parallel_scores(net, data.x_test), data.lengths_test).argmax(1)
+    assert row["test_acc"] == pytest.approx(float((test == data.y_test).float().mean()), abs=1e-6)
+    assert row["epoch"] == 1 and row["lr"] == pytest.approx(0.0, abs=1e-9)
+    # 90 sequences in batches of 32: three steps per epoch, the last of 26
+    a, data, net, _ = _setup(tmp_path, "--epochs", "3", "--batch-size", "32", "--lr", "1e-2")
+    rows = train(net, data, a).history
+    assert [r["lr"] for r in rows] == pytest.approx([1e-2 * (1 + math.cos(math.pi * e / 3)) / 2 for e in (1, 2, 3)],
+                                                    abs=1e-9)
+
+
+def test_first_step_is_the_chosen_optimizer_with_weight_decay(tmp_path):
+    """One step of all the data: Adam moves each weight by lr * g / |g| (bias-corrected first step), SGD by
+    lr * g, where g is the gradient of the initial net plus weight decay times the weight."""
+    from model.train import train
+
+    lr, wd = 1e-3, 0.1
+    for optimizer in ("adam", "sgd"):
+        a, data, net, init = _setup(tmp_path, "--epochs", "1", "--batch-size", "1000", "--optimizer", optimizer,
+                                    "--lr", str(lr), "--weight-decay", str(wd))
+        train(net, data, a)
+        init.train()
+        scores = final_scores(init(data.x_train.transpose(0, 1), data.lengths_train).scores, data.lengths_train)
+        torch.nn.functional.cross_entropy(scores, data.y_train).backward()
+        after = dict(net.named_parameters())
+        for name, p in init.named_parameters():
+            g = p.grad + wd * p.detach()
+            step = g / (g.abs() + 1e-8) if optimizer == "adam" else g
+            torch.testing.assert_close(p.detach() - after[name].detach(), lr * step, rtol=1e-3, atol=lr * 1e-3,
+                                       msg=f"{optimizer} {name}")
+
+
+def _gradients(net, data) -> dict[str, Tensor]:
+    """The gradient of the training loss of ``net`` (train mode) on all the training data at once."""
+    net.train()
+    net.zero_grad()
+    scores = final_scores(net(data.x_train.transpose(0, 1), data.lengths_train).scores, data.lengths_train)
+    torch.nn.functional.cross_entropy(scores, data.y_train).backward()
+    return {name: p.grad.clone() for name, p in net.named_parameters()}
+
+
+def test_two_sgd_steps_follow_momentum_and_the_cosine_schedule(tmp_path):
+    """Two epochs of one batch each: SGD (momentum 0.9) steps by lr * g1, then by lr/2 * (0.9 g1 + g2), g2 the
+    gradient after the first step alone (not added to g1)."""
+    from model.train import train
+
+    lr = 1e-2
+    a, data, net, init = _setup(tmp_path, "--epochs", "2", "--batch-size", "1000", "--optimizer", "sgd",
+                                "--lr", str(lr))
+    train(net, data, a)
+    before = {name: p.detach().clone() for name, p in init.named_parameters()}
+    g1 = _gradients(init, data)
+    with torch.no_grad():
+        for name, p in init.named_parameters():
+            p -= lr * g1[name]
+    g2 = _gradients(init, data)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), lr * g1[name] + lr / 2 * (0.9 * g1[name] + g2[name]),
+                                   rtol=1e-3, atol=lr * 1e-5, msg=name)
+
+
+def test_masked_training_relaxes_the_mask_then_holds_it(tmp_path):
+    """The first step is taken at lam = 0 (every weight of the masked layer, outside the band too, gets its
+    gradient); once the schedule reaches 1 the epoch's test_acc is that of the net as served (lam = 1)."""
+    from model.neurons import MaskedPSN
+    from model.train import train
+
+    a, data, net, init = _setup(tmp_path, "--neuron", "masked", "--epochs", "1", "--batch-size", "1000",
+                                "--lr", "1e-3")
+    train(net, data, a)
+    assert all(m.lam == 1.0 for m in net.modules() if isinstance(m, MaskedPSN))  # saved as served, after one step
+    init.set_lam(0.0)
+    g = _gradients(init, data)
+    after = dict(net.named_parameters())
+    masked = [f"{name}.weight" for name, m in init.named_modules() if isinstance(m, MaskedPSN)]
+    assert len(masked) == 1
+    for name, p in init.named_parameters():
+        if name in masked:  # (T, T): Adam's first step moves each entry with a gradient by lr
+            outside = torch.ones_like(p, dtype=torch.bool).triu(1)  # t < i: a future input, outside the band
+            assert bool((g[name][outside].abs() > 1e-6).any()), "no entry outside the band got a gradient"
+            torch.testing.assert_close(after[name].detach(), p.detach() - 1e-3 * g[name] / (g[name].abs() + 1e-8),
+                                       rtol=1e-4, atol=1e-6, msg=name)
+    a, data, net, _ = _setup(tmp_path, "--neuron", "masked", "--epochs", "2", "--batch-size", "8")
+    lams: list[float] = []  # lam at each training step's forward
+    neuron = next(m for m in net.modules() if isinstance(m, MaskedPSN))
+    neuron.register_forward_hook(lambda m, args, out: lams.append(m.lam) if m.training else None)
+    result = train(net, data, a)
+    total = 2 * math.ceil(90 / 8)
+    assert lams == pytest.approx([min(1.0, i / total * 8) for i in range(total)], abs=1e-9)  # 1 from 1/8 on
+    assert neuron.lam == 1.0
+    with torch.no_grad():
+        test = final_scores(parallel_scores(net, data.x_test), data.lengths_test).argmax(1)
+    assert result.history[-1]["test_acc"] == pytest.approx(float((test == data.y_test).float().mean()), abs=1e-6)
+
+
+def test_seed_alone_orders_the_data_and_augmentation_changes_only_training(tmp_path):
+    """From the same initial weights: the same seed trains the same weights, another seed (another data
+    order) others; --noise or --shift change training, while each epoch's test_acc is still measured on the
+    test split as it is."""
+    from model.train import train
+
+    def weights(*options: str):
+        a, data, net, _ = _setup(tmp_path, "--epochs", "1", "--batch-size", "16", *options)
+        torch.manual_seed(123)  # whatever the global generator holds, only the seed may decide
+        result = train(net, data, a)
+        with torch.no_grad():
+            test = final_scores(parallel_scores(net, data.x_test), data.lengths_test).argmax(1)
+        assert result.history[-1]["test_acc"] == pytest.approx(float((test == data.y_test).float().mean()), abs=1e-6)
+        return [p.detach().clone() for p in net.parameters()]
+
+    def same(u, v):
+        return all(torch.equal(p, q) for p, q in zip(u, v, strict=True))
+
+    base = weights("--seed", "3")
+    assert same(base, weights("--seed", "3"))
+    assert not same(base, weights("--seed", "4"))
+    assert not same(base, weights("--seed", "3", "--noise", "0.3"))
+    assert not same(base, weights("--seed", "3", "--shift", "2"))
+
+
+def test_augment_shifts_each_sample_within_its_range_and_adds_noise():
+    from model.train import augment
+
+    T, B = 6, 400
+    x = torch.arange(1, T + 1, dtype=torch.float32).view(T, 1, 1).expand(T, B, 1).clone()  # step t holds t + 1
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(1))
+    out, new_lengths = augment(x, 2, 0.0, torch.Generator().manual_seed(0), lengths)
+    shifts = []
+    for b in range(B):
+        col = out[:, b, 0]
+        # a shift by s: step t holds the input's step t - s, zero where that is outside 0..T-1
+        match = [s for s in range(-T, T + 1)
+                 if torch.equal(col, torch.tensor([float(t - s + 1) if 0 <= t - s < T else 0.0 for t in range(T)]))]
+        assert len(match) == 1, col
+        shifts.append(match[0])
+    assert sorted(set(shifts)) == [-2, -1, 0, 1, 2]
+    assert new_lengths.tolist() == [min(max(int(n) + s, 1), T) for n, s in zip(lengths, shifts, strict=True)]
+    noisy, none = augment(x, 0, 0.5, torch.Generator().manual_seed(0))
+    assert none is None and abs(float((noisy - x).std()) - 0.5) < 0.05 and abs(float((noisy - x).mean())) < 0.05
+    same, _ = augment(x, 0, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, x)
+
+
+def test_masked_layers_start_from_the_exponential_kernel(tmp_path):
+    """With a learning rate too small to move them, the saved masked weights are the initial ones: 2^-(t-i)
+    in the band 0 <= t - i < k, zero elsewhere."""
+    out = _train(tmp_path, "masked", "--neuron", "masked", "-k", "3", "--layers", "L16,L16", "--epochs", "1",
+                 "--lr", "1e-9")
+    w = {k: v for k, v in load_file(str(out / "weights.safetensors")).items() if v.dim() == 2 and v.shape == (8, 8)}
+    assert len(w) == 2, list(w)
+    band = torch.tensor([[2.0 ** -(t - i) if 0 <= t - i < 3 else 0.0 for i in range(8)] for t in range(8)])
+    for name, weight in w.items():
+        torch.testing.assert_close(weight, band, atol=1e-6, rtol=0, msg=name)
+
+
+def test_parallel_only_neuron_writes_a_folder_without_streaming_results(tmp_path):
+    """--neuron psn has no step form: the folder says streaming n/a (metrics, card, progress) and still
+    reproduces its reference predictions."""
+    out = _train(tmp_path, "psn", "--neuron", "psn", "--epochs", "1")
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["test_acc_streaming"] is None and m["test_acc_parallel"] is not None
+    card = (out / "README.md").read_text()
+    assert "(`initial_state` + `step`): **n/a**" in card and "| **psn** (this model) | psn |" in card
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert check_reference(out) < 1e-4
+
+
+def test_limits_cut_variable_length_data_with_their_lengths(tmp_path):
+    """--train-limit and --test-limit on sequences of their own lengths: each kept sequence keeps its length."""
+    from tests.test_datafile import write_npz
+
+    path = write_npz(tmp_path / "var.npz", variable=True)
+    out = tmp_path / "cut"
+    assert psn_main(["train", "--data", str(path), "--neuron", "sliding", "-k", "3", "--layers", "L16", "--epochs", "1",
+                     "--train-limit", "30", "--test-limit", "10", "--quiet", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["train_samples"], m["test_samples"]) == (30, 10)
+    ref = json.loads((out / "reference.json").read_text())
+    with np.load(path) as f:
+        assert ref["lengths"] == f["lengths_test"][ref["test_index"]].tolist()
+    assert check_reference(out) < 1e-4
