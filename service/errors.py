@@ -98,6 +98,28 @@ class RetryTooOld(ServiceError):
     status, code = 409, "retry_too_old"
 
 
+class MethodNotAllowed(ServiceError):
+    """A method the path does not take (``allow``: the ones it does, for the Allow header)."""
+
+    status, code = 405, "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str, **kwargs: object):
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Allow": self.allow}
+
+
+class UpgradeRequired(ServiceError):
+    """A plain HTTP request to the WebSocket endpoint (RFC 9110: a 426 names the protocol to switch to)."""
+
+    status, code = 426, "upgrade_required"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Upgrade": "websocket"}
+
+
 class SessionQueueFull(ServiceError):
     status, code = 429, "session_queue_full"
 

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from service.errors import HeadersTooLarge, ReadTimeout, ServiceError, UrlTooLong
+from service.errors import HeadersTooLarge, MethodNotAllowed, ReadTimeout, ServiceError, UpgradeRequired, UrlTooLong
 from service.frontend.limits import error_answer, raw_answer
 
 log = logging.getLogger("psn.frontend")
@@ -227,6 +227,12 @@ def ws_protocol() -> type[asyncio.Protocol] | str:
         if name == "TooManyHeaders":
             return HeadersTooLarge(f"headers: a WebSocket handshake has at most {MAX_NUM_HEADERS} headers",
                                    field="headers")
+        if name == "InvalidMethod":
+            return MethodNotAllowed(f"method: a WebSocket handshake is a GET request ({exc})", field="method",
+                                    allow="GET")
+        if name == "InvalidUpgrade":
+            return UpgradeRequired(f"Upgrade: a WebSocket handshake asks for Upgrade: websocket ({exc})",
+                                   field="Upgrade")
         cause = exc.__cause__ or exc
         return ServiceError(f"request: not a valid WebSocket handshake ({cause})", field="request")
 
@@ -241,7 +247,7 @@ def ws_protocol() -> type[asyncio.Protocol] | str:
             """A handshake that parses but that websockets refuses (no or a bad ``Sec-WebSocket-Key``, a version other
             than 13, a header given twice) is a 400: uvicorn writes websockets' plain-text one, ours is in the API's
             shape. (``accept`` runs again in uvicorn's ``handle_connect``; it only reads the request.)"""
-            if self.conn.accept(event).status_code == 400:
+            if self.conn.accept(event).status_code in (400, 405, 426):  # 405: not GET, 426: not Upgrade: websocket
                 self.handshake_initiated = self.handshake_complete = True
                 self.refuse_handshake(self.conn.handshake_exc)
                 return

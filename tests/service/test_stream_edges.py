@@ -173,6 +173,42 @@ def test_a_handshake_websockets_refuses_is_a_400_in_the_apis_shape(small: Server
     assert error["code"] == "bad_request" and error["field"] == "request" and named in error["message"], error
 
 
+def _raw_answer(srv: Server, request: bytes) -> tuple[bytes, dict]:
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        s.sendall(request)
+        answer = b""
+        while data := s.recv(65536):
+            answer += data
+            if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                break
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.lower(), json.loads(body)["error"]
+
+
+def test_a_handshake_by_another_method_is_a_405_in_the_apis_shape_allowing_get(small: Server) -> None:
+    """websockets answered a POST handshake with its own plain-text 405."""
+    head, error = _raw_answer(small, b"POST /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: "
+                              b"Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+                              b"\r\nContent-Length: 0\r\n\r\n")
+    assert head.startswith(b"http/1.1 405") and b"content-type: application/json" in head, head
+    assert b"\r\nallow: get" in head, head
+    assert error["code"] == "method_not_allowed" and error["field"] == "method" and "GET" in error["message"]
+
+
+def test_plain_http_to_the_websocket_endpoint_is_told_to_upgrade(small: Server) -> None:
+    """curl or a browser's address bar on /v1/stream got 404 not_found, as if the path did not exist."""
+    with httpx.Client(base_url=small.url, timeout=20) as c:
+        r = c.get("/v1/stream")
+        assert r.status_code == 426 and r.headers["upgrade"] == "websocket", r.text
+        error = r.json()["error"]
+        assert error["code"] == "upgrade_required" and error["field"] == "Upgrade"
+        assert "WebSocket" in error["message"] and "ws://" in error["message"]
+        r = c.post("/v1/stream", json={})
+        assert r.status_code == 405 and "GET" in r.headers["allow"], r.text
+    with connect(small.ws_url) as ws:  # the WebSocket itself is unchanged
+        assert _ask(ws, {"type": "open", "model": "sliding"})["type"] == "opened"
+
+
 def test_errors_and_connections_are_counted(small: Server) -> None:
     """A WebSocket error is counted in psn_errors_total by its code, as over HTTP; psn_ws_connections
     counts the connections open now."""

@@ -31,7 +31,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pydantic_core import from_json
 from uvicorn.protocols.utils import ClientDisconnected
 
-from service.errors import InvalidInput, RequestTooLarge, ServiceError, internal
+from service.errors import InvalidInput, RequestTooLarge, ServiceError, UpgradeRequired, internal
 from service.frontend.auth import JSON_SUBPROTOCOL, OWNER
 from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object, may_hold_booleans
 from service.frontend.deps import get_frontend
@@ -207,6 +207,13 @@ class StreamConnection:
         msg_id, start, L, payload = codec.binary_steps(data, fe.settings.max_steps_per_request)
         start, replayed, _, spikes, scores = await fe.steps(sid, codec, start, L, payload, self.owner)
         await self.send_raw(codec.binary_answer(msg_id, start, replayed, L, spikes, scores))
+
+
+@router.get("/v1/stream", include_in_schema=False)
+async def stream_over_http() -> None:
+    """A plain HTTP request here (curl, a browser's address bar) is told what the path is, not 404."""
+    raise UpgradeRequired("Upgrade: /v1/stream is a WebSocket endpoint; open it with a WebSocket client "
+                          "(ws://HOST:PORT/v1/stream, docs/api.md), not plain HTTP", field="Upgrade")
 
 
 @router.websocket("/v1/stream")
