@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ".csv (sequence, step, features..., label), UEA/UCR .ts, or sktime:<Name> "
                         "(a .ts data set shipped in the sktime wheel); see docs/training.md")
     p.add_argument("--test-data", default=None, metavar="PATH", help="with --data: the test split, same format")
-    p.add_argument("--test-fraction", type=float, default=0.2,
-                   help="with --data and no test split in it: hold out this fraction (fixed seed)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="with --data and no test split in it: hold out this fraction (fixed seed; default 0.2)")
     p.add_argument("--neuron", default="sliding", choices=NEURONS, help="neuron kind; lif is the serial baseline")
     p.add_argument("-k", "--k", type=int, default=8, help="order of the masked / sliding PSN")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="architecture (default: the data set's)")
@@ -94,6 +94,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give --dataset or --data, not both")
     if a.data is None and a.test_data is not None:
         parser.error("--test-data needs --data")
+    if a.test_fraction is not None and (a.data is None or a.test_data is not None):  # it would do nothing
+        parser.error("--test-fraction holds out part of --data; " + ("a built-in data set has its own test split"
+                     if a.data is None else "--test-data is the test split here: give one or the other"))
+    a.test_fraction = 0.2 if a.test_fraction is None else a.test_fraction
     a.loaded = None
     if a.data is not None:
         try:

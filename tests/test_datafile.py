@@ -387,6 +387,17 @@ def _export(folder: Path) -> dict:
     return json.loads((folder / "onnx_parity.json").read_text())
 
 
+def test_test_fraction_with_test_data_is_a_usage_error(tmp_path, capsys):
+    """--test-data is the test split: a --test-fraction beside it did nothing, without a word."""
+    x, y, _ = make_sequences(40, 8, seed=12, variable=False)
+    path = write_npz(tmp_path / "d.npz", variable=False, x=x, y=y, x_test=None, y_test=None)
+    with pytest.raises(SystemExit) as e:
+        psn_main(["train", "--data", str(path), "--test-data", str(path), "--test-fraction", "0.5", *FAST,
+                  "--out", str(tmp_path / "never")])
+    assert e.value.code == 2 and "--test-data is the test split here" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_export_checks_the_held_out_part_that_training_held_out(tmp_path):
     """--test-fraction is recorded, so the export's real samples are the model's own test set (with the
     default fraction they were another split, training sequences among them, and parity still PASSED)."""

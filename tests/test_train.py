@@ -95,6 +95,7 @@ def test_same_seed_same_weights(tmp_path):
     (["--train-limit", "0"], "--train-limit must be >= 1"),
     (["--test-limit", "-3"], "--test-limit must be >= 1"),
     (["--test-data", "t.npz"], "--test-data needs --data"),
+    (["--test-fraction", "0.3"], "a built-in data set has its own test split"),  # silently nothing
     (["--layers", "L32,Q3"], "bad layer 'Q3'"),
     (["--layers", "L32,C4k3s1"], "conv layers must all come before the linear layers"),
     (["--layers", "L0"], "bad layer 'L0': sizes, kernel and stride must be >= 1"),
