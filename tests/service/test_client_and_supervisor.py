@@ -560,22 +560,23 @@ def _child_that_dies_with_its_parent() -> None:
     time.sleep(60)
 
 
-def test_a_process_that_calls_die_with_parent_ends_when_its_parent_is_killed() -> None:
-    """What keeps an engine core or a front end from outliving a supervisor killed with SIGKILL."""
+def _kill_the_parent_and_wait_for_its_child(entry: str, timeout: float) -> None:
+    """Run ``entry`` (a function of this module that starts a child and prints its pid) in a parent process,
+    kill the parent with SIGKILL, and fail unless the child has ended within ``timeout`` seconds."""
     import os
     import signal
     import subprocess
     import sys
 
-    parent = subprocess.Popen([sys.executable, "-c", "from tests.service.test_client_and_supervisor import "
-                               "_child_that_dies_with_its_parent as f; f()"], stdout=subprocess.PIPE, text=True,
+    parent = subprocess.Popen([sys.executable, "-c", f"from tests.service.test_client_and_supervisor import "
+                               f"{entry} as f; f()"], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[2])
     try:
         assert parent.stdout is not None
         pid = int(parent.stdout.readline())
         parent.kill()
         parent.wait()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + timeout
         while Path(f"/proc/{pid}").exists() and "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text():
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
@@ -584,6 +585,11 @@ def test_a_process_that_calls_die_with_parent_ends_when_its_parent_is_killed() -
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_process_that_calls_die_with_parent_ends_when_its_parent_is_killed() -> None:
+    """What keeps an engine core or a front end from outliving a supervisor killed with SIGKILL."""
+    _kill_the_parent_and_wait_for_its_child("_child_that_dies_with_its_parent", 20)
 
 
 def _late_child(parent: int) -> None:
@@ -613,28 +619,7 @@ def _parent_of_a_late_child() -> None:
 def test_a_child_whose_parent_died_before_it_called_die_with_parent_ends_too() -> None:
     """The kernel sends nothing for a parent death before prctl: an engine core still importing torch when
     its supervisor is killed must end as soon as it gets to the call, not serve on as an orphan."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    parent = subprocess.Popen([sys.executable, "-c", "from tests.service.test_client_and_supervisor import "
-                               "_parent_of_a_late_child as f; f()"], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[2])
-    try:
-        assert parent.stdout is not None
-        pid = int(parent.stdout.readline())
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text():
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                raise AssertionError("the child outlived its parent")
-            time.sleep(0.05)
-    finally:
-        parent.kill()
-        parent.wait()
+    _kill_the_parent_and_wait_for_its_child("_parent_of_a_late_child", 30)
 
 
 def test_only_front_ends_get_the_shared_metrics_folder() -> None:
