@@ -149,6 +149,35 @@ def post(sid: str, body: bytes = b'{"steps": [[1.0]]}', chunked: bool = False) -
     return b"POST /v1/sessions/%s/steps HTTP/1.1\r\nHost: x\r\n%s%s" % (sid.encode(), framing, body)
 
 
+def connect(app: Any, g: FastRefusal, state: ServerState | None = None,
+            log_level: str = "warning") -> tuple[Any, Transport]:
+    """uvicorn's HTTP protocol as the front end runs it (the head gate ``g``) over a fake transport, connected."""
+    config = uvicorn.Config(app, log_level=log_level)
+    config.load()
+    protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=state or ServerState(), app_state={})
+    transport = Transport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def settle(turns: int = 20) -> None:
+    """Let the app's tasks run (each await is one turn of the loop)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+def refusing_app(seen: list[str]) -> Any:
+    """An app that records each request's path and answers it 429, as its own gate would a full session."""
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await receive()
+        release_admitted(scope)
+        seen.append(scope["path"])
+        await send({"type": "http.response.start", "status": 429, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
 def test_the_protocol_answers_a_refused_request_without_the_app_and_keeps_the_connection() -> None:
     g, fe = gate()
     fe.outstanding[("", "full")] = 2
@@ -165,16 +194,11 @@ def test_the_protocol_answers_a_refused_request_without_the_app_and_keeps_the_co
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def run() -> None:
-        config = uvicorn.Config(app, log_level="warning")
-        config.load()
         state = ServerState()
-        protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=state, app_state={})
-        transport = Transport()
-        protocol.connection_made(transport)
+        protocol, transport = connect(app, g, state)
         # refused, refused (chunked body), then one for another session, all in one read: the app sees only the last
         protocol.data_received(post("full") + post("full", chunked=True) + post("free"))
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await settle()
         assert seen == [("/v1/sessions/free/steps", b'{"steps": [[1.0]]}')]
         answers = bytes(transport.out).split(b"HTTP/1.1 ")[1:]
         assert [a[:3] for a in answers] == [b"429", b"429", b"200"] and not transport.closed
@@ -188,8 +212,7 @@ def test_the_protocol_answers_a_refused_request_without_the_app_and_keeps_the_co
         assert protocol.timeout_keep_alive_task is not None  # an idle connection is closed in time, as after any answer
         protocol.data_received(whole[cut:cut + 5])
         protocol.data_received(whole[cut + 5:] + post("free", body=b'{"steps": [[4.0]]}'))
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await settle()
         assert seen[-1] == ("/v1/sessions/free/steps", b'{"steps": [[4.0]]}') and len(seen) == 2
         protocol.connection_lost(None)
 
@@ -209,22 +232,10 @@ def test_only_a_plain_keep_alive_request_is_answered_from_its_head(request_bytes
     fe.outstanding[("", "full")] = 2
     seen: list[str] = []
 
-    async def app(scope: dict, receive: Any, send: Any) -> None:
-        await receive()
-        release_admitted(scope)
-        seen.append(scope["path"])
-        await send({"type": "http.response.start", "status": 429, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"{}"})
-
     async def run() -> None:
-        config = uvicorn.Config(app, log_level="warning")
-        config.load()
-        protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=ServerState(), app_state={})
-        transport = Transport()
-        protocol.connection_made(transport)
+        protocol, transport = connect(refusing_app(seen), g)
         protocol.data_received(request_bytes)
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await settle()
         assert seen == ["/v1/sessions/full/steps"] and b" 429 " in bytes(transport.out)
         protocol.connection_lost(None)
 
@@ -251,18 +262,13 @@ def test_a_request_refused_from_its_head_is_in_the_access_log_as_the_apps_answer
         await send({"type": "http.response.body", "body": b"ok"})
 
     async def run() -> list[str]:
-        config = uvicorn.Config(app, log_level="info")
-        config.load()
+        protocol, _ = connect(app, g, log_level="info")  # first: its config sets logging up afresh
         access = logging.getLogger("uvicorn.access")
         records = Records()
         access.addHandler(records)
         try:
-            protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=ServerState(), app_state={})
-            transport = Transport()
-            protocol.connection_made(transport)
             protocol.data_received(post("full") + post("free"))
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await settle()
             protocol.connection_lost(None)
         finally:
             access.removeHandler(records)
@@ -295,18 +301,12 @@ def test_a_request_behind_one_still_being_answered_is_left_in_order() -> None:
                         "headers": [(b"content-length", b"%d" % len(body))]})
             await send({"type": "http.response.body", "body": body})
 
-        config = uvicorn.Config(app, log_level="warning")
-        config.load()
-        protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=ServerState(), app_state={})
-        transport = Transport()
-        protocol.connection_made(transport)
+        protocol, transport = connect(app, g)
         protocol.data_received(post("slow") + post("full"))
-        for _ in range(10):
-            await asyncio.sleep(0)
+        await settle(10)
         assert transport.out == b""  # nothing may be answered before the slow request
         gate_open.set()
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await settle()
         assert order == ["/v1/sessions/slow/steps", "/v1/sessions/full/steps"]
         assert [a[:3] for a in bytes(transport.out).split(b"HTTP/1.1 ")[1:]] == [b"200", b"429"]
         protocol.connection_lost(None)
@@ -322,27 +322,14 @@ def test_a_client_that_does_not_read_its_answers_gets_no_answers_written_from_th
     fe.outstanding[("", "full")] = 2
     seen: list[str] = []
 
-    async def app(scope: dict, receive: Any, send: Any) -> None:
-        await receive()
-        release_admitted(scope)
-        seen.append(scope["path"])
-        await send({"type": "http.response.start", "status": 429, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"{}"})
-
     async def run() -> None:
-        config = uvicorn.Config(app, log_level="warning")
-        config.load()
-        protocol = http_protocol(1 << 15, g.answer)(config=config, server_state=ServerState(), app_state={})
-        transport = Transport()
-        protocol.connection_made(transport)
+        protocol, transport = connect(refusing_app(seen), g)
         protocol.pause_writing()  # what the transport calls when its buffer passes the high-water mark
         protocol.data_received(post("full"))
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await settle()
         assert transport.out == b"" and seen == ["/v1/sessions/full/steps"]  # the app's answer waits
         protocol.resume_writing()
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await settle()
         assert bytes(transport.out).startswith(b"HTTP/1.1 429")
         protocol.connection_lost(None)
 
