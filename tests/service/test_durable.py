@@ -82,6 +82,15 @@ class Stream:
         self.outputs.extend(body["outputs"])
         return True
 
+    def send_five(self, never: str) -> None:
+        """The next five steps over HTTP, which must be answered (a failing store refuses nothing); ``never``
+        says what it means if the sequence runs out first (what the test waits for did not happen)."""
+        a = self.acked
+        r = self.http.post(f"/v1/sessions/{self.sid}/steps", json={"start": a, "steps": self.x[a:a + 5].tolist()})
+        assert r.status_code == 200, r.text
+        self.outputs.extend(r.json()["outputs"])
+        assert self.acked + 5 <= len(self.x), never
+
     def close(self) -> None:
         if self.ws is not None:
             self.ws.close()
@@ -480,11 +489,7 @@ def test_a_full_disk_is_logged_once_and_the_log_is_whole_again_once_space_comes_
 
         def chunk() -> None:
             for s in streams:
-                a = s.acked
-                r = s.http.post(f"/v1/sessions/{s.sid}/steps", json={"start": a, "steps": s.x[a:a + 5].tolist()})
-                assert r.status_code == 200, r.text
-                s.outputs.extend(r.json()["outputs"])
-                assert s.acked + 5 <= len(s.x), "the disk never filled up / the log was never rewritten"
+                s.send_five("the disk never filled up / the log was never rewritten")
 
         while "writing to the store failed" not in srv.log():
             chunk()
@@ -549,11 +554,7 @@ def test_a_log_that_cannot_be_rewritten_is_logged_once_and_still_appended(serve,
     blocker.mkdir()
 
     def chunk() -> None:
-        a = s.acked
-        r = s.http.post(f"/v1/sessions/{s.sid}/steps", json={"start": a, "steps": s.x[a:a + 5].tolist()})
-        assert r.status_code == 200, r.text
-        s.outputs.extend(r.json()["outputs"])
-        assert s.acked + 5 <= len(s.x), "the log was never due / never rewritten"
+        s.send_five("the log was never due / never rewritten")
 
     while "rewriting the log as one snapshot failed" not in srv.log():
         chunk()
