@@ -20,6 +20,14 @@ from tests.service.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def start_service(port: int, settings: dict[str, str], argv: list[str] | None = None,
+                  cwd: Path = ROOT) -> subprocess.Popen:
+    """``python -m service`` (or ``argv``) on 127.0.0.1:``port`` with these PSN_* settings; output joined."""
+    env = {**os.environ, "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1", **settings}
+    return subprocess.Popen(argv or [sys.executable, "-m", "service"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
     """Until the service on ``port`` says ready; its output if it exits first."""
     deadline = time.monotonic() + timeout
@@ -36,10 +44,7 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
 
 def test_python_m_service_serves_and_stops_on_sigterm(model_dir: Path) -> None:
     port = free_port()
-    env = {**os.environ, "PSN_MODEL_DIR": str(model_dir), "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1",
-           "PSN_MAX_SESSIONS": "3", "PSN_LOG_LEVEL": "info"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_service(port, {"PSN_MODEL_DIR": str(model_dir), "PSN_MAX_SESSIONS": "3", "PSN_LOG_LEVEL": "info"})
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, port, 60)
@@ -63,10 +68,7 @@ def test_an_engine_core_that_fails_before_it_is_ready_stops_the_service_with_1(t
     exit status 1 (a crash loop would look alive to a container runtime)."""
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    env = {**os.environ, "PSN_MODEL_DIR": str(tmp_path), "PSN_PORT": str(free_port()), "PSN_HOST": "127.0.0.1",
-           "PSN_WORKERS": "1", "PSN_LOG_LEVEL": "info"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_service(free_port(), {"PSN_MODEL_DIR": str(tmp_path), "PSN_WORKERS": "1", "PSN_LOG_LEVEL": "info"})
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -157,10 +159,8 @@ def test_scripts_serve_reads_a_relative_model_dir_from_where_it_is_run(model_dir
     the caller's, so it is made absolute first (it was read from the repository: no model folders there)."""
     (tmp_path / "models").symlink_to(model_dir)
     port = free_port()
-    env = {**os.environ, "PSN_MODEL_DIR": "models", "PSN_STATE_DIR": "state", "PSN_PORT": str(port),
-           "PSN_HOST": "127.0.0.1", "PSN_WORKERS": "1", "PSN_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([str(ROOT / "scripts" / "serve")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_service(port, {"PSN_MODEL_DIR": "models", "PSN_STATE_DIR": "state", "PSN_WORKERS": "1",
+                                "PSN_LOG_LEVEL": "warning"}, [str(ROOT / "scripts" / "serve")], cwd=tmp_path)
     try:
         wait_ready(proc, port, 90)
         names = {m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"]}
@@ -245,10 +245,7 @@ def test_sigterm_while_the_engine_core_is_still_starting_stops_everything(model_
     """Stopped before it was ready (a deploy rolled back at once): the supervisor must not wait for a
     readiness that no longer matters, nor leave an engine core or a front end behind."""
     port = free_port()
-    env = {**os.environ, "PSN_MODEL_DIR": str(model_dir), "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1",
-           "PSN_WORKERS": "2", "PSN_LOG_LEVEL": "info"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_service(port, {"PSN_MODEL_DIR": str(model_dir), "PSN_WORKERS": "2", "PSN_LOG_LEVEL": "info"})
     try:
         assert proc.stdout is not None
         seen = ""
