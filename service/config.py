@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the front ends never import torch (only the engine core run
 # send it as a WebSocket subprotocol (``psn.key.<key>``) and no key can hold a list separator.
 KEY_CHARS = re.compile(r"[A-Za-z0-9._~+-]+")
 KEY_MIN_CHARS, KEY_MAX_CHARS = 16, 256
+MAX_THREADS = 1024  # torch / onnxruntime threads, far past any machine (torch crashed at 16,384 here)
 
 
 def key_hash(key: str) -> bytes:
@@ -30,6 +31,10 @@ def key_hash(key: str) -> bytes:
 
 class SettingsError(Exception):
     """A PSN_* variable the service cannot start with; the message names each bad variable, one per line."""
+
+    def exit(self, prog: str) -> SystemExit:
+        """What ``prog`` exits with: each line of the message after its name (status 1)."""
+        return SystemExit("\n".join(f"{prog}: {line}" for line in str(self).splitlines()))
 
 
 class BadSetting(SettingsError, ValueError):
@@ -72,8 +77,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     backend: str = "torch"  # a name in service.backends.BACKENDS
-    torch_threads: int | None = Field(1, ge=1, le=1024)  # torch.set_num_threads (1: the event loop needs the other core
-    # of a small CPU box, and more threads on a shared CPU measured 10x slower); None = torch's default
+    # torch.set_num_threads (1: the event loop needs the other core of a small CPU box, and more threads on a
+    # shared CPU measured 10x slower); None = torch's default
+    torch_threads: int | None = Field(1, ge=1, le=MAX_THREADS)
     # the engine core keeps up to this many MB of freed memory for the next batch instead of handing it back
     # to the kernel and page-faulting it in again (service/memory.py); 0: glibc's defaults
     malloc_keep_mb: int = Field(256, ge=0)
@@ -113,7 +119,7 @@ class Settings(BaseSettings):
     # PSN_BACKEND=onnx only: where models without current ONNX files are exported once (default
     # ~/.cache/psn-stream/onnx), and onnxruntime's intra-op threads (default: its own choice).
     onnx_cache_dir: Path | None = None
-    onnx_threads: int | None = Field(None, ge=1, le=1024)
+    onnx_threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     # Access control (off unless keys are given; docs/api.md "Access control"). Only SHA-256 hashes of the
     # keys are kept: both settings are read once, hashed, and the raw value dropped.
     api_keys: SecretStr | None = None  # comma-separated API keys; setting it turns access control on

@@ -273,7 +273,7 @@ def main() -> None:
         settings = get_settings()
         application = build()
     except SettingsError as e:  # names each bad variable (a bad key by its position, never its value)
-        raise SystemExit("\n".join(f"service.ray: {line}" for line in str(e).splitlines())) from None
+        raise e.exit("service.ray") from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     serve.start(http_options={"host": settings.host, "port": settings.port},

@@ -143,7 +143,7 @@ def main() -> None:
     try:
         settings = get_settings()
     except SettingsError as e:  # names each bad variable (a bad key by its position, never its value)
-        raise SystemExit("\n".join(f"psn-stream: {line}" for line in str(e).splitlines())) from None
+        raise e.exit("psn-stream") from None
     # Only the keys' hashes go on (in settings); children must not inherit the keys in their environment.
     os.environ.pop("PSN_API_KEYS", None)
     logging.basicConfig(level=settings.log_level.upper(),
