@@ -40,11 +40,12 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -233,17 +234,75 @@ class FileStore:
         os.close(self.lock)
 
 
+class StoreTaken(OSError):
+    """Another running service holds this Redis session log (``RedisStore``): a store failure to this one."""
+
+
 class RedisStore:
     """``<prefix>:gen`` names the current generation; ``<prefix>:log:<g>`` is a list of appended chunks.
-    A new generation is written, then ``gen`` switched and the old list deleted in one transaction."""
+    A new generation is written, then ``gen`` switched and the old list deleted in one transaction.
+
+    ``<prefix>:owner`` names the Redis connection of the service that holds the log (its client id and
+    address, then host and pid for people), a connection kept open for that alone: a second service on
+    the same Redis database is refused while it is open, as ``FileStore``'s lock refuses one on the same
+    folder. When the holder's process ends, even by kill -9, the kernel closes the connection and Redis
+    drops it at once, so a restarted service takes the log back without waiting for a lease to run
+    out. A Redis that lost the key (restarted empty) gets it back at the next rewrite, the one that
+    puts the log back from memory."""
 
     def __init__(self, url: str, prefix: str = "psn"):
         import redis  # optional dependency: only with PSN_STATE_URL
 
         self.r = redis.Redis.from_url(url, socket_timeout=10)
+        self.hold = redis.Redis.from_url(url, socket_timeout=10, single_connection_client=True)
         self.prefix = prefix
         self.r.ping()
+        self.checked = True
+        self._claim(lambda held: BadSetting(
+            f"PSN_STATE_URL: the session log on this Redis database is in use by another running service "
+            f"({held}); two services on one session log would overwrite each other's records: give each its "
+            "own database (redis://HOST:PORT/DB) or, for replicas that share sessions, PSN_CLUSTER=1 "
+            "(docs/cluster.md)"))
         self.gen = int(self.r.get(f"{prefix}:gen") or 0)
+
+    def _claim(self, refuse: Callable[[str], Exception]) -> None:
+        """Make ``hold``'s connection the log's holder, unless another open connection holds it: then
+        ``refuse(who)`` is raised. A Redis that refuses CLIENT ID or CLIENT LIST (an ACL, a proxy) is
+        used without the check (said once)."""
+        import redis
+
+        if not self.checked:
+            return
+        key = f"{self.prefix}:owner"
+        try:
+            me = self.hold.client_id()
+            mine = f"{me} {self.hold.client_list(client_id=[me])[0]['addr']} {socket.gethostname()} pid {os.getpid()}"
+            with self.r.pipeline() as p:
+                while True:
+                    try:
+                        p.watch(key)
+                        held = p.get(key)
+                        if held is not None and held.decode(errors="replace") != mine and self._open(held):
+                            _, addr, host, _, pid = (held.decode(errors="replace").split() + ["?"] * 5)[:5]
+                            raise refuse(f"{host} pid {pid}, connected from {addr}")
+                        p.multi()
+                        p.set(key, mine)
+                        p.execute()
+                        return
+                    except redis.WatchError:  # another service got there between the read and the write
+                        continue
+        except redis.ResponseError as e:
+            self.checked = False
+            log.warning("PSN_STATE_URL: this Redis refuses CLIENT ID or CLIENT LIST (%s): a second service on "
+                        "the same database would not be detected", e)
+
+    def _open(self, held: bytes) -> bool:
+        """Whether the connection ``held`` names (``"<client id> <address> ..."``) is still open."""
+        parts = held.split()
+        if len(parts) < 2 or not parts[0].isdigit():
+            return False
+        return any(c.get("addr") == parts[1].decode(errors="replace")
+                   for c in self.r.client_list(client_id=[int(parts[0])]))
 
     def _key(self, gen: int) -> str:
         return f"{self.prefix}:log:{gen}"
@@ -255,6 +314,8 @@ class RedisStore:
         self.r.rpush(self._key(self.gen), b"".join(parts))
 
     def rewrite(self, data: bytes) -> None:
+        self._claim(lambda held: StoreTaken(f"the session log on this Redis database was taken by another running "
+                                            f"service ({held}) while Redis was away: not written over"))
         new = self.gen + 1
         self.r.delete(self._key(new))
         self.r.rpush(self._key(new), data)
@@ -271,6 +332,7 @@ class RedisStore:
 
     def close(self) -> None:
         self.r.close()
+        self.hold.close()
 
 
 def open_store(state_dir: Path | None, state_url: str | None, fsync: bool) -> Store | None:

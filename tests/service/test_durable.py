@@ -516,27 +516,42 @@ def test_a_full_disk_is_logged_once_and_the_log_is_whole_again_once_space_comes_
         subprocess.run(["umount", "-l", str(state)])
 
 
-def test_a_second_service_on_the_same_state_dir_is_refused(serve, model_dir: Path, tmp_path: Path) -> None:
-    """Two services started on one PSN_STATE_DIR (a user mistake): the second rebuilt the first's sessions
-    and rewrote the log under it, so every step the first answered afterwards went to a deleted file and
-    was gone after its next restart. The second now stops at once, naming the folder; the first goes on,
-    and its own engine core, restarted after a kill -9, takes the folder back."""
-    state = tmp_path / "state"
-    srv = serve(state_dir=state)
-    with httpx.Client(base_url=srv.url, timeout=30) as c:
-        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
-        assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]] * 3}).status_code == 200
-        second = Server({**DEFAULTS, "model_dir": model_dir, "state_dir": state}, tmp_path)
-        done = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=second.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=120)
-        assert done.returncode == 1, done.stdout[-3000:]
-        assert f"PSN_STATE_DIR: {str(state)!r} is in use by another running service" in done.stdout, done.stdout[-3000:]
-        assert "Traceback" not in done.stdout, done.stdout[-3000:]
-        assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]] * 3}).status_code == 200
-        pid = engine_pid(srv)
-        os.kill(pid, signal.SIGKILL)
-        wait_new_engine(srv, pid)
-        assert c.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 6
+@pytest.mark.parametrize("store", ["dir", "redis"])
+def test_a_second_service_on_the_same_session_store_is_refused(serve, model_dir: Path, tmp_path: Path,
+                                                               store: str) -> None:
+    """Two services started on one PSN_STATE_DIR, or one Redis database (a user mistake): the second
+    rebuilt the first's sessions and rewrote the log under it, so every step the first answered afterwards
+    went to a deleted file (or list) and was gone after its next restart. The second now stops at once,
+    naming the store; the first goes on, and its own engine core, restarted after a kill -9, takes the
+    store back at once."""
+    redis_proc = None
+    if store == "dir":
+        state = {"state_dir": tmp_path / "state"}
+        refusal = f"PSN_STATE_DIR: {str(state['state_dir'])!r} is in use by another running service"
+    else:
+        redis_proc, port = redis_server(tmp_path)
+        state = {"state_url": f"redis://127.0.0.1:{port}/0"}
+        refusal = "PSN_STATE_URL: the session log on this Redis database is in use by another running service"
+    try:
+        srv = serve(**state)
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+            assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]] * 3}).status_code == 200
+            second = Server({**DEFAULTS, "model_dir": model_dir, **state}, tmp_path)
+            done = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=second.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=120)
+            assert done.returncode == 1, done.stdout[-3000:]
+            assert refusal in done.stdout, done.stdout[-3000:]
+            assert "Traceback" not in done.stdout, done.stdout[-3000:]
+            assert c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]] * 3}).status_code == 200
+            pid = engine_pid(srv)
+            os.kill(pid, signal.SIGKILL)
+            wait_new_engine(srv, pid)
+            assert c.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 6
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
 
 
 def test_a_log_that_cannot_be_rewritten_is_logged_once_and_still_appended(serve, ref: Reference,

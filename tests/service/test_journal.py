@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -19,6 +24,7 @@ from service.core.journal import (
     read_log,
     snapshot_frame,
 )
+from tests.service.conftest import ROOT
 
 SPEC = LogSpec(name="m", row=8, spike_bytes=1, classes=2, wire=np.dtype(np.float32), sums=np.dtype(np.float64),
                replay=3, window=2, fingerprint="f")
@@ -139,6 +145,66 @@ def test_a_second_store_on_a_folder_in_use_is_refused_naming_it(tmp_path) -> Non
         FileStore(tmp_path)
     first.close()
     FileStore(tmp_path).close()  # free again once the first is gone
+
+
+def test_a_second_store_on_a_redis_database_in_use_is_refused_naming_the_holder(tmp_path) -> None:
+    """Two services on one Redis database would overwrite each other's generations, as two on one folder
+    would: the second is refused while the first's connection is open, a process killed with -9 frees it
+    at once (no lease to wait out), another database is another log, and a Redis that lost the key while
+    a second service took the log makes the first's next rewrite fail instead of writing over it."""
+    import redis
+
+    from service.core.journal import RedisStore, StoreTaken
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        first = RedisStore(url)
+        with pytest.raises(ValueError, match=rf"PSN_STATE_URL: the session log on this Redis database is in use by "
+                                             rf"another running service \(\S+ pid {os.getpid()}, connected from "):
+            RedisStore(url)
+        RedisStore(f"redis://127.0.0.1:{port}/1").close()  # another database: another log
+        first.close()
+        RedisStore(url).close()  # free again once the first is gone
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from service.core.journal import "
+                                   f"RedisStore; s = RedisStore({url!r}); print('held', flush=True); time.sleep(60)"],
+                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ValueError, match=f"pid {holder.pid}, connected from "):
+            RedisStore(url)
+        holder.kill()
+        holder.wait(10)
+        deadline = time.monotonic() + 10  # Redis drops the connection once the kernel has closed it
+        while True:
+            try:
+                first = RedisStore(url)
+                break
+            except ValueError:
+                assert time.monotonic() < deadline, "the killed holder's connection stayed open"
+                time.sleep(0.01)
+        first.rewrite(b"one")
+        redis.Redis(port=port).flushall()  # Redis restarted empty: the key is gone
+        second = RedisStore(url)  # nobody named as the holder: a second service takes the log
+        with pytest.raises(StoreTaken, match="taken by another running service"):
+            first.rewrite(b"two")
+        assert second.load() == b""  # not written over
+        second.close()
+        first.rewrite(b"three")  # the holder gone, the first takes the log back at its next rewrite
+        with pytest.raises(ValueError, match="in use by another running service"):
+            RedisStore(url)
+        first.close()
+        probe = redis.Redis(port=port, single_connection_client=True)  # a restarted Redis numbers its clients
+        probe.set("psn:owner", f"{probe.client_id()} 10.9.9.9:4000 elsewhere pid 7")  # anew: an id, another address
+        first = RedisStore(url)  # not the connection the key names: taken
+        probe.close()
+        with pytest.raises(ValueError, match="in use by another running service"):
+            RedisStore(url)
+        assert first.load() == b"three"
+        first.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
