@@ -605,6 +605,9 @@ class EngineCore:
             self.log.pending = []  # the rewrite holds what they say
             if self.clock() < self._log_retry_at:
                 return
+            if not self.log.store.reachable():  # a hung store would hold the loop for a whole write timeout
+                self._log_retry_at, self._log_failures = self.clock() + 1.0, self._log_failures + 1
+                return
             try:
                 self.compact()
             except Exception:

@@ -60,6 +60,10 @@ FRAME = struct.Struct("<II")  # length of body, crc32 of body
 HEADER_LEN = struct.Struct("<I")
 HEADER, OPEN, STEPS, END, SNAPSHOT = range(5)
 IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
+# A Redis that hangs (stopped, a network partition) holds the engine core's loop for this long at one
+# write, once; after that a PING with the short timeout decides whether a rewrite is worth trying.
+REDIS_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ class Store(Protocol):
 
     def keep_aside(self, data: bytes) -> str: ...  # save a log recovery could not read; where it went
 
+    def reachable(self) -> bool: ...  # cheap, quick: worth trying a rewrite now (after failures)
+
     def close(self) -> None: ...
 
 
@@ -224,6 +230,9 @@ class FileStore:
         self._path(self.gen).unlink(missing_ok=True)
         self.gen = new
 
+    def reachable(self) -> bool:
+        return True  # a failing disk fails a write at once: the rewrite itself is the probe
+
     def keep_aside(self, data: bytes) -> str:
         path = self.dir / f"unreadable.{self.gen}.{int(time.time())}"
         path.write_bytes(data)
@@ -253,8 +262,9 @@ class RedisStore:
     def __init__(self, url: str, prefix: str = "psn"):
         import redis  # optional dependency: only with PSN_STATE_URL
 
-        self.r = redis.Redis.from_url(url, socket_timeout=10)
-        self.hold = redis.Redis.from_url(url, socket_timeout=10, single_connection_client=True)
+        self.r = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S)
+        self.hold = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, single_connection_client=True)
+        self.probe = redis.Redis.from_url(url, socket_timeout=PROBE_TIMEOUT_S, socket_connect_timeout=PROBE_TIMEOUT_S)
         self.prefix = prefix
         self.r.ping()
         self.checked = True
@@ -307,6 +317,15 @@ class RedisStore:
     def _key(self, gen: int) -> str:
         return f"{self.prefix}:log:{gen}"
 
+    def reachable(self) -> bool:
+        """Whether Redis answers a PING within ``PROBE_TIMEOUT_S``."""
+        import redis
+
+        try:
+            return bool(self.probe.ping())
+        except redis.RedisError:
+            return False
+
     def load(self) -> bytes:
         return b"".join(self.r.lrange(self._key(self.gen), 0, -1))
 
@@ -333,6 +352,7 @@ class RedisStore:
     def close(self) -> None:
         self.r.close()
         self.hold.close()
+        self.probe.close()
 
 
 def open_store(state_dir: Path | None, state_url: str | None, fsync: bool) -> Store | None:

@@ -1004,13 +1004,13 @@ def test_a_ragged_call_is_chosen_only_where_the_calls_it_saves_outweigh_its_padd
     assert not EngineCore._ragged_pays(runner, {16: items * 10, 1: items}, 2)
 
 
-def sliding_core(**settings) -> EngineCore:
+def sliding_core(store: FileStore | None = None, clock: Clock | None = None, **settings) -> EngineCore:
     torch.manual_seed(0)
     cfg = NetConfig(input_shape=(3,), num_classes=4, layers=(LayerConfig("linear", 24),), neuron="sliding", k=3)
     net = PSNNet(cfg).eval()
     return EngineCore([TorchBackend(LoadedModel(name="m", path=Path("."), net=net, config={}), 16)],
                       Settings(max_batch_size=16, max_wait_ms=0, warmup=False, max_sessions=16, **settings),
-                      clock=Clock())
+                      clock=clock or Clock(), store=store)
 
 
 def test_a_failed_ragged_call_loses_its_sessions_and_the_loop_keeps_serving() -> None:
@@ -1153,3 +1153,51 @@ def test_the_call_cost_is_measured_as_a_calls_fixed_cost_over_a_rows_cost(monkey
     monkeypatch.setattr(runner.backend, "run", timed)
     runner.measure_call_rows()
     assert runner.call_rows == pytest.approx(want, rel=1e-6)
+
+
+class HungStore(FileStore):
+    """A store whose writes time out (a Redis that stopped answering) until ``hung`` is False; counts the
+    rewrites tried."""
+
+    def __init__(self, directory) -> None:
+        super().__init__(directory)
+        self.hung, self.rewrites = False, 0
+
+    def append(self, parts) -> None:
+        if self.hung:
+            raise TimeoutError("Timeout reading from the store")
+        super().append(parts)
+
+    def rewrite(self, data: bytes) -> None:
+        self.rewrites += 1
+        if self.hung:
+            raise TimeoutError("Timeout reading from the store")
+        super().rewrite(data)
+
+    def reachable(self) -> bool:
+        return not self.hung
+
+
+def test_a_store_that_does_not_answer_its_probe_gets_no_rewrite_until_it_does(tmp_path) -> None:
+    """After a failed write the log is rewritten from memory once the store works again, tried once a
+    second; each try against a hung store would hold the engine core's loop for a whole write timeout, so
+    a store whose quick probe fails gets no try at all, and the first second after it answers does."""
+    clock, store = Clock(), HungStore(tmp_path)
+    core = sliding_core(store, clock)
+    (a,) = open_sessions(core, 1, "m")
+    core.flush_log()
+    store.hung = True
+    core.handle(b"f", [5, "steps", a, -1, 1, np.ones(3, np.float32).tobytes()])
+    core.step()
+    core.flush_log()  # the write fails: the log is stale from here
+    assert answers(core)[5][0] == 0  # answered: a failing store refuses nothing
+    for _ in range(5):
+        clock.now += 1.5
+        core.flush_log()
+    assert store.rewrites == 0
+    store.hung = False
+    core.flush_log()  # within a second of the last probe: not yet
+    assert store.rewrites == 0
+    clock.now += 1.5
+    core.flush_log()
+    assert store.rewrites == 1 and not core._log_stale

@@ -301,6 +301,58 @@ def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> N
         proc.wait(10)
 
 
+def test_a_hung_redis_holds_the_engine_core_once_not_at_every_retry(serve, ref: Reference, tmp_path: Path) -> None:
+    """Redis stops answering mid-stream (SIGSTOP: its connections stay open, no answer comes back). A write
+    waits for the socket timeout: the first failed one did (10 s), and so did every retry of the rewrite,
+    once a second, so the service answered a request or two between stalls of 10 s, and requests ran past
+    their deadline (504). Now one write waits (2 s) and a PING of 0.25 s decides whether a retry is worth
+    it (the engine core's unit test holds that no rewrite is tried while the PING fails): every request is
+    answered while Redis hangs (a front end gives up at PSN_REQUEST_TIMEOUT_S + 1 s, 4 s here). Once
+    Redis answers again the log is rewritten from memory and a kill -9 loses nothing."""
+    proc, port = redis_server(tmp_path)
+    try:
+        srv = serve(state_url=f"redis://127.0.0.1:{port}/0", request_timeout_s=3)
+        streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(4)]
+        run_streams(streams, stop_at=T // 3)
+        codes: list[int] = []
+
+        def one_step_at_a_time(s: Stream) -> None:  # 3 s of requests from each of 4 sessions
+            for _ in range(12):
+                a = s.acked
+                r = s.http.post(f"/v1/sessions/{s.sid}/steps", json={"start": a, "steps": s.x[a:a + 1].tolist()})
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    s.outputs.extend(r.json()["outputs"])
+                time.sleep(0.25)
+
+        os.kill(proc.pid, signal.SIGSTOP)
+        threads = [threading.Thread(target=one_step_at_a_time, args=(st,)) for st in streams]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert codes == [200] * 48, codes
+        assert "writing to the store failed" in srv.log()
+        os.kill(proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while "the log was rewritten from memory" not in srv.log():
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.1)
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        run_streams(streams)
+        check(streams, ref)
+        assert "recovered 4 sessions (0 lost)" in srv.log()
+        assert srv.log().count("writing to the store failed") == 1 and "Traceback" not in srv.log()
+        for st in streams:
+            st.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Reference, tmp_path: Path) -> None:
     """Redis (PSN_STATE_URL) is killed mid-stream and comes back empty: serving goes on, the failure is
     logged once, and once Redis answers again the engine core rewrites the log from memory, so a kill -9
