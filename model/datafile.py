@@ -25,6 +25,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,10 +140,22 @@ def _read(path: Path, is_test: bool = False) -> tuple[_Split, _Split | None, lis
 
 def _read_npz(path: Path, is_test: bool) -> tuple[_Split, _Split | None, list[str] | None]:
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as e:
+        raise DataFileError(f"{path.name}: cannot be read ({e.strerror})") from e
+    if not magic.startswith(b"PK"):  # numpy would take anything else for a pickle, and advise loading it unsafely
+        what = "a single .npy array" if magic == b"\x93NUMPY" else "not a zip archive"
+        raise DataFileError(f"{path.name}: not an .npz file ({what}); save x and y with numpy.savez or "
+                            "numpy.savez_compressed")
+    try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise DataFileError(f"{path.name}: not a readable .npz file without pickled objects ({e})") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        if "allow_pickle" in str(e):
+            raise DataFileError(f"{path.name}: holds an array of Python objects (ragged lists, mixed types), which "
+                                "is not loaded: save numeric arrays, labels as integers or strings") from e
+        raise DataFileError(f"{path.name}: a damaged .npz file ({type(e).__name__}: {e})") from e
     prefix = "x_test" if is_test and "x_test" in arrays and "x" not in arrays else "x"
     suffix = prefix[1:]  # "" or "_test"
     for key in (f"x{suffix}", f"y{suffix}"):

@@ -282,6 +282,13 @@ BAD = {
                   "bad.csv: every sequence has class 'same'; a classifier needs at least 2 classes"),
     "one class_name": (lambda p: _bad_npz(p, y=np.zeros(90, dtype=int), y_test=np.zeros(40, dtype=int),
                                           class_names=np.array(["only"])), "y: every sequence has class 'only'"),
+    "npz not a zip": (lambda p: str(_write(p / "notes.npz", "garbage\n")),
+                      "notes.npz: not an .npz file (not a zip archive); save x and y with numpy.savez"),  # 'unsafely'
+    "npy named npz": (lambda p: str(_save_npy(p / "x.npz")), "x.npz: not an .npz file (a single .npy array)"),
+    "npz cut short": (lambda p: str(_write_bytes(p / "cut.npz", Path(_bad_npz(p)).read_bytes()[:300])),
+                      "cut.npz: a damaged .npz file (BadZipFile: "),  # BadZipFile's traceback
+    "npz of objects": (lambda p: _bad_npz(p, y=np.array([[1], [1, 2]] * 45, dtype=object)),
+                       "bad.npz: holds an array of Python objects (ragged lists, mixed types), which is not loaded"),
     "csv rows of two widths": (lambda p: _csv_text(p, "a,0,1.0,x\na,1,2.0,3.0,x\n"),
                                "data row 2 has 5 columns, the first has 4"),
 }
@@ -289,6 +296,12 @@ BAD = {
 
 def _csv_text(tmp_path: Path, text: str) -> str:
     return str(_write(tmp_path / "bad.csv", "seq,step,f0,label\n" + text))
+
+
+def _save_npy(path: Path) -> Path:
+    with open(path, "wb") as f:  # np.save would add .npy to the name
+        np.save(f, np.zeros((4, 3, 2)))
+    return path
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
