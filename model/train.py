@@ -228,7 +228,13 @@ def run(a: argparse.Namespace) -> Path:
         "command": a.command,
         "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in result.history],
     }
-    path = write_folder(Path(a.out), result.net, fused, data, metrics, compare=a.compare)
+    try:
+        path = write_folder(Path(a.out), result.net, fused, data, metrics, compare=a.compare)
+    except OSError as e:  # a full disk, a quota: after the training, not a traceback (the folder is as it was)
+        print(f"psn train: cannot write the model folder {a.out}: {e.strerror or e}"
+              f"{f' ({e.filename})' if e.filename else ''}; nothing was written ({a.out} is as it was)",
+              file=sys.stderr)
+        raise SystemExit(1) from None
     stream = "n/a" if ev.acc_streaming is None else f"{ev.acc_streaming:.4f}"
     print(f"wrote {path}: test acc parallel {ev.acc_parallel:.4f}, streaming {stream}, "
           f"{result.train_seconds:.0f} s training", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,30 @@ def test_out_that_training_could_not_replace_is_refused_before_training(tmp_path
     _train(tmp_path, "empty", "--epochs", "1")
     _train(tmp_path, "empty", "--epochs", "1")
     assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_a_disk_that_fills_up_at_the_final_write_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """The folder is written at the very end; a disk that filled up meanwhile (here a tmpfs of 64 kB, too
+    small for the weights and figure) was an OSError traceback after all the training. Now one line naming
+    the folder and the reason, exit 1, and an earlier model folder there is left whole."""
+    from tests.service.test_durable import small_disk
+
+    disk = tmp_path / "disk"
+    small_disk(disk, "64k")
+    try:
+        (disk / "m").mkdir()
+        (disk / "m" / "config.json").write_text('{"earlier": true}')  # an earlier model folder's
+        with pytest.raises(SystemExit) as e:
+            train_main([*TINY, "--epochs", "1", "--layers", "L64,L64", "--out", str(disk / "m")])
+        err = capsys.readouterr().err
+        assert e.value.code == 1, err
+        assert f"psn train: cannot write the model folder {disk / 'm'}: No space left on device" in err, err
+        assert "nothing was written" in err and "Traceback" not in err
+        assert [p.name for p in disk.iterdir()] == ["m"]  # no half-written temporary folder left to fill the disk
+        assert [p.name for p in (disk / "m").iterdir()] == ["config.json"]
+        assert (disk / "m" / "config.json").read_text() == '{"earlier": true}'
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_compare_folder_whose_metrics_cannot_make_a_row_is_refused_before_training(tmp_path, capsys):
