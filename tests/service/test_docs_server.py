@@ -4,7 +4,8 @@
 calls run with ``bash -euo pipefail``; python blocks run as scripts; js blocks run as a module in a page
 of the server in a real headless Chromium (skipped, saying why, without one). A block that sends the
 docs' API key runs against a second server with access control on and that key. A block with the docs'
-made-up session id is illustration only and is left out.
+made-up session id is only run for the answer printed after it (in a fresh session of the model the docs
+open it for): what the docs print after a curl example is checked against what the server answers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import struct
 import subprocess
 import sys
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -33,13 +35,33 @@ def _curl_only(code: str) -> bool:
 SHELL = [(w, c) for w, c in fenced("bash") if _curl_only(c) and MADE_UP_ID not in c and "/readyz" not in c]
 PYTHON = [(w, c) for w, c in fenced("python") if SERVER.search(c)]
 BROWSER = fenced("js")
+# The model of the docs' made-up session: the printed answer that opens it says which.
+MADE_UP_MODEL = next(json.loads(c)["model"] for _, c in fenced("json") if MADE_UP_ID in c and '"model"' in c)
+VARIES = {"expires_in_s"}  # a clock reading: printed as at the session's opening
+
+
+def _printed_answers() -> list[tuple[str, str, str]]:
+    """(where, code, json) of every curl-only shell block with a json block right after it: its answer."""
+    curls = {w: c for w, c in fenced("bash") if _curl_only(c)}
+    out = []
+    for where, shown in fenced("json"):
+        path, line = where.rsplit(":", 1)
+        for w, code in curls.items():
+            if w.rsplit(":", 1)[0] == path and int(w.rsplit(":", 1)[1]) + code.count("\n") + 2 == int(line):
+                out.append((w, code, shown))
+    return out
+
+
+ANSWERS = _printed_answers()
 
 
 def _started(tmp_path_factory: pytest.TempPathFactory, **settings):
+    from service.config import Settings
     from tests.service.conftest import DEFAULTS, Server
 
-    return Server({**DEFAULTS, "model_dir": REPO / "exported", "dtype": "float32", **settings},
-                  tmp_path_factory.mktemp("docs")).start()
+    idle = Settings.model_fields["idle_timeout_s"].default  # the service's, which the printed answers show
+    return Server({**DEFAULTS, "model_dir": REPO / "exported", "dtype": "float32", "idle_timeout_s": idle,
+                   **settings}, tmp_path_factory.mktemp("docs")).start()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +88,7 @@ def _local(code: str, port: int) -> str:
 
 
 def test_there_are_server_examples():
-    assert len(SHELL) >= 2 and len(PYTHON) >= 2 and len(BROWSER) >= 2
+    assert len(SHELL) >= 2 and len(PYTHON) >= 2 and len(BROWSER) >= 2 and len(ANSWERS) >= 4
     assert any(DOCS_KEY in c for _, c in SHELL) and any(DOCS_KEY in c for _, c in PYTHON)
 
 
@@ -85,6 +107,41 @@ def test_python_server_example_runs(request, where, code):
     proc = subprocess.run([sys.executable, "-c", _local(code, srv.port)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{where}: {proc.stderr[-3000:]}"
+
+
+def _differences(shown, real, path: str = "") -> list[str]:
+    """Where ``real`` is not what the docs print: ``"..."`` stands for the rest of a list or object, a number
+    is compared to the digits printed, the made-up session id stands for any id."""
+    if shown == "..." or path.rsplit(".", 1)[-1] in VARIES or (shown == MADE_UP_ID and isinstance(real, str)):
+        return []
+    if isinstance(shown, dict) and isinstance(real, dict):
+        out = [f"{path}.{k}: not in the answer" for k in shown if k != "..." and k not in real]
+        if "..." not in shown and set(real) - set(shown):
+            out.append(f"{path}: the answer also has {sorted(set(real) - set(shown))}")
+        return out + [d for k, v in shown.items() if k in real for d in _differences(v, real[k], f"{path}.{k}")]
+    if isinstance(shown, list) and isinstance(real, list):
+        head = shown[:-1] if shown and shown[-1] == "..." else shown
+        if len(real) < len(head) or (head is shown and len(real) != len(shown)):
+            return [f"{path}: {len(real)} items, the docs print {len(shown)}"]
+        return [d for i, v in enumerate(head) for d in _differences(v, real[i], f"{path}[{i}]")]
+    if isinstance(shown, Decimal) and isinstance(real, int | float) and not isinstance(real, bool):
+        if abs(Decimal(repr(real)) - shown) <= Decimal(1).scaleb(shown.as_tuple().exponent) / 2:
+            return []
+    elif type(shown) is type(real) and shown == real:
+        return []
+    return [f"{path}: the docs print {shown!r}, the server answers {real!r}"]
+
+
+@pytest.mark.parametrize("where,code,shown", ANSWERS, ids=[w for w, _, _ in ANSWERS])
+def test_printed_answer_is_the_servers(shipped_server, where, code, shown):
+    if MADE_UP_ID in code:
+        opened = httpx.post(f"{shipped_server.url}/v1/sessions", json={"model": MADE_UP_MODEL}, timeout=20)
+        code = code.replace(MADE_UP_ID, opened.json()["session_id"])
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", _local(code, shipped_server.port)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{where}: {proc.stderr}"
+    wrong = _differences(json.loads(shown, parse_float=Decimal), json.loads(proc.stdout))
+    assert not wrong, f"{where}: {wrong}"
 
 
 # Every WebSocket the page makes, what it sends and what it gets (binary frames as byte lists).
