@@ -5,7 +5,8 @@ calls run with ``bash -euo pipefail``; python blocks run as scripts; js blocks r
 of the server in a real headless Chromium (skipped, saying why, without one). A block that sends the
 docs' API key runs against a second server with access control on and that key. A block with the docs'
 made-up session id is only run for the answer printed after it (in a fresh session of the model the docs
-open it for): what the docs print after a curl example is checked against what the server answers.
+open it for): what the docs print as a curl example's answer (the json block after it, or a JSON comment
+after the command) is checked against what the server answers.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ PYTHON = [(w, c) for w, c in fenced("python") if SERVER.search(c)]
 BROWSER = fenced("js")
 # The model of the docs' made-up session: the printed answer that opens it says which.
 MADE_UP_MODEL = next(json.loads(c)["model"] for _, c in fenced("json") if MADE_UP_ID in c and '"model"' in c)
-VARIES = {"expires_in_s"}  # a clock reading: printed as at the session's opening
+VARIES = {"expires_in_s", "worker"}  # a clock reading (printed as at the session's opening); which front end answered
 
 
 def _printed_answers() -> list[tuple[str, str, str]]:
-    """(where, code, json) of every curl-only shell block with a json block right after it: its answer."""
+    """(where, code, json) of every curl-only shell block with a json block right after it (its answer), and of
+    every ``curl URL  # {...}`` line whose comment is JSON."""
     curls = {w: c for w, c in fenced("bash") if _curl_only(c)}
-    out = []
+    out = [(w, m[1], m[2]) for w, c in fenced("bash")
+           for m in re.finditer(r"^(curl [^#\n]*?)\s+# (\{.*\})$", c, flags=re.M)]
     for where, shown in fenced("json"):
         path, line = where.rsplit(":", 1)
         for w, code in curls.items():
