@@ -1,4 +1,5 @@
-"""Log hygiene: a session id is never written in full to a log, only its first 8 characters.
+"""Log hygiene: a session id is never written in full to a log, only its first 8 characters; an API key
+offered as a ``psn.key.<key>`` subprotocol entry is never written at all (``hide_keys``).
 
 An id is what lets a client act on a session (with access control off, it is the only thing), and ids
 show up in URL paths (``/v1/sessions/{id}/steps``) that uvicorn's access log writes. ``install()`` puts
@@ -12,11 +13,18 @@ import logging
 import re
 
 SESSION_IN_PATH = re.compile(r"(/v1/sessions/[^/?#\s\"']{8})[^/?#\s\"']+")
+KEY_IN_SUBPROTOCOL = re.compile(r"(psn\.key\.)[^\s,;\"']+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
     """``text`` with each session id in a /v1/sessions/ path cut to its first 8 characters (then "...")."""
     return SESSION_IN_PATH.sub(r"\1...", text) if "/v1/sessions/" in text else text
+
+
+def hide_keys(text: str) -> str:
+    """``text`` with the key of each ``psn.key.<key>`` subprotocol entry replaced by ``***`` (websockets quotes a
+    Sec-WebSocket-Protocol header it cannot parse, key and all, in its error)."""
+    return KEY_IN_SUBPROTOCOL.sub(r"\1***", text)
 
 
 class RedactSessionIds(logging.Filter):

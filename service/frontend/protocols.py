@@ -27,6 +27,7 @@ from typing import Any
 
 from service.errors import HeadersTooLarge, MethodNotAllowed, ReadTimeout, ServiceError, UpgradeRequired, UrlTooLong
 from service.frontend.limits import error_answer, raw_answer
+from service.logs import hide_keys
 
 log = logging.getLogger("psn.frontend")
 
@@ -233,7 +234,7 @@ def ws_protocol() -> type[asyncio.Protocol] | str:
         if name == "InvalidUpgrade":
             return UpgradeRequired(f"Upgrade: a WebSocket handshake asks for Upgrade: websocket ({exc})",
                                    field="Upgrade")
-        cause = exc.__cause__ or exc
+        cause = hide_keys(str(exc.__cause__ or exc))  # a bad Sec-WebSocket-Protocol header is quoted, keys and all
         return ServiceError(f"request: not a valid WebSocket handshake ({cause})", field="request")
 
     class WsProtocol(WebSocketsSansIOProtocol):
@@ -260,7 +261,7 @@ def ws_protocol() -> type[asyncio.Protocol] | str:
 
         def refuse_handshake(self, exc: BaseException) -> None:
             self.conn.data_to_send()  # websockets' own plain-text answer: not sent
-            log.info("websocket handshake refused: %s", exc)
+            log.info("websocket handshake refused: %s", hide_keys(str(exc)))
             write_error(self.transport, handshake_error(exc), b"/v1")
             self.close_sent = True
 

@@ -394,6 +394,26 @@ def test_what_the_protocol_parsers_refuse_is_answered_in_the_api_shape(keyed: Se
     assert "Traceback" not in log and "without completing handshake" not in log and "ERROR" not in log, log
 
 
+
+def test_a_key_in_a_subprotocol_header_that_does_not_parse_is_never_logged(keyed: Server) -> None:
+    """websockets quotes a Sec-WebSocket-Protocol header it cannot parse in full in its error, which the refusal
+    logged (and answered): a browser's key (``psn.key.<key>``) was written in clear to the service's log."""
+    logged = len(keyed.log())
+    for protocols in (f"psn.json.v1, psn.key.{KEY_A}, @@", f"psn.key.{KEY_B}@, psn.binary.v1"):
+        answer = raw_request(keyed, b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n\r\n" % protocols.encode())
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "bad_request" and "Sec-WebSocket-Protocol" in error["message"], error
+        assert "psn.key.***" in error["message"] and KEY_A not in error["message"] and KEY_B not in error["message"]
+    deadline = time.monotonic() + 10
+    while keyed.log()[logged:].count("websocket handshake refused") < 2:
+        assert time.monotonic() < deadline, keyed.log()[logged:]
+        time.sleep(0.05)
+    log = keyed.log()[logged:]
+    assert "psn.key.***" in log and KEY_A not in log and KEY_B not in log, log
+
 # ----- per-key limits -------------------------------------------------------------------------------
 def test_per_key_session_and_step_limits_across_workers(serve, ref: Reference) -> None:
     srv = serve(workers=2, api_keys=f"{KEY_A},{KEY_B}", key_max_sessions=2, key_steps_per_s=2,
