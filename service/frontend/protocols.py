@@ -32,8 +32,12 @@ from service.logs import hide_keys
 log = logging.getLogger("psn.frontend")
 
 
-def write_error(transport: asyncio.Transport, err: ServiceError, path: bytes) -> None:
-    """Answer ``err`` in the shape for ``path`` straight onto the connection, then close it."""
+def write_error(transport: asyncio.Transport, err: ServiceError, path: bytes,
+                count: Callable[[str], None] | None = None) -> None:
+    """Answer ``err`` in the shape for ``path`` straight onto the connection, then close it; ``count``: told the
+    error's code (``psn_errors_total``, as for the app's own refusals)."""
+    if count is not None:
+        count(err.code)
     headers, data = error_answer(err, path, ((b"connection", b"close"),))
     transport.write(raw_answer(err.status, headers, data))
     transport.close()
@@ -43,8 +47,8 @@ def write_error(transport: asyncio.Transport, err: ServiceError, path: bytes) ->
 Refusal = Callable[[bytes, bytes, dict[str, Any], list[tuple[bytes, bytes]]], bytes | None]
 
 
-def http_protocol(max_bytes: int, refusal: Refusal | None = None,
-                  read_timeout_s: float | None = None) -> type[asyncio.Protocol] | None:
+def http_protocol(max_bytes: int, refusal: Refusal | None = None, read_timeout_s: float | None = None,
+                  count: Callable[[str], None] | None = None) -> type[asyncio.Protocol] | None:
     """uvicorn's httptools protocol with a bound on each request's head (request line and headers, the
     WebSocket handshake's too): past ``max_bytes`` it answers 431 ``headers_too_large`` and closes the
     connection (httptools would read a 100 MB header into memory); a request it cannot parse is a 400
@@ -58,7 +62,9 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None,
     plain HTTP/1.1 keep-alive without ``Expect: 100-continue``.
 
     ``read_timeout_s``: each request must have come in whole (head and body) that long after its first byte,
-    or after the connection opened for its first one (None: no bound, uvicorn's way)."""
+    or after the connection opened for its first one (None: no bound, uvicorn's way).
+
+    ``count`` is told the code of each refusal made here (``FrontendMetrics.error``)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
         from uvicorn.protocols.utils import get_client_addr
@@ -119,7 +125,7 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None,
                      read_timeout_s)
             write_error(self.transport, ReadTimeout(
                 f"request: not sent in full within {read_timeout_s:g} s of its first byte (PSN_READ_TIMEOUT_S); "
-                "send the request line, headers and body without pauses", field="request"), self.head_path)
+                "send the request line, headers and body without pauses", field="request"), self.head_path, count)
 
         def data_received(self, data: bytes) -> None:
             self.ended = False
@@ -203,14 +209,15 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None,
             else:  # uvicorn has logged it (a warning)
                 err = ServiceError("request: not a valid HTTP/1.1 request (its request line, a header or the body's "
                                    "framing: Content-Length, Transfer-Encoding, chunk sizes)", field="request")
-            write_error(self.transport, err, self.head_path)
+            write_error(self.transport, err, self.head_path, count)
 
     return HttpProtocol
 
 
-def ws_protocol() -> type[asyncio.Protocol] | str:
+def ws_protocol(count: Callable[[str], None] | None = None) -> type[asyncio.Protocol] | str:
     """uvicorn's WebSocket protocol on the websockets library (what ``"auto"`` picks), answering handshakes
-    it cannot parse and not logging the app's HTTP refusals as errors; ``"auto"`` where it is missing."""
+    it cannot parse (``count`` is told each refusal's code) and not logging the app's HTTP refusals as errors;
+    ``"auto"`` where it is missing."""
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     except ImportError:
@@ -262,7 +269,7 @@ def ws_protocol() -> type[asyncio.Protocol] | str:
         def refuse_handshake(self, exc: BaseException) -> None:
             self.conn.data_to_send()  # websockets' own plain-text answer: not sent
             log.info("websocket handshake refused: %s", hide_keys(str(exc)))
-            write_error(self.transport, handshake_error(exc), b"/v1")
+            write_error(self.transport, handshake_error(exc), b"/v1", count)
             self.close_sent = True
 
         async def send(self, message: Any) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def test_models(client: httpx.Client) -> None:
@@ -32,3 +36,44 @@ def test_openapi_has_examples(client: httpx.Client) -> None:
         assert path in doc["paths"]
     text = str(doc)
     assert "example" in text and "ErrorResponse" in text
+
+
+def _raw(port: int, data: bytes) -> tuple[int, str]:
+    """Send ``data`` on a fresh connection and read until the server closes it: the answer's status and code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(data)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head[9:12]), json.loads(body)["error"]["code"]
+
+
+def errors_total(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", headers={"connection": "close"}).text
+    return {s.labels["code"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "psn_errors_total"}
+
+
+def test_refusals_made_before_the_app_runs_count_in_psn_errors_total(serve) -> None:
+    """What uvicorn's protocols refuse (an oversized head, a request or WebSocket handshake that does not parse, a
+    request that did not come in whole in time) was answered in the API's shape but never counted: an operator
+    watching psn_errors_total saw none of it. Summed over both front ends, whichever took each connection."""
+    srv = serve(workers=2, read_timeout_s=1.0)
+    before = errors_total(srv.url)
+    ws = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    requests = [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n",  # 431
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",  # 400
+                b"GET /v1/stream?session_id=" + b"z" * 9000 + b" HTTP/1.1\r\n" + ws + b"\r\n",  # 414
+                b"GET /v1/stream HTTP/1.1\r\n" + ws.replace(b"Sec-WebSocket-Key", b"X-Key") + b"\r\n",  # 400
+                b"GET /v1/stream HTTP/1.1\r\n" + ws + b"Sec-WebSocket-Protocol: psn.json.v1, @@\r\n\r\n",  # 400
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\n"] * 2  # 408: the head never ends
+    sent: dict[str, int] = {}
+    for data in requests:
+        status, code = _raw(srv.port, data)
+        assert status >= 400, (status, code)
+        sent[code] = sent.get(code, 0) + 1
+    assert set(sent) == {"headers_too_large", "bad_request", "url_too_long", "read_timeout"}, sent
+    after = errors_total(srv.url)
+    assert {code: n - before.get(code, 0) for code, n in after.items() if n != before.get(code, 0)} == sent
