@@ -21,6 +21,8 @@ def test_models(client: httpx.Client) -> None:
 def test_health_ready_metrics(client: httpx.Client) -> None:
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["worker"] in (0, 1) and h["pid"] > 0
+    # what docs/api.md lists, no more: it said "models": [] while every model was served (that is /readyz's field)
+    assert set(h) == {"status", "worker", "pid", "engine_pid", "replica"} and h["replica"] is None, h
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["status"] == "ready"
     assert client.get("/v1/models/nope").status_code == 404

@@ -37,7 +37,8 @@ def with_label(text: str, name: str, value: str) -> str:
     return "\n".join(out) + "\n"
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: this front-end process answers")
+@router.get("/healthz", response_model=Health, response_model_exclude={"models"},  # /readyz's: [] here would
+            summary="Liveness: this front-end process answers")  # tell an operator that no model is served
 async def healthz(request: Request) -> dict:
     fe = getattr(request.app.state, "frontend", None)
     hello = fe.client.hello if fe is not None and fe.client.connected else None
