@@ -117,6 +117,9 @@ class Supervisor:
     def stop(self) -> None:
         """Front ends first (they finish what they have in flight), then the engine core drains."""
         log.info("stopping: front ends, then the engine core")
+        # Our copy of the listening socket goes first: kept open, the kernel would go on taking connections into
+        # its backlog after the front ends stop accepting, and nothing would answer them until we exit.
+        self.sock.close()
         for p in self.frontends:
             if p is not None and p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
@@ -130,7 +133,6 @@ class Supervisor:
             self.engine.join(self.settings.drain_timeout_s + 20)
             if self.engine.is_alive():
                 self.engine.kill()
-        self.sock.close()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         if self.address.startswith("unix:") and not self.settings.engine_address:
             shutil.rmtree(Path(self.address[5:]).parent, ignore_errors=True)

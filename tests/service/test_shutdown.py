@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
+import time
 
 import httpx
 import websockets
@@ -62,3 +65,41 @@ def test_shutdown_answers_or_refuses_pending_work(serve, ref: Reference) -> None
     assert results[-1] == "refused"
     assert results[:8].count("answered") == 8  # HTTP requests already in flight are finished
     assert srv.proc.poll() is not None
+
+
+def test_after_sigterm_new_connections_are_refused_not_left_hanging(serve) -> None:
+    """The supervisor kept its copy of the listening socket open until the engine core had drained: once the front
+    ends stopped accepting, the kernel still took new connections into the socket's backlog, where nothing
+    answered them, so a /readyz probe (or a client) hung until the service exited. The supervisor now closes its
+    copy first: when the front ends have closed theirs, a new connection is refused at once."""
+    srv = serve(workers=2, max_wait_ms=6000, max_batch_size=64, drain_timeout_s=10)
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    answer: list[int] = []
+
+    def in_flight() -> None:  # waits in the batcher for a fuller batch (max_wait 6 s): the front ends drain meanwhile
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            answer.append(c.post(f"/v1/sessions/{sid}/steps", json={"steps": [[0.1, 0.2, 0.3]]}).status_code)
+
+    worker = threading.Thread(target=in_flight)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{srv.url}/metrics").text.count('psn_queue_depth{model="sliding"} 1.0') == 0:
+        assert time.monotonic() < deadline, "the steps request never reached the engine core's queue"
+        time.sleep(0.02)
+    assert srv.proc is not None
+    srv.proc.send_signal(signal.SIGTERM)
+    outcomes: list[str] = []
+    while not answer:  # the front ends' drain lasts as long as the request in flight
+        try:
+            r = httpx.get(f"{srv.url}/readyz", timeout=2, headers={"connection": "close"})
+            outcomes.append(f"answered {r.status_code}")
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+            outcomes.append("refused")
+        except httpx.TimeoutException:
+            outcomes.append("hung")
+        time.sleep(0.05)
+    worker.join()
+    assert answer == [200]  # the request in flight is still answered
+    assert "hung" not in outcomes and "refused" in outcomes, outcomes
+    assert srv.stop() == 0
