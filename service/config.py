@@ -206,8 +206,11 @@ def check_argv(argv: list[str], prog: str, what: str) -> None:
     if not argv:
         return
     if argv in (["-h"], ["--help"]):
-        print(f"usage: {prog}\n\n{what}\nSettings are environment variables (docs/api.md says what each does), "
-              f"e.g. PSN_PORT=9000 {prog}. Defaults:\n{settings_help()}")
+        try:
+            print(f"usage: {prog}\n\n{what}\nSettings are environment variables (docs/api.md says what each does), "
+                  f"e.g. PSN_PORT=9000 {prog}. Defaults:\n{settings_help()}", flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted, no traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
         raise SystemExit(0)
     print(f"{prog}: takes no arguments, got {' '.join(argv)!r}; settings are PSN_* environment variables, "
           f"e.g. PSN_PORT=9000 {prog} ({prog} --help lists them)", file=sys.stderr)

@@ -193,6 +193,18 @@ def test_python_m_service_help_lists_every_setting_with_the_default_the_docs_giv
     assert shown["PSN_WORKERS"].startswith(f"{default_workers()} here")
 
 
+def test_help_into_a_reader_that_stops_early_is_no_traceback() -> None:
+    """``python -m service --help | head -1``: the reader closes the pipe after one line, and the help's
+    write (or Python's flush at exit) ended in a BrokenPipeError traceback."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "service", "--help"], cwd=ROOT, stdout=w, stderr=subprocess.PIPE,
+                            text=True)
+    os.close(w)
+    os.close(r)  # read nothing: the reader is gone before the help is written
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 @pytest.mark.parametrize("module", ["service", "service.ray"])
 def test_an_argument_is_a_usage_error_not_silently_ignored(module: str) -> None:
     """``--port 9000`` would still have listened on PSN_PORT: settings are environment variables."""
