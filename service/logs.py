@@ -2,9 +2,10 @@
 offered as a ``psn.key.<key>`` subprotocol entry is never written at all (``hide_keys``).
 
 An id is what lets a client act on a session (with access control off, it is the only thing), and ids
-show up in URL paths (``/v1/sessions/{id}/steps``) that uvicorn's access log writes. ``install()`` puts
-a filter on every handler of the process's loggers (uvicorn's access and error logs and ours) that
-shortens ids in paths; the engine core's own messages already print ``id[:8]``.
+show up in URL paths (``/v1/sessions/{id}/steps``) and queries (``/v1/stream?session_id=ID``) that
+uvicorn's access log writes. ``install()`` puts a filter on every handler of the process's loggers
+(uvicorn's access and error logs and ours) that shortens ids in both; the engine core's own messages
+already print ``id[:8]``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import logging
 import re
 
 SESSION_IN_PATH = re.compile(r"(/v1/sessions/[^/?#\s\"']{8})[^/?#\s\"']+")
+# /v1/stream?session_id=ID (the URL a proxy routes a WebSocket by, docs/cluster.md): uvicorn logs the query too
+SESSION_IN_QUERY = re.compile(r"([?&]session_id=[^&#\s\"']{8})[^&#\s\"']+")
 KEY_IN_SUBPROTOCOL = re.compile(r"(psn\.key\.)[^\s,;\"']+", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """``text`` with each session id in a /v1/sessions/ path cut to its first 8 characters (then "...")."""
-    return SESSION_IN_PATH.sub(r"\1...", text) if "/v1/sessions/" in text else text
+    """``text`` with each session id in a /v1/sessions/ path or a ``session_id=`` query parameter cut to its
+    first 8 characters (then "...")."""
+    if "/v1/sessions/" in text:
+        text = SESSION_IN_PATH.sub(r"\1...", text)
+    return SESSION_IN_QUERY.sub(r"\1...", text) if "session_id=" in text else text
 
 
 def hide_keys(text: str) -> str:

@@ -414,6 +414,24 @@ def test_a_key_in_a_subprotocol_header_that_does_not_parse_is_never_logged(keyed
     log = keyed.log()[logged:]
     assert "psn.key.***" in log and KEY_A not in log and KEY_B not in log, log
 
+def test_a_session_id_in_the_stream_url_is_cut_in_the_log(keyed: Server) -> None:
+    """``/v1/stream?session_id=ID`` (how a proxy routes a WebSocket, docs/cluster.md) was written to uvicorn's
+    access log with the id in full, accepted or refused, while ids in paths were cut to 8 characters."""
+    logged = len(keyed.log())
+    sid = httpx.post(f"{keyed.url}/v1/sessions", json={"model": "sliding"}, headers=auth(KEY_A)).json()["session_id"]
+    url = f"{keyed.ws_url}?session_id={sid}"
+    with connect(url, additional_headers=auth(KEY_A)) as ws:
+        assert ask(ws, {"type": "attach", "session_id": sid})["type"] == "attached"
+    with pytest.raises(InvalidStatus):  # refused: no key
+        connect(url)
+    assert httpx.get(url.replace("ws://", "http://")).status_code == 401  # plain HTTP, refused too
+    deadline = time.monotonic() + 10
+    while keyed.log()[logged:].count(f"?session_id={sid[:8]}...") < 3:
+        assert time.monotonic() < deadline, keyed.log()[logged:]
+        time.sleep(0.05)
+    assert sid not in keyed.log()[logged:], keyed.log()[logged:]
+
+
 # ----- per-key limits -------------------------------------------------------------------------------
 def test_per_key_session_and_step_limits_across_workers(serve, ref: Reference) -> None:
     srv = serve(workers=2, api_keys=f"{KEY_A},{KEY_B}", key_max_sessions=2, key_steps_per_s=2,

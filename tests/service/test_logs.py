@@ -22,6 +22,9 @@ SID = "0123456789abcdef0123456789abcdef"
     ("/v1/sessions/abcdefgh/steps", "/v1/sessions/abcdefgh/steps"),  # 8 characters: nothing cut, no "..."
     ("/v1/sessions/abc?start=123456", "/v1/sessions/abc?start=123456"),  # a query is not part of the id
     (f"/v2/models/m/infer {SID}", f"/v2/models/m/infer {SID}"),  # only /v1/sessions/ paths
+    (f'"WebSocket /v1/stream?session_id={SID}" 401', '"WebSocket /v1/stream?session_id=01234567..." 401'),
+    (f"/v1/stream?a=1&session_id={SID}&b=2", "/v1/stream?a=1&session_id=01234567...&b=2"),
+    ("/v1/stream?session_id=abcdefgh", "/v1/stream?session_id=abcdefgh"),
 ])
 def test_redact_cuts_ids_in_session_paths_to_8_characters(text: str, shown: str) -> None:
     assert redact(text) == shown
