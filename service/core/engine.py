@@ -101,6 +101,7 @@ class EngineCore:
         self.schedulers: dict[str, Scheduler] = {}
         self.windows: dict[str, RetryWindow] = {}
         self.classify_queue: dict[str, list[ClassifyRequest]] = {}
+        self._batch_refused: dict[bytes, ServiceError] = {}  # front end -> why its last OIP batch was refused
         for name, r in self.runners.items():
             slots = r.backend.max_slots if r.streams else 0
             self.sessions.add_model(name, slots)
@@ -312,7 +313,23 @@ class EngineCore:
                             "shortly", retry_after=1)
         self.quotas.check_steps(owner, L)
 
-    def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes, owner: str = "") -> Any:
+    def classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes, owner: str = "",
+                 ahead: int = 0, follows: bool = False) -> Any:
+        """One whole sequence. An OIP batch of n sequences is n of these, sent together: the first with
+        ``ahead`` = n - 1 is refused, if the queue or the key's step rate would refuse all n, before anything
+        is queued or counted, and the others (``follows``) are then refused with it, so a batch is never
+        computed and charged part-way, then refused."""
+        if follows and front in self._batch_refused:
+            raise self._batch_refused[front]
+        self._batch_refused.pop(front, None)
+        try:
+            return self._classify(front, rid, model, T, payload, owner, ahead)
+        except ServiceError as e:
+            if ahead:
+                self._batch_refused[front] = e
+            raise
+
+    def _classify(self, front: bytes, rid: int, model: str, T: int, payload: bytes, owner: str, ahead: int) -> Any:
         self.check_open()
         r = self.runner(model)
         r.check_payload(payload, T)
@@ -323,10 +340,10 @@ class EngineCore:
             raise PastHorizon(f"steps: model {model!r} has a fixed horizon of T={r.horizon} steps, got {T}",
                               field="steps")
         queue = self.classify_queue[model]
-        if len(queue) >= self.settings.queue_depth:
+        if len(queue) + ahead >= self.settings.queue_depth:
             raise QueueFull(f"model {model!r}: {self.settings.queue_depth} classify requests are queued; retry "
                             "shortly", retry_after=1)
-        self.quotas.check_steps(owner, T)
+        self.quotas.check_steps(owner, T * (1 + ahead))
         queue.append(ClassifyRequest(front, rid, T, payload, self.clock()))
         self.quotas.take_steps(owner, T)
         return QUEUED

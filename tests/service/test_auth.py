@@ -249,6 +249,25 @@ def test_oip_sequences_are_per_key(keyed: Server, ref: Reference) -> None:
     assert infer(KEY_A, xs[KEY_A][:1], sequence_id=7).shape == (1, 4)
 
 
+def test_an_oip_batch_over_the_keys_step_rate_is_refused_whole(serve) -> None:
+    """An OIP classify batch (``B`` sequences, no sequence id) is B engine requests: each was admitted on its own,
+    so a batch larger than what the key's bucket held was computed and charged in part, then answered 429; a
+    client that retried as told (the Retry-After of the one refused sequence) paid again each time and never
+    got through. The whole batch is now admitted or refused."""
+    srv = serve(api_keys=KEY_A, key_steps_per_s=0.01, max_steps_per_request=64)  # a burst of 64, then ~nothing
+
+    def batch(n: int) -> httpx.Response:
+        return httpx.post(f"{srv.url}/v2/models/sliding/infer", headers=auth(KEY_A), timeout=20, json={"inputs": [
+            {"name": "steps", "shape": [n, 1, 3], "datatype": "FP32", "data": [0.5] * 3 * n}]})
+
+    assert batch(40).status_code == 200  # 24 steps left
+    r = batch(40)
+    assert r.status_code == 429 and "40 more fit" in r.json()["error"], r.text
+    assert int(r.headers["Retry-After"]) > 1000  # 16 steps short at 0.01 per second
+    r = batch(24)  # the refused batch took none of them
+    assert r.status_code == 200 and r.json()["outputs"][1]["shape"] == [24, 1, 4], r.text[:300]
+
+
 # ----- browsers: Origin and CORS -------------------------------------------------------------------
 def test_websocket_origin_allow_list_and_cors(keyed: Server) -> None:
     own = f"http://127.0.0.1:{keyed.port}"

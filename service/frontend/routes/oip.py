@@ -123,7 +123,8 @@ async def _sequence(fe: Frontend, model: str, seq: int | str, params: dict, x: n
 async def _classify(fe: Frontend, model: str, x: np.ndarray, owner: str) -> tuple[np.ndarray, np.ndarray]:
     codec = fe.codec(model)
     B, T = x.shape[:2]
-    answers = await asyncio.gather(*(fe.client.call("classify", model, T, x[b].astype(codec.wire).tobytes(), owner)
-                                     for b in range(B)))
+    # one request each, sent together: the first is admitted or refused for all (EngineCore.classify)
+    answers = await asyncio.gather(*(fe.client.call("classify", model, T, x[b].astype(codec.wire).tobytes(), owner,
+                                                    B - 1 if b == 0 else 0, b > 0) for b in range(B)))
     pairs = [codec.arrays(T, sp, sc) for sp, sc in answers]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
