@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import sys
@@ -129,6 +130,10 @@ class Settings(BaseSettings):
     # Origins (scheme://host[:port]) whose pages may use the API: WebSocket handshakes and CORS. A page of the
     # server's own origin (Origin matching Host) and clients that send no Origin are always allowed; "*": any.
     allowed_origins: str = ""
+    # Host names (no port) requests may name in their Host header; "*": any. Unset: any, unless the service
+    # listens on a loopback address only (PSN_HOST 127.x, ::1, localhost): then loopback names only, so a web
+    # page whose own name an attacker makes resolve to 127.0.0.1 (DNS rebinding) cannot use the local API.
+    allowed_hosts: str = ""
     max_header_bytes: int = Field(32768, ge=1024)  # request line + headers; past it: 431, connection closed
     # a request's head and body must have come in full this long after its first byte (or after the connection
     # opened, for its first request); a client that sends slower is answered 408 read_timeout and disconnected
@@ -164,6 +169,14 @@ class Settings(BaseSettings):
         return self._key_hashes
 
     @property
+    def hosts(self) -> tuple[str, ...] | None:
+        """PSN_ALLOWED_HOSTS as lower-case names; None: any host."""
+        listed = tuple(h.strip().lower().rstrip(".") for h in self.allowed_hosts.split(",") if h.strip())
+        if "*" in listed or (not listed and not loopback_name(self.host)):
+            return None
+        return listed
+
+    @property
     def origins(self) -> tuple[str, ...]:
         """PSN_ALLOWED_ORIGINS as lower-case origins without a trailing slash."""
         return tuple(o.strip().rstrip("/").lower() for o in self.allowed_origins.split(",") if o.strip())
@@ -197,6 +210,19 @@ def settings_help() -> str:
                                str(field.default).lower() if isinstance(field.default, bool) else str(field.default))
         rows.append(f"  PSN_{name.upper():<26} {default or '(empty)'}")
     return "\n".join(rows)
+
+
+def loopback_name(name: str) -> bool:
+    """Whether ``name`` (a host name or address, IPv6 with or without brackets) can only mean this machine:
+    ``localhost`` and names under it (RFC 6761: browsers resolve them to loopback themselves), 127.0.0.0/8,
+    ::1."""
+    name = name.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def check_argv(argv: list[str], prog: str, what: str) -> None:

@@ -173,6 +173,13 @@ class OriginNotAllowed(ServiceError):
     status, code = 403, "origin_not_allowed"
 
 
+class HostNotAllowed(ServiceError):
+    """A Host header naming a host this server does not answer for (PSN_ALLOWED_HOSTS; loopback names only
+    when it listens on loopback): a page whose name was made to resolve here (DNS rebinding)."""
+
+    status, code = 403, "host_not_allowed"
+
+
 class HeadersTooLarge(ServiceError):
     status, code = 431, "headers_too_large"
 

@@ -12,6 +12,10 @@
   cross-origin requests) is refused with 403 ``origin_not_allowed`` unless the origin is the
   server's own (it matches ``Host``), or listed in PSN_ALLOWED_ORIGINS (``*``: any). Clients that
   send no Origin (curl, SDKs) are never refused for it.
+- **Host**: with PSN_ALLOWED_HOSTS, or when the service listens on a loopback address only (the default
+  127.0.0.1), a request whose ``Host`` names another host is refused with 403 ``host_not_allowed``
+  (loopback names are always allowed): a page of ``evil.example`` whose name is made to resolve to
+  127.0.0.1 (DNS rebinding) is same-origin with itself, so the Origin check alone lets it in.
 - **CORS** for the listed origins (``add_cors``): preflights are answered, responses say which
   headers a page may read.
 """
@@ -26,8 +30,8 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.config import Settings, key_hash
-from service.errors import OriginNotAllowed, ServiceError, Unauthorized
+from service.config import Settings, key_hash, loopback_name
+from service.errors import HostNotAllowed, OriginNotAllowed, ServiceError, Unauthorized
 from service.frontend.limits import OWNER, count_error
 
 KEY_SUBPROTOCOL = "psn.key."  # a WebSocket subprotocol entry that carries the key (browsers)
@@ -105,6 +109,15 @@ class AccessControl:
         self.keys = KeyRing(settings.key_hashes) if settings.key_hashes else None
         self.any_origin = "*" in settings.origins
         self.origins = frozenset(settings.origins)
+        hosts = settings.hosts
+        self.hosts = None if hosts is None else frozenset(hosts)
+
+    def host_allowed(self, host: bytes) -> bool:
+        """Whether the ``Host`` header's name (its port aside) is loopback or in PSN_ALLOWED_HOSTS."""
+        h = host.decode("latin-1").strip().lower()
+        name = h[1:h.find("]")] if h.startswith("[") and "]" in h else h.rpartition(":")[0] if ":" in h else h
+        name = name.rstrip(".")
+        return loopback_name(name) or (self.hosts is not None and name in self.hosts)
 
     def origin_allowed(self, origin: bytes, host: bytes | None) -> bool:
         o = origin.decode("latin-1").strip().rstrip("/").lower()
@@ -117,19 +130,25 @@ class AccessControl:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         origin = host = authorization = None
-        origins = authorizations = 0
+        origins = hosts = authorizations = 0
         for name, value in scope["headers"]:
             if name == b"origin":
                 origin, origins = value, origins + 1
             elif name == b"host":
-                host = value
+                host, hosts = value, hosts + 1
             elif name == b"authorization":
                 authorization, authorizations = value, authorizations + 1
-        # two of either: which one counts would be a guess (an Authorization only matters with keys on)
-        twice = "Origin" if origins > 1 else "Authorization" if authorizations > 1 and self.keys is not None else ""
+        # two of any: which one counts would be a guess (an Authorization only matters with keys on)
+        twice = "Origin" if origins > 1 else "Host" if hosts > 1 else \
+            "Authorization" if authorizations > 1 and self.keys is not None else ""
         if twice:
             return await refuse(scope, receive, send, ServiceError(
                 f"{twice}: the request sends more than one {twice} header; send one", field=twice))
+        if self.hosts is not None and host is not None and not self.host_allowed(host):
+            return await refuse(scope, receive, send, HostNotAllowed(
+                f"Host: {host.decode('latin-1')!r} is not a name of this server (it answers to loopback names"
+                f"{' and PSN_ALLOWED_HOSTS' if self.hosts else ' only, as it listens on loopback'}; a proxy that "
+                "passes its own Host on, or another name of this machine, goes in PSN_ALLOWED_HOSTS)", field="Host"))
         if origin is not None and not self.origin_allowed(origin, host):
             err = OriginNotAllowed(f"Origin: {origin.decode('latin-1')!r} may not use this API (PSN_ALLOWED_ORIGINS)",
                                    field="Origin")

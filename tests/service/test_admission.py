@@ -198,7 +198,8 @@ def test_a_full_session_is_refused_by_the_front_end_without_the_engine_or_the_bo
                 assert "2 requests" in r.json()["error"]["message"]
                 # a body announced but never sent: answered from the head alone
                 reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-                writer.write(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
+                writer.write(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nHost: localhost\r\n"
+                             f"Authorization: Bearer {KEY_A}\r\n"
                              "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"steps\": [".encode())
                 await writer.drain()
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -228,7 +229,7 @@ def test_a_full_session_is_refused_by_the_front_end_without_the_engine_or_the_bo
 
 def raw_post(port: int, path: str, headers: dict[str, str], body: bytes = b'{"steps": [[0.5, 0.5, 0.5]]}') -> bytes:
     """One request on a fresh connection, written in one piece; its answer's head and body as read."""
-    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "x", "Content-Type": "application/json",
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "localhost", "Content-Type": "application/json",
                                                 "Content-Length": str(len(body)), **headers}.items())
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body)

@@ -63,14 +63,14 @@ def test_refusals_made_before_the_app_runs_count_in_psn_errors_total(serve) -> N
     watching psn_errors_total saw none of it. Summed over both front ends, whichever took each connection."""
     srv = serve(workers=2, read_timeout_s=1.0)
     before = errors_total(srv.url)
-    ws = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    ws = (b"Host: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
-    requests = [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n",  # 431
-                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",  # 400
+    requests = [b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n",  # 431
+                b"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n",  # 400
                 b"GET /v1/stream?session_id=" + b"z" * 9000 + b" HTTP/1.1\r\n" + ws + b"\r\n",  # 414
                 b"GET /v1/stream HTTP/1.1\r\n" + ws.replace(b"Sec-WebSocket-Key", b"X-Key") + b"\r\n",  # 400
                 b"GET /v1/stream HTTP/1.1\r\n" + ws + b"Sec-WebSocket-Protocol: psn.json.v1, @@\r\n\r\n",  # 400
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\n"] * 2  # 408: the head never ends
+                b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n"] * 2  # 408: the head never ends
     sent: dict[str, int] = {}
     for data in requests:
         status, code = _raw(srv.port, data)

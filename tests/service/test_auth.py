@@ -316,6 +316,45 @@ def test_two_authorization_or_two_origin_headers_are_refused_400_naming_the_head
             ("Authorization", f"Bearer {KEY_A}"), ("Origin", ALLOWED)]).status_code == 201
 
 
+def test_a_host_not_of_this_server_is_refused_while_it_listens_on_loopback(serve) -> None:
+    """DNS rebinding: a page of evil.example whose name is made to resolve to 127.0.0.1 is same-origin with
+    itself (Origin matches Host), so with access control off, the default, it could use the local API. Listening
+    on loopback only, the service now answers loopback names alone; PSN_ALLOWED_HOSTS names others ("*": any).
+    Two Host headers are refused as two Origins are."""
+    srv = serve(workers=1)
+    assert srv.url.startswith("http://127.0.0.1:")
+    with httpx.Client(base_url=srv.url, timeout=20) as c:
+        for host in (f"evil.example:{srv.port}", "evil.example", f"127.0.0.1.evil.example:{srv.port}",
+                     f"localhost.evil.example:{srv.port}", f"[::2]:{srv.port}"):
+            for method, path in (("GET", "/v1/models"), ("POST", "/v1/sessions"), ("GET", "/healthz")):
+                r = c.request(method, path, json={"model": "sliding"} if method == "POST" else None,
+                              headers={"Host": host, "Origin": f"http://{host}"})
+                err = r.json()["error"]
+                assert r.status_code == 403 and err["code"] == "host_not_allowed" and err["field"] == "Host", r.text
+                assert "PSN_ALLOWED_HOSTS" in err["message"]
+            ws = raw_request(srv, b"GET /v1/stream HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                             b"Sec-WebSocket-Version: 13\r\n\r\n" % host.encode())
+            assert ws.startswith(b"HTTP/1.1 403 ") and b'"host_not_allowed"' in ws, ws[:300]
+        for host in (f"localhost:{srv.port}", f"127.0.0.1:{srv.port}", f"127.9.9.9:{srv.port}", f"[::1]:{srv.port}",
+                     f"app.localhost:{srv.port}", "LocalHost.", "127.0.0.1"):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == 200, host
+    two = raw_request(srv, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n"
+                           b"Connection: close\r\n\r\n")
+    assert two.startswith(b"HTTP/1.1 400 ") and b"more than one Host header" in two, two[:300]
+    named = serve(workers=1, allowed_hosts="API.example.com, psn.internal")
+    with httpx.Client(base_url=named.url, timeout=20) as c:
+        for host, status in (("api.example.com", 200), ("api.example.com.", 200), ("psn.internal:8443", 200),
+                             ("localhost", 200),
+                             ("evil.example", 403), ("example.com", 403)):
+            assert c.get("/v1/models", headers={"Host": host}).status_code == status, host
+    anyhost = serve(workers=1, allowed_hosts="*")
+    assert httpx.get(f"{anyhost.url}/v1/models", headers={"Host": "evil.example"}, timeout=20).status_code == 200
+    assert Settings(host="0.0.0.0").hosts is None and Settings(host="::").hosts is None  # every interface
+    assert Settings(host="127.0.0.1").hosts == () and Settings(host="localhost").hosts == ()
+    assert Settings(host="192.168.1.5").hosts is None and Settings(host="::1").hosts == ()
+
+
 # ----- the request head is bounded ------------------------------------------------------------------
 def raw_request(srv: Server, head: bytes, chunk: int = 0) -> bytes:
     """Send ``head`` (in ``chunk``-byte writes a moment apart, 0: at once) and read the answer until the server
@@ -334,14 +373,15 @@ def raw_request(srv: Server, head: bytes, chunk: int = 0) -> bytes:
 
 
 def test_an_oversized_request_head_is_answered_431(keyed: Server) -> None:
-    ok = raw_request(keyed, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: " + b"a" * 8000
+    ok = raw_request(keyed, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nX-Pad: " + b"a" * 8000
                      + b"\r\n\r\n")
     assert ok.startswith(b"HTTP/1.1 200")
-    ws_head = (b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    ws_head = (b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
-    for head, chunk in ((b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n", 0),
-                        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: aaaaaaaa\r\n" * 3000 + b"\r\n", 0),
-                        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 48_000, 16384),  # not ended yet
+    for head, chunk in ((b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n", 0),
+                        (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n" + b"X-Pad: aaaaaaaa\r\n" * 3000 + b"\r\n", 0),
+                        (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 48_000,
+                         16384),  # not ended yet
                         (ws_head + b"X-Pad: " + b"a" * 40_000 + b"\r\n\r\n", 0)):
         t0 = time.monotonic()
         answer = raw_request(keyed, head, chunk)
@@ -352,11 +392,11 @@ def test_an_oversized_request_head_is_answered_431(keyed: Server) -> None:
     # a pipelined request whose head starts in the same read as the end of the body before it
     body = b'{"model": "sliding"' + b" " * 40_000 + b"}"  # padded with JSON whitespace (no unknown field)
     with socket.create_connection(("127.0.0.1", keyed.port), timeout=10) as s:
-        head = b"POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n" \
+        head = b"POST /v1/sessions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer %s\r\nContent-Length: %d\r\n" \
                b"Content-Type: application/json\r\n\r\n"
         s.sendall(head % (KEY_A.encode(), len(body)) + body + b"GET /healthz HTTP/1.1\r\n")
         time.sleep(0.2)
-        s.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"Host: localhost\r\nConnection: close\r\n\r\n")
         answers = b""
         while data := s.recv(65536):
             answers += data
@@ -374,7 +414,7 @@ def test_what_the_protocol_parsers_refuse_is_answered_in_the_api_shape(keyed: Se
     cannot parse got a plain-text line; a refused handshake and a text frame that is not UTF-8 were logged
     as errors (with a traceback), which any client could fill the log with."""
     logged = len(keyed.log())
-    ws_head = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    ws_head = (b"Host: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
                b"Authorization: Bearer " + KEY_A.encode() + b"\r\n")
     for head, status, code, field in (
@@ -400,7 +440,7 @@ def test_what_the_protocol_parsers_refuse_is_answered_in_the_api_shape(keyed: Se
     for path, framing in ((b"/v2/models/sliding/infer", b"Content-Length: -1\r\n"),
                           (b"/v1/classify", b"Content-Length: 5\r\nContent-Length: 6\r\n"),
                           (b"/v1/classify", b"Transfer-Encoding: chunked\r\n\r\nzz")):
-        answer = raw_request(keyed, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n")
+        answer = raw_request(keyed, b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\n" + framing + b"\r\n")
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
         body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
         if path.startswith(b"/v2"):  # the protocol's shape
@@ -419,7 +459,7 @@ def test_a_key_in_a_subprotocol_header_that_does_not_parse_is_never_logged(keyed
     logged (and answered): a browser's key (``psn.key.<key>``) was written in clear to the service's log."""
     logged = len(keyed.log())
     for protocols in (f"psn.json.v1, psn.key.{KEY_A}, @@", f"psn.key.{KEY_B}@, psn.binary.v1"):
-        answer = raw_request(keyed, b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        answer = raw_request(keyed, b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                              b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: %s\r\n\r\n" % protocols.encode())
         assert answer.startswith(b"HTTP/1.1 400"), answer[:200]

@@ -403,8 +403,8 @@ def serve_bytes(max_bytes: int, pieces: list[bytes]) -> tuple[bytes, bool, list[
 
 def head_of(path: bytes, size: int) -> bytes:
     """A GET whose url and header lines (``Name: value\\r\\n``) come to ``size`` bytes."""
-    fixed = len(path) + len(b"Host: x\r\n") + len(b"X-Pad: \r\n")
-    return b"GET %s HTTP/1.1\r\nHost: x\r\nX-Pad: %s\r\n\r\n" % (path, b"a" * (size - fixed))
+    fixed = len(path) + len(b"Host: localhost\r\n") + len(b"X-Pad: \r\n")
+    return b"GET %s HTTP/1.1\r\nHost: localhost\r\nX-Pad: %s\r\n\r\n" % (path, b"a" * (size - fixed))
 
 
 @pytest.mark.parametrize(("path", "oip"), [(b"/v1/sessions", False), (b"/v2/models", True)])

@@ -146,7 +146,7 @@ def test_a_stray_slash_is_not_found_not_redirected(client: httpx.Client, ref: Re
                                ("POST", "/v1/sessions/", {"model": "sliding"}),
                                ("GET", f"/v1/sessions/{sid}/", None), ("GET", "/v1/models/", None),
                                ("POST", "/v1/classify/", {"model": "sliding", "steps": x.tolist()})):
-        r = client.request(method, path, json=body, headers={"host": "elsewhere.example"})
+        r = client.request(method, path, json=body, headers={"host": "app.localhost"})
         assert r.status_code == 404 and "location" not in r.headers, (path, r.status_code, r.headers)
         assert r.json()["error"]["code"] == "not_found" and r.json()["error"]["field"] == "path"
     r = client.post("/v2/models/sliding/infer/", json={"inputs": []})
@@ -202,14 +202,15 @@ def test_a_request_then_a_half_close_is_answered(server: Server, client: httpx.C
     for t in range(3):
         body = json.dumps({"steps": x[t:t + 1].tolist()}).encode()
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            sock.sendall(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: localhost\r\n"
+                         "content-type: application/json\r\n"
                          f"content-length: {len(body)}\r\n\r\n".encode() + body)
             sock.shutdown(socket.SHUT_WR)
             head, _, answer = _read_to_eof(sock).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         assert_outputs(json.loads(answer)["outputs"], ref.outputs("sliding", x), start=t)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        sock.sendall(f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                      "content-length: 100\r\n\r\n{\"steps\": ".encode())
         sock.shutdown(socket.SHUT_WR)
         assert _read_to_eof(sock) == b""  # closed, not left waiting for the rest of the body

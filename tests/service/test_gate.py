@@ -146,7 +146,7 @@ def post(sid: str, body: bytes = b'{"steps": [[1.0]]}', chunked: bool = False) -
         body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     else:
         framing = b"Content-Length: %d\r\n\r\n" % len(body)
-    return b"POST /v1/sessions/%s/steps HTTP/1.1\r\nHost: x\r\n%s%s" % (sid.encode(), framing, body)
+    return b"POST /v1/sessions/%s/steps HTTP/1.1\r\nHost: localhost\r\n%s%s" % (sid.encode(), framing, body)
 
 
 def connect(app: Any, g: FastRefusal, state: ServerState | None = None,
@@ -220,10 +220,11 @@ def test_the_protocol_answers_a_refused_request_without_the_app_and_keeps_the_co
 
 
 @pytest.mark.parametrize("request_bytes", [
-    post("full").replace(b"Host: x\r\n", b"Host: x\r\nExpect: 100-continue\r\n"),  # the body may never be sent
-    post("full").replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n"),  # to be closed after its answer
-    post("full").replace(b"HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"),
-    post("full").replace(b"Host: x\r\n", b"Host: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"),
+    post("full").replace(b"Host: localhost\r\n", b"Host: localhost\r\nExpect: 100-continue\r\n"),  # maybe never sent
+    post("full").replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: close\r\n"),  # closed after it
+    post("full").replace(b"HTTP/1.1\r\nHost: localhost\r\n",
+                         b"HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n"),
+    post("full").replace(b"Host: localhost\r\n", b"Host: localhost\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"),
 ], ids=["expect 100-continue", "connection close", "HTTP/1.0 keep-alive", "upgrade"])
 def test_only_a_plain_keep_alive_request_is_answered_from_its_head(request_bytes: bytes) -> None:
     """Anything else is the app's to answer (uvicorn then sends 100 Continue, closes the connection, or answers

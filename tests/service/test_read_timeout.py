@@ -115,7 +115,7 @@ def connect(app: App, read_timeout_s: float | None = TIMEOUT) -> tuple[Any, Tran
 
 
 def request(path: str = "/v1/sessions/s1/steps", body: bytes = b'{"steps": [[1.0]]}') -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+    return b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
 
 
 def answer(transport: Transport) -> tuple[int, dict[str, str], bytes]:
@@ -285,7 +285,7 @@ def test_slow_clients_against_a_real_server(serve: Callable[..., Server], ref: R
         sid = client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
         x = ref.sequence("sliding", 2, seed=31)
         body = json.dumps({"steps": x[:1].tolist()}).encode()
-        head = (f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        head = (f"POST /v1/sessions/{sid}/steps HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                 f"content-length: {len(body)}\r\n\r\n").encode()
         # a head, then a body, that stop short: 408 read_timeout, nothing applied
         for partial in (head[:25], head + body[:5]):

@@ -162,8 +162,8 @@ def test_a_handshake_websockets_refuses_is_a_400_in_the_apis_shape(small: Server
     """A handshake that parses but is not a valid WebSocket opening got the websockets library's plain-text 400
     ("Failed to open a WebSocket connection: ..."), where every other refusal is {"error": {...}}."""
     with socket.create_connection(("127.0.0.1", small.port), timeout=10) as s:
-        s.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" + headers
-                  + b"\r\n")
+        s.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  + headers + b"\r\n")
         answer = b""
         while data := s.recv(65536):
             answer += data
@@ -187,9 +187,9 @@ def _raw_answer(srv: Server, request: bytes) -> tuple[bytes, dict]:
 
 def test_a_handshake_by_another_method_is_a_405_in_the_apis_shape_allowing_get(small: Server) -> None:
     """websockets answered a POST handshake with its own plain-text 405."""
-    head, error = _raw_answer(small, b"POST /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: "
-                              b"Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
-                              b"\r\nContent-Length: 0\r\n\r\n")
+    head, error = _raw_answer(small, b"POST /v1/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                              b"Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n")
     assert head.startswith(b"http/1.1 405") and b"content-type: application/json" in head, head
     assert b"\r\nallow: get" in head, head
     assert error["code"] == "method_not_allowed" and error["field"] == "method" and "GET" in error["message"]
