@@ -301,6 +301,28 @@ def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> N
         proc.wait(10)
 
 
+def wait_log_rewritten(srv: Server) -> None:
+    """Until the engine core has rewritten its log from memory after a store failure (tried once a second)."""
+    deadline = time.monotonic() + 60
+    while "the log was rewritten from memory" not in srv.log():
+        assert time.monotonic() < deadline, srv.log()
+        time.sleep(0.1)
+
+
+def kill_the_engine_and_finish(srv: Server, streams: list[Stream], ref: Reference) -> None:
+    """kill -9 the engine core once the log is whole again: every session comes back and finishes exactly, and
+    the store's failure was logged once."""
+    pid = engine_pid(srv)
+    os.kill(pid, signal.SIGKILL)
+    wait_new_engine(srv, pid)
+    run_streams(streams)
+    check(streams, ref)
+    assert f"recovered {len(streams)} sessions (0 lost)" in srv.log()
+    assert srv.log().count("writing to the store failed") == 1 and "Traceback" not in srv.log()
+    for s in streams:
+        s.close()
+
+
 def test_a_hung_redis_holds_the_engine_core_once_not_at_every_retry(serve, ref: Reference, tmp_path: Path) -> None:
     """Redis stops answering mid-stream (SIGSTOP: its connections stay open, no answer comes back). A write
     waits for the socket timeout: the first failed one did (10 s), and so did every retry of the rewrite,
@@ -334,19 +356,8 @@ def test_a_hung_redis_holds_the_engine_core_once_not_at_every_retry(serve, ref: 
         assert codes == [200] * 48, codes
         assert "writing to the store failed" in srv.log()
         os.kill(proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 60
-        while "the log was rewritten from memory" not in srv.log():
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.1)
-        pid = engine_pid(srv)
-        os.kill(pid, signal.SIGKILL)
-        wait_new_engine(srv, pid)
-        run_streams(streams)
-        check(streams, ref)
-        assert "recovered 4 sessions (0 lost)" in srv.log()
-        assert srv.log().count("writing to the store failed") == 1 and "Traceback" not in srv.log()
-        for st in streams:
-            st.close()
+        wait_log_rewritten(srv)
+        kill_the_engine_and_finish(srv, streams, ref)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         proc.terminate()
@@ -368,20 +379,9 @@ def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Refe
         run_streams(streams, stop_at=2 * T // 3)  # answered while Redis is away
         assert "\npsn_session_log_stale 1.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
         proc, _ = redis_server(tmp_path, port)
-        deadline = time.monotonic() + 60
-        while "the log was rewritten from memory" not in srv.log():  # tried once a second, idle or not
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.1)
+        wait_log_rewritten(srv)
         assert "\npsn_session_log_stale 0.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
-        pid = engine_pid(srv)
-        os.kill(pid, signal.SIGKILL)
-        wait_new_engine(srv, pid)
-        run_streams(streams)
-        check(streams, ref)
-        assert "recovered 8 sessions (0 lost)" in srv.log()
-        assert srv.log().count("writing to the store failed") == 1 and "Traceback" not in srv.log()
-        for s in streams:
-            s.close()
+        kill_the_engine_and_finish(srv, streams, ref)
     finally:
         proc.kill()
         proc.wait(10)
