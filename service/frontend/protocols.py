@@ -214,10 +214,17 @@ def http_protocol(max_bytes: int, refusal: Refusal | None = None, read_timeout_s
     return HttpProtocol
 
 
-def ws_protocol(count: Callable[[str], None] | None = None) -> type[asyncio.Protocol] | str:
+def ws_protocol(count: Callable[[str], None] | None = None,
+                read_timeout_s: float | None = None) -> type[asyncio.Protocol] | str:
     """uvicorn's WebSocket protocol on the websockets library (what ``"auto"`` picks), answering handshakes
     it cannot parse (``count`` is told each refusal's code) and not logging the app's HTTP refusals as errors;
-    ``"auto"`` where it is missing."""
+    ``"auto"`` where it is missing.
+
+    ``read_timeout_s``: a message must come in whole that long after its first byte, as an HTTP request
+    must. Without it a client could send most of a message (up to the frame limit, 4 MB or more) and stall:
+    each connection up to PSN_MAX_CONNECTIONS then holds that much of the front end's memory for as long as
+    it likes. Past it the connection is closed with 1008 (policy) and a reason naming the setting; an open
+    connection between messages is not bound by it."""
     try:
         from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
     except ImportError:
@@ -245,11 +252,53 @@ def ws_protocol(count: Callable[[str], None] | None = None) -> type[asyncio.Prot
         return ServiceError(f"request: not a valid WebSocket handshake ({cause})", field="request")
 
     class WsProtocol(WebSocketsSansIOProtocol):
+        partial_timer: asyncio.TimerHandle | None = None
+        messages = 0  # messages read whole so far
+
         def data_received(self, data: bytes) -> None:
+            before = self.messages
             super().data_received(data)
             exc = getattr(self.conn, "handshake_exc", None)
             if not self.handshake_initiated and exc is not None and not self.transport.is_closing():
                 self.refuse_handshake(exc)  # uvicorn < 0.55 left websockets' answer unsent
+            if read_timeout_s is not None:
+                self.watch_partial(self.messages != before)
+
+        def send_receive_event_to_app(self) -> None:
+            self.messages += 1
+            super().send_receive_event_to_app()
+
+        def watch_partial(self, completed: bool) -> None:
+            """Time the message under way from its first byte: a frame begun (bytes websockets holds unparsed)
+            or a message of several frames begun; a message read whole ends its clock."""
+            if completed and self.partial_timer is not None:
+                self.partial_timer.cancel()
+                self.partial_timer = None
+            partial = bool(self.conn.reader.buffer) or bool(self.frames)
+            if not partial and self.partial_timer is not None:
+                self.partial_timer.cancel()
+                self.partial_timer = None
+            elif partial and self.partial_timer is None and not self.transport.is_closing():
+                self.partial_timer = self.loop.call_later(read_timeout_s, self.partial_timed_out)
+
+        def partial_timed_out(self) -> None:
+            self.partial_timer = None
+            if self.transport.is_closing():
+                return
+            log.info("websocket closed: a message not sent in full within %g s of its first byte", read_timeout_s)
+            if count is not None:
+                count("read_timeout")
+            self.conn.send_close(1008, f"read_timeout: a message must come in whole within {read_timeout_s:g} s "
+                                       "of its first byte (PSN_READ_TIMEOUT_S)")
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.partial_timer is not None:
+                self.partial_timer.cancel()
+                self.partial_timer = None
+            super().connection_lost(exc)
 
         def handle_connect(self, event: Any) -> None:
             """A handshake that parses but that websockets refuses (no or a bad ``Sec-WebSocket-Key``, a version other

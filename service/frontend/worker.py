@@ -38,8 +38,8 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
     http = (http_protocol(settings.max_header_bytes, FastRefusal(fastapi_app, settings).answer, settings.read_timeout_s,
                           count) or "h11")
     app = SlowReaders(fastapi_app, settings.ws_send_timeout_s)
-    config = uvicorn.Config(app, log_level=settings.log_level,
-                            ws=ws_protocol(count), ws_max_size=ws_max_size(settings.max_request_bytes), http=http,
+    config = uvicorn.Config(app, log_level=settings.log_level, ws=ws_protocol(count, settings.read_timeout_s),
+                            ws_max_size=ws_max_size(settings.max_request_bytes), http=http,
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_graceful_shutdown=30, ws_per_message_deflate=settings.ws_compression)
     logs.install("uvicorn", "uvicorn.access", "uvicorn.error")  # uvicorn.Config has set up its handlers by now

@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 import websockets.sync.client as ws_client
 from uvicorn.server import ServerState
+from websockets.exceptions import ConnectionClosedError
 
 from service.frontend.protocols import http_protocol
 from tests.service.conftest import Reference, Server, assert_outputs
@@ -307,3 +308,84 @@ def test_slow_clients_against_a_real_server(serve: Callable[..., Server], ref: R
             time.sleep(1.5)
             ws.send(json.dumps({"type": "steps", "steps": x.tolist()}))
             assert_outputs(json.loads(ws.recv(timeout=10))["outputs"], ref.outputs("sliding", x))
+
+
+def client_frame(payload: bytes, fin: bool = True, opcode: int = 1, announce: int | None = None) -> bytes:
+    """A masked client frame of ``payload`` (under 126 bytes), its header announcing ``announce`` bytes if given."""
+    mask = b"\x01\x02\x03\x04"
+    n = len(payload) if announce is None else announce
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | n]) + mask + masked
+
+
+@pytest.mark.parametrize("stall", ["a frame cut short", "a message of several frames cut short"])
+def test_a_websocket_message_that_stops_short_is_closed_at_the_read_timeout(serve: Callable[..., Server],
+                                                                            stall: str) -> None:
+    """A client that sent the start of a WebSocket message and stalled held its connection, and whatever the
+    front end had buffered of the message (up to the frame limit, 4 MB or more), for ever: each of up to
+    PSN_MAX_CONNECTIONS connections could. A message must now come in whole within PSN_READ_TIMEOUT_S of its
+    first byte, or the connection is closed 1008 naming the setting; whole messages between idle spells (and
+    pings inside a message) are fine, as the end of the real-server test above shows."""
+    srv = serve(read_timeout_s=1.0)
+    with ws_client.connect(srv.ws_url) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "opened"
+        message = json.dumps({"type": "steps", "steps": [[0.5]]}).encode()
+        if stall == "a frame cut short":
+            ws.socket.sendall(client_frame(message[:10], announce=len(message)))
+        else:
+            ws.socket.sendall(client_frame(message[:10], fin=False) + client_frame(b"", opcode=9))  # then a ping
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionClosedError) as e:
+            ws.recv(timeout=30)
+        assert time.monotonic() - t0 < 25  # closed by the server, not by this client's own timeout
+    assert e.value.rcvd is not None and e.value.rcvd.code == 1008, e.value
+    assert "PSN_READ_TIMEOUT_S" in e.value.rcvd.reason
+    assert 'psn_errors_total{code="read_timeout"}' in httpx.get(f"{srv.url}/metrics", timeout=10).text
+
+
+class EchoApp:
+    """Accepts a WebSocket and records the messages it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        while (msg := await receive())["type"] == "websocket.receive":
+            self.messages.append(msg["text"])
+
+
+def test_a_steady_stream_of_whole_messages_is_never_timed_out() -> None:
+    """Each message starts the clock again, even when no read ends on a message boundary (a client that
+    streams long messages back to back): only one message taking the read timeout closes the connection."""
+    asyncio.run(steady_stream())
+
+
+async def steady_stream() -> None:
+    from service.frontend.protocols import ws_protocol
+
+    app = EchoApp()
+    config = uvicorn.Config(app, log_level="warning", ws_ping_interval=None)  # no pings to leave unanswered
+    config.load()
+    clock = Clock(asyncio.get_running_loop())
+    protocol = ws_protocol(None, TIMEOUT)(config=config, server_state=ServerState(), app_state={}, _loop=clock)
+    transport = Transport()
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    protocol.data_received(b"GET /v1/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                           b"Sec-WebSocket-Version: 13\r\n\r\n")
+    await settle()
+    assert bytes(transport.out).startswith(b"HTTP/1.1 101")
+    stream = b"".join(client_frame(b"message %d" % i) for i in range(8))
+    cut = len(stream) // 8 + 3  # every read ends inside a frame
+    for i in range(0, len(stream), cut):
+        protocol.data_received(stream[i:i + cut])
+        await clock.advance(0.6 * TIMEOUT)
+        assert not transport.is_closing(), f"closed after {len(app.messages)} messages"
+    assert app.messages == [f"message {i}" for i in range(8)]
+    protocol.data_received(client_frame(b"cut", announce=10))
+    await clock.advance(TIMEOUT)
+    assert transport.is_closing()
