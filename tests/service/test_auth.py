@@ -123,6 +123,15 @@ def test_settings_keep_only_hashes_and_refuse_bad_keys(tmp_path: Path) -> None:
             Settings(api_keys=f"{KEY_A},{'k' * n}")
 
 
+def test_no_process_of_the_service_has_the_keys_in_its_environment(keyed: Server) -> None:
+    """The supervisor keeps the keys' hashes and drops PSN_API_KEYS before it starts its children: neither a front
+    end's nor the engine core's environment (/proc/PID/environ, a core dump) holds a key."""
+    health = httpx.get(f"{keyed.url}/healthz", timeout=10).json()
+    for pid in (health["pid"], health["engine_pid"]):
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in env if v.startswith(b"PSN_API_KEYS=") or KEY_A.encode() in v], pid
+
+
 # ----- keys on HTTP and WebSocket ------------------------------------------------------------------
 PROTECTED = [("GET", "/v1/models"), ("GET", "/v1/models/sliding"), ("POST", "/v1/sessions"),
              ("GET", "/v1/sessions/abc"), ("DELETE", "/v1/sessions/abc"), ("POST", "/v1/sessions/abc/steps"),

@@ -632,6 +632,7 @@ def test_only_front_ends_get_the_shared_metrics_folder() -> None:
         front = ctx.Process(target=_exit_3_if_multiproc_dir, daemon=True)
         engine = ctx.Process(target=_exit_3_if_multiproc_dir, daemon=True)
         sup.spawn(front, frontend=True)
+        assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ  # set for the front end's start only
         sup.spawn(engine, frontend=False)
         assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
         assert (joined(front).exitcode, joined(engine).exitcode) == (3, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -21,11 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_service(port: int, settings: dict[str, str], argv: list[str] | None = None,
-                  cwd: Path = ROOT) -> subprocess.Popen:
-    """``python -m service`` (or ``argv``) on 127.0.0.1:``port`` with these PSN_* settings; output joined."""
+                  cwd: Path = ROOT, new_session: bool = False) -> subprocess.Popen:
+    """``python -m service`` (or ``argv``) on 127.0.0.1:``port`` with these PSN_* settings; output joined.
+    ``new_session``: in a process group of its own, as a service started from a terminal."""
     env = {**os.environ, "PSN_PORT": str(port), "PSN_HOST": "127.0.0.1", **settings}
     return subprocess.Popen(argv or [sys.executable, "-m", "service"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> None:
@@ -63,12 +65,24 @@ def test_python_m_service_serves_and_stops_on_sigterm(model_dir: Path) -> None:
             proc.wait()
 
 
+def psn_temporary_folders(tmp: Path) -> list[str]:
+    """What a service run with TMPDIR=``tmp`` left there of its own (the engine core's socket folder, the front
+    ends' metrics folder), not Python's."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("psn-"))
+
+
 def test_an_engine_core_that_fails_before_it_is_ready_stops_the_service_with_1(tmp_path: Path) -> None:
     """A broken model folder: the engine core exits while starting; the supervisor must stop the service with
-    exit status 1 (a crash loop would look alive to a container runtime)."""
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "config.json").write_text("{not json")
-    proc = start_service(free_port(), {"PSN_MODEL_DIR": str(tmp_path), "PSN_WORKERS": "1", "PSN_LOG_LEVEL": "info"})
+    exit status 1 (a crash loop would look alive to a container runtime), and clean up as after any stop: its
+    temporary folders removed, the folder of a PSN_ENGINE_ADDRESS it was given left alone (not its to remove)."""
+    (tmp_path / "models" / "broken").mkdir(parents=True)
+    (tmp_path / "models" / "broken" / "config.json").write_text("{not json")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep").write_text("the operator's")
+    proc = start_service(free_port(), {"PSN_MODEL_DIR": str(tmp_path / "models"), "PSN_WORKERS": "1",
+                                       "PSN_LOG_LEVEL": "info", "TMPDIR": str(tmp_path / "tmp"),
+                                       "PSN_ENGINE_ADDRESS": f"unix:{tmp_path}/run/engine.sock"})
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -77,7 +91,30 @@ def test_an_engine_core_that_fails_before_it_is_ready_stops_the_service_with_1(t
         raise AssertionError(f"the service did not stop:\n{out[-3000:]}") from None
     assert proc.returncode == 1, out[-3000:]
     assert "before it was ready" in out and out.count("restarting it") == 0, out[-3000:]
+    assert psn_temporary_folders(tmp_path / "tmp") == []
+    assert (tmp_path / "run" / "keep").read_text() == "the operator's"
 
+
+def test_ctrl_c_stops_the_service_in_order_and_leaves_no_temporary_folder(model_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole process group: the supervisor makes it the same ordered stop
+    as SIGTERM (the engine core drains), and the engine core leaves it to the supervisor; none of them dies with
+    a KeyboardInterrupt. The engine core's socket folder and the metrics folder go with the service."""
+    port = free_port()
+    proc = start_service(port, {"PSN_MODEL_DIR": str(model_dir), "PSN_WORKERS": "1", "PSN_LOG_LEVEL": "info",
+                                "PSN_MALLOC_KEEP_MB": "0", "TMPDIR": str(tmp_path)}, new_session=True)
+    try:
+        wait_ready(proc, port, 60)
+        assert len(psn_temporary_folders(tmp_path)) == 2  # psn-engine-*, psn-metrics-*
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out[-3000:]
+        assert "engine drained" in out and "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+        assert "freed memory kept=no," in out, out[-3000:]  # PSN_MALLOC_KEEP_MB=0: glibc's own settings
+        assert psn_temporary_folders(tmp_path) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.mark.parametrize(("cores", "workers"), [(None, 2), (1, 2), (2, 2), (3, 2), (4, 3), (9, 8), (17, 16), (64, 16)])
@@ -126,8 +163,9 @@ def test_log_level_is_any_case() -> None:
     ({"PSN_STATE_DIR": "pyproject.toml"}, "PSN_STATE_DIR: cannot keep the session log in 'pyproject.toml' (a folder "),
     ({"PSN_STATE_DIR": "pyproject.toml/state"}, "PSN_STATE_DIR: cannot keep the session log in 'pyproject.toml/state'"),
     ({"PSN_DEVICE": "cuda"}, "PSN_DEVICE=cuda: this torch sees no CUDA device"),
+    ({"PSN_CLUSTER": "1"}, "PSN_CLUSTER=1 needs PSN_STATE_URL=redis://"),
 ], ids=["backend", "model-dir", "no-models", "a-model-folder", "state-url", "state-url-unreachable", "state-dir-file",
-        "state-dir-under-a-file", "cuda"])
+        "state-dir-under-a-file", "cuda", "cluster-without-state-url"])
 def test_a_setting_the_engine_core_cannot_use_stops_the_service_with_its_message_not_a_traceback(
         model_dir: Path, env: dict[str, str], says: str) -> None:
     if "PSN_DEVICE" in env:
@@ -138,7 +176,31 @@ def test_a_setting_the_engine_core_cannot_use_stops_the_service_with_its_message
     done = run_service({"PSN_MODEL_DIR": str(model_dir), **env})
     assert done.returncode == 1, done.stdout[-3000:]
     assert "ERROR psn.engine" in done.stdout and says in done.stdout, done.stdout[-3000:]
-    assert "Traceback" not in done.stdout and "before it was ready" in done.stdout, done.stdout[-3000:]
+    assert "Traceback" not in done.stdout and "exited with 1 before it was ready" in done.stdout, done.stdout[-3000:]
+
+
+def test_the_engine_core_takes_its_thread_count_and_warms_up_only_when_asked(
+        model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """build_core, the engine core's start-up in this process: PSN_TORCH_THREADS is torch's thread count (unset:
+    torch's own), PSN_WARMUP=false loads the models without running them."""
+    import torch
+
+    from service.core.proc import build_core
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            build_core(Settings(model_dir=model_dir, torch_threads=threads, warmup=False))
+            assert torch.get_num_threads() == threads
+        with caplog.at_level(logging.INFO, logger="psn.engine"):
+            caplog.clear()
+            build_core(Settings(model_dir=model_dir, torch_threads=None, warmup=False))
+            assert torch.get_num_threads() == 1 and "warmed up" not in caplog.text
+            build_core(Settings(model_dir=model_dir, warmup=True))
+            warmed = {line.split()[2] for line in caplog.messages if line.startswith("warmed up model=")}
+            assert warmed == {f"model={folder.name}" for folder in model_dir.iterdir()}
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(("env", "says"), [
@@ -229,6 +291,7 @@ def test_a_port_in_use_or_an_address_not_here_is_one_line_not_a_traceback() -> N
             host = env.get("PSN_HOST", "127.0.0.1")
             assert done.stdout.startswith(f"psn-stream: cannot listen on {host}:"), done.stdout
             assert says in done.stdout and "Traceback" not in done.stdout and len(done.stdout.splitlines()) == 1
+            assert "[Errno" not in done.stdout, done.stdout  # the reason in words, not the exception's repr
 
 
 def _children(pid: int) -> set[int]:
