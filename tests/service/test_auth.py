@@ -38,11 +38,12 @@ def auth(key: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def keyed(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Keys A and B from PSN_API_KEYS, C from PSN_API_KEYS_FILE; one allowed foreign origin; no per-key limits."""
+    """Keys A and B from PSN_API_KEYS, C from PSN_API_KEYS_FILE; one allowed foreign origin (written with a capital
+    and a trailing slash, as an operator may: the browser's Origin has neither); no per-key limits."""
     tmp = tmp_path_factory.mktemp("keyed")
     (tmp / "keys").write_text(f"# one key per line\n\n{KEY_C}\n")
     srv = Server({**DEFAULTS, "model_dir": model_dir, "workers": 2, "api_keys": f"{KEY_A}, {KEY_B}",
-                  "api_keys_file": tmp / "keys", "allowed_origins": f"{ALLOWED}/"}, tmp)
+                  "api_keys_file": tmp / "keys", "allowed_origins": f"{ALLOWED.replace('allowed', 'Allowed')}/"}, tmp)
     srv.start()
     yield srv
     srv.stop()
