@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -327,6 +328,27 @@ def test_records_of_a_session_opened_again_in_the_same_write_are_not_refused(tmp
         proc.wait()
 
 
+def test_a_replicas_session_records_outlive_its_idle_timeout_in_redis(model_dir: Path, tmp_path: Path) -> None:
+    """The engine core's cluster store (build_core with PSN_CLUSTER) keeps a live session's records in Redis at
+    least twice PSN_IDLE_TIMEOUT_S and at least ten minutes, so no session still live on a replica loses them."""
+    from service.config import Settings
+    from service.core.proc import build_core
+
+    proc, port = redis_server(tmp_path)
+    try:
+        for idle_s, at_least_s in ((1000.0, 2000), (10.0, 600)):
+            core = build_core(Settings(model_dir=model_dir, cluster=True, state_url=f"redis://127.0.0.1:{port}/0",
+                                       idle_timeout_s=idle_s, warmup=False))
+            assert core.cluster is not None
+            core.cluster.add("o", f"s{idle_s}", b"open")
+            assert core.cluster.flush() == set()
+            ttl_ms = core.cluster.r.pttl(f"psn:s:s{idle_s}")
+            assert ttl_ms > at_least_s * 1000 - 60_000, (idle_s, ttl_ms)  # less a minute for this test
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_websocket_routed_by_session_id_attaches_only_to_that_session(server: Server) -> None:
     """/v1/stream?session_id=X is how a proxy routes a WebSocket (the attach message is out of its sight),
     so attaching to another session on that connection is refused: it would run where X's replica is."""
@@ -359,6 +381,38 @@ def test_the_ray_router_keys_on_the_session_id_in_the_url() -> None:
     for params in ({}, {"sequence_id": 0}, {"sequence_id": ""}, {"sequence_id": True}, {"sequence_id": [1]}):
         assert oip_sequence_key("m", json.dumps({"parameters": params}).encode()) is None  # any replica
     assert oip_sequence_key("m", b"{not json") is None
+    # a JSON body that is not an object, or a header length that is not a number: any replica, no error
+    for bad in (b"[1]", b'"text"', b"7"):
+        assert oip_sequence_key("m", bad) is None
+    for length in ("", "x", "-1"):  # not a length: the whole body is the JSON
+        assert oip_sequence_key("m", body, length) == "oip:m:7"
+
+
+def test_the_ray_router_keys_a_request_from_the_proxy_on_the_session_its_url_names() -> None:
+    """SessionRouter's key for a request as Ray's HTTP proxy hands it over (a pickled StreamingHTTPRequest): the
+    session in the URL, unless the client sent x-session-id itself; a request that names none keeps Ray's key
+    (the request id: spread over the replicas)."""
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[cluster]')")
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import StreamingHTTPRequest
+
+    from service.ray_router import SessionRouter
+
+    def key(path: str, query: bytes = b"", header: str = "") -> str | None:
+        request = StreamingHTTPRequest({"type": "http", "path": path, "query_string": query}, proxy_actor_name="p")
+        pending = SimpleNamespace(args=[pickle.dumps(request)],
+                                  metadata=SimpleNamespace(session_id=header, internal_request_id="request-1"))
+        return object.__new__(SessionRouter)._routing_key(pending)  # it reads the request alone
+
+    assert key("/v1/sessions/abc/steps") == key("/v1/sessions/abc") == "abc"
+    assert key("/v1/stream", b"session_id=abc&x=1") == "abc"
+    assert key("/v1/sessions/abc", header="chosen") == key("/v1/stream", b"session_id=abc", "chosen") == "chosen"
+    for path, query in (("/v1/sessions", b""), ("/v1/sessions/", b""), ("/v1/stream", b""),
+                        ("/v1/models", b"session_id=abc"), ("/metrics", b"")):
+        assert key(path, query) == "request-1", (path, query)
+    assert object.__new__(SessionRouter)._routing_key(None) is None
 
 
 def test_a_ray_replica_whose_service_is_down_answers_503_in_each_protocols_error_shape() -> None:
