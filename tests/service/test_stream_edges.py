@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from service.frontend.worker import ws_max_size
@@ -134,6 +135,21 @@ def test_an_empty_session_id_in_the_url_routes_nothing(small: Server) -> None:
         sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
     with connect(f"{small.ws_url}?session_id=") as ws:
         assert _ask(ws, {"type": "attach", "session_id": sid})["type"] == "attached"
+
+
+@pytest.mark.parametrize("query", ["session_id=a&session_id=b", "session_id=b&session_id=", "session_id=&session_id=b"])
+def test_a_url_naming_session_id_twice_is_refused_before_the_handshake(small: Server, query: str) -> None:
+    """Ray's router and HAProxy's url_param route a connection by the first session_id, while the connection
+    was pinned to the last (or to none, for an empty last one): the session then ran on a replica its other
+    requests were not routed to. A second session_id is refused with 400 in the API's shape."""
+    try:
+        with connect(f"{small.ws_url}?{query}"):
+            raise AssertionError("accepted")
+    except InvalidStatus as e:
+        r = e.response
+    err = json.loads(r.body)["error"]
+    assert r.status_code == 400 and err["code"] == "bad_request" and err["field"] == "session_id", r.body
+    assert "more than one session_id" in err["message"]
 
 
 def _metric(c: httpx.Client, line: str) -> float:

@@ -32,7 +32,7 @@ from pydantic_core import from_json
 from uvicorn.protocols.utils import ClientDisconnected
 
 from service.errors import InvalidInput, RequestTooLarge, ServiceError, UpgradeRequired, internal
-from service.frontend.auth import JSON_SUBPROTOCOL, OWNER
+from service.frontend.auth import JSON_SUBPROTOCOL, OWNER, refuse
 from service.frontend.codec import REQUEST_HEADER, ModelCodec, join_object, may_hold_booleans
 from service.frontend.deps import get_frontend
 from service.frontend.limits import ABORT
@@ -222,6 +222,10 @@ async def stream(ws: WebSocket) -> None:
     binary = BINARY_SUBPROTOCOL in offered
     # Never a psn.key.<key> entry: a browser that offers one must offer a real one too, and gets that back.
     chosen = BINARY_SUBPROTOCOL if binary else JSON_SUBPROTOCOL if JSON_SUBPROTOCOL in offered else None
+    if len(ws.query_params.getlist("session_id")) > 1:  # proxies route by the first, the connection would be pinned
+        # to another: the session would run on a replica its other requests are not routed to
+        return await refuse(ws.scope, ws.receive, ws.send, ServiceError(
+            "session_id: the URL names more than one session_id; name the session once", field="session_id"))
     await ws.accept(subprotocol=chosen, headers=[(b"x-psn-worker", str(ws.app.state.worker).encode())])
     try:
         fe = get_frontend(ws)
