@@ -578,12 +578,13 @@ class EngineCore:
             self._m[name][0].inc(steps)
         sched = self.schedulers[name]
         sched.done(batch.requests)
+        applied = {id(it.req) for items in batch.runs.values() for it in items}
         for req in batch.requests:  # an OIP sequence's end closes in the turn of its last steps, before their
             s = req.session  # answer leaves: a client's next sequence_start must find the sequence closed
             head = s.queue[0] if s.queue else None
             if head is not None and head.rid == UNANSWERED and head.op == "close":
                 sched.take_head(s)
-                if s.slot >= 0:
+                if s.slot >= 0 and id(req) in applied:  # steps refused in schedule(): the end is refused with them
                     self._close(head)
 
     def _close(self, req: Request) -> None:

@@ -250,6 +250,29 @@ def test_a_refused_sequence_request_leaves_the_sequence_as_it_was(server: Server
     assert np.asarray(r.json()["outputs"][0]["data"]).reshape(5, 4) == pytest.approx(expect[3:], rel=1e-5, abs=1e-5)
 
 
+def test_a_sequence_end_whose_steps_are_refused_does_not_end_the_sequence(server: Server, ref: Reference) -> None:
+    """An end whose steps the engine core refuses when it schedules them (past a masked model's horizon) is
+    refused whole: the close queued behind those steps must not run, so the client can send the steps that
+    fit, with the end, and get them answered (it was told 'not open' instead)."""
+    x = ref.sequence("masked", 24, seed=37).numpy().astype(np.float32)
+    too_many = np.zeros((6, 3), np.float32)
+
+    def infer(h: httpx.Client, steps: np.ndarray, **params) -> httpx.Response:
+        return h.post("/v2/models/masked/infer", json=oip_sequence(steps, "refused-end", ("scores",), **params))
+
+    with httpx.Client(base_url=server.url, timeout=20) as h:
+        assert infer(h, x[:20], sequence_start=True).status_code == 200
+        r = infer(h, too_many, sequence_end=True)  # masked T=24: 4 more fit, not 6
+        assert r.status_code == 422 and "at most 4 more fit" in r.json()["error"], r.text
+        end = infer(h, x[20:], sequence_end=True)  # steps 20..23 of the one sequence, as if nothing came between
+        assert end.status_code == 200, end.text
+        r = infer(h, x[:1])
+        assert r.status_code == 422 and "not open" in r.json()["error"], r.text  # this end did close it
+    expect = np.asarray(ref.outputs("masked", torch.from_numpy(x).double())[1])
+    assert np.asarray(end.json()["outputs"][0]["data"]).reshape(4, 4) == pytest.approx(expect[20:], rel=1e-5,
+                                                                                         abs=1e-5)
+
+
 def test_binary_outputs_travel_as_bytes_after_the_json_header(server: Server, ref: Reference) -> None:
     x = ref.sequence("sliding", 3, seed=9).numpy().astype("<f4")
     head = (b'{"inputs":[{"name":"steps","shape":[1,3,3],"datatype":"FP32","parameters":{"binary_data_size":36}}],'
