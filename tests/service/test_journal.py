@@ -12,6 +12,7 @@ import pytest
 
 from service.core.journal import (
     END,
+    FRAME,
     OPEN,
     STEPS,
     CorruptLog,
@@ -20,6 +21,7 @@ from service.core.journal import (
     Recovered,
     SessionLog,
     frame,
+    frame_parts,
     read_frames,
     read_log,
     snapshot_frame,
@@ -269,3 +271,283 @@ def test_compaction_is_due_past_its_limit_and_not_again_after_a_rewrite(tmp_path
     assert log.due
     log.rewrite([log.header("t")])
     assert not log.due
+
+
+# ----- the stores and reading a log back, found by a second mutation sweep (2026-12-07)
+
+
+def test_a_log_cut_right_after_its_first_frame_header_is_not_a_session_log() -> None:
+    a = frame([OPEN, "m", "s1", ""])
+    with pytest.raises(CorruptLog, match="not a session log"):  # a length and checksum, no body: nothing is known
+        list(read_frames(a[:FRAME.size]))
+    assert [h[2] for h, _ in read_frames(a + a[:FRAME.size])] == ["s1"]  # after a whole record: torn
+
+
+def test_a_record_with_more_bytes_than_its_arrays_is_refused() -> None:
+    f, _ = steps_frame(["a"], [0], 1, seed=1)
+    head, raw = next(read_frames(f))
+    longer = frame(head, bytes(raw) + b"\0")
+    with pytest.raises(ValueError, match="expected"):
+        read_log(frame([OPEN, "m", "a", ""]) + longer, {"m": SPEC})
+
+
+def test_a_record_behind_a_sessions_step_makes_it_unrebuildable() -> None:
+    f1, _ = steps_frame(["a"], [0], 2, seed=1)
+    f2, _ = steps_frame(["a"], [1], 1, seed=2)  # step 1 again: the log does not say which one was applied
+    assert read_log(frame([OPEN, "m", "a", ""]) + f1 + f2, {"m": SPEC}).live["a"].t == -1
+
+
+def test_recovery_keeps_only_the_retry_window_of_outputs() -> None:
+    rec = Recovered("m", "")
+    for _ in range(5):
+        rec.add_outputs(bytes(1), bytes(8), 1, 2, 1)
+    assert rec.n_outputs == 2 and len(rec.outputs) == 2
+
+
+def test_a_snapshot_holding_one_input_step() -> None:
+    inputs = np.arange(2 * 8, dtype=np.uint8).reshape(2, 1, 8)
+    snap = snapshot_frame(SPEC, ["a", "b"], ["", ""], np.array([1, 1]), 1, 0, inputs, np.zeros((2, 0, 1), np.uint8),
+                          np.zeros((2, 0, 2), np.float32), np.zeros((2, 2)))
+    st = read_log(snap, {"m": SPEC})
+    assert [(r.n_inputs, r.last_inputs(1, 8)) for r in st.live.values()] == [(1, inputs[0].tobytes()),
+                                                                            (1, inputs[1].tobytes())]
+
+
+def test_a_rewrite_replaces_records_not_yet_flushed(tmp_path) -> None:
+    """``rewrite`` replaces the log with its frames: a record collected before it must not land after them."""
+    inputs = np.zeros((1, 3, 8), np.uint8)
+    snap = snapshot_frame(SPEC, ["a"], [""], np.array([5]), 3, 0, inputs, np.zeros((1, 0, 1), np.uint8),
+                          np.zeros((1, 0, 2), np.float32), np.zeros((1, 2)))
+    store = FileStore(tmp_path)
+    log = SessionLog(store, {"m": SPEC}, compact_bytes=1 << 20)
+    log.opened("m", "a", "")  # not flushed yet
+    log.rewrite([log.header("t"), snap])
+    log.flush()
+    assert read_log(store.load(), {"m": SPEC}).live["a"].t == 5
+    store.close()
+
+
+def test_a_state_dir_is_made_with_its_parents_and_fsync_is_kept(tmp_path) -> None:
+    from service.core.journal import open_store
+
+    store = open_store(tmp_path / "a" / "b", None, True)
+    assert isinstance(store, FileStore) and store.fsync
+    store.close()
+
+
+def test_the_lock_file_names_only_the_pid_holding_it(tmp_path) -> None:
+    (tmp_path / "lock").write_text("4194303999\n")  # a longer pid left by a service before
+    store = FileStore(tmp_path)
+    assert (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
+    store.close()
+
+
+def test_fsync_after_each_append_only_when_asked_and_before_a_new_generation_takes_over(tmp_path, monkeypatch) -> None:
+    """What reaches the disk is not visible from here without pulling the power: the calls are (a spy that
+    records which file each ``os.fsync`` was for, then does it)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    for asked in (False, True):
+        d = tmp_path / str(asked)
+        store = FileStore(d, fsync=asked)
+        log = SessionLog(store, {"m": SPEC}, compact_bytes=1 << 20)
+        log.opened("m", "a", "")
+        log.flush()
+        assert synced == ([str(d / "log.0")] if asked else [])
+        synced.clear()
+        log.rewrite([log.header("t")])
+        assert synced == [str(d / "log.1.tmp")]  # the new generation is whole on disk before the old one goes
+        synced.clear()
+        store.close()
+
+
+def test_a_log_kept_aside_is_kept_whole(tmp_path) -> None:
+    from pathlib import Path
+
+    store = FileStore(tmp_path)
+    where = store.keep_aside(b"an unreadable log")
+    assert Path(where).parent == tmp_path and Path(where).read_bytes() == b"an unreadable log"
+    store.close()
+
+
+def test_redis_store_generations(tmp_path) -> None:
+    """The Redis store as a new process finds it: the newest generation, whole, and nothing else."""
+    from service.core.journal import RedisStore
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        store = RedisStore(url)
+        store.r.rpush("psn:log:1", b"left by a rewrite that did not finish")  # a crash before the switch
+        log = SessionLog(store, {"m": SPEC}, compact_bytes=1 << 20)
+        for sid in ("a", "b"):  # one chunk each
+            log.opened("m", sid, "")
+            log.flush()
+        assert set(read_log(store.load(), {"m": SPEC}).live) == {"a", "b"}
+        log.rewrite([log.header("t1"), frame([OPEN, "m", "c", ""])])
+        log.opened("m", "d", "")
+        log.flush()
+        store.close()
+        again = RedisStore(url)
+        st = read_log(again.load(), {"m": SPEC})
+        assert st.tag == "t1" and set(st.live) == {"c", "d"}
+        assert sorted(again.r.keys("psn:log:*")) == [b"psn:log:1"]  # the old generation is gone
+        where = again.keep_aside(b"an unreadable log")
+        assert again.r.get(where) == b"an unreadable log"
+        again.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_redis_store_over_a_unix_socket(tmp_path) -> None:
+    import shutil
+
+    from service.core.journal import RedisStore, open_store
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen([exe, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        store = open_store(None, f"unix://{sock}", False)
+        assert isinstance(store, RedisStore)
+        store.append([frame([OPEN, "m", "a", ""])])
+        assert set(read_log(store.load(), {"m": SPEC}).live) == {"a"}
+        store.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_rewrite_the_disk_has_no_room_for_leaves_no_half_copy(tmp_path) -> None:
+    import errno
+
+    from tests.service.test_durable import small_disk
+
+    small_disk(tmp_path / "state", "64k")
+    try:
+        store = FileStore(tmp_path / "state")
+        log = SessionLog(store, {"m": SPEC}, compact_bytes=1 << 20)
+        log.opened("m", "a", "")
+        log.flush()
+        with pytest.raises(OSError) as e:
+            log.rewrite([log.header("t"), frame([OPEN, "m", "b", ""], bytes(1 << 20))])
+        assert e.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["lock", "log.0"]  # no full, useless copy
+        log.opened("m", "c", "")
+        log.flush()  # the log goes on where it was
+        assert set(read_log(store.load(), {"m": SPEC}).live) == {"a", "c"}
+        store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_path / "state")])
+
+
+def test_an_append_cut_short_by_a_signal_writes_the_rest_in_order(tmp_path) -> None:
+    """``os.writev`` returns early when a signal comes after part of the data went out (here the log is a
+    pipe that fills up, and SIGALRM comes while the write waits): the rest follows, not a byte lost or
+    written twice."""
+    import signal
+    import threading
+
+    os.mkfifo(tmp_path / "log.0")
+    got: list[bytes] = []
+    alarmed = threading.Event()
+
+    def read() -> None:
+        with open(tmp_path / "log.0", "rb") as f:
+            alarmed.wait(30)  # the pipe stays full until the signal cut the write short
+            got.append(f.read())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    store = FileStore(tmp_path)
+    data = np.random.default_rng(0).integers(0, 255, 1 << 20, np.uint8)
+    parts = [*frame_parts([OPEN, "m", "a", ""], data), *frame_parts([OPEN, "m", "b", ""], data[:1000])]
+    old = signal.signal(signal.SIGALRM, lambda *_: alarmed.set())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        store.append(parts)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        alarmed.set()
+        store.close()
+        reader.join()
+    assert got == [b"".join(bytes(p) for p in parts)]
+
+
+def test_a_redis_store_names_no_holder_for_an_owner_key_that_names_no_connection(tmp_path) -> None:
+    from service.core.journal import RedisStore
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        RedisStore(url).close()
+        store = RedisStore(url)
+        store.r.set("psn:owner", "set by hand")  # not "<client id> <address> ...": nobody holds the log
+        store.close()
+        RedisStore(url).close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_redis_that_refuses_client_commands_is_used_without_the_check_said_once(tmp_path, caplog) -> None:
+    import redis
+
+    from service.core.journal import RedisStore
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path)
+    try:
+        redis.Redis(port=port).acl_setuser("default", enabled=True, nopass=True, commands=["+@all", "-client"],
+                                           keys=["*"], channels=["*"])
+        url = f"redis://127.0.0.1:{port}/0"
+        with caplog.at_level("WARNING", logger="psn.journal"):
+            store = RedisStore(url)
+            store.rewrite(frame([OPEN, "m", "a", ""]))
+            store.rewrite(frame([OPEN, "m", "b", ""]))
+        assert set(read_log(store.load(), {"m": SPEC}).live) == {"b"}
+        assert [r.getMessage().count("refuses CLIENT ID or CLIENT LIST") for r in caplog.records] == [1]
+        store.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stopped_redis_is_not_reachable(tmp_path) -> None:
+    """The probe that decides whether a rewrite is worth trying answers False while Redis does not answer."""
+    import signal
+
+    from service.core.journal import RedisStore
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path)
+    try:
+        store = RedisStore(f"redis://127.0.0.1:{port}/0")
+        assert store.reachable()
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert not store.reachable()
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert store.reachable()
+        store.close()
+    finally:
+        proc.kill()
+        proc.wait()
