@@ -576,3 +576,46 @@ def test_redis_gone_under_a_replica_is_logged_once(cluster, ref: Reference, tmp_
             time.sleep(0.05)  # turns with nothing to write in between
     assert a.log().count("cluster: writing to Redis failed") == 1, a.log()
     assert "Traceback" not in a.log()
+
+
+# ----- found by a mutation sweep of cluster.py (2026-12-07)
+
+
+def test_leases_and_logs_live_for_their_ttls_and_each_write_renews_them(tmp_path) -> None:
+    """A live session's lease and log expire ``PSN_CLUSTER`` live TTL after its last write or claim (not
+    after its open: an active session must never lose them); an ended session's log stays for the ended TTL,
+    so its id answers 410 there; a rewrite replaces the log and keeps its TTL."""
+    from service.core.cluster import ClusterStore
+
+    proc, port = redis_server(tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        a, b = ClusterStore(url, "A", live_ttl_s=100, ended_ttl_s=1000), ClusterStore(url, "B", live_ttl_s=100,
+                                                                                      ended_ttl_s=1000)
+        r = a.r
+        live = range(90_000, 100_001)  # ms
+
+        def ttls() -> tuple[int, int]:
+            return r.pttl("psn:lease:s"), r.pttl("psn:s:s")
+
+        def run_down() -> None:  # as if most of the TTL had passed
+            r.pexpire("psn:lease:s", 5000)
+            r.pexpire("psn:s:s", 5000)
+
+        a.add("o", "s", b"open")
+        assert a.flush() == set() and all(t in live for t in ttls()), ttls()
+        run_down()
+        a.add("a", "s", b"steps")
+        assert a.flush() == set() and all(t in live for t in ttls()), ttls()
+        run_down()
+        a.add("r", "s", b"snapshot")
+        assert a.flush() == set() and r.lrange("psn:s:s", 0, -1) == [b"snapshot"] and ttls()[1] in live, ttls()
+        run_down()
+        assert b.claim("s") == b"snapshot" and all(t in live for t in ttls()), ttls()
+        run_down()
+        assert b.claim_many(["s"]) == [b"snapshot"] and all(t in live for t in ttls()), ttls()
+        b.add("e", "s", b"end")
+        assert b.flush() == set() and r.pttl("psn:s:s") in range(990_000, 1_000_001), ttls()
+    finally:
+        proc.kill()
+        proc.wait()
