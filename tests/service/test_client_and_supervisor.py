@@ -366,6 +366,25 @@ def test_listening_again_on_a_stale_unix_socket_replaces_it(tmp_path: Path) -> N
         second.close()
 
 
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_an_engine_core_restarted_on_its_tcp_port_listens_again_at_once(host: str) -> None:
+    """The old engine core closed a connection first, so its port holds one in TIME_WAIT: the restarted one
+    must still listen there (not fail with 'address in use' for a minute), over IPv4 and IPv6."""
+    first = listen(f"tcp:{host}:0", 4)
+    port = first.getsockname()[1]
+    with socket.create_connection((host.strip("[]"), port)) as c:
+        conn, _ = first.accept()
+        conn.close()  # the engine side closes first: its end of the connection waits in TIME_WAIT
+        c.recv(1)
+    first.close()
+    second = listen(f"tcp:{host}:{port}", 4)
+    try:
+        with socket.create_connection((host.strip("[]"), port)):
+            pass
+    finally:
+        second.close()
+
 # ----- the HTTP protocol's bound on a request's head ------------------------------------------------------------
 def serve_bytes(max_bytes: int, pieces: list[bytes]) -> tuple[bytes, bool, list[str]]:
     """Feed ``pieces`` (one read each) to the front end's HTTP protocol bounded at ``max_bytes``; what it
@@ -621,6 +640,43 @@ def test_a_child_whose_parent_died_before_it_called_die_with_parent_ends_too() -
     its supervisor is killed must end as soon as it gets to the call, not serve on as an orphan."""
     _kill_the_parent_and_wait_for_its_child("_parent_of_a_late_child", 30)
 
+
+
+def _child_that_hears_of_its_parents_death() -> None:
+    """As _child_that_dies_with_its_parent, asking for SIGUSR2 and noting it in $PSN_TEST_HEARD when it comes."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import os, signal, time\n"
+                              "from service.lifetime import die_with_parent\n"
+                              "def heard(sig, _):\n    open(os.environ['PSN_TEST_HEARD'], 'w').write(str(sig))\n"
+                              "    os._exit(0)\n"
+                              "signal.signal(signal.SIGUSR2, heard)\ndie_with_parent(signal.SIGUSR2)\n"
+                              "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    print(child.pid, flush=True)
+    time.sleep(60)
+
+
+def test_die_with_parent_sends_the_signal_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's signal at the parent's death, and the one sent at once for a parent already gone, are
+    ``sig`` (the engine core asks for SIGTERM to drain; another signal would skip that), and a process
+    whose parent is the one given goes on; a process multiprocessing did not start has no spawner."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("PSN_TEST_HEARD", str(tmp_path / "heard"))
+    _kill_the_parent_and_wait_for_its_child("_child_that_hears_of_its_parents_death", 20)
+    assert (tmp_path / "heard").read_text() == str(int(signal.SIGUSR2))
+    code = ("import os, signal, sys\nfrom service.lifetime import die_with_parent, spawned_by\n"
+            "assert spawned_by() is None\ndie_with_parent(signal.SIGUSR2, parent=int(sys.argv[1]))")
+    root = Path(__file__).resolve().parents[2]
+    gone = subprocess.run([sys.executable, "-c", code, "1"], cwd=root)  # pid 1 never started it
+    assert gone.returncode == -signal.SIGUSR2
+    here = subprocess.run([sys.executable, "-c", code, str(os.getpid())], cwd=root)
+    assert here.returncode == 0
 
 def test_only_front_ends_get_the_shared_metrics_folder() -> None:
     """prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is imported: the engine core must not get it
