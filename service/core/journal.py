@@ -42,6 +42,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections import deque
@@ -64,6 +65,7 @@ IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 # write, once; after that a PING with the short timeout decides whether a rewrite is worth trying.
 REDIS_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 0.25
+KEEPALIVE_S = 20.0  # the Redis owner connection's PING (RedisStore): under the idle timeouts hosted Redis sets
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ class RedisStore:
     out. A Redis that lost the key (restarted empty) gets it back at the next rewrite, the one that
     puts the log back from memory."""
 
-    def __init__(self, url: str, prefix: str = "psn"):
+    def __init__(self, url: str, prefix: str = "psn", keepalive_s: float = KEEPALIVE_S):
         import redis  # optional dependency: only with PSN_STATE_URL
 
         self.r = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S)
@@ -274,6 +276,22 @@ class RedisStore:
             "own database (redis://HOST:PORT/DB) or, for replicas that share sessions, PSN_CLUSTER=1 "
             "(docs/cluster.md)"))
         self.gen = int(self.r.get(f"{prefix}:gen") or 0)
+        self.stopped = threading.Event()
+        if self.checked:
+            threading.Thread(target=self._keepalive, args=(keepalive_s,), name="redis-owner-keepalive",
+                             daemon=True).start()
+
+    def _keepalive(self, every_s: float) -> None:
+        """A PING on the holder's connection every ``every_s``: a Redis that closes idle clients (its
+        ``timeout`` setting, which some managed offerings set) would otherwise close it while the service
+        is quiet, and a second service would be let in. (Failures are the store's to report, at its writes.)"""
+        import redis
+
+        while not self.stopped.wait(every_s):
+            try:
+                self.hold.ping()
+            except redis.RedisError:
+                pass
 
     def _claim(self, refuse: Callable[[str], Exception]) -> None:
         """Make ``hold``'s connection the log's holder, unless another open connection holds it: then
@@ -350,6 +368,7 @@ class RedisStore:
         return key
 
     def close(self) -> None:
+        self.stopped.set()
         self.r.close()
         self.hold.close()
         self.probe.close()

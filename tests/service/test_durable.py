@@ -259,7 +259,7 @@ def test_restart_without_a_store_answers_410_for_old_ids(serve) -> None:
     assert "its sessions are lost: no PSN_STATE_DIR" in srv.log()
 
 
-def redis_server(tmp_path: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
+def redis_server(tmp_path: Path, port: int | None = None, *extra: str) -> tuple[subprocess.Popen, int]:
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server); the Redis store is "
@@ -268,7 +268,7 @@ def redis_server(tmp_path: Path, port: int | None = None) -> tuple[subprocess.Po
 
     port = port or free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dir", str(tmp_path), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     import redis
 

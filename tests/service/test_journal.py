@@ -209,6 +209,25 @@ def test_a_second_store_on_a_redis_database_in_use_is_refused_naming_the_holder(
         proc.wait(10)
 
 
+def test_the_holders_connection_outlives_a_redis_that_closes_idle_clients(tmp_path) -> None:
+    """A Redis with an idle-client timeout (here 1 s; hosted ones set minutes) closed the holder's connection
+    while the service was quiet, and a second service was then let in: the holder PINGs it."""
+    from service.core.journal import RedisStore
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path, None, "--timeout", "1")
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        first = RedisStore(url, keepalive_s=0.25)
+        time.sleep(3)  # quiet past the idle timeout
+        with pytest.raises(ValueError, match="in use by another running service"):
+            RedisStore(url)
+        first.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
 def test_bad_state_url_is_refused(url: str) -> None:
     from service.core.journal import open_store
