@@ -90,9 +90,11 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     app.add_middleware(StepsFastPath)  # innermost: JSON steps answered without FastAPI's routing (fastpath.py)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(SessionGate)  # refuses a full session's steps before BodyLimit reads the body
+    # what AccessControl lets through: a keyless or foreign-origin WebSocket is refused (401/403) before
+    # the limit would accept it to say the server is full
+    app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)
     app.add_middleware(AccessControl, settings=settings)  # before anything reads a body: keys, Origin
     add_cors(app, settings)  # outside AccessControl: answers preflights (no key), adds CORS headers to refusals
-    app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)  # counts everything
     app.add_middleware(HeadAsGet)  # outermost: every layer and route sees a HEAD as the GET it is
     install_error_handlers(app)
     for r in (models.router, sessions.router, stream.router, classify.router, health.router, oip.router,

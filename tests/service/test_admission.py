@@ -171,6 +171,27 @@ def test_a_client_that_stops_reading_is_disconnected(serve) -> None:
 KEY_A, KEY_B = "gate-key-a-0123456789abcdef", "gate-key-b-0123456789abcdef"
 
 
+def test_at_the_connection_limit_a_handshake_without_a_key_is_still_refused_401(serve) -> None:
+    """The connection limit sat outside access control: at the limit a WebSocket handshake with no key (or from
+    a foreign origin) was accepted (101) to be told the server was full, where docs/api.md says a handshake
+    without a key is never accepted. It is refused for the key or origin first, full or not."""
+    srv = serve(max_connections=1, api_keys=KEY_A)
+    with ws_client.connect(srv.ws_url, additional_headers={"Authorization": f"Bearer {KEY_A}"}) as a:
+        a.send(json.dumps({"type": "open", "model": "sliding"}))
+        assert json.loads(a.recv(timeout=5))["type"] == "opened"
+        for headers, status in (({}, 401), ({"Authorization": f"Bearer {KEY_A}", "Origin": "https://x.example"}, 403)):
+            try:
+                with ws_client.connect(srv.ws_url, additional_headers=headers):
+                    raise AssertionError(f"accepted: {headers}")
+            except websockets.exceptions.InvalidStatus as e:
+                assert e.response.status_code == status, (headers, e.response.body)
+        with ws_client.connect(srv.ws_url, additional_headers={"Authorization": f"Bearer {KEY_A}"}) as c:
+            assert json.loads(c.recv(timeout=5))["error"]["code"] == "too_many_connections"
+        assert httpx.post(f"{srv.url}/v1/sessions", json={"model": "sliding"}).status_code == 401
+
+
+
+
 def test_a_full_session_is_refused_by_the_front_end_without_the_engine_or_the_body(serve) -> None:
     """Past PSN_SESSION_QUEUE unanswered requests of one session, the front end answers 429 itself: with the
     engine core stopped (it could not answer), and before a body that never arrives; per key; and the bound
