@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -32,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings, key_hash, loopback_name
 from service.errors import HostNotAllowed, OriginNotAllowed, ServiceError, Unauthorized
-from service.frontend.limits import OWNER, count_error
+from service.frontend.limits import OWNER, count_error, send_json_error
 
 KEY_SUBPROTOCOL = "psn.key."  # a WebSocket subprotocol entry that carries the key (browsers)
 JSON_SUBPROTOCOL = "psn.json.v1"  # JSON frames (the default), for browsers that must name a subprotocol
@@ -169,12 +170,46 @@ class AccessControl:
         await self.app(scope, receive, send)
 
 
+# what a refused preflight asked for that is not allowed (Starlette's word) -> the request header that asked
+PREFLIGHT_FIELDS = {"origin": "Origin", "method": "Access-Control-Request-Method",
+                    "headers": "Access-Control-Request-Headers",
+                    "private-network": "Access-Control-Request-Private-Network"}
+
+
+class PreflightRefusal:
+    """A refused CORS preflight answered in the API's shape (``/v2``: the protocol's) and counted, with the
+    CORS headers Starlette gave it, instead of Starlette's plain-text 'Disallowed CORS method'."""
+
+    def __init__(self, err: ServiceError, headers: list[tuple[bytes, bytes]]):
+        self.err, self.headers = err, headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json_error(scope, send, self.err, self.headers)
+
+
+class Cors(CORSMiddleware):
+    def preflight_response(self, request_headers: Any) -> Any:
+        r = super().preflight_response(request_headers)
+        if r.status_code != 400:
+            return r
+        failures = bytes(r.body).decode().removeprefix("Disallowed CORS ").split(", ")
+        asked = [PREFLIGHT_FIELDS.get(f, f) for f in failures]
+        if "Origin" in asked:
+            err: ServiceError = OriginNotAllowed(f"Origin: {request_headers['origin']!r} may not use this API "
+                                                 "(PSN_ALLOWED_ORIGINS)", field="Origin")
+        else:
+            err = ServiceError(f"{asked[0]}: not allowed here (methods {', '.join(sorted(self.allow_methods))}; "
+                               f"headers {', '.join(sorted(self.allow_headers))})", field=asked[0])
+        keep = [(k, v) for k, v in r.raw_headers if k not in (b"content-type", b"content-length")]
+        return PreflightRefusal(err, keep)
+
+
 def add_cors(app: FastAPI, settings: Settings) -> None:
     """CORS for PSN_ALLOWED_ORIGINS (nothing to add without a list: a same-origin page needs none). Add it
     outside AccessControl, so a preflight (which carries no key) is answered and refusals carry CORS headers."""
     if not settings.origins:
         return
-    app.add_middleware(CORSMiddleware, allow_origins=list(settings.origins), allow_methods=["GET", "POST", "DELETE"],
+    app.add_middleware(Cors, allow_origins=list(settings.origins), allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["authorization", "content-type", "inference-header-content-length"],
                        expose_headers=["retry-after", "inference-header-content-length", "x-psn-worker"],
                        max_age=600)
