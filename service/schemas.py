@@ -136,6 +136,9 @@ class Health(BaseModel):
     engine_pid: int | None = Field(None, description="/healthz: the engine core's process id (null: not connected)")
     replica: str | None = Field(None, description="/healthz: this replica's id (PSN_REPLICA_ID) when replicas share "
                                 "sessions (PSN_CLUSTER), else null")
+    session_store: Literal["ok", "failing"] | None = Field(
+        None, description="/readyz: the session store (PSN_STATE_DIR, PSN_STATE_URL): failing while writes to it fail "
+        "(the service answers on, but steps answered then may not survive a restart); null without one")
 
 
 # ----- WebSocket messages (JSON text frames on /v1/stream) ----------------------------------

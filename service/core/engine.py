@@ -177,7 +177,16 @@ class EngineCore:
                 "engine": {"pid": os.getpid(), "ready": self.ready, "idle_timeout_s": self.settings.idle_timeout_s}}
 
     def ping(self, front: bytes, rid: int) -> dict:
-        return {"ready": self.ready and not self.closing}
+        return {"ready": self.ready and not self.closing, "session_store": self.store_state()}
+
+    def store_state(self) -> str | None:
+        """What /readyz says of the session store: None without one, "failing" while writes to it fail (the
+        service answers on, its new steps not durable: psn_session_log_stale), else "ok"."""
+        if self.cluster is not None:
+            return "failing" if self._log_failures else "ok"
+        if self.log is None:
+            return None
+        return "failing" if self._log_stale else "ok"
 
     def runner(self, name: Any) -> ModelRunner:
         r = self.runners.get(name) if isinstance(name, str) else None

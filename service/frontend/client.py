@@ -219,10 +219,14 @@ class EngineClient:
 
     async def ping(self, timeout: float) -> bool:
         """True if the engine core answers as ready within ``timeout`` seconds."""
+        return (await self.readiness(timeout)) is not None
+
+    async def readiness(self, timeout: float) -> dict | None:
+        """The engine core's answer to ``ping`` if it answers as ready within ``timeout`` seconds, else None."""
         if not self.connected:
-            return False
+            return None
         try:
             res = await asyncio.wait_for(self.call("ping"), timeout)
         except (TimeoutError, ServiceError):
-            return False
-        return bool(res.get("ready"))
+            return None
+        return res if res.get("ready") else None

@@ -25,6 +25,7 @@ def test_health_ready_metrics(client: httpx.Client) -> None:
     assert set(h) == {"status", "worker", "pid", "engine_pid", "replica"} and h["replica"] is None, h
     r = client.get("/readyz")
     assert r.status_code == 200 and r.json()["status"] == "ready"
+    assert r.json()["session_store"] is None  # no PSN_STATE_DIR / PSN_STATE_URL here
     assert client.get("/v1/models/nope").status_code == 404
     text = client.get("/metrics").text
     for name in ("psn_sessions", "psn_queue_depth", "psn_batch_size", "psn_step_latency_seconds",

@@ -69,7 +69,7 @@ def _started(tmp_path_factory: pytest.TempPathFactory, **settings):
 
 @pytest.fixture(scope="module")
 def shipped_server(tmp_path_factory: pytest.TempPathFactory):
-    srv = _started(tmp_path_factory)
+    srv = _started(tmp_path_factory, state_dir=tmp_path_factory.mktemp("state"))  # durable, as in the Docker image
     yield srv
     srv.stop()
 

@@ -378,9 +378,12 @@ def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Refe
         proc.wait(10)
         run_streams(streams, stop_at=2 * T // 3)  # answered while Redis is away
         assert "\npsn_session_log_stale 1.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
+        ready = httpx.get(f"{srv.url}/readyz", timeout=10)  # still ready (it serves), and says what fails
+        assert ready.status_code == 200 and ready.json()["session_store"] == "failing", ready.text
         proc, _ = redis_server(tmp_path, port)
         wait_log_rewritten(srv)
         assert "\npsn_session_log_stale 0.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
+        assert httpx.get(f"{srv.url}/readyz", timeout=10).json()["session_store"] == "ok"
         kill_the_engine_and_finish(srv, streams, ref)
     finally:
         proc.kill()

@@ -37,8 +37,9 @@ def with_label(text: str, name: str, value: str) -> str:
     return "\n".join(out) + "\n"
 
 
-@router.get("/healthz", response_model=Health, response_model_exclude={"models"},  # /readyz's: [] here would
-            summary="Liveness: this front-end process answers")  # tell an operator that no model is served
+# /readyz's fields left out: "models": [] here would tell an operator that no model is served
+@router.get("/healthz", response_model=Health, response_model_exclude={"models", "session_store"},
+            summary="Liveness: this front-end process answers")
 async def healthz(request: Request) -> dict:
     fe = getattr(request.app.state, "frontend", None)
     hello = fe.client.hello if fe is not None and fe.client.connected else None
@@ -50,10 +51,12 @@ async def healthz(request: Request) -> dict:
             summary="Readiness: the engine core answers, its models are loaded and warmed up, not shutting down")
 async def readyz(request: Request) -> JSONResponse:
     fe = getattr(request.app.state, "frontend", None)
-    if fe is None or not await fe.client.ping(timeout=1.0):
+    ready = await fe.client.readiness(timeout=1.0) if fe is not None else None
+    if ready is None:
         return JSONResponse({"status": "not_ready", "models": [], "worker": request.app.state.worker},
                             status_code=503, headers={"Retry-After": "1"})
-    return JSONResponse({"status": "ready", "models": sorted(fe.models), "worker": request.app.state.worker})
+    return JSONResponse({"status": "ready", "models": sorted(fe.models), "worker": request.app.state.worker,
+                         "session_store": ready.get("session_store")})
 
 
 @router.get("/metrics", summary="Prometheus metrics: the engine core's and this front end's", response_class=Response)
