@@ -48,6 +48,9 @@ class Engine(FakeEngine):
     async def ping(self, timeout: float) -> bool:
         return self.connected
 
+    async def readiness(self, timeout: float) -> dict | None:
+        return {"ready": True, "session_store": None} if self.connected else None
+
 
 def app_client(**settings: Any) -> tuple[httpx.AsyncClient, Engine]:
     """The app with the state its lifespan sets up, over the fake engine core (connected, one model "m")."""
@@ -56,7 +59,7 @@ def app_client(**settings: Any) -> tuple[httpx.AsyncClient, Engine]:
     engine = Engine()
     app.state.frontend = Frontend(s, engine, app.state.metrics, 0)
     engine.on_hello({"models": [INFO]})
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), engine
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost"), engine
 
 
 STEPS = {"steps": [[0.5, 1.0]]}
