@@ -246,7 +246,8 @@ class FileStore:
 
 
 class StoreTaken(OSError):
-    """Another running service holds this Redis session log (``RedisStore``): a store failure to this one."""
+    """This service may not write the Redis session log as it stands (``RedisStore``): another running service
+    holds it, or the connection that held it was dropped; a store failure to this one."""
 
 
 class RedisStore:
@@ -258,8 +259,9 @@ class RedisStore:
     the same Redis database is refused while it is open, as ``FileStore``'s lock refuses one on the same
     folder. When the holder's process ends, even by kill -9, the kernel closes the connection and Redis
     drops it at once, so a restarted service takes the log back without waiting for a lease to run
-    out. A Redis that lost the key (restarted empty) gets it back at the next rewrite, the one that
-    puts the log back from memory."""
+    out. A Redis that dropped that connection (restarted, empty or not) is seen by the keepalive, which
+    claims the key again; the next append then fails, so the engine core rewrites the log from memory
+    (a Redis restarted empty lost it) and claims it there too."""
 
     def __init__(self, url: str, prefix: str = "psn", keepalive_s: float = KEEPALIVE_S):
         import redis  # optional dependency: only with PSN_STATE_URL
@@ -270,6 +272,8 @@ class RedisStore:
         self.prefix = prefix
         self.r.ping()
         self.checked = True
+        self.holder: int | None = None  # hold's client id when it claimed the key
+        self.lost = False  # hold came back as another connection (Redis restarted): appends fail until a rewrite
         self._claim(lambda held: BadSetting(
             f"PSN_STATE_URL: the session log on this Redis database is in use by another running service "
             f"({held}); two services on one session log would overwrite each other's records: give each its "
@@ -284,13 +288,20 @@ class RedisStore:
     def _keepalive(self, every_s: float) -> None:
         """A PING on the holder's connection every ``every_s``: a Redis that closes idle clients (its
         ``timeout`` setting, which some managed offerings set) would otherwise close it while the service
-        is quiet, and a second service would be let in. (Failures are the store's to report, at its writes.)"""
+        is quiet, and a second service would be let in. (Failures are the store's to report, at its writes.)
+
+        The connection answering with another client id means Redis dropped it (restarted, killed it) and
+        redis-py reconnected, as it does under the appends too without a word: the key no longer names it,
+        and a Redis restarted empty lost the log as well. So the key is claimed again at once, and ``lost``
+        makes the next append fail, which has the engine core rewrite the log from memory."""
         import redis
 
         while not self.stopped.wait(every_s):
             try:
-                self.hold.ping()
-            except redis.RedisError:
+                if self.hold.client_id() != self.holder:
+                    self.lost = True
+                    self._claim(lambda held: StoreTaken(f"taken by another running service ({held})"))
+            except (redis.RedisError, StoreTaken):
                 pass
 
     def _claim(self, refuse: Callable[[str], Exception]) -> None:
@@ -316,6 +327,7 @@ class RedisStore:
                         p.multi()
                         p.set(key, mine)
                         p.execute()
+                        self.holder = me
                         return
                     except redis.WatchError:  # another service got there between the read and the write
                         continue
@@ -348,9 +360,13 @@ class RedisStore:
         return b"".join(self.r.lrange(self._key(self.gen), 0, -1))
 
     def append(self, parts: list[Buffer]) -> None:
+        if self.lost:
+            raise StoreTaken("the Redis connection that holds the session log was dropped (Redis restarted?); "
+                             "the log is to be rewritten from memory")
         self.r.rpush(self._key(self.gen), b"".join(parts))
 
     def rewrite(self, data: bytes) -> None:
+        self.lost = False  # this rewrite puts back what a Redis restarted empty lost, and claims the key
         self._claim(lambda held: StoreTaken(f"the session log on this Redis database was taken by another running "
                                             f"service ({held}) while Redis was away: not written over"))
         new = self.gen + 1

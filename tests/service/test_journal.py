@@ -228,6 +228,38 @@ def test_the_holders_connection_outlives_a_redis_that_closes_idle_clients(tmp_pa
         proc.wait(10)
 
 
+def test_a_redis_restarted_empty_has_the_log_and_its_holder_back(tmp_path) -> None:
+    """redis-py reconnects under the appends without a word, so a Redis restarted empty took appends on a
+    log that had lost its head, and with the key gone a second service was let in: the keepalive sees the
+    holder's connection come back as another, claims the key again and fails the next append, so the engine
+    core rewrites the log from memory."""
+    from service.core.journal import RedisStore, StoreTaken
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        first = RedisStore(url, keepalive_s=0.1)
+        first.rewrite(b"head")
+        proc.terminate()
+        proc.wait(10)
+        proc, _ = redis_server(tmp_path, port)  # empty: --save "" --appendonly no
+        deadline = time.monotonic() + 10
+        with pytest.raises(StoreTaken, match="dropped"):
+            while time.monotonic() < deadline:
+                first.append([b"step"])
+                time.sleep(0.05)
+        with pytest.raises(ValueError, match="in use by another running service"):
+            RedisStore(url)
+        first.rewrite(b"head step")  # what the engine core's retry does
+        first.append([b" more"])
+        assert first.load() == b"head step more"
+        first.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
 def test_bad_state_url_is_refused(url: str) -> None:
     from service.core.journal import open_store
