@@ -268,13 +268,21 @@ def ws_protocol(count: Callable[[str], None] | None = None,
             self.messages += 1
             super().send_receive_event_to_app()
 
+        async def receive(self) -> Any:
+            message = await super().receive()
+            if read_timeout_s is not None:
+                self.watch_partial(False)  # reading resumed (the app took the message queued): the clock runs again
+            return message
+
         def watch_partial(self, completed: bool) -> None:
             """Time the message under way from its first byte: a frame begun (bytes websockets holds unparsed)
-            or a message of several frames begun; a message read whole ends its clock."""
+            or a message of several frames begun; a message read whole ends its clock. Not while reading is
+            paused (a whole message waits for the app, busy with the one before): the rest of this one may be
+            sent and waiting unread, so its clock starts again, whole, when reading resumes."""
             if completed and self.partial_timer is not None:
                 self.partial_timer.cancel()
                 self.partial_timer = None
-            partial = bool(self.conn.reader.buffer) or bool(self.frames)
+            partial = (bool(self.conn.reader.buffer) or bool(self.frames)) and not self.read_paused
             if not partial and self.partial_timer is not None:
                 self.partial_timer.cancel()
                 self.partial_timer = None

@@ -389,3 +389,44 @@ async def steady_stream() -> None:
     protocol.data_received(client_frame(b"cut", announce=10))
     await clock.advance(TIMEOUT)
     assert transport.is_closing()
+
+
+def test_a_message_left_unread_while_the_app_is_busy_is_not_timed_out(serve: Callable[..., Server],
+                                                                       ref: Reference) -> None:
+    """uvicorn stops reading while a whole message waits for the app (busy with the one before), so the
+    rest of a message begun in the same read may be sent and wait unread in the kernel: its clock ran on,
+    and a client that pipelines its steps was closed 1008 read_timeout while the engine core was slow. The
+    clock stops while reading is paused. (The engine core is stopped here for longer than the timeout.)"""
+    import os
+    import signal
+
+    srv = serve(read_timeout_s=1.0)
+    engine = httpx.get(f"{srv.url}/healthz", timeout=10).json()["engine_pid"]
+    x = ref.sequence("sliding", 3, seed=5)
+    with ws_client.connect(srv.ws_url) as ws:
+        ws.send(json.dumps({"type": "open", "model": "sliding"}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "opened"
+        steps = [client_frame_long(json.dumps({"type": "steps", "steps": x[i:i + 1].tolist()}).encode())
+                 for i in range(3)]
+        os.kill(engine, signal.SIGSTOP)
+        try:
+            ws.socket.sendall(steps[0])  # the app takes it and waits on the stopped engine core
+            time.sleep(0.3)
+            ws.socket.sendall(steps[1] + steps[2][:-5])  # the second waits whole, reading pauses; the third begun
+            time.sleep(0.3)
+            ws.socket.sendall(steps[2][-5:])  # the third sent whole, left unread
+            time.sleep(2.5)  # past the read timeout
+        finally:
+            os.kill(engine, signal.SIGCONT)
+        for i in range(3):
+            answer = json.loads(ws.recv(timeout=10))
+            assert answer["type"] == "steps" and answer["start"] == i, answer
+            assert_outputs(answer["outputs"], ref.outputs("sliding", x), start=i)
+
+
+def client_frame_long(payload: bytes) -> bytes:
+    """A masked final text frame of ``payload`` (any length under 64 KiB)."""
+    mask = b"\x01\x02\x03\x04"
+    n = len(payload)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
