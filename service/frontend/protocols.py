@@ -293,6 +293,9 @@ def ws_protocol(count: Callable[[str], None] | None = None,
             self.partial_timer = None
             if self.transport.is_closing():
                 return
+            if self.close_sent:  # the app closed first, and the client stalls mid-message instead of answering:
+                self.transport.close()  # a second close frame would be a protocol error (InvalidState)
+                return
             log.info("websocket closed: a message not sent in full within %g s of its first byte", read_timeout_s)
             if count is not None:
                 count("read_timeout")

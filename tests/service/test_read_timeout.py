@@ -357,17 +357,12 @@ class EchoApp:
             self.messages.append(msg["text"])
 
 
-def test_a_steady_stream_of_whole_messages_is_never_timed_out() -> None:
-    """Each message starts the clock again, even when no read ends on a message boundary (a client that
-    streams long messages back to back): only one message taking the read timeout closes the connection."""
-    asyncio.run(steady_stream())
-
-
-async def steady_stream() -> None:
+async def ws_connected(app: Any) -> tuple[Any, Transport, Clock]:
+    """The front end's WebSocket protocol (read timeout ``TIMEOUT``, timers on a ``Clock``) after a handshake
+    that ``app`` accepts; no pings, which this client would leave unanswered."""
     from service.frontend.protocols import ws_protocol
 
-    app = EchoApp()
-    config = uvicorn.Config(app, log_level="warning", ws_ping_interval=None)  # no pings to leave unanswered
+    config = uvicorn.Config(app, log_level="warning", ws_ping_interval=None)
     config.load()
     clock = Clock(asyncio.get_running_loop())
     protocol = ws_protocol(None, TIMEOUT)(config=config, server_state=ServerState(), app_state={}, _loop=clock)
@@ -378,6 +373,19 @@ async def steady_stream() -> None:
                            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                            b"Sec-WebSocket-Version: 13\r\n\r\n")
     await settle()
+    return protocol, transport, clock
+
+
+def test_a_steady_stream_of_whole_messages_is_never_timed_out() -> None:
+    """Each message starts the clock again, even when no read ends on a message boundary (a client that
+    streams long messages back to back): only one message taking the read timeout closes the connection."""
+    asyncio.run(steady_stream())
+
+
+async def steady_stream() -> None:
+
+    app = EchoApp()
+    protocol, transport, clock = await ws_connected(app)
     assert bytes(transport.out).startswith(b"HTTP/1.1 101")
     stream = b"".join(client_frame(b"message %d" % i) for i in range(8))
     cut = len(stream) // 8 + 3  # every read ends inside a frame
@@ -430,3 +438,30 @@ def client_frame_long(payload: bytes) -> bytes:
     n = len(payload)
     head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class CloseAfterOneApp(EchoApp):
+    """Accepts, reads one message, closes."""
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        self.messages.append((await receive())["text"])
+        await send({"type": "websocket.close", "code": 1000})
+
+
+def test_a_message_cut_short_after_the_app_closed_is_dropped_quietly() -> None:
+    """The app closed the connection, and the client, instead of answering the close, stalls in the middle of
+    its next message: at the read timeout the connection is dropped (a second close frame raised InvalidState
+    in the timer's callback, logged as an error with its traceback)."""
+    asyncio.run(closed_then_stalled())
+
+
+async def closed_then_stalled() -> None:
+    app = CloseAfterOneApp()
+    protocol, transport, clock = await ws_connected(app)
+    protocol.data_received(client_frame(b"one") + client_frame(b"cut", announce=10))
+    await settle()
+    assert app.messages == ["one"] and protocol.close_sent and not transport.is_closing()
+    await clock.advance(TIMEOUT)  # raised InvalidState here
+    assert transport.is_closing()
