@@ -3,6 +3,7 @@ end's /metrics); the front ends add theirs, summed over all workers."""
 
 from __future__ import annotations
 
+import glob
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -33,6 +34,23 @@ class EngineMetrics:
                                "are not in the log, and a restart would lose them", registry=r)
 
 
+class SharedFolderCollector(MultiProcessCollector):
+    """prometheus_client's collector over the front ends' shared folder, less the files of a front end that
+    is starting this very moment: prometheus_client creates a process's file, then sizes it; read in between
+    (0 bytes) it raised struct.error, and the scrape that landed then was answered 500."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        files = [f for f in glob.glob(os.path.join(self._path, "*.db")) if _size(f) > 0]
+        return self.merge(files, accumulate=True)
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:  # a dead front end's live gauge file, removed since the glob
+        return 0
+
+
 class FrontendMetrics:
     """Front-end metrics. Under the supervisor, ``PROMETHEUS_MULTIPROC_DIR`` is set for the front ends
     (prometheus_client's multiprocess mode): every worker's /metrics then reports the sum over all
@@ -59,6 +77,6 @@ class FrontendMetrics:
     def text(self) -> str:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            SharedFolderCollector(registry)
             return generate_latest(registry).decode()
         return generate_latest(self.registry).decode()
