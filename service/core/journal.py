@@ -250,6 +250,11 @@ class StoreTaken(OSError):
     holds it, or the connection that held it was dropped; a store failure to this one."""
 
 
+class StoreLost(OSError):
+    """The Redis session log is gone from under the service (Redis restarted empty, or flushed): a store
+    failure, so the engine core rewrites the log from memory."""
+
+
 class RedisStore:
     """``<prefix>:gen`` names the current generation; ``<prefix>:log:<g>`` is a list of appended chunks.
     A new generation is written, then ``gen`` switched and the old list deleted in one transaction.
@@ -360,10 +365,21 @@ class RedisStore:
         return b"".join(self.r.lrange(self._key(self.gen), 0, -1))
 
     def append(self, parts: list[Buffer]) -> None:
+        """Append to the current generation, checking in the same transaction that Redis still names it: a
+        Redis restarted empty between two writes takes the append (a new connection, an empty list) into a
+        log with no header and no sessions, and no ``gen`` key to find it by, so a restart then lost every
+        session while each write had succeeded. Refused as a store failure instead (the record pushed to the
+        stray list is deleted by the rewrite from memory that follows, which switches away from it)."""
         if self.lost:
             raise StoreTaken("the Redis connection that holds the session log was dropped (Redis restarted?); "
                              "the log is to be rewritten from memory")
-        self.r.rpush(self._key(self.gen), b"".join(parts))
+        with self.r.pipeline(transaction=True) as p:
+            p.get(f"{self.prefix}:gen")
+            p.rpush(self._key(self.gen), b"".join(parts))
+            gen, _ = p.execute()
+        if int(gen or 0) != self.gen:
+            raise StoreLost(f"the session log is gone from Redis (generation {self.gen}, Redis names "
+                            f"{int(gen or 0)}): restarted empty or flushed; it is rewritten from memory")
 
     def rewrite(self, data: bytes) -> None:
         self.lost = False  # this rewrite puts back what a Redis restarted empty lost, and claims the key

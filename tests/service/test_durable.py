@@ -390,6 +390,29 @@ def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Refe
         proc.wait(10)
 
 
+def test_redis_restarted_empty_between_two_writes_loses_no_session(serve, ref: Reference, tmp_path: Path) -> None:
+    """Redis restarts empty while the service is quiet, so no write fails while it is away. The next append
+    went through (a new connection, an empty list) into a log with no header, no sessions and no ``gen`` key
+    naming it: /readyz said the store was "ok", and a kill -9 then lost every session (410 session_lost).
+    The append now checks in the same transaction that Redis still names its generation, so it fails as a
+    store failure, the log is rewritten from memory, and a kill -9 after that loses nothing (found by the
+    race hunt's Redis restarts)."""
+    proc, port = redis_server(tmp_path)
+    try:
+        srv = serve(state_url=f"redis://127.0.0.1:{port}/0")
+        streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(4)]
+        run_streams(streams, stop_at=T // 3)
+        proc.kill()
+        proc.wait(10)
+        proc, _ = redis_server(tmp_path, port)  # back empty before the service wrote again
+        run_streams(streams, stop_at=2 * T // 3)
+        wait_log_rewritten(srv)
+        kill_the_engine_and_finish(srv, streams, ref)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("keys", [False, True], ids=["open", "api-keys"])
 def test_a_watching_websocket_still_hears_of_expiry_after_the_engine_restarted(serve, tmp_path: Path,
                                                                                keys: bool) -> None:
