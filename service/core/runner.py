@@ -120,11 +120,18 @@ class ModelRunner:
     # ----- durable sessions (service/core/journal.py) -------------------------------------------
     @property
     def sums_dtype(self) -> np.dtype:
+        """The score sums' dtype in the log: the backend's, but numpy has no bfloat16, so those are kept as their
+        raw 16-bit patterns (uint16), bit for bit."""
+        if self.backend.dtype == torch.bfloat16:
+            return np.dtype(np.uint16)
         return np.dtype(str(self.backend.dtype).removeprefix("torch."))
 
     def score_sums(self, slots: np.ndarray) -> np.ndarray:
-        """(B, C) running readout sums of ``slots``, in the backend's dtype."""
-        return self.backend.score_sums(torch.from_numpy(slots)).numpy()
+        """(B, C) running readout sums of ``slots``, in ``sums_dtype``."""
+        sums = self.backend.score_sums(torch.from_numpy(slots))
+        if sums.dtype == torch.bfloat16:
+            return sums.view(torch.int16).numpy().view(np.uint16)
+        return sums.numpy()
 
     def rebuild(self, slots: np.ndarray, t0: np.ndarray, payloads: list[bytes], n: int, sums: np.ndarray) -> None:
         """Put recovered sessions back: from zero windows at steps ``t0`` replay their last ``n`` inputs
@@ -138,15 +145,17 @@ class ModelRunner:
                 replay(x, idx)
             else:
                 self.backend.run(x, idx)
-        self.backend.set_score_sums(idx, torch.from_numpy(sums))
+        back = torch.from_numpy(sums.view(np.int16)).view(torch.bfloat16) if self.backend.dtype == torch.bfloat16 \
+            else torch.from_numpy(sums)
+        self.backend.set_score_sums(idx, back)
 
     def log_spec(self, window: int, backend_name: str) -> LogSpec:
         net = getattr(self.backend.model, "net", None)
         return LogSpec(name=self.name, row=self.input_size * self.wire.itemsize, spike_bytes=self.spike_bytes,
                        classes=self.classes, wire=self.wire, sums=self.sums_dtype,
                        replay=net.replay_steps if net is not None and self.streams else None, window=window,
-                       fingerprint=fingerprint(self.backend.model.path / WEIGHTS_FILE, self.sums_dtype.name,
-                                               backend_name))
+                       fingerprint=fingerprint(self.backend.model.path / WEIGHTS_FILE,
+                                               str(self.backend.dtype).removeprefix("torch."), backend_name))
 
     def warmup(self) -> None:
         def zeros(n: int) -> bytes:

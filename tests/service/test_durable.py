@@ -281,6 +281,30 @@ def redis_server(tmp_path: Path, port: int | None = None, *extra: str) -> tuple[
             time.sleep(0.05)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_kill_9_at_a_half_precision_dtype(serve, ref: Reference, tmp_path: Path, dtype: str) -> None:
+    """PSN_DTYPE=bfloat16 with a session store: the engine core logs each session's score sums in the
+    backend's dtype, which it named to numpy, which has no bfloat16, so the engine core died at start
+    (TypeError: data type 'bfloat16' not understood) and the service never came up. The sums are now logged
+    as their raw 16-bit patterns. A session killed mid-stream continues as a fresh one fed the same inputs
+    answers (the step form does not depend on how the steps were chunked)."""
+    srv = serve(dtype=dtype, state_dir=tmp_path / "state")
+    x = ref.sequence("sliding", 12, seed=7).tolist()
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        first = c.post(f"/v1/sessions/{sid}/steps", json={"steps": x[:6]}).json()["outputs"]
+        pid = engine_pid(srv)
+        os.kill(pid, signal.SIGKILL)
+        wait_new_engine(srv, pid)
+        again = c.post(f"/v1/sessions/{sid}/steps", json={"start": 4, "steps": x[4:]})
+        assert again.status_code == 200, again.text
+        assert again.json()["replayed"] == 2 and again.json()["outputs"][:2] == first[4:]  # the retry window too
+        fresh = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        whole = c.post(f"/v1/sessions/{fresh}/steps", json={"steps": x}).json()["outputs"]
+    assert first + again.json()["outputs"][2:] == whole
+    assert "recovered 1 sessions (0 lost)" in srv.log()
+
+
 def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> None:
     proc, port = redis_server(tmp_path)
     try:
