@@ -285,6 +285,7 @@ class RedisStore:
             "own database (redis://HOST:PORT/DB) or, for replicas that share sessions, PSN_CLUSTER=1 "
             "(docs/cluster.md)"))
         self.gen = int(self.r.get(f"{prefix}:gen") or 0)
+        self.length = int(self.r.llen(self._key(self.gen)))  # chunks in the generation: each append adds one
         self.stopped = threading.Event()
         if self.checked:
             threading.Thread(target=self._keepalive, args=(keepalive_s,), name="redis-owner-keepalive",
@@ -376,10 +377,15 @@ class RedisStore:
         with self.r.pipeline(transaction=True) as p:
             p.get(f"{self.prefix}:gen")
             p.rpush(self._key(self.gen), b"".join(parts))
-            gen, _ = p.execute()
+            gen, length = p.execute()
         if int(gen or 0) != self.gen:
             raise StoreLost(f"the session log is gone from Redis (generation {self.gen}, Redis names "
                             f"{int(gen or 0)}): restarted empty or flushed; it is rewritten from memory")
+        if length != self.length + 1:
+            # a Redis brought back from an older snapshot still names the generation, but lacks the newest records
+            raise StoreLost(f"the session log in Redis holds {length - 1} chunks where this service wrote "
+                            f"{self.length}: restored from an older snapshot?; it is rewritten from memory")
+        self.length = length
 
     def rewrite(self, data: bytes) -> None:
         self.lost = False  # this rewrite puts back what a Redis restarted empty lost, and claims the key
@@ -392,7 +398,7 @@ class RedisStore:
             p.set(f"{self.prefix}:gen", new)
             p.delete(self._key(self.gen))
             p.execute()
-        self.gen = new
+        self.gen, self.length = new, 1
 
     def keep_aside(self, data: bytes) -> str:
         key = f"{self.prefix}:unreadable:{self.gen}:{int(time.time())}"

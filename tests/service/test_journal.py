@@ -265,6 +265,38 @@ def test_a_redis_restarted_empty_has_the_log_and_its_holder_back(tmp_path) -> No
         proc.wait(10)
 
 
+def test_a_redis_brought_back_from_an_older_snapshot_fails_the_next_append(tmp_path) -> None:
+    """A Redis restored from an older snapshot (RDB, AOF) still names the log's generation, so the generation
+    check let appends go on after records the snapshot lacked: a restart then rebuilt sessions at older steps.
+    The append counts the generation's chunks, and one short of what this service wrote fails as lost."""
+    import redis
+
+    from service.core.journal import RedisStore, StoreLost
+    from tests.service.test_durable import redis_server
+
+    proc, port = redis_server(tmp_path)
+    try:
+        store = RedisStore(f"redis://127.0.0.1:{port}/0")
+        store.rewrite(b"head")
+        store.append([b" a"])
+        store.append([b" b"])
+        assert store.load() == b"head a b"
+        redis.Redis(port=port).rpop(f"psn:log:{store.gen}")  # the snapshot was taken before " b"
+        with pytest.raises(StoreLost, match="holds 2 chunks where this service wrote 3"):
+            store.append([b" c"])
+        store.rewrite(b"head a b c")  # what the engine core's retry does
+        store.append([b" d"])
+        assert store.load() == b"head a b c d"
+        store.close()
+        again = RedisStore(f"redis://127.0.0.1:{port}/0")  # a restarted service counts what is there
+        again.append([b" e"])
+        assert again.load() == b"head a b c d e"
+        again.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 @pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
 def test_bad_state_url_is_refused(url: str) -> None:
     from service.core.journal import open_store
