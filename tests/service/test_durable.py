@@ -305,10 +305,37 @@ def test_kill_9_at_a_half_precision_dtype(serve, ref: Reference, tmp_path: Path,
     assert "recovered 1 sessions (0 lost)" in srv.log()
 
 
+class RedisServer:
+    """``redis_server`` for one ``with`` block: ``url`` its database 0, ``restart()`` brings it back empty on
+    the same port, and whatever runs on it at the end is stopped (SIGKILL works on a SIGSTOPped one too)."""
+
+    def __init__(self, tmp_path: Path, *extra: str):
+        self.tmp_path, self.extra = tmp_path, extra
+        self.proc, self.port = redis_server(tmp_path, None, *extra)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def start(self) -> None:
+        """Again, empty, on the same port (after ``stop``)."""
+        self.proc, _ = redis_server(self.tmp_path, self.port, *self.extra)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> None:
-    proc, port = redis_server(tmp_path)
-    try:
-        srv = serve(state_url=f"redis://127.0.0.1:{port}/0", max_sessions=128)
+    with RedisServer(tmp_path) as redis_srv:
+        srv = serve(state_url=redis_srv.url, max_sessions=128)
         streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(64)]
         run_streams(streams, stop_at=T // 2)
         pid = engine_pid(srv)
@@ -320,9 +347,6 @@ def test_kill_9_with_the_redis_store(serve, ref: Reference, tmp_path: Path) -> N
         assert "restarting it (it rebuilds its sessions from the session store)" in srv.log()
         for s in streams:
             s.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def wait_log_rewritten(srv: Server) -> None:
@@ -355,9 +379,8 @@ def test_a_hung_redis_holds_the_engine_core_once_not_at_every_retry(serve, ref: 
     it (the engine core's unit test holds that no rewrite is tried while the PING fails): every request is
     answered while Redis hangs (a front end gives up at PSN_REQUEST_TIMEOUT_S + 1 s, 4 s here). Once
     Redis answers again the log is rewritten from memory and a kill -9 loses nothing."""
-    proc, port = redis_server(tmp_path)
-    try:
-        srv = serve(state_url=f"redis://127.0.0.1:{port}/0", request_timeout_s=3)
+    with RedisServer(tmp_path) as redis_srv:
+        srv = serve(state_url=redis_srv.url, request_timeout_s=3)
         streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(4)]
         run_streams(streams, stop_at=T // 3)
         codes: list[int] = []
@@ -371,7 +394,7 @@ def test_a_hung_redis_holds_the_engine_core_once_not_at_every_retry(serve, ref: 
                     s.outputs.extend(r.json()["outputs"])
                 time.sleep(0.25)
 
-        os.kill(proc.pid, signal.SIGSTOP)
+        os.kill(redis_srv.proc.pid, signal.SIGSTOP)
         threads = [threading.Thread(target=one_step_at_a_time, args=(st,)) for st in streams]
         for th in threads:
             th.start()
@@ -379,13 +402,9 @@ def test_a_hung_redis_holds_the_engine_core_once_not_at_every_retry(serve, ref: 
             th.join(120)
         assert codes == [200] * 48, codes
         assert "writing to the store failed" in srv.log()
-        os.kill(proc.pid, signal.SIGCONT)
+        os.kill(redis_srv.proc.pid, signal.SIGCONT)
         wait_log_rewritten(srv)
         kill_the_engine_and_finish(srv, streams, ref)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Reference, tmp_path: Path) -> None:
@@ -393,25 +412,20 @@ def test_redis_gone_mid_stream_then_back_empty_loses_no_session(serve, ref: Refe
     logged once, and once Redis answers again the engine core rewrites the log from memory, so a kill -9
     after that loses nothing and every session continues exactly (the records dropped meanwhile left
     gaps: every session that took a step then was session_lost after the next restart)."""
-    proc, port = redis_server(tmp_path)
-    try:
-        srv = serve(state_url=f"redis://127.0.0.1:{port}/0")
+    with RedisServer(tmp_path) as redis_srv:
+        srv = serve(state_url=redis_srv.url)
         streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(8)]
         run_streams(streams, stop_at=T // 3)
-        proc.kill()
-        proc.wait(10)
+        redis_srv.stop()
         run_streams(streams, stop_at=2 * T // 3)  # answered while Redis is away
         assert "\npsn_session_log_stale 1.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
         ready = httpx.get(f"{srv.url}/readyz", timeout=10)  # still ready (it serves), and says what fails
         assert ready.status_code == 200 and ready.json()["session_store"] == "failing", ready.text
-        proc, _ = redis_server(tmp_path, port)
+        redis_srv.start()
         wait_log_rewritten(srv)
         assert "\npsn_session_log_stale 0.0\n" in httpx.get(f"{srv.url}/metrics", timeout=10).text
         assert httpx.get(f"{srv.url}/readyz", timeout=10).json()["session_store"] == "ok"
         kill_the_engine_and_finish(srv, streams, ref)
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def test_redis_restarted_empty_between_two_writes_loses_no_session(serve, ref: Reference, tmp_path: Path) -> None:
@@ -421,20 +435,14 @@ def test_redis_restarted_empty_between_two_writes_loses_no_session(serve, ref: R
     The append now checks in the same transaction that Redis still names its generation, so it fails as a
     store failure, the log is rewritten from memory, and a kill -9 after that loses nothing (found by the
     race hunt's Redis restarts)."""
-    proc, port = redis_server(tmp_path)
-    try:
-        srv = serve(state_url=f"redis://127.0.0.1:{port}/0")
+    with RedisServer(tmp_path) as redis_srv:
+        srv = serve(state_url=redis_srv.url)
         streams = [Stream(srv, ref, i, ws=i % 2 == 1) for i in range(4)]
         run_streams(streams, stop_at=T // 3)
-        proc.kill()
-        proc.wait(10)
-        proc, _ = redis_server(tmp_path, port)  # back empty before the service wrote again
+        redis_srv.restart()  # back empty before the service wrote again
         run_streams(streams, stop_at=2 * T // 3)
         wait_log_rewritten(srv)
         kill_the_engine_and_finish(srv, streams, ref)
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 @pytest.mark.parametrize("keys", [False, True], ids=["open", "api-keys"])

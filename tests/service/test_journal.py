@@ -157,16 +157,15 @@ def test_a_second_store_on_a_redis_database_in_use_is_refused_naming_the_holder(
     import redis
 
     from service.core.journal import RedisStore, StoreTaken
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
+    with RedisServer(tmp_path) as redis_srv:
+        url = redis_srv.url
         first = RedisStore(url)
         with pytest.raises(ValueError, match=rf"PSN_STATE_URL: the session log on this Redis database is in use by "
                                              rf"another running service \(\S+ pid {os.getpid()}, connected from "):
             RedisStore(url)
-        RedisStore(f"redis://127.0.0.1:{port}/1").close()  # another database: another log
+        RedisStore(f"redis://127.0.0.1:{redis_srv.port}/1").close()  # another database: another log
         first.close()
         RedisStore(url).close()  # free again once the first is gone
         holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from service.core.journal import "
@@ -186,7 +185,7 @@ def test_a_second_store_on_a_redis_database_in_use_is_refused_naming_the_holder(
                 assert time.monotonic() < deadline, "the killed holder's connection stayed open"
                 time.sleep(0.01)
         first.rewrite(b"one")
-        redis.Redis(port=port).flushall()  # Redis restarted empty: the key is gone
+        redis.Redis(port=redis_srv.port).flushall()  # Redis restarted empty: the key is gone
         second = RedisStore(url)  # nobody named as the holder: a second service takes the log
         with pytest.raises(StoreTaken, match="taken by another running service"):
             first.rewrite(b"two")
@@ -196,7 +195,7 @@ def test_a_second_store_on_a_redis_database_in_use_is_refused_naming_the_holder(
         with pytest.raises(ValueError, match="in use by another running service"):
             RedisStore(url)
         first.close()
-        probe = redis.Redis(port=port, single_connection_client=True)  # a restarted Redis numbers its clients
+        probe = redis.Redis(port=redis_srv.port, single_connection_client=True)  # a restarted Redis numbers its clients
         probe.set("psn:owner", f"{probe.client_id()} 10.9.9.9:4000 elsewhere pid 7")  # anew: an id, another address
         first = RedisStore(url)  # not the connection the key names: taken
         probe.close()
@@ -204,28 +203,21 @@ def test_a_second_store_on_a_redis_database_in_use_is_refused_naming_the_holder(
             RedisStore(url)
         assert first.load() == b"three"
         first.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_the_holders_connection_outlives_a_redis_that_closes_idle_clients(tmp_path) -> None:
     """A Redis with an idle-client timeout (here 1 s; hosted ones set minutes) closed the holder's connection
     while the service was quiet, and a second service was then let in: the holder PINGs it."""
     from service.core.journal import RedisStore
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path, None, "--timeout", "1")
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
+    with RedisServer(tmp_path, "--timeout", "1") as redis_srv:
+        url = redis_srv.url
         first = RedisStore(url, keepalive_s=0.25)
         time.sleep(3)  # quiet past the idle timeout
         with pytest.raises(ValueError, match="in use by another running service"):
             RedisStore(url)
         first.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_redis_restarted_empty_has_the_log_and_its_holder_back(tmp_path) -> None:
@@ -236,22 +228,19 @@ def test_a_redis_restarted_empty_has_the_log_and_its_holder_back(tmp_path) -> No
     import redis
 
     from service.core.journal import RedisStore, StoreLost, StoreTaken
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
+    with RedisServer(tmp_path) as redis_srv:
+        url = redis_srv.url
         first = RedisStore(url, keepalive_s=0.1)
         first.rewrite(b"head")
-        proc.terminate()
-        proc.wait(10)
-        proc, _ = redis_server(tmp_path, port)  # empty: --save "" --appendonly no
+        redis_srv.restart()  # empty: --save "" --appendonly no
         deadline = time.monotonic() + 10
         with pytest.raises((StoreTaken, StoreLost)):  # the keepalive's notice, or the append's own check
             while time.monotonic() < deadline:
                 first.append([b"step"])
                 time.sleep(0.05)
-        while redis.Redis(port=port).get("psn:owner") is None:  # the keepalive claims the key again
+        while redis.Redis(port=redis_srv.port).get("psn:owner") is None:  # the keepalive claims the key again
             assert time.monotonic() < deadline, "the holder did not claim the key again"
             time.sleep(0.05)
         with pytest.raises(ValueError, match="in use by another running service"):
@@ -260,9 +249,6 @@ def test_a_redis_restarted_empty_has_the_log_and_its_holder_back(tmp_path) -> No
         first.append([b" more"])
         assert first.load() == b"head step more"
         first.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_redis_brought_back_from_an_older_snapshot_fails_the_next_append(tmp_path) -> None:
@@ -272,29 +258,25 @@ def test_a_redis_brought_back_from_an_older_snapshot_fails_the_next_append(tmp_p
     import redis
 
     from service.core.journal import RedisStore, StoreLost
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path)
-    try:
-        store = RedisStore(f"redis://127.0.0.1:{port}/0")
+    with RedisServer(tmp_path) as redis_srv:
+        store = RedisStore(redis_srv.url)
         store.rewrite(b"head")
         store.append([b" a"])
         store.append([b" b"])
         assert store.load() == b"head a b"
-        redis.Redis(port=port).rpop(f"psn:log:{store.gen}")  # the snapshot was taken before " b"
+        redis.Redis(port=redis_srv.port).rpop(f"psn:log:{store.gen}")  # the snapshot was taken before " b"
         with pytest.raises(StoreLost, match="holds 2 chunks where this service wrote 3"):
             store.append([b" c"])
         store.rewrite(b"head a b c")  # what the engine core's retry does
         store.append([b" d"])
         assert store.load() == b"head a b c d"
         store.close()
-        again = RedisStore(f"redis://127.0.0.1:{port}/0")  # a restarted service counts what is there
+        again = RedisStore(redis_srv.url)  # a restarted service counts what is there
         again.append([b" e"])
         assert again.load() == b"head a b c d e"
         again.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.mark.parametrize("url", ["http://x", "redis:/x", "/tmp/x"])
@@ -467,11 +449,10 @@ def test_a_log_kept_aside_is_kept_whole(tmp_path) -> None:
 def test_redis_store_generations(tmp_path) -> None:
     """The Redis store as a new process finds it: the newest generation, whole, and nothing else."""
     from service.core.journal import RedisStore
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path)
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
+    with RedisServer(tmp_path) as redis_srv:
+        url = redis_srv.url
         store = RedisStore(url)
         store.r.rpush("psn:log:1", b"left by a rewrite that did not finish")  # a crash before the switch
         log = SessionLog(store, {"m": SPEC}, compact_bytes=1 << 20)
@@ -490,9 +471,6 @@ def test_redis_store_generations(tmp_path) -> None:
         where = again.keep_aside(b"an unreadable log")
         assert again.r.get(where) == b"an unreadable log"
         again.close()
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_redis_store_over_a_unix_socket(tmp_path) -> None:
@@ -580,32 +558,27 @@ def test_an_append_cut_short_by_a_signal_writes_the_rest_in_order(tmp_path) -> N
 
 def test_a_redis_store_names_no_holder_for_an_owner_key_that_names_no_connection(tmp_path) -> None:
     from service.core.journal import RedisStore
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path)
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
+    with RedisServer(tmp_path) as redis_srv:
+        url = redis_srv.url
         RedisStore(url).close()
         store = RedisStore(url)
         store.r.set("psn:owner", "set by hand")  # not "<client id> <address> ...": nobody holds the log
         store.close()
         RedisStore(url).close()
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_redis_that_refuses_client_commands_is_used_without_the_check_said_once(tmp_path, caplog) -> None:
     import redis
 
     from service.core.journal import RedisStore
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path)
-    try:
-        redis.Redis(port=port).acl_setuser("default", enabled=True, nopass=True, commands=["+@all", "-client"],
-                                           keys=["*"], channels=["*"])
-        url = f"redis://127.0.0.1:{port}/0"
+    with RedisServer(tmp_path) as redis_srv:
+        redis.Redis(port=redis_srv.port).acl_setuser("default", enabled=True, nopass=True,
+                                                     commands=["+@all", "-client"], keys=["*"], channels=["*"])
+        url = redis_srv.url
         with caplog.at_level("WARNING", logger="psn.journal"):
             store = RedisStore(url)
             store.rewrite(frame([OPEN, "m", "a", ""]))
@@ -613,9 +586,6 @@ def test_a_redis_that_refuses_client_commands_is_used_without_the_check_said_onc
         assert set(read_log(store.load(), {"m": SPEC}).live) == {"b"}
         assert [r.getMessage().count("refuses CLIENT ID or CLIENT LIST") for r in caplog.records] == [1]
         store.close()
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_stopped_redis_is_not_reachable(tmp_path) -> None:
@@ -623,19 +593,15 @@ def test_a_stopped_redis_is_not_reachable(tmp_path) -> None:
     import signal
 
     from service.core.journal import RedisStore
-    from tests.service.test_durable import redis_server
+    from tests.service.test_durable import RedisServer
 
-    proc, port = redis_server(tmp_path)
-    try:
-        store = RedisStore(f"redis://127.0.0.1:{port}/0")
+    with RedisServer(tmp_path) as redis_srv:
+        store = RedisStore(redis_srv.url)
         assert store.reachable()
-        proc.send_signal(signal.SIGSTOP)
+        redis_srv.proc.send_signal(signal.SIGSTOP)
         try:
             assert not store.reachable()
         finally:
-            proc.send_signal(signal.SIGCONT)
+            redis_srv.proc.send_signal(signal.SIGCONT)
         assert store.reachable()
         store.close()
-    finally:
-        proc.kill()
-        proc.wait()
