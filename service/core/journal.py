@@ -65,7 +65,7 @@ IOV_MAX = 512  # buffers per writev call (Linux allows 1024)
 # write, once; after that a PING with the short timeout decides whether a rewrite is worth trying.
 REDIS_TIMEOUT_S = 2.0
 PROBE_TIMEOUT_S = 0.25
-KEEPALIVE_S = 20.0  # the Redis owner connection's PING (RedisStore): under the idle timeouts hosted Redis sets
+KEEPALIVE_S = 20.0  # how often RedisStore asks for its owner connection's client id: under hosted idle timeouts
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ class RedisStore:
                              daemon=True).start()
 
     def _keepalive(self, every_s: float) -> None:
-        """A PING on the holder's connection every ``every_s``: a Redis that closes idle clients (its
+        """CLIENT ID on the holder's connection every ``every_s``: a Redis that closes idle clients (its
         ``timeout`` setting, which some managed offerings set) would otherwise close it while the service
         is quiet, and a second service would be let in. (Failures are the store's to report, at its writes.)
 

@@ -207,7 +207,7 @@ def test_a_second_store_on_a_redis_database_in_use_is_refused_naming_the_holder(
 
 def test_the_holders_connection_outlives_a_redis_that_closes_idle_clients(tmp_path) -> None:
     """A Redis with an idle-client timeout (here 1 s; hosted ones set minutes) closed the holder's connection
-    while the service was quiet, and a second service was then let in: the holder PINGs it."""
+    while the service was quiet, and a second service was then let in: the holder keeps it busy (CLIENT ID)."""
     from service.core.journal import RedisStore
     from tests.service.test_durable import RedisServer
 
