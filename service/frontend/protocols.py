@@ -253,41 +253,37 @@ def ws_protocol(count: Callable[[str], None] | None = None,
 
     class WsProtocol(WebSocketsSansIOProtocol):
         partial_timer: asyncio.TimerHandle | None = None
-        messages = 0  # messages read whole so far
 
         def data_received(self, data: bytes) -> None:
-            before = self.messages
             super().data_received(data)
             exc = getattr(self.conn, "handshake_exc", None)
             if not self.handshake_initiated and exc is not None and not self.transport.is_closing():
                 self.refuse_handshake(exc)  # uvicorn < 0.55 left websockets' answer unsent
             if read_timeout_s is not None:
-                self.watch_partial(self.messages != before)
-
-        def send_receive_event_to_app(self) -> None:
-            self.messages += 1
-            super().send_receive_event_to_app()
+                self.watch_partial()
 
         async def receive(self) -> Any:
             message = await super().receive()
             if read_timeout_s is not None:
-                self.watch_partial(False)  # reading resumed (the app took the message queued): the clock runs again
+                self.watch_partial()  # reading resumed (the app took the message queued): the clock runs again
             return message
 
-        def watch_partial(self, completed: bool) -> None:
+        def watch_partial(self) -> None:
             """Time the message under way from its first byte: a frame begun (bytes websockets holds unparsed)
-            or a message of several frames begun; a message read whole ends its clock. Not while reading is
-            paused (a whole message waits for the app, busy with the one before): the rest of this one may be
-            sent and waiting unread, so its clock starts again, whole, when reading resumes."""
-            if completed and self.partial_timer is not None:
-                self.partial_timer.cancel()
-                self.partial_timer = None
+            or a message of several frames begun. Not while reading is paused: uvicorn pauses it as it hands
+            each whole message to the app, until the app takes it, and the rest of the next one may be sent
+            and waiting unread meanwhile, so its clock starts again, whole, when reading resumes. (So a message
+            read whole ends the clock of its own: the steady-stream test holds uvicorn to that.)"""
             partial = (bool(self.conn.reader.buffer) or bool(self.frames)) and not self.read_paused
-            if not partial and self.partial_timer is not None:
+            if not partial:
+                self.stop_partial_clock()
+            elif self.partial_timer is None and not self.transport.is_closing():
+                self.partial_timer = self.loop.call_later(read_timeout_s, self.partial_timed_out)
+
+        def stop_partial_clock(self) -> None:
+            if self.partial_timer is not None:
                 self.partial_timer.cancel()
                 self.partial_timer = None
-            elif partial and self.partial_timer is None and not self.transport.is_closing():
-                self.partial_timer = self.loop.call_later(read_timeout_s, self.partial_timed_out)
 
         def partial_timed_out(self) -> None:
             self.partial_timer = None
@@ -306,9 +302,7 @@ def ws_protocol(count: Callable[[str], None] | None = None,
             self.transport.close()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self.partial_timer is not None:
-                self.partial_timer.cancel()
-                self.partial_timer = None
+            self.stop_partial_clock()
             super().connection_lost(exc)
 
         def handle_connect(self, event: Any) -> None:
