@@ -96,6 +96,7 @@ class SessionTable:
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> session_expired | session_closed | session_lost
         self.on_close: Callable[[Session, str], None] | None = None  # the session log's hook
         self._gone_owner: dict[str, str] = {}  # id -> its owner, for the ids in _gone whose owner is not ""
+        self._gone_of: dict[str, OrderedDict[str, None]] = {}  # owner -> its ids in _gone, oldest first
         self.owned: Counter[str] = Counter()  # owner -> live sessions
 
     def add_model(self, name: str, slots: int) -> None:
@@ -111,8 +112,8 @@ class SessionTable:
                                   retry_after=min(self.idle_timeout_s, 30.0))
         s = Session(id=sid or make_id(self.tag), model=model, slot=slot, last_used=self.clock(), owner=owner)
         self.live[s.id] = s
-        if sid is not None and self._gone.pop(sid, None) is not None:  # a reused id (OIP) is live, not ended
-            self._gone_owner.pop(sid, None)
+        if sid is not None:  # a reused id (OIP) is live, not ended
+            self._forget(sid)
         self.owned[owner] += 1
         return s
 
@@ -152,14 +153,34 @@ class SessionTable:
 
     def remember(self, sid: str, reason: str, owner: str = "") -> None:
         """Answer ``sid`` with ``reason`` (session_closed | session_expired | session_lost) from now on (to
-        ``owner``; anyone else gets 404)."""
-        if self.remember_gone:
-            self._gone[sid] = reason
-            self._gone.move_to_end(sid)
-            if owner:
-                self._gone_owner[sid] = owner
-            while len(self._gone) > self.remember_gone:
-                self._gone_owner.pop(self._gone.popitem(last=False)[0], None)
+        ``owner``; anyone else gets 404).
+
+        Past ``remember_gone`` ids one is forgotten: the oldest of ``owner``'s if it holds more than the
+        average owner, else the oldest of the owner that holds the most (with one owner, as with access
+        control off: the oldest id). So a key that opens and closes sessions in a loop pushes out its own
+        ended ids, and another key's only down to an equal share of the limit."""
+        if not self.remember_gone:
+            return
+        self._forget(sid)
+        self._gone[sid] = reason
+        if owner:
+            self._gone_owner[sid] = owner
+        mine = self._gone_of.setdefault(owner, OrderedDict())
+        mine[sid] = None
+        while len(self._gone) > self.remember_gone:
+            # an owner over its fair share pays first; else (rarely) the owner that holds the most
+            heavy = mine if len(mine) * len(self._gone_of) > len(self._gone) else max(self._gone_of.values(), key=len)
+            self._forget(next(iter(heavy)))
+
+    def _forget(self, sid: str) -> None:
+        """``sid`` is no longer remembered as gone (if it was)."""
+        if self._gone.pop(sid, None) is None:
+            return
+        owner = self._gone_owner.pop(sid, "")
+        ids = self._gone_of[owner]
+        del ids[sid]
+        if not ids:
+            del self._gone_of[owner]
 
     def gone(self) -> list[tuple[str, str, str]]:
         """The remembered ids that are gone, oldest first: (id, why, owner)."""

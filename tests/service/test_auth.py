@@ -278,6 +278,25 @@ def test_an_oip_batch_over_the_keys_step_rate_is_refused_whole(serve) -> None:
     assert r.status_code == 200 and r.json()["outputs"][1]["shape"] == [24, 1, 4], r.text[:300]
 
 
+def test_a_key_opening_and_closing_sessions_in_a_loop_keeps_another_keys_ended_ids(serve) -> None:
+    """PSN_REMEMBER_GONE bounds the ended ids answered 410; one key's open/close loop used to push every other
+    key's out (they turned 404, as ids that never existed): now it pushes out its own first."""
+    srv = serve(api_keys=f"{KEY_A}, {KEY_B}", remember_gone=4)
+    with httpx.Client(base_url=srv.url, timeout=20) as c:
+        def cycle(key: str) -> str:
+            sid = c.post("/v1/sessions", headers=auth(key), json={"model": "sliding"}).json()["session_id"]
+            assert c.delete(f"/v1/sessions/{sid}", headers=auth(key)).status_code == 204
+            return sid
+
+        mine = [cycle(KEY_B) for _ in range(2)]
+        theirs = [cycle(KEY_A) for _ in range(12)]
+        for sid in mine:
+            r = c.get(f"/v1/sessions/{sid}", headers=auth(KEY_B))
+            assert r.status_code == 410 and r.json()["error"]["code"] == "session_closed", r.text
+        assert c.get(f"/v1/sessions/{theirs[-1]}", headers=auth(KEY_A)).status_code == 410
+        assert c.get(f"/v1/sessions/{theirs[0]}", headers=auth(KEY_A)).status_code == 404  # its own were forgotten
+
+
 # ----- browsers: Origin and CORS -------------------------------------------------------------------
 def test_websocket_origin_allow_list_and_cors(keyed: Server) -> None:
     own = f"http://127.0.0.1:{keyed.port}"

@@ -867,6 +867,44 @@ def test_an_id_remembered_again_becomes_the_newest_gone() -> None:
     assert [g[0] for g in t.gone()] == ["a", "c"]
 
 
+def test_one_key_cycling_sessions_does_not_push_out_another_keys_ended_ids() -> None:
+    """Past PSN_REMEMBER_GONE, a key that opens and closes sessions in a loop forgets its own ended ids
+    first: another key's stay answered 410 (down to an equal share of the limit), not 404."""
+    t = SessionTable(10, 6, Clock())
+    t.add_model("m", 2)
+    b = [t.open("m", owner="b") for _ in range(2)]
+    for s in b:
+        t.close(s)
+    a = []
+    for _ in range(50):
+        a.append(t.open("m", owner="a"))
+        t.close(a[-1])
+    for s in b:
+        assert t.gone_error(s.id, owner="b").code == "session_closed"
+    assert [g[0] for g in t.gone()] == [s.id for s in b] + [s.id for s in a[-4:]]
+    assert isinstance(t.gone_error(a[-5].id, owner="a"), SessionNotFound)
+    # a key holding more than its share loses its oldest down to an equal share, oldest first
+    c = t.open("m", owner="c")
+    t.close(c)  # 3 owners, 7 ids: a (4 of them) is over the average and gives up its oldest
+    assert [g[0] for g in t.gone()] == [s.id for s in b] + [s.id for s in a[-3:]] + [c.id]
+    cs = [c]
+    for _ in range(3):
+        cs.append(t.open("m", owner="c"))
+        t.close(cs[-1])  # first c at 2 is not over the average: a, holding the most, pays; then c pays
+    assert [g[0] for g in t.gone()] == [s.id for s in b] + [s.id for s in a[-2:]] + [s.id for s in cs[-2:]]
+
+
+def test_without_owners_the_oldest_ended_id_is_forgotten_first() -> None:
+    t = SessionTable(10, 3, Clock())
+    t.add_model("m", 2)
+    ids = []
+    for _ in range(5):
+        s = t.open("m")
+        ids.append(s.id)
+        t.close(s)
+    assert [g[0] for g in t.gone()] == ids[2:]
+
+
 def test_a_model_with_a_horizon_takes_exactly_T_steps_everywhere() -> None:
     core, be, clock = masked_core(T=4)
     core.handle(b"f", [1, "open", "fake", False, "oip::fake:1", "", 4])  # a sequence start of T steps
