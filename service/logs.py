@@ -1,5 +1,6 @@
 """Log hygiene: a session id is never written in full to a log, only its first 8 characters; an API key
-offered as a ``psn.key.<key>`` subprotocol entry is never written at all (``hide_keys``).
+offered as a ``psn.key.<key>`` subprotocol entry is never written at all (``hide_keys``), nor one a client
+put in a URL's query (``?api_key=...``: the service never reads keys from there, but clients do it anyway).
 
 An id is what lets a client act on a session (with access control off, it is the only thing), and ids
 show up in URL paths (``/v1/sessions/{id}/steps``) and queries (``/v1/stream?session_id=ID``) that
@@ -17,14 +18,39 @@ SESSION_IN_PATH = re.compile(r"(/v1/sessions/[^/?#\s\"']{8})[^/?#\s\"']+")
 # /v1/stream?session_id=ID (the URL a proxy routes a WebSocket by, docs/cluster.md): uvicorn logs the query too
 SESSION_IN_QUERY = re.compile(r"([?&]session_id=[^&#\s\"']{8})[^&#\s\"']+")
 KEY_IN_SUBPROTOCOL = re.compile(r"(psn\.key\.)[^\s,;\"']+", re.IGNORECASE)
+# A query parameter, name and "=" (group 1); a name never spans "?" or "&", so each is read once: linear
+QUERY_PARAM = re.compile(r"([?&]([^?&#=\s\"']*)=)[^&#\s\"']*")
+KEY_IN_QUERY = re.compile(r"(psn\.key\.)[^&#\s,;\"']+", re.IGNORECASE)
+# A parameter whose name (lower case) holds one of these, or is one of CREDENTIAL_NAMES, has its value hidden
+CREDENTIAL_PARTS = ("key", "token", "secret", "passw", "auth", "credential", "signature", "jwt")
+CREDENTIAL_NAMES = ("sig", "pwd", "pass")
+
+
+def credential(name: str) -> bool:
+    """Whether a query parameter called ``name`` looks like it carries a credential (case-insensitive):
+    ``api_key``, ``X-Api-Key``, ``token``, ``access_token``, ``authorization``, ``client_secret``, ``sig``..."""
+    name = name.lower()
+    return name in CREDENTIAL_NAMES or any(part in name for part in CREDENTIAL_PARTS)
+
+
+def hide_query_credential(m: re.Match[str]) -> str:
+    return m[1] + "***" if credential(m[2]) else m[0]
 
 
 def redact(text: str) -> str:
     """``text`` with each session id in a /v1/sessions/ path or a ``session_id=`` query parameter cut to its
-    first 8 characters (then "...")."""
+    first 8 characters (then "..."), and the value of each query parameter named like a credential
+    (``credential``) and, in a line with a query, the key of each ``psn.key.<key>`` entry written as ``***``."""
     if "/v1/sessions/" in text:
         text = SESSION_IN_PATH.sub(r"\1...", text)
-    return SESSION_IN_QUERY.sub(r"\1...", text) if "session_id=" in text else text
+    if "session_id=" in text:
+        text = SESSION_IN_QUERY.sub(r"\1...", text)
+    if "?" in text:  # a query: most lines have none
+        if "=" in text:
+            text = QUERY_PARAM.sub(hide_query_credential, text)
+        if "psn.key." in text.lower():
+            text = KEY_IN_QUERY.sub(r"\1***", text)
+    return text
 
 
 def hide_keys(text: str) -> str:

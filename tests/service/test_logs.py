@@ -1,17 +1,24 @@
 """``service.logs``: session ids are cut to their first 8 characters wherever a log line names a
 ``/v1/sessions/`` path, in the message and in uvicorn's access-log arguments, on every handler ``install``
-reaches (the root logger's, which the engine core and our own loggers write to, and the named ones). And
-protocols.py's ``InvalidUtf8``, the other filter on uvicorn's log."""
+reaches (the root logger's, which the engine core and our own loggers write to, and the named ones); keys a
+client put in a URL's query are never written (the real server's log). And protocols.py's ``InvalidUtf8``,
+the other filter on uvicorn's log."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from service.frontend.protocols import InvalidUtf8
 from service.logs import RedactSessionIds, install, redact
+from tests.service.conftest import DEFAULTS, Server
 
 SID = "0123456789abcdef0123456789abcdef"
 
@@ -27,6 +34,20 @@ SID = "0123456789abcdef0123456789abcdef"
     ("/v1/stream?session_id=abcdefgh", "/v1/stream?session_id=abcdefgh"),
 ])
 def test_redact_cuts_ids_in_session_paths_to_8_characters(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("/healthz?api_key=s3cret&x=1", "/healthz?api_key=***&x=1"),
+    ("GET /m?X-Api-Key=a&Token=b&ACCESS_TOKEN=c&key=d&authorization=e&client_secret=f&sig=g HTTP/1.1",
+     "GET /m?X-Api-Key=***&Token=***&ACCESS_TOKEN=***&key=***&authorization=***&client_secret=***&sig=*** HTTP/1.1"),
+    ('"WebSocket /v1/stream?token=abc" 401', '"WebSocket /v1/stream?token=***" 401'),
+    ("/m?protocols=psn.json.v1,psn.key.s3cret&x=1", "/m?protocols=psn.json.v1,psn.key.***&x=1"),
+    ("/m?PSN.KEY.s3cret", "/m?PSN.KEY.***"),
+    ("/m?tokens&design=1&session=2&keep=", "/m?tokens&design=1&session=2&keep="),  # no value; other names
+    ("api_key=s3cret without a query", "api_key=s3cret without a query"),
+])
+def test_redact_hides_the_values_of_credential_query_parameters_and_psn_key_entries(text: str, shown: str) -> None:
     assert redact(text) == shown
 
 
@@ -88,3 +109,40 @@ def test_a_text_frame_that_is_not_utf8_is_one_info_line_and_only_where_info_is_l
     finally:
         logger.removeHandler(lines)
     assert lines.lines == ([f"INFO {InvalidUtf8.MESSAGE}"] if level == logging.INFO else []) + ["ERROR something else"]
+
+
+@pytest.fixture(scope="module")
+def plain(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real service, one front end, no access control (so requests reach the app and its access log)."""
+    srv = Server({**DEFAULTS, "model_dir": model_dir}, tmp_path_factory.mktemp("logs")).start()
+    yield srv
+    srv.stop()
+
+
+def logged_after(srv: Server, start: int, marker: str, count: int) -> str:
+    """The server's log from ``start`` once ``marker`` is in it ``count`` times."""
+    deadline = time.monotonic() + 10
+    while srv.log()[start:].count(marker) < count:
+        assert time.monotonic() < deadline, srv.log()[start:]
+        time.sleep(0.05)
+    return srv.log()[start:]
+
+
+def test_keys_a_client_put_in_a_query_are_never_logged(plain: Server) -> None:
+    """docs/api.md says never to put a key in a URL, but clients do (``?api_key=``, ``?token=``...): uvicorn's
+    access log wrote the query whole, key and all, for an HTTP request and a WebSocket handshake alike."""
+    keys = [f"query-key-{i}-0123456789abcdef" for i in range(7)]
+    start = len(plain.log())
+    assert httpx.get(f"{plain.url}/healthz?api_key={keys[0]}&Token={keys[1]}&x=1").status_code == 200
+    assert httpx.get(f"{plain.url}/v1/sessions/{SID}?ACCESS_TOKEN={keys[2]}&key={keys[3]}&authorization={keys[4]}"
+                     ).status_code == 404
+    try:
+        with connect(f"{plain.ws_url}?token={keys[5]}&protocols=psn.json.v1,psn.key.{keys[6]}"):
+            pass
+    except InvalidStatus:
+        pass  # accepted or refused: the handshake's line is logged either way
+    log = logged_after(plain, start, "psn.key.***", 1)
+    assert not any(k in log for k in keys), log
+    assert "/healthz?api_key=***&Token=***&x=1 HTTP/1.1" in log, log
+    assert f"/v1/sessions/{SID[:8]}...?ACCESS_TOKEN=***&key=***&authorization=*** HTTP/1.1" in log, log
+    assert "/v1/stream?token=***&protocols=psn.json.v1,psn.key.***" in log, log
