@@ -6,7 +6,7 @@ An id is what lets a client act on a session (with access control off, it is the
 show up in URL paths (``/v1/sessions/{id}/steps``) and queries (``/v1/stream?session_id=ID``) that
 uvicorn's access log writes. ``install()`` puts a filter on every handler of the process's loggers
 (uvicorn's access and error logs and ours) that shortens ids in both; the engine core's own messages
-already print ``id[:8]``.
+already print ``id[:8]``. The same filter cuts a request line's long path and query (``cut``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ KEY_IN_QUERY = re.compile(r"(psn\.key\.)[^&#\s,;\"']+", re.IGNORECASE)
 # A parameter whose name (lower case) holds one of these, or is one of CREDENTIAL_NAMES, has its value hidden
 CREDENTIAL_PARTS = ("key", "token", "secret", "passw", "auth", "credential", "signature", "jwt")
 CREDENTIAL_NAMES = ("sig", "pwd", "pass")
+# What a request line of the access log shows of each field (path and query, method): uvicorn accepts a
+# request line up to PSN_MAX_HEADER_BYTES, and writing tens of KB per request whole is a way to fill a disk
+MAX_LOGGED_CHARS = 512
 
 
 def credential(name: str) -> bool:
@@ -59,12 +62,25 @@ def hide_keys(text: str) -> str:
     return KEY_IN_SUBPROTOCOL.sub(r"\1***", text)
 
 
+def cut(text: str) -> str:
+    """``text`` redacted, cut to its first MAX_LOGGED_CHARS characters (then ``...(N more)``, N counted in
+    ``text``). Cut first: what is left out is never searched, and a key or an id the cut splits is still
+    hidden or shortened, its name having come before it."""
+    if len(text) <= MAX_LOGGED_CHARS:
+        return redact(text)
+    return f"{redact(text[:MAX_LOGGED_CHARS])}...({len(text) - MAX_LOGGED_CHARS} more)"
+
+
 class RedactSessionIds(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
             record.msg = redact(record.msg)
         if isinstance(record.args, tuple):  # uvicorn's access log: (client, method, path, version, status)
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            # a request line: the access log's, or a WebSocket handshake's (uvicorn writes those to its error log)
+            line = record.name == "uvicorn.access" or (isinstance(record.msg, str)
+                                                       and record.msg.startswith('%s - "WebSocket '))
+            shown = cut if line else redact
+            record.args = tuple(shown(a) if isinstance(a, str) else a for a in record.args)
         return True
 
 

@@ -17,7 +17,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from service.frontend.protocols import InvalidUtf8
-from service.logs import RedactSessionIds, install, redact
+from service.logs import MAX_LOGGED_CHARS, RedactSessionIds, cut, install, redact
 from tests.service.conftest import DEFAULTS, Server
 
 SID = "0123456789abcdef0123456789abcdef"
@@ -49,6 +49,13 @@ def test_redact_cuts_ids_in_session_paths_to_8_characters(text: str, shown: str)
 ])
 def test_redact_hides_the_values_of_credential_query_parameters_and_psn_key_entries(text: str, shown: str) -> None:
     assert redact(text) == shown
+
+
+def test_cut_keeps_the_first_characters_and_hides_a_key_the_cut_splits() -> None:
+    short = f"/v1/sessions/{SID}?token=abc"
+    assert cut(short) == "/v1/sessions/01234567...?token=***"  # short: only redacted
+    head = "/m?" + "a" * (MAX_LOGGED_CHARS - 15) + "&api_key="
+    assert cut(head + "K3Y" * 10) == head + "***" + f"...({len(head) + 30 - MAX_LOGGED_CHARS} more)"
 
 
 def test_the_filter_redacts_the_message_and_the_access_logs_string_arguments() -> None:
@@ -146,3 +153,26 @@ def test_keys_a_client_put_in_a_query_are_never_logged(plain: Server) -> None:
     assert "/healthz?api_key=***&Token=***&x=1 HTTP/1.1" in log, log
     assert f"/v1/sessions/{SID[:8]}...?ACCESS_TOKEN=***&key=***&authorization=*** HTTP/1.1" in log, log
     assert "/v1/stream?token=***&protocols=psn.json.v1,psn.key.***" in log, log
+
+
+def test_a_long_path_and_query_is_cut_in_the_log_and_still_redacted(plain: Server) -> None:
+    """A request line of tens of KB (uvicorn reads up to PSN_MAX_HEADER_BYTES) was written to the log whole,
+    once per request: a way to fill a disk. What is shown is cut, and a key or an id in it is still hidden."""
+    key, pad = "long-query-key-0123456789abcdef", "x" * 20_000
+    head = f"/v1/sessions/{SID}/steps?token={key}&pad="
+    target = f"{head}{pad}&api_key={key}"
+    start = len(plain.log())
+    assert httpx.get(f"{plain.url}{target}").status_code in (404, 405)
+    ws_pad = "y" * 6000  # websockets refuses a handshake's line past 8192 bytes (and logs none of it)
+    ws_target = f"/v1/stream?session_id={SID}&pad={ws_pad}"
+    try:
+        with connect(f"{plain.ws_url.removesuffix('/v1/stream')}{ws_target}"):
+            pass
+    except InvalidStatus:
+        pass  # accepted or refused: the handshake's line is logged either way
+    log = logged_after(plain, start, " more)", 2)
+    shown = f"/v1/sessions/{SID[:8]}.../steps?token=***&pad=" + "x" * (MAX_LOGGED_CHARS - len(head))
+    assert f'"GET {shown}...({len(target) - MAX_LOGGED_CHARS} more) HTTP/1.1"' in log, log[-3000:]
+    ws_shown = f"/v1/stream?session_id={SID[:8]}...&pad=" + "y" * (MAX_LOGGED_CHARS - len(ws_target) + len(ws_pad))
+    assert f'"WebSocket {ws_shown}...({len(ws_target) - MAX_LOGGED_CHARS} more)"' in log, log[-3000:]
+    assert key not in log and SID not in log and max(map(len, log.splitlines())) < 2 * MAX_LOGGED_CHARS, log[-3000:]
