@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -139,6 +140,7 @@ class Settings(BaseSettings):
     # opened, for its first request); a client that sends slower is answered 408 read_timeout and disconnected
     read_timeout_s: float = Field(60.0, gt=0)
     _key_hashes: tuple[bytes, ...] = PrivateAttr(())
+    _keys_file_mode: int = PrivateAttr(0)  # PSN_API_KEYS_FILE's permission bits, as read
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -152,7 +154,9 @@ class Settings(BaseSettings):
             keys += parse_keys(self.api_keys.get_secret_value(), "PSN_API_KEYS", ",")
         if self.api_keys_file is not None:
             try:
-                text = self.api_keys_file.read_text()
+                with open(self.api_keys_file) as f:
+                    text = f.read()
+                    self._keys_file_mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
             except OSError as e:
                 raise KeySettingsError(f"PSN_API_KEYS_FILE: cannot read {self.api_keys_file}: {e.strerror}") from None
             file_keys = parse_keys(text, f"PSN_API_KEYS_FILE ({self.api_keys_file})", "\n")
@@ -162,6 +166,17 @@ class Settings(BaseSettings):
         self._key_hashes = tuple(sorted({key_hash(k) for k in keys}))
         self.api_keys = None  # the raw keys go no further (not to the engine core or the front ends)
         return self
+
+    @property
+    def keys_file_warning(self) -> str | None:
+        """What to warn about PSN_API_KEYS_FILE: users other than its owner may read or change it (ssh refuses
+        such a key file; the service goes on, since Docker and Kubernetes often mount secrets 0444, read-only)."""
+        mode = self._keys_file_mode
+        if not mode & 0o066:  # execute bits give nothing away
+            return None
+        can = " and ".join(w for bits, w in ((0o044, "read"), (0o022, "changed")) if mode & bits)
+        return (f"PSN_API_KEYS_FILE: {self.api_keys_file} can be {can} by users other than its owner (mode "
+                f"{mode:04o}); chmod 600 it")
 
     @property
     def key_hashes(self) -> tuple[bytes, ...]:

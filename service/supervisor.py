@@ -150,6 +150,8 @@ def main() -> None:
     os.environ.pop("PSN_API_KEYS", None)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [supervisor %(process)d] %(message)s")
+    if warning := settings.keys_file_warning:
+        log.warning("%s", warning)
     try:
         supervisor = Supervisor(settings)
     except OSError as e:  # the port taken, an address not of this machine, a host name that does not resolve

@@ -124,6 +124,24 @@ def test_settings_keep_only_hashes_and_refuse_bad_keys(tmp_path: Path) -> None:
             Settings(api_keys=f"{KEY_A},{'k' * n}")
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o444, 0o600], ids=["0644", "0444", "0600"])
+def test_a_key_file_others_can_read_is_used_with_one_warning(serve, tmp_path: Path, mode: int) -> None:
+    """A PSN_API_KEYS_FILE readable by group or others was taken without a word. ssh refuses such a file, but
+    Docker and Kubernetes often mount secrets 0444 and read-only: the service starts, with one warning."""
+    path = tmp_path / "keys"
+    path.write_text(f"{KEY_C}\n")
+    path.chmod(mode)
+    srv = serve(api_keys_file=path)
+    assert httpx.get(f"{srv.url}/v1/models", headers=auth(KEY_C)).status_code == 200
+    warnings = [line for line in srv.log().splitlines() if "PSN_API_KEYS_FILE" in line]
+    if mode & 0o044:
+        assert len(warnings) == 1 and " WARNING " in warnings[0], srv.log()
+        assert f"{path} can be read by users other than its owner (mode {mode:04o}); chmod 600" in warnings[0]
+    else:
+        assert warnings == [], srv.log()
+    assert KEY_C not in srv.log()
+
+
 def test_no_process_of_the_service_has_the_keys_in_its_environment(keyed: Server) -> None:
     """The supervisor keeps the keys' hashes and drops PSN_API_KEYS before it starts its children: neither a front
     end's nor the engine core's environment (/proc/PID/environ, a core dump) holds a key."""
