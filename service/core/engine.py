@@ -237,12 +237,13 @@ class EngineCore:
             self.log.opened(model, s.id, s.owner)
         elif self.cluster is not None:
             self._records[s.id] = 0
-            self.cluster.add("o", s.id, self._cluster_header(model) + frame([OPEN, model, s.id, s.owner]))
+            self.cluster.add("o", s.id, self._cluster_header(model) + frame([OPEN, model, s.id, s.owner]), s.owner)
         self.metrics.sessions_opened.labels(model).inc()
         return self.info(s)
 
     def lookup(self, sid: Any, verify: bool = False, owner: str = "") -> Session:
-        """The live session ``sid``; in a cluster, one another replica served is claimed and rebuilt here.
+        """The live session ``sid``; in a cluster, one another replica served is claimed and rebuilt here (if it is
+        ``owner``'s: the claim checks that before it moves anything).
 
         ``verify`` (reads and closes, not steps): in a cluster, first check that no other replica has
         claimed it since (one Redis round trip); steps need no check: their writes are fenced."""
@@ -251,10 +252,11 @@ class EngineCore:
             self.moved(s.id, [])
             s = None
         if s is None and self.cluster is not None and isinstance(sid, str):
-            s = self.adopt(sid)
+            s = self.adopt(sid, owner)
         if s is None:
             return self.sessions.get(sid, owner)
-        if s.owner != owner:  # another key's session: as if it did not exist
+        # another key's session (held here, or claimed from a log without its owner key): as if it did not exist
+        if s.owner != owner:
             raise self.sessions.not_found(sid)
         return s
 
@@ -812,7 +814,7 @@ class EngineCore:
             sid = it.req.session.id
             self._answering(sid, it.req.front, it.req.rid)
             self.cluster.add("a", sid, frame_parts([STEPS, name, L, [sid], t0[b:b + 1].tobytes()], rows[b],
-                                                   spikes[b], scores[b], sums[b]))
+                                                   spikes[b], scores[b], sums[b]), it.req.session.owner)
             n = self._records[sid] = self._records.get(sid, 0) + 1
             if n >= limit and spec.replay is not None:
                 self._records[sid] = -1  # rewritten at the end of this turn
@@ -846,7 +848,7 @@ class EngineCore:
                 self._records.pop(sid, None)
                 continue
             self._records[sid] = 0
-            self.cluster.add("r", sid, self._cluster_header(s.model) + b"".join(self._snapshots(s.model, [s])))
+            self.cluster.add("r", sid, self._cluster_header(s.model) + b"".join(self._snapshots(s.model, [s])), s.owner)
 
     def moved(self, sid: str, answered: list[tuple[bytes, int]]) -> None:
         """Another replica claimed ``sid``: this turn's answers about it become session_moved, and it goes."""
@@ -861,11 +863,12 @@ class EngineCore:
             log.info("session moved id=%s model=%s: another replica claimed it", sid[:8], s.model)
             self.sessions.close(s, "session_moved")
 
-    def adopt(self, sid: str) -> Session:
-        """Claim ``sid`` from the shared store and rebuild it here (another replica served it, or died)."""
+    def adopt(self, sid: str, owner: str = "") -> Session:
+        """Claim ``sid`` from the shared store and rebuild it here (another replica served it, or died); another
+        ``owner``'s session is not claimed: answered as one that does not exist."""
         self.check_open()
         assert self.cluster is not None
-        errors = self._adopt([sid], [self.cluster.claim(sid)])
+        errors = self._adopt([sid], [self.cluster.claim(sid, owner)])
         if sid in errors:
             raise errors[sid]
         return self.sessions.live[sid]
@@ -876,8 +879,16 @@ class EngineCore:
         ``[rid, op, sid, ...]`` ("steps" or "sequence")."""
         assert self.cluster is not None
         pending, self._adopting = self._adopting, []
-        sids = list(dict.fromkeys(req[2] for _, _, req in pending if req[2] not in self.sessions.live))
-        errors = self._adopt(sids, self.cluster.claim_many(sids)) if sids and not self.closing else {}
+        # one claim per session and asking owner (the last item of each request): only the session's own
+        # owner's is granted; the requests of other owners then find it live here and are answered 404
+        asked = list(dict.fromkeys((req[2], req[-1]) for _, _, req in pending if req[2] not in self.sessions.live))
+        claimed: dict[str, bytes | None] = {}
+        if asked and not self.closing:
+            sids, owners = [sid for sid, _ in asked], [owner for _, owner in asked]
+            for sid, data in zip(sids, self.cluster.claim_many(sids, owners), strict=True):
+                if data is not None or sid not in claimed:
+                    claimed[sid] = data
+        errors = self._adopt(list(claimed), list(claimed.values())) if claimed else {}
         for front, rid, req in pending:
             err = errors.get(req[2])
             if err is not None:

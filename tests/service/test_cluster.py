@@ -112,6 +112,54 @@ def test_a_replica_killed_with_sigkill_loses_no_session(cluster, ref: Reference)
             assert_outputs(outputs[i], ref.outputs(models[i % 3], xs[i]))
 
 
+
+def test_another_keys_request_for_a_session_takes_nothing_over(cluster, ref: Reference) -> None:
+    """With access control on, key B asking a replica that does not hold key A's session about it (a read, a
+    step, a close, an attach) is answered as for an id that never existed, and changes nothing: the claim is
+    refused before it moves the lease, so A's replica keeps the session and A's next step there is answered,
+    not 409 session_moved. Once A has closed it, B is still told 404, not 410."""
+    import redis
+
+    from service.core.sessions import make_id
+    from tests.service.test_auth import KEY_A, KEY_B, ask, auth, same_error
+
+    a, b = cluster(2, api_keys=f"{KEY_A},{KEY_B}")
+    x = ref.sequence("sliding", 8, seed=13)
+    r = redis.Redis.from_url(a.settings["state_url"])
+    with httpx.Client(base_url=a.url, timeout=20, headers=auth(KEY_A)) as ca, \
+            httpx.Client(base_url=b.url, timeout=20, headers=auth(KEY_B)) as cb:
+        sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        got = steps(ca, sid, x, 0, 3)
+        assert got.status_code == 200, got.text
+        outputs = got.json()["outputs"]
+        missing = make_id(id_tag(sid) or "")  # an id of this cluster's tag that was never opened
+        lease = r.get(f"psn:lease:{sid}")
+        assert lease is not None and lease.startswith(b"A:"), lease
+        for method, path, body in (("GET", "", None), ("POST", "/steps", {"steps": x[3:4].tolist()}),
+                                   ("POST", "/steps", {"steps": x[3:4].tolist(), "start": 3}),
+                                   ("DELETE", "", None)):
+            theirs = cb.request(method, f"/v1/sessions/{sid}{path}", json=body)
+            nothing = cb.request(method, f"/v1/sessions/{missing}{path}", json=body)
+            assert theirs.status_code == 404 and same_error(theirs, nothing, sid, missing), (method, theirs.text)
+            assert r.get(f"psn:lease:{sid}") == lease, method  # still A's, the same token
+        with connect(b.ws_url, additional_headers=auth(KEY_B), open_timeout=10) as ws:
+            theirs, nothing = (ask(ws, {"type": "attach", "session_id": i}) for i in (sid, missing))
+            assert theirs["error"]["code"] == "session_not_found", theirs
+            assert theirs == json.loads(json.dumps(nothing).replace(missing, sid))
+        with connect(f"{b.ws_url}?session_id={sid}", additional_headers=auth(KEY_B), open_timeout=10) as ws:
+            assert ask(ws, {"type": "attach", "session_id": sid}) == theirs  # routed by the id, as a proxy would
+        assert r.get(f"psn:lease:{sid}") == lease
+        got = steps(ca, sid, x, 3, 5)  # A's next step, on its own replica
+        assert got.status_code == 200, got.text
+        assert_outputs(outputs + got.json()["outputs"], ref.outputs("sliding", x))
+        assert ca.get(f"/v1/sessions/{sid}").json()["steps_seen"] == 8
+        assert ca.delete(f"/v1/sessions/{sid}").status_code == 204
+        theirs, nothing = (cb.get(f"/v1/sessions/{i}") for i in (sid, missing))  # ended in the shared log
+        assert theirs.status_code == 404 and same_error(theirs, nothing, sid, missing), theirs.text
+        mine = httpx.get(f"{b.url}/v1/sessions/{sid}", headers=auth(KEY_A), timeout=20)
+        assert mine.status_code == 410 and mine.json()["error"]["code"] == "session_closed", mine.text
+    assert adopted(b) == 0 and adopted(a, "psn_sessions_moved_total") == 0
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
@@ -327,6 +375,37 @@ def test_records_of_a_session_opened_again_in_the_same_write_are_not_refused(tmp
         proc.kill()
         proc.wait()
 
+
+def test_a_claim_by_another_owner_moves_nothing_and_one_batch_grants_the_sessions_own(tmp_path) -> None:
+    """A claim names the owner asking: another owner's claim of a session is answered as for one with no
+    records and changes nothing (lease, TTLs); in one batch that asks for a session for several owners, its own
+    owner's claim is granted wherever it comes. A log written before the owner key existed is claimed by any
+    owner (the engine core compares the owner after) until this version writes one of its records."""
+    from service.core.cluster import ClusterStore
+
+    proc, port = redis_server(tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        a, b = ClusterStore(url, "A"), ClusterStore(url, "B")
+        r = a.r
+        a.add("o", "s", b"open", "alice")
+        assert a.flush() == set() and r.get("psn:owner:s") == b"alice"
+        lease = r.get("psn:lease:s")
+        r.pexpire("psn:lease:s", 5000)
+        assert b.claim("s", "mallory") is None and b.claim("s") is None  # "": no key is not every key
+        assert b.claim_many(["s", "s"], ["mallory", ""]) == [None, None]
+        assert r.get("psn:lease:s") == lease and r.pttl("psn:lease:s") <= 5000 and a.holds("s") and not b.holds("s")
+        assert b.claim_many(["s", "s", "never"], ["mallory", "alice", "alice"]) == [None, b"open", None]
+        assert b.holds("s") and not a.holds("s")  # B's token is the granted claim's
+        b.add("a", "s", b"steps", "alice")
+        assert b.flush() == set() and r.lrange("psn:s:s", 0, -1) == [b"open", b"steps"]
+        r.delete("psn:owner:s")  # as written before the owner key
+        assert a.claim("s", "mallory") == b"opensteps" and a.holds("s")
+        a.add("a", "s", b"more", "alice")  # the first record this version writes puts the key back
+        assert a.flush() == set() and r.get("psn:owner:s") == b"alice" and b.claim("s", "mallory") is None
+    finally:
+        proc.kill()
+        proc.wait()
 
 def test_a_replicas_session_records_outlive_its_idle_timeout_in_redis(model_dir: Path, tmp_path: Path) -> None:
     """The engine core's cluster store (build_core with PSN_CLUSTER) keeps a live session's records in Redis at
@@ -582,9 +661,9 @@ def test_redis_gone_under_a_replica_is_logged_once(cluster, ref: Reference, tmp_
 
 
 def test_leases_and_logs_live_for_their_ttls_and_each_write_renews_them(tmp_path) -> None:
-    """A live session's lease and log expire ``PSN_CLUSTER`` live TTL after its last write or claim (not
-    after its open: an active session must never lose them); an ended session's log stays for the ended TTL,
-    so its id answers 410 there; a rewrite replaces the log and keeps its TTL."""
+    """A live session's lease, log and owner key expire ``PSN_CLUSTER`` live TTL after its last write or claim
+    (not after its open: an active session must never lose them); an ended session's log and owner key stay for
+    the ended TTL, so its id answers 410 there (to its owner); a rewrite replaces the log and keeps its TTL."""
     from service.core.cluster import ClusterStore
 
     proc, port = redis_server(tmp_path)
@@ -595,12 +674,12 @@ def test_leases_and_logs_live_for_their_ttls_and_each_write_renews_them(tmp_path
         r = a.r
         live = range(90_000, 100_001)  # ms
 
-        def ttls() -> tuple[int, int]:
-            return r.pttl("psn:lease:s"), r.pttl("psn:s:s")
+        def ttls() -> tuple[int, int, int]:
+            return r.pttl("psn:lease:s"), r.pttl("psn:s:s"), r.pttl("psn:owner:s")
 
         def run_down() -> None:  # as if most of the TTL had passed
-            r.pexpire("psn:lease:s", 5000)
-            r.pexpire("psn:s:s", 5000)
+            for key in ("psn:lease:s", "psn:s:s", "psn:owner:s"):
+                r.pexpire(key, 5000)
 
         a.add("o", "s", b"open")
         assert a.flush() == set() and all(t in live for t in ttls()), ttls()
@@ -610,12 +689,14 @@ def test_leases_and_logs_live_for_their_ttls_and_each_write_renews_them(tmp_path
         run_down()
         a.add("r", "s", b"snapshot")
         assert a.flush() == set() and r.lrange("psn:s:s", 0, -1) == [b"snapshot"] and ttls()[1] in live, ttls()
+        assert ttls()[2] in live, ttls()
         run_down()
         assert b.claim("s") == b"snapshot" and all(t in live for t in ttls()), ttls()
         run_down()
         assert b.claim_many(["s"]) == [b"snapshot"] and all(t in live for t in ttls()), ttls()
         b.add("e", "s", b"end")
         assert b.flush() == set() and r.pttl("psn:s:s") in range(990_000, 1_000_001), ttls()
+        assert r.pttl("psn:owner:s") in range(990_000, 1_000_001), ttls()
     finally:
         proc.kill()
         proc.wait()
