@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None  # a file of API keys, one per line (# comments); also turns it on
     key_max_sessions: int = Field(0, ge=0)  # live sessions one key may hold (0: no limit but PSN_MAX_SESSIONS)
     key_steps_per_s: float = Field(0.0, ge=0)  # steps per second one key may send, token bucket (0: no limit)
+    # WebSockets one key may hold open at once, per front-end process: the front ends do not share counts
+    key_max_connections: int = Field(0, ge=0)  # (0: no limit but PSN_MAX_CONNECTIONS); does nothing without keys
     # Origins (scheme://host[:port]) whose pages may use the API: WebSocket handshakes and CORS. A page of the
     # server's own origin (Origin matching Host) and clients that send no Origin are always allowed; "*": any.
     allowed_origins: str = ""

@@ -194,6 +194,12 @@ class TooManyKeySessions(ServiceError):
     status, code = 429, "too_many_key_sessions"
 
 
+class TooManyKeyConnections(ServiceError):
+    """The key already holds PSN_KEY_MAX_CONNECTIONS WebSockets on this front-end process."""
+
+    status, code = 429, "too_many_key_connections"
+
+
 class RateLimited(ServiceError):
     """The key has used its PSN_KEY_STEPS_PER_S for now."""
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from service import demo
 from service.config import Settings
-from service.frontend.auth import AccessControl, add_cors
+from service.frontend.auth import AccessControl, KeyConnectionLimit, add_cors
 from service.frontend.client import EngineClient
 from service.frontend.errors import install_error_handlers
 from service.frontend.fastpath import StepsFastPath
@@ -93,6 +93,9 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
     # what AccessControl lets through: a keyless or foreign-origin WebSocket is refused (401/403) before
     # the limit would accept it to say the server is full
     app.add_middleware(ConnectionLimit, max_connections=settings.max_connections)
+    if settings.key_hashes and settings.key_max_connections:  # inside AccessControl (the key's owner), outside the
+        # limit: a key past its cap is refused before accept and takes no PSN_MAX_CONNECTIONS place
+        app.add_middleware(KeyConnectionLimit, cap=settings.key_max_connections)
     app.add_middleware(AccessControl, settings=settings)  # before anything reads a body: keys, Origin
     add_cors(app, settings)  # outside AccessControl: answers preflights (no key), adds CORS headers to refusals
     app.add_middleware(HeadAsGet)  # outermost: every layer and route sees a HEAD as the GET it is

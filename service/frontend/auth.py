@@ -16,6 +16,8 @@
   127.0.0.1), a request whose ``Host`` names another host is refused with 403 ``host_not_allowed``
   (loopback names are always allowed): a page of ``evil.example`` whose name is made to resolve to
   127.0.0.1 (DNS rebinding) is same-origin with itself, so the Origin check alone lets it in.
+- **Connections per key** (PSN_KEY_MAX_CONNECTIONS, ``KeyConnectionLimit``): the WebSockets one key may hold
+  open at once on this front-end process; past it the handshake is refused 429, never accepted.
 - **CORS** for the listed origins (``add_cors``): preflights are answered, responses say which
   headers a page may read.
 """
@@ -32,7 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings, key_hash, loopback_name
-from service.errors import HostNotAllowed, OriginNotAllowed, ServiceError, Unauthorized
+from service.errors import HostNotAllowed, OriginNotAllowed, ServiceError, TooManyKeyConnections, Unauthorized
 from service.frontend.limits import OWNER, count_error, send_json_error
 
 KEY_SUBPROTOCOL = "psn.key."  # a WebSocket subprotocol entry that carries the key (browsers)
@@ -168,6 +170,37 @@ class AccessControl:
             return await refuse(scope, receive, send, err, ((b"www-authenticate", b"Bearer"),))
         scope[OWNER] = owner
         await self.app(scope, receive, send)
+
+
+class KeyConnectionLimit:
+    """At most ``cap`` WebSockets open at once per API key on this front-end process (PSN_KEY_MAX_CONNECTIONS;
+    the front ends do not share counts), so one key cannot take every PSN_MAX_CONNECTIONS place. Sits inside
+    AccessControl, which sets the owner, and outside ConnectionLimit: a handshake past the cap is refused
+    before it is accepted and takes no place there. Added only with keys and a cap (``app.py``)."""
+
+    def __init__(self, app: ASGIApp, cap: int):
+        self.app, self.cap = app, cap
+        self.held: dict[str, int] = {}  # owner -> its WebSockets open here; an owner with none has no entry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        owner = scope.get(OWNER) if scope["type"] == "websocket" else None
+        if not owner:  # HTTP, or a public path (no key asked for)
+            return await self.app(scope, receive, send)
+        n = self.held.get(owner, 0)
+        if n >= self.cap:
+            return await refuse(scope, receive, send, TooManyKeyConnections(
+                f"this API key already holds {n} WebSocket connections to this front-end process "
+                f"(PSN_KEY_MAX_CONNECTIONS={self.cap}, counted per process); close one, or retry shortly",
+                retry_after=1))
+        self.held[owner] = n + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:  # however the connection ended: closed by either side, dropped, timed out, refused after accept
+            n = self.held[owner] - 1
+            if n:
+                self.held[owner] = n
+            else:
+                del self.held[owner]
 
 
 # what a refused preflight asked for that is not allowed (Starlette's word) -> the request header that asked
