@@ -121,3 +121,17 @@ def test_every_setting_is_in_the_api_docs_with_its_default():
         checked += 1
     assert not wrong, f"docs/api.md defaults that are not the code's: {wrong}"
     assert checked >= 20, f"only {checked} defaults found in docs/api.md's table: has its format changed?"
+
+
+def test_the_docker_docs_name_every_setting_the_compose_file_passes():
+    """docs/docker.md's settings paragraph (the container-side ones, then "Passed through") lists exactly the
+    service's environment of
+    docker-compose.yml (a setting added to one and not the other made the docs wrong twice)."""
+    compose = (REPO / "docker-compose.yml").read_text()
+    env = compose.split("    environment:", 1)[1].split("    healthcheck:", 1)[0]
+    passed = set(re.findall(r"^\s+- (PSN_[A-Z0-9_]+)", env, flags=re.M))
+    text = (REPO / "docs" / "docker.md").read_text()
+    para = text.split("Service settings are", 1)[1].split("To set another one", 1)[0]
+    named = set(re.findall(r"`(PSN_[A-Z0-9_]+)", para))
+    assert len(passed) >= 20, f"only {len(passed)} settings found in docker-compose.yml: has its format changed?"
+    assert named == passed, f"compose only: {sorted(passed - named)}; docs only: {sorted(named - passed)}"
