@@ -146,6 +146,20 @@ def _band_sum(ctx: Tensor, weights: list[Tensor], L: int) -> Tensor:
     return h
 
 
+def window_band_sum(rows: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """``band_sum`` of one step (``L = 0``) over the windows ``rows`` (B, k, *features), oldest first, with one
+    band ``weight`` (k,) for every row (a sliding PSN), bit for bit: the k products in one element-wise
+    multiply (into ``out``, (B, k, *features), when given), then added in the same order, j = 0 .. k-1,
+    one element-wise add each. k + 2 tensor operations where ``band_sum`` takes 3k: what a step of a few
+    sessions costs is mostly their number (``PSNNet.step_slots_exact_``). Inference only (in place)."""
+    k = weight.shape[0]
+    products = torch.mul(rows, weight.view(1, k, *([1] * (rows.dim() - 2))), out=out).unbind(1)
+    h = products[0] if k == 1 else products[0] + products[1]
+    for j in range(2, k):
+        h.add_(products[j])
+    return h
+
+
 def sliding_chunk(x_chunk: Tensor, state: NeuronState, weight: Tensor, bias: Tensor,
                   alpha: float) -> tuple[Tensor, Tensor, NeuronState]:
     """L new steps ``x_chunk`` (L, B, *features) over the stored window: ``H[t] = sum_i w_i X[t-k+1+i] + b``.

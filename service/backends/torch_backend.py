@@ -27,6 +27,8 @@ class TorchBackend:
         with torch.no_grad():
             # (max_slots, k, *features) per layer, (max_slots, C), (max_slots,)
             self._state: NetState | None = model.net.initial_state(self.max_slots) if self.max_slots else None
+        # one step of a sliding-PSN net on the CPU: ``PSNNet.step_slots_exact_`` (bit for bit the chunk path)
+        self._exact_step = self.max_slots > 0 and self.device.type == "cpu" and model.net.sliding_only
 
     def _slots(self) -> NetState:
         if self._state is None:
@@ -102,7 +104,9 @@ class TorchBackend:
     def step_device(self, x: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         """``run`` on the device: ``x`` (L, B, *input_shape) and ``idx`` (B,) already there, checked.
 
-        Gathers the slots' state, runs the chunk, scatters the new state back; returns device tensors.
+        Gathers the slots' state, runs the chunk, scatters the new state back; returns device tensors. One
+        step of a sliding-PSN net updates the slots in place instead (``step_slots_`` on CUDA with Triton,
+        ``step_slots_exact_`` on the CPU).
         No host synchronisation for a sliding-PSN net (a masked one reads its step counts to check the
         horizon), so bench/engine.py can capture it in a CUDA graph.
         """
@@ -110,6 +114,9 @@ class TorchBackend:
         net = self.model.net
         if x.shape[0] == 1 and net.steps_slots_fused(x):  # one kernel per layer, state updated in place
             out = net.step_slots_(x[0], st, idx)
+            return out.spikes.unsqueeze(0), out.scores.unsqueeze(0)
+        if x.shape[0] == 1 and self._exact_step and not net.training:  # in place, the chunk path's bits
+            out = net.step_slots_exact_(x[0], st, idx)
             return out.spikes.unsqueeze(0), out.scores.unsqueeze(0)
         rows = self._gather(idx)
         # The engine has checked shape and finiteness on the host (a GPU check would synchronise); the
