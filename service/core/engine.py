@@ -880,17 +880,23 @@ class EngineCore:
         assert self.cluster is not None
         pending, self._adopting = self._adopting, []
         # one claim per session and asking owner (the last item of each request): only the session's own
-        # owner's is granted; the requests of other owners then find it live here and are answered 404
+        # owner's is granted; the requests of other owners are answered 404, however the adoption went
         asked = list(dict.fromkeys((req[2], req[-1]) for _, _, req in pending if req[2] not in self.sessions.live))
         claimed: dict[str, bytes | None] = {}
+        refused: set[tuple[str, str]] = set()
         if asked and not self.closing:
             sids, owners = [sid for sid, _ in asked], [owner for _, owner in asked]
-            for sid, data in zip(sids, self.cluster.claim_many(sids, owners), strict=True):
+            for sid, owner, data in zip(sids, owners, self.cluster.claim_many(sids, owners), strict=True):
+                if data is None:
+                    refused.add((sid, owner))
                 if data is not None or sid not in claimed:
                     claimed[sid] = data
         errors = self._adopt(list(claimed), list(claimed.values())) if claimed else {}
         for front, rid, req in pending:
             err = errors.get(req[2])
+            if (req[2], req[-1]) in refused and claimed.get(req[2]) is not None:  # another owner's: whether it
+                # ended, was lost or found no slot here is not this request's to know
+                err = self.sessions.not_found(req[2])
             if err is not None:
                 self.answer(front, error_answer(rid, err))
             else:

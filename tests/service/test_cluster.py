@@ -407,6 +407,48 @@ def test_a_claim_by_another_owner_moves_nothing_and_one_batch_grants_the_session
         proc.kill()
         proc.wait()
 
+def test_another_owners_request_in_the_turn_that_claims_a_session_is_answered_as_for_no_session(
+        model_dir: Path, tmp_path: Path) -> None:
+    """One engine turn may hold step requests of two keys for the same session that the replica does not hold:
+    the owner's claim is granted, the other key's refused. The other key's request was then answered with
+    whatever the owner's claim led to (410 session_closed for an ended session, 410 session_lost, 429 with
+    the model's name when no slot was free), telling it the session exists: it is answered 404 like an id that
+    never existed, as it is in a turn of its own."""
+    import numpy as np
+
+    from service.config import Settings
+    from service.core.proc import build_core
+    from service.core.sessions import make_id
+    from service.ipc import OK
+
+    proc, port = redis_server(tmp_path)
+    try:
+        settings = Settings(model_dir=model_dir, cluster=True, state_url=f"redis://127.0.0.1:{port}/0", warmup=False)
+        a, b = build_core(settings.model_copy(update={"replica_id": "A"})), \
+            build_core(settings.model_copy(update={"replica_id": "B"}))
+
+        def answers(core, requests: list[list]) -> dict[int, list]:
+            for req in requests:
+                core.handle(b"f", req)
+            core.step()
+            core.flush_log()
+            return {rid: [status, body] for rid, status, body in core.take_outbox().get(b"f", [])}
+
+        sid = answers(a, [[1, "open", "sliding", False, None, "alice"]])[1][1]["session_id"]
+        missing = make_id(id_tag(sid) or "")
+        x = np.zeros((1, 3), np.float32).tobytes()
+        assert answers(a, [[2, "steps", sid, -1, 1, x, "alice"]])[2][0] == OK
+        assert answers(a, [[3, "close", sid, "alice"]])[3][0] == OK
+        got = answers(b, [[4, "steps", sid, -1, 1, x, "mallory"], [5, "steps", sid, -1, 1, x, "alice"],
+                          [6, "steps", missing, -1, 1, x, "mallory"]])
+        assert got[5][0] == 410 and got[5][1][0] == "session_closed", got  # its owner is told
+        assert got[4][0] == 404 and got[4][1] == [c.replace(missing, sid) if isinstance(c, str) else c
+                                                  for c in got[6][1]], got
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_replicas_session_records_outlive_its_idle_timeout_in_redis(model_dir: Path, tmp_path: Path) -> None:
     """The engine core's cluster store (build_core with PSN_CLUSTER) keeps a live session's records in Redis at
     least twice PSN_IDLE_TIMEOUT_S and at least ten minutes, so no session still live on a replica loses them."""
