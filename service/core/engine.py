@@ -884,14 +884,23 @@ class EngineCore:
         asked = list(dict.fromkeys((req[2], req[-1]) for _, _, req in pending if req[2] not in self.sessions.live))
         claimed: dict[str, bytes | None] = {}
         refused: set[tuple[str, str]] = set()
+        errors: dict[str, ServiceError] = {}
         if asked and not self.closing:
             sids, owners = [sid for sid, _ in asked], [owner for _, owner in asked]
-            for sid, owner, data in zip(sids, owners, self.cluster.claim_many(sids, owners), strict=True):
-                if data is None:
-                    refused.add((sid, owner))
-                if data is not None or sid not in claimed:
-                    claimed[sid] = data
-        errors = self._adopt(list(claimed), list(claimed.values())) if claimed else {}
+            try:
+                got = self.cluster.claim_many(sids, owners)
+            except Exception as e:  # Redis gone: answered as a read's claim is (handle); the engine core goes on
+                log.error("cluster: claiming %d session(s) from Redis failed: %s: %s", len(sids), type(e).__name__, e,
+                          exc_info=not store_error(e))
+                errors = {sid: internal(e) for sid in sids}
+            else:
+                for sid, owner, data in zip(sids, owners, got, strict=True):
+                    if data is None:
+                        refused.add((sid, owner))
+                    if data is not None or sid not in claimed:
+                        claimed[sid] = data
+        if claimed:
+            errors = self._adopt(list(claimed), list(claimed.values()))
         for front, rid, req in pending:
             err = errors.get(req[2])
             if (req[2], req[-1]) in refused and claimed.get(req[2]) is not None:  # another owner's: whether it

@@ -699,6 +699,32 @@ def test_redis_gone_under_a_replica_is_logged_once(cluster, ref: Reference, tmp_
     assert "Traceback" not in a.log()
 
 
+
+def test_redis_gone_when_a_request_asks_for_a_session_held_nowhere_here_kills_nothing(cluster, ref: Reference) -> None:
+    """With Redis gone, an OIP request of a sequence this replica does not hold (any client's: one never started
+    is enough) is claimed in the engine turn (``adopt_pending``); the claim's error went up through the engine
+    loop and killed the engine core, which then could not start again while Redis was down, so every session of
+    the replica was refused. It is answered as a read of such a session is (500 ``internal``), and the
+    replica's own sessions are served on."""
+    import contextlib
+
+    import redis
+
+    (a,) = cluster(1)
+    x = ref.sequence("sliding", T, seed=11)
+    with httpx.Client(base_url=a.url, timeout=20) as ca:
+        sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert steps(ca, sid, x, 0, 3).status_code == 200
+        with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
+            redis.Redis.from_url(a.settings["state_url"]).shutdown(nosave=True)
+        r = ca.post("/v2/models/sliding/infer", json=oip_sequence(x[:2], 77))  # a sequence never started
+        assert r.status_code == 500 and r.json()["error"] == "internal error: ConnectionError", r.text
+        for start in range(3, 9, 3):
+            assert steps(ca, sid, x, start, 3).status_code == 200
+    assert "exited with" not in a.log(), a.log()
+    assert a.log().count("cluster: claiming 1 session(s) from Redis failed: ConnectionError") == 1, a.log()
+    assert "Traceback" not in a.log()  # a store failing, not a bug: one line
+
 # ----- found by a mutation sweep of cluster.py (2026-12-07)
 
 
