@@ -75,14 +75,18 @@ return out
 """
 
 # KEYS: lease, log, owner. ARGV: new token, live ttl ms, the asking owner. Nothing, and nothing changed, when
-# the session has no records or is another owner's (a log written before the owner key was: any owner).
+# the session has no records or is another owner's (a log written before the owner key was: any owner). The
+# log and owner key live at least the live ttl on, never less than they had: an ended session's keep the
+# ended ttl (read to answer 410, it must not expire sooner for that).
 CLAIM = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return false end
 local owner = redis.call('GET', KEYS[3])
 if owner and owner ~= ARGV[3] then return false end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]))
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+for i = 2, 3 do
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
 return redis.call('LRANGE', KEYS[2], 0, -1)
 """
 

@@ -449,6 +449,33 @@ def test_another_owners_request_in_the_turn_that_claims_a_session_is_answered_as
         proc.wait()
 
 
+def test_reading_an_ended_session_on_another_replica_keeps_it_for_the_ended_ttl(tmp_path) -> None:
+    """An ended session's log and owner key stay in Redis for the ended TTL (a day), so every replica answers
+    410 for it meanwhile (docs/cluster.md). Its owner asking a replica that does not hold it claims it to read
+    its log, and the claim set the log's and the owner key's TTL to the live one (ten minutes by default): one
+    read and the id answered 404, as never opened, ten minutes later. A claim now renews, never shortens."""
+    from service.core.cluster import ClusterStore
+
+    proc, port = redis_server(tmp_path)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        a, b = (ClusterStore(url, name, live_ttl_s=100, ended_ttl_s=1000) for name in "AB")
+        r = a.r
+        a.add("o", "s", b"open", "alice")
+        a.add("e", "s", b"end")
+        assert a.flush() == set()
+        assert b.claim("s", "alice") == b"openend"  # its owner asks replica B: B reads the end record
+        ended = range(990_000, 1_000_001)  # ms
+        assert r.pttl("psn:s:s") in ended and r.pttl("psn:owner:s") in ended, (r.pttl("psn:s:s"),
+                                                                                 r.pttl("psn:owner:s"))
+        for key in ("psn:s:s", "psn:owner:s"):
+            r.pexpire(key, 5000)  # near its end: a claim still renews it to the live TTL, as before
+        assert b.claim("s", "alice") == b"openend"
+        assert r.pttl("psn:s:s") in range(90_000, 100_001) and r.pttl("psn:owner:s") in range(90_000, 100_001)
+    finally:
+        proc.kill()
+        proc.wait()
+
 def test_a_replicas_session_records_outlive_its_idle_timeout_in_redis(model_dir: Path, tmp_path: Path) -> None:
     """The engine core's cluster store (build_core with PSN_CLUSTER) keeps a live session's records in Redis at
     least twice PSN_IDLE_TIMEOUT_S and at least ten minutes, so no session still live on a replica loses them."""
