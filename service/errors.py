@@ -149,6 +149,17 @@ class QueueFull(ServiceError):
     status, code = 503, "queue_full"
 
 
+class StoreUnavailable(ServiceError):
+    """The shared session store (cluster mode) did not answer while this replica had to take a session over."""
+    status, code = 503, "session_store_unavailable"
+
+    @classmethod
+    def claiming(cls, sid: str, e: BaseException) -> StoreUnavailable:
+        return cls(f"session {sid!r}: the shared session store (PSN_STATE_URL) did not answer ({type(e).__name__}), "
+                   "so this replica cannot take the session over now; retry shortly", field="session_id",
+                   retry_after=1)
+
+
 class ShuttingDown(ServiceError):
     status, code = 503, "shutting_down"
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import logging
 import secrets
 
-from service.core.journal import Buffer
+from service.core.journal import Buffer, store_error
+from service.errors import StoreUnavailable
 
 log = logging.getLogger("psn.cluster")
 
@@ -129,10 +130,15 @@ class ClusterStore:
         keys = [(f"{self.prefix}:lease:{sid}", f"{self.prefix}:s:{sid}", f"{self.prefix}:owner:{sid}")
                 for sid in sids]
         tokens = [f"{self.replica}:{secrets.token_hex(6)}" for _ in sids]
-        with self.r.pipeline(transaction=False) as pipe:
-            for k, token, owner in zip(keys, tokens, owners or [""] * len(sids), strict=True):
-                self._claim(keys=list(k), args=[token, self.live_ttl_ms, owner], client=pipe)
-            out = pipe.execute()
+        try:
+            with self.r.pipeline(transaction=False) as pipe:
+                for k, token, owner in zip(keys, tokens, owners or [""] * len(sids), strict=True):
+                    self._claim(keys=list(k), args=[token, self.live_ttl_ms, owner], client=pipe)
+                out = pipe.execute()
+        except Exception as e:
+            if store_error(e):  # Redis gone or too slow: 503, retry (a bug stays a bug: 500)
+                raise StoreUnavailable.claiming(sids[0] if len(sids) == 1 else f"{len(sids)} sessions", e) from e
+            raise
         for sid in sids:
             self.tokens.pop(sid, None)
         for sid, token, chunks in zip(sids, tokens, out, strict=True):

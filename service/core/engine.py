@@ -62,6 +62,7 @@ from service.errors import (
     ServiceError,
     ShuttingDown,
     StepGap,
+    StoreUnavailable,
     TooManySessions,
     internal,
 )
@@ -889,9 +890,13 @@ class EngineCore:
             sids, owners = [sid for sid, _ in asked], [owner for _, owner in asked]
             try:
                 got = self.cluster.claim_many(sids, owners)
-            except Exception as e:  # Redis gone: answered as a read's claim is (handle); the engine core goes on
-                log.error("cluster: claiming %d session(s) from Redis failed: %s: %s", len(sids), type(e).__name__, e,
-                          exc_info=not store_error(e))
+            except StoreUnavailable as e:  # Redis gone: 503 for these requests, as for a read's claim; goes on
+                cause = e.__cause__ or e
+                log.error("cluster: claiming %d session(s) from Redis failed: %s: %s", len(sids), type(cause).__name__,
+                          cause)
+                errors = {sid: StoreUnavailable.claiming(sid, cause) for sid in sids}
+            except Exception as e:  # a bug: 500 for these requests, the engine core goes on
+                log.exception("cluster: claiming %d session(s) failed", len(sids))
                 errors = {sid: internal(e) for sid in sids}
             else:
                 for sid, owner, data in zip(sids, owners, got, strict=True):

@@ -731,8 +731,8 @@ def test_redis_gone_when_a_request_asks_for_a_session_held_nowhere_here_kills_no
     """With Redis gone, an OIP request of a sequence this replica does not hold (any client's: one never started
     is enough) is claimed in the engine turn (``adopt_pending``); the claim's error went up through the engine
     loop and killed the engine core, which then could not start again while Redis was down, so every session of
-    the replica was refused. It is answered as a read of such a session is (500 ``internal``), and the
-    replica's own sessions are served on."""
+    the replica was refused. It is answered 503 ``session_store_unavailable`` with Retry-After, as a read of such a
+    session is (once 500 ``internal``, as for a bug), and the replica's own sessions are served on."""
     import contextlib
 
     import redis
@@ -745,7 +745,11 @@ def test_redis_gone_when_a_request_asks_for_a_session_held_nowhere_here_kills_no
         with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
             redis.Redis.from_url(a.settings["state_url"]).shutdown(nosave=True)
         r = ca.post("/v2/models/sliding/infer", json=oip_sequence(x[:2], 77))  # a sequence never started
-        assert r.status_code == 500 and r.json()["error"] == "internal error: ConnectionError", r.text
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        assert "the shared session store (PSN_STATE_URL) did not answer (ConnectionError)" in r.json()["error"], r.text
+        r = ca.get("/v1/sessions/" + "x" * 24)  # a read claims too
+        assert r.status_code == 503 and r.json()["error"]["code"] == "session_store_unavailable", r.text
+        assert r.headers["Retry-After"] == "1"
         for start in range(3, 9, 3):
             assert steps(ca, sid, x, start, 3).status_code == 200
     assert "exited with" not in a.log(), a.log()
