@@ -869,7 +869,7 @@ class EngineCore:
         ``owner``'s session is not claimed: answered as one that does not exist."""
         self.check_open()
         assert self.cluster is not None
-        errors = self._adopt([sid], [self.cluster.claim(sid, owner)])
+        errors = self._adopt([sid], [self.cluster.claim(sid, owner)], [owner])
         if sid in errors:
             raise errors[sid]
         return self.sessions.live[sid]
@@ -911,13 +911,17 @@ class EngineCore:
             if (req[2], req[-1]) in refused and claimed.get(req[2]) is not None:  # another owner's: whether it
                 # ended, was lost or found no slot here is not this request's to know
                 err = self.sessions.not_found(req[2])
+            elif req[2] in claimed and claimed[req[2]] is None:  # no records (or not this owner's): what this
+                err = self.sessions.gone_error(req[2], owner=req[-1])  # replica remembers, told to its owner only
             if err is not None:
                 self.answer(front, error_answer(rid, err))
             else:
                 self.handle(front, req)  # live now (or, with closing set, answered shutting_down)
 
-    def _adopt(self, sids: list[str], claimed: list[bytes | None]) -> dict[str, ServiceError]:
-        """Rebuild the claimed sessions (their logs in ``claimed``); what went wrong for each that failed."""
+    def _adopt(self, sids: list[str], claimed: list[bytes | None],
+               owners: list[str] | None = None) -> dict[str, ServiceError]:
+        """Rebuild the claimed sessions (their logs in ``claimed``); what went wrong for each that failed (for one
+        without records, as told to the asking owner in ``owners``, "" by default)."""
         assert self.cluster is not None
         t0 = time.perf_counter()
         errors: dict[str, ServiceError] = {}
@@ -925,9 +929,9 @@ class EngineCore:
         records: dict[str, int] = {}
         lost: list[tuple[str, str]] = []
         free = {name: pool.size - pool.in_use for name, pool in self.sessions.pools.items()}
-        for sid, data in zip(sids, claimed, strict=True):
+        for sid, data, owner in zip(sids, claimed, owners or [""] * len(sids), strict=True):
             if data is None:
-                errors[sid] = self.sessions.gone_error(sid)
+                errors[sid] = self.sessions.gone_error(sid, owner=owner)
                 continue
             try:
                 st = read_log(data, self.specs)

@@ -210,6 +210,34 @@ class Client:
         return True
 
 
+def test_an_ended_session_whose_shared_log_expired_is_still_410_to_its_owner_on_the_replica_that_ended_it(
+        cluster, ref: Reference) -> None:
+    """Once an ended session's log has left Redis (a day after its end), a replica that does not hold it claims
+    nothing and answers from what it remembers itself (PSN_REMEMBER_GONE): the replica that closed it
+    remembers it as closed by its owner, so the owner is told 410 session_closed over a read and a step
+    (once told 404, as the claim's empty answer was judged as for no owner), another key 404."""
+    import redis
+
+    from tests.service.test_auth import KEY_A, KEY_B, auth
+
+    (a,) = cluster(1, api_keys=f"{KEY_A},{KEY_B}")
+    x = ref.sequence("sliding", 8, seed=17)
+    r = redis.Redis.from_url(a.settings["state_url"])
+    with httpx.Client(base_url=a.url, timeout=20) as c:
+        sid = c.post("/v1/sessions", headers=auth(KEY_A), json={"model": "sliding"}).json()["session_id"]
+        got = c.post(f"/v1/sessions/{sid}/steps", headers=auth(KEY_A), json={"steps": x[:2].tolist()})
+        assert got.status_code == 200, got.text
+        assert c.delete(f"/v1/sessions/{sid}", headers=auth(KEY_A)).status_code == 204
+        assert r.delete(f"psn:s:{sid}", f"psn:owner:{sid}", f"psn:lease:{sid}") >= 2  # as if its day had passed
+        got = c.get(f"/v1/sessions/{sid}", headers=auth(KEY_A))
+        assert got.status_code == 410 and got.json()["error"]["code"] == "session_closed", got.text
+        got = c.post(f"/v1/sessions/{sid}/steps", headers=auth(KEY_A), json={"steps": x[2:3].tolist()})
+        assert got.status_code == 410 and got.json()["error"]["code"] == "session_closed", got.text
+        for req in (c.get(f"/v1/sessions/{sid}", headers=auth(KEY_B)),
+                    c.post(f"/v1/sessions/{sid}/steps", headers=auth(KEY_B), json={"steps": x[2:3].tolist()})):
+            assert req.status_code == 404 and req.json()["error"]["code"] == "session_not_found", req.text
+
+
 def test_behind_haproxy_a_session_stays_on_one_replica_and_survives_a_replica_kill(cluster, ref: Reference,
                                                                                      tmp_path) -> None:
     a, b = cluster(2)
