@@ -905,6 +905,33 @@ def test_without_owners_the_oldest_ended_id_is_forgotten_first() -> None:
     assert [g[0] for g in t.gone()] == ids[2:]
 
 
+def remembered(limit: int, ended: list[tuple[str, str]], reopened: tuple[str, str] | None = None) -> list[str]:
+    """The ids a table of ``limit`` remembers after ``ended`` (id, owner) were remembered in order; ``reopened``:
+    (id, owner), an ended id opened again (an OIP sequence id) after the first of ``ended``."""
+    t = SessionTable(10, limit, Clock())
+    t.add_model("m", 2)
+    for i, (sid, owner) in enumerate(ended):
+        t.remember(sid, "session_closed", owner)
+        if reopened is not None and i == 0:
+            t.open("m", sid=reopened[0], owner=reopened[1])
+    return [g[0] for g in t.gone()]
+
+
+def test_past_the_limit_the_owner_over_its_share_pays_else_the_one_holding_the_most() -> None:
+    """The rule docs and ``SessionTable.remember`` give, at each boundary: the remembering owner gives up its
+    oldest id only when it holds more than the average owner, else the owner holding the most does; an owner
+    whose ids are all forgotten no longer counts in the average."""
+    # b's 2nd id: 4 owners, 7 ids, b holds 2 > 7/4: b pays, though a holds the most
+    assert remembered(6, [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("c1", "c"), ("d1", "d"),
+                          ("b2", "b")]) == ["a1", "a2", "a3", "c1", "d1", "b2"]
+    # b's 2nd id: 3 owners, 6 ids, b holds exactly the average (2): not over it, so a (3) pays
+    assert remembered(5, [("a1", "a"), ("a2", "a"), ("a3", "a"), ("c1", "c"), ("b1", "b"),
+                          ("b2", "b")]) == ["a2", "a3", "c1", "b1", "b2"]
+    # c's only id opened again: 2 owners left, a's 2nd id is not over 5/2, so b (3) pays
+    assert remembered(4, [("c1", "c"), ("a1", "a"), ("b1", "b"), ("b2", "b"), ("b3", "b"), ("a2", "a")],
+                      reopened=("c1", "c")) == ["a1", "b2", "b3", "a2"]
+
+
 def test_a_model_with_a_horizon_takes_exactly_T_steps_everywhere() -> None:
     core, be, clock = masked_core(T=4)
     core.handle(b"f", [1, "open", "fake", False, "oip::fake:1", "", 4])  # a sequence start of T steps
