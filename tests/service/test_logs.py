@@ -7,6 +7,7 @@ the other filter on uvicorn's log."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,26 @@ def test_cut_keeps_the_first_characters_and_hides_a_key_the_cut_splits() -> None
     assert cut(head + "K3Y" * 10) == head + "***" + f"...({len(head) + 30 - MAX_LOGGED_CHARS} more)"
 
 
+def test_every_credential_name_and_the_length_docs_api_md_gives_is_what_the_log_filter_uses() -> None:
+    """docs/api.md lists the parameter names whose values a logged query hides (contains one of these parts, or
+    is one of these names) and how much of a request line is shown: each listed part hides a value anywhere in a
+    name of any case, each listed name hides its own, and a line of exactly that length is not cut."""
+    text = " ".join((Path(__file__).parents[2] / "docs" / "api.md").read_text().split())
+    m = re.search(r"contains (.+?), or is (.+?) \(`\?api_key=`", text)
+    assert m is not None, "docs/api.md no longer lists the credential names"
+    parts, names = (re.findall(r"`([^`]+)`", group) for group in m.groups())
+    assert len(parts) >= 8 and len(names) >= 3, (parts, names)
+    for part in parts:
+        for name in (part, f"x_{part.upper()}_y", f"{part}s"):
+            assert redact(f"/m?a=1&{name}=s3cret&b=2") == f"/m?a=1&{name}=***&b=2", name
+    for name in names:
+        assert redact(f"/m?{name.upper()}=s3cret") == f"/m?{name.upper()}=***", name
+    shown = re.search(r"shows the first (\d+) characters of its path and query", text)
+    assert shown is not None and int(shown[1]) == MAX_LOGGED_CHARS
+    line = "/m?q=" + "z" * (MAX_LOGGED_CHARS - 5)
+    assert cut(line) == line and cut(line + "z") == line + "...(1 more)"
+
+
 def test_the_filter_redacts_the_message_and_the_access_logs_string_arguments() -> None:
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
                                ("127.0.0.1:5000", "POST", f"/v1/sessions/{SID}/steps", "1.1", 200), None)
@@ -65,6 +86,9 @@ def test_the_filter_redacts_the_message_and_the_access_logs_string_arguments() -
     assert record.getMessage() == '127.0.0.1:5000 - "POST /v1/sessions/01234567.../steps HTTP/1.1" 200'
     record = logging.LogRecord("psn", logging.INFO, __file__, 1, f"closed /v1/sessions/{SID}", None, None)
     assert RedactSessionIds().filter(record) and record.getMessage() == "closed /v1/sessions/01234567..."
+    why = "x" * (2 * MAX_LOGGED_CHARS)  # only a request line is cut: another line's argument is redacted, whole
+    record = logging.LogRecord("psn", logging.WARNING, __file__, 1, "lost %s: %s", (f"/v1/sessions/{SID}", why), None)
+    assert RedactSessionIds().filter(record) and record.getMessage() == f"lost /v1/sessions/01234567...: {why}"
 
 
 class Lines(logging.Handler):
