@@ -142,6 +142,26 @@ def test_a_key_file_others_can_read_is_used_with_one_warning(serve, tmp_path: Pa
     assert KEY_C not in srv.log()
 
 
+KEY_FILE_MODES = [(0o604, "read"), (0o640, "read"), (0o620, "changed"), (0o602, "changed"), (0o666, "read and changed"),
+                  (0o644, "read"), (0o600, None), (0o711, None)]
+
+
+@pytest.mark.parametrize(("mode", "can"), KEY_FILE_MODES, ids=[f"{mode:04o}" for mode, _ in KEY_FILE_MODES])
+def test_the_key_file_warning_names_what_others_may_do_and_only_that(tmp_path: Path, mode: int,
+                                                                     can: str | None) -> None:
+    """Read and write bits of the group and of others each count, alone (others' read as group's, a file others
+    can only change as one they can read); execute bits give nothing away and are not warned about."""
+    path = tmp_path / "keys"
+    path.write_text(f"{KEY_C}\n")
+    path.chmod(mode)
+    warning = Settings(api_keys_file=path).keys_file_warning
+    if can is None:
+        assert warning is None
+    else:
+        assert warning == (f"PSN_API_KEYS_FILE: {path} can be {can} by users other than its owner (mode {mode:04o}); "
+                           "chmod 600 it")
+
+
 def test_no_process_of_the_service_has_the_keys_in_its_environment(keyed: Server) -> None:
     """The supervisor keeps the keys' hashes and drops PSN_API_KEYS before it starts its children: neither a front
     end's nor the engine core's environment (/proc/PID/environ, a core dump) holds a key."""
