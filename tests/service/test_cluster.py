@@ -477,6 +477,73 @@ def test_another_owners_request_in_the_turn_that_claims_a_session_is_answered_as
         proc.wait()
 
 
+def test_a_turns_claims_grant_an_unstepped_session_to_its_owner_leave_a_draining_replica_alone_and_keep_410s(
+        model_dir: Path, tmp_path: Path) -> None:
+    """Cases of the engine turn's claims (``adopt_pending``), two real engine cores on a real redis-server: a
+    session opened on A and asked for on B by its owner before its first step is taken over (its open record
+    wrote its owner key), and so is one whose log A has rewritten as a snapshot (that record too), and one whose
+    owner's request comes before another key's in the turn; a step request queued on B when B begins to drain is
+    answered shutting_down and does not take the session from A (whose next step would be 409 session_moved); an
+    id A closed, whose shared log has expired (the ended TTL), is still answered 410 by A while A remembers it,
+    as a read of it is."""
+    import numpy as np
+
+    from service.config import Settings
+    from service.core.proc import build_core
+    from service.ipc import OK
+
+    proc, port = redis_server(tmp_path)
+    try:
+        settings = Settings(model_dir=model_dir, cluster=True, state_url=f"redis://127.0.0.1:{port}/0", warmup=False,
+                            cluster_session_records=2)
+        a, b = build_core(settings.model_copy(update={"replica_id": "A"})), \
+            build_core(settings.model_copy(update={"replica_id": "B"}))
+        assert a.cluster is not None
+
+        def answers(core, requests: list[list]) -> dict[int, list]:
+            for req in requests:
+                core.handle(b"f", req)
+            core.step()
+            core.flush_log()
+            return {rid: [status, body] for rid, status, body in core.take_outbox().get(b"f", [])}
+
+        def open_(owner: str) -> str:
+            return answers(a, [[1, "open", "sliding", False, None, owner]])[1][1]["session_id"]
+
+        x = np.zeros((1, 3), np.float32).tobytes()
+        sid = open_("alice")
+        assert answers(b, [[2, "steps", sid, -1, 1, x, "mallory"]])[2][0] == 404
+        assert answers(b, [[3, "steps", sid, -1, 1, x, "alice"]])[3][0] == OK  # B took it over
+        assert b.cluster is not None and b.cluster.holds(sid) and not a.cluster.holds(sid)
+
+        sid = open_("alice")
+        for rid in range(10, 14):  # past cluster_session_records: the log is rewritten as one snapshot record
+            assert answers(a, [[rid, "steps", sid, -1, 1, x, "alice"]])[rid][0] == OK
+        a.flush_log()  # the rewrite the last turn asked for: the last record written
+        assert a.cluster.r.llen(f"psn:s:{sid}") == 1
+        got = answers(b, [[14, "steps", sid, -1, 1, x, "alice"], [15, "steps", sid, -1, 1, x, "mallory"]])
+        assert got[14][0] == OK and got[15][0] == 404, got  # the owner's claim first in the turn
+        assert b.cluster.holds(sid) and b.get(b"f", 16, sid, owner="alice")["steps_seen"] == 5
+
+        sid = open_("alice")
+        assert answers(a, [[4, "steps", sid, -1, 1, x, "alice"]])[4][0] == OK
+        b.handle(b"f", [5, "steps", sid, -1, 1, x, "alice"])  # queued for this turn's claim
+        b.begin_drain()
+        b.step()
+        got = {rid: [status, body] for rid, status, body in b.take_outbox().get(b"f", [])}
+        assert got[5][0] == 503 and got[5][1][0] == "shutting_down", got
+        assert a.cluster.holds(sid) and answers(a, [[6, "steps", sid, -1, 1, x, "alice"]])[6][0] == OK
+
+        sid = open_("")
+        assert answers(a, [[7, "close", sid, ""]])[7][0] == OK
+        a.cluster.r.delete(f"psn:s:{sid}", f"psn:owner:{sid}")  # the ended TTL has passed
+        got = answers(a, [[8, "get", sid, False, ""], [9, "steps", sid, -1, 1, x, ""]])
+        assert got[8][0] == got[9][0] == 410 and got[8][1][0] == got[9][1][0] == "session_closed", got
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_reading_an_ended_session_on_another_replica_keeps_it_for_the_ended_ttl(tmp_path) -> None:
     """An ended session's log and owner key stay in Redis for the ended TTL (a day), so every replica answers
     410 for it meanwhile (docs/cluster.md). Its owner asking a replica that does not hold it claims it to read
