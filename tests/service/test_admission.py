@@ -134,6 +134,26 @@ def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
     return head + mask + data.tobytes()
 
 
+def send_until_dropped(sock: socket.socket) -> None:
+    """On an accepted WebSocket ``sock``: open a session of "sliding", then send steps (~130 kB answers each) and
+    never read: the server's buffers fill, then it must drop the connection (within 30 s); closes ``sock``."""
+    sock.sendall(ws_frame(json.dumps({"type": "open", "model": "sliding"}).encode()))
+    steps = ws_frame(json.dumps({"type": "steps", "steps": [[0.5, -0.5, 0.25]] * 1024}).encode())
+    sock.settimeout(0.5)
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            assert time.monotonic() < deadline, "the server kept a client that does not read"
+            try:
+                sock.sendall(steps)
+            except TimeoutError:
+                pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    finally:
+        sock.close()
+
+
 def test_a_client_that_stops_reading_is_disconnected(serve) -> None:
     srv = serve(ws_send_timeout_s=1)
     sock = socket.socket()
@@ -146,21 +166,7 @@ def test_a_client_that_stops_reading_is_disconnected(serve) -> None:
     while b"\r\n\r\n" not in head:
         head += sock.recv(1)
     assert head.startswith(b"HTTP/1.1 101")
-    sock.sendall(ws_frame(json.dumps({"type": "open", "model": "sliding"}).encode()))
-    steps = ws_frame(json.dumps({"type": "steps", "steps": [[0.5, -0.5, 0.25]] * 1024}).encode())  # ~130 kB answers
-    sock.settimeout(0.5)
-    deadline = time.monotonic() + 30
-    try:
-        while True:  # never read: the server's buffers fill, then it must drop the connection
-            assert time.monotonic() < deadline, "the server kept a client that does not read"
-            try:
-                sock.sendall(steps)
-            except TimeoutError:
-                pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    finally:
-        sock.close()
+    send_until_dropped(sock)
     deadline = time.monotonic() + 10
     while "not reading" not in srv.log():
         assert time.monotonic() < deadline, srv.log()[-2000:]

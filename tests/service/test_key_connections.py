@@ -31,7 +31,7 @@ from service.frontend.app import create_app
 from service.frontend.auth import KeyConnectionLimit
 from service.frontend.limits import OWNER
 from tests.service.conftest import Server
-from tests.service.test_admission import ws_frame
+from tests.service.test_admission import send_until_dropped
 from tests.service.test_read_timeout import client_frame
 
 KEY_A, KEY_B, KEY_C = "conn-key-a-0123456789abcdef", "conn-key-b-0123456789abcdef", "conn-key-c-0123456789abcdef"
@@ -175,22 +175,7 @@ def stall_mid_message(srv: Server) -> None:
 
 def stop_reading(srv: Server) -> None:
     """The server drops it at PSN_WS_SEND_TIMEOUT_S: its answers found no room."""
-    sock = raw_handshake(srv, KEY_A, rcvbuf=4096)
-    sock.sendall(ws_frame(json.dumps({"type": "open", "model": "sliding"}).encode()))
-    steps = ws_frame(json.dumps({"type": "steps", "steps": [[0.5, -0.5, 0.25]] * 1024}).encode())
-    sock.settimeout(0.5)
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            assert time.monotonic() < deadline, "the server kept a client that does not read"
-            try:
-                sock.sendall(steps)
-            except TimeoutError:
-                pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    finally:
-        sock.close()
+    send_until_dropped(raw_handshake(srv, KEY_A, rcvbuf=4096))
 
 
 def refuse_after_accept(srv: Server) -> None:
