@@ -225,7 +225,7 @@ class EngineCore:
             if old.busy:
                 raise StepGap(f"sequence {sid!r} still has requests in flight; start it again once they are answered",
                               field="sequence_start", code="sequence_busy")
-            self.sessions.close(old)
+            self.sessions.close(old, remember=False)  # live again at once: no ended id is pushed out for it
         s = self.sessions.open(model, sid, owner)
         try:
             r.reset([s.slot])

@@ -186,8 +186,9 @@ class SessionTable:
         """The remembered ids that are gone, oldest first: (id, why, owner)."""
         return [(sid, why, self._gone_owner.get(sid, "")) for sid, why in self._gone.items()]
 
-    def close(self, s: Session, reason: str = "session_closed") -> None:
-        """Free ``s``'s slot and remember its id as ``reason``."""
+    def close(self, s: Session, reason: str = "session_closed", remember: bool = True) -> None:
+        """Free ``s``'s slot and remember its id as ``reason`` (``remember=False``: its id is opened again at
+        once, an OIP sequence started over, so it takes no place among the ended ids)."""
         if self.live.pop(s.id, None) is None:
             return
         self.pools[s.model].give(s.slot)
@@ -195,7 +196,7 @@ class SessionTable:
         self.owned[s.owner] -= 1
         if not self.owned[s.owner]:
             del self.owned[s.owner]
-        if reason != "session_moved":  # another replica serves it now: asking here again claims it back
+        if remember and reason != "session_moved":  # moved: another replica serves it, asking here claims it back
             self.remember(s.id, reason, s.owner)
         if self.on_close is not None:
             self.on_close(s, reason)

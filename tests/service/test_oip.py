@@ -298,3 +298,27 @@ def test_restarting_a_sequence_reuses_its_slot(serve, ref: Reference) -> None:
     for _ in range(4):  # more restarts than slots: each start frees the sequence's old session first
         _infer(c, "sliding", x, True, sequence_id=7, sequence_start=True)
     _infer(c, "sliding", x, True, sequence_id=8, sequence_start=True)  # the second slot is still free
+
+
+def test_restarting_a_live_sequence_forgets_no_ended_id(serve, ref: Reference) -> None:
+    """A sequence_start on a live sequence closes its old run and opens the id again at once: the id is live,
+    not ended, so PSN_REMEMBER_GONE must not lose a place to it. The old run's end used to be remembered first,
+    and with the table full that pushed out the oldest ended id (its owner got 404, as for an id that never
+    existed, where docs/api.md promises 410 until more ids than PSN_REMEMBER_GONE have ended), then the id was
+    forgotten again on the open."""
+    srv = serve(remember_gone=2)
+    x = ref.sequence("sliding", 2, seed=9).tolist()
+    with httpx.Client(base_url=srv.url, timeout=20) as c:
+        ended = []
+        for _ in range(2):  # the table is full: two closed ids
+            sid = c.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+            assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+            ended.append(sid)
+        for _ in range(3):  # sequence 7 started, then started over twice while live
+            r = c.post("/v2/models/sliding/infer", json=oip_sequence(x, 7, sequence_start=True))
+            assert r.status_code == 200, r.text
+        for sid in ended:
+            r = c.get(f"/v1/sessions/{sid}")
+            assert r.status_code == 410 and r.json()["error"]["code"] == "session_closed", (sid, r.text)
+        r = c.post("/v2/models/sliding/infer", json=oip_sequence(x, 7))  # and the sequence is live
+        assert r.status_code == 200, r.text
