@@ -432,6 +432,8 @@ class EngineCore:
                                       field="steps")
                 if n_new == 0:
                     assert cached is not None
+                    if self.cluster is not None:  # answered from here alone, nothing written: no fence told us
+                        self._check_lease(s)  # if another replica claimed it since (moved it on, or ended it)
                     self.answer(req.front, [req.rid, OK, [start, replayed, t, cached[0].tobytes(),
                                                           cached[1].tobytes()]])
                     continue
@@ -446,6 +448,20 @@ class EngineCore:
             except ServiceError as e:
                 self.answer(req.front, error_answer(req.rid, e))
         return batch
+
+    def _check_lease(self, s: Session) -> None:
+        """In a cluster: session_moved (and ``s`` goes) if another replica has claimed ``s`` since we did; 503
+        session_store_unavailable if Redis does not answer (one round trip: for answers that write nothing)."""
+        assert self.cluster is not None
+        try:
+            held = self.cluster.holds(s.id)
+        except Exception as e:
+            if store_error(e):
+                raise StoreUnavailable.claiming(s.id, e) from e
+            raise
+        if not held:
+            self.moved(s.id, [])
+            raise self.sessions.gone_error(s.id, "session_moved")
 
     def timed_out(self, waited: float) -> RequestTimeout:
         return RequestTimeout(f"the request waited {waited:.3g} s, past PSN_REQUEST_TIMEOUT_S={self.timeout_s:g} s, "

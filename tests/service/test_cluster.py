@@ -160,6 +160,31 @@ def test_another_keys_request_for_a_session_takes_nothing_over(cluster, ref: Ref
         assert mine.status_code == 410 and mine.json()["error"]["code"] == "session_closed", mine.text
     assert adopted(b) == 0 and adopted(a, "psn_sessions_moved_total") == 0
 
+def test_a_retry_on_the_old_replica_is_not_answered_from_its_stale_copy(cluster, ref: Reference) -> None:
+    """A retry whose steps were all applied (start + L <= steps_seen) is answered from the retry window and
+    writes nothing, so the fenced write never told the replica that another one had claimed the session since:
+    the old replica answered it 200 from its stale copy, with an old steps_seen (5 where the session was at 8),
+    and even for a session its owner had closed on the other replica (200 where every replica must say 409
+    session_moved or 410). Such a retry now checks the lease first, as reads do."""
+    a, b = cluster(2)
+    x = ref.sequence("sliding", 10, seed=21)
+    expected = ref.outputs("sliding", x)
+    with httpx.Client(base_url=a.url, timeout=20) as ca, httpx.Client(base_url=b.url, timeout=20) as cb:
+        sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert steps(ca, sid, x, 0, 5).status_code == 200
+        assert steps(cb, sid, x, 5, 3).status_code == 200  # B takes it over: 8 steps
+        r = steps(ca, sid, x, 2, 3)  # a retry of steps 2..4 sent to A, which still holds its copy at 5
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_moved", r.text
+        r = steps(ca, sid, x, 2, 3)  # sent again: A claims it back
+        assert r.status_code == 200 and r.json()["steps_seen"] == 8, r.text
+        assert_outputs(r.json()["outputs"], expected, start=2)
+        assert ca.delete(f"/v1/sessions/{sid}").status_code == 204  # closed on A; B still holds its copy at 8
+        r = steps(cb, sid, x, 6, 2)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_moved", r.text
+        r = steps(cb, sid, x, 6, 2)
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_closed", r.text
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
