@@ -249,8 +249,7 @@ class EngineCore:
         ``verify`` (reads and closes, not steps): in a cluster, first check that no other replica has
         claimed it since (one Redis round trip); steps need no check: their writes are fenced."""
         s = self.sessions.live.get(sid) if isinstance(sid, str) else None
-        if s is not None and verify and self.cluster is not None and not s.busy and not self.cluster.holds(s.id):
-            self.moved(s.id, [])
+        if s is not None and verify and self.cluster is not None and not s.busy and self._moved_on(s):
             s = None
         if s is None and self.cluster is not None and isinstance(sid, str):
             s = self.adopt(sid, owner)
@@ -432,8 +431,9 @@ class EngineCore:
                                       field="steps")
                 if n_new == 0:
                     assert cached is not None
-                    if self.cluster is not None:  # answered from here alone, nothing written: no fence told us
-                        self._check_lease(s)  # if another replica claimed it since (moved it on, or ended it)
+                    # answered from here alone, nothing written: no fence tells us if another replica claimed it
+                    if self.cluster is not None and self._moved_on(s):  # since (and moved it on, or ended it)
+                        raise self.sessions.gone_error(s.id, "session_moved")
                     self.answer(req.front, [req.rid, OK, [start, replayed, t, cached[0].tobytes(),
                                                           cached[1].tobytes()]])
                     continue
@@ -441,27 +441,28 @@ class EngineCore:
                 batch.runs.setdefault(n_new, []).append(Item(req, start, replayed, n_new, payload, cached))
             except (StepGap, RetryTooOld) as e:  # in a cluster, maybe because another replica has moved it on
                 err: ServiceError = e
-                if self.cluster is not None and s.slot >= 0 and not self.cluster.holds(s.id):
-                    self.moved(s.id, [])
+                if self.cluster is not None and s.slot >= 0 and self._moved_on(s):
                     err = self.sessions.gone_error(s.id, "session_moved")
                 self.answer(req.front, error_answer(req.rid, err))
             except ServiceError as e:
                 self.answer(req.front, error_answer(req.rid, e))
         return batch
 
-    def _check_lease(self, s: Session) -> None:
-        """In a cluster: session_moved (and ``s`` goes) if another replica has claimed ``s`` since we did; 503
-        session_store_unavailable if Redis does not answer (one round trip: for answers that write nothing)."""
+    def _moved_on(self, s: Session) -> bool:
+        """In a cluster: whether another replica has claimed ``s`` since we did (then ``s`` goes from here). One
+        round trip, for answers that write nothing; a Redis that does not answer: False, the replica serves its
+        own sessions on while the store is down (as it applies their steps)."""
         assert self.cluster is not None
         try:
             held = self.cluster.holds(s.id)
         except Exception as e:
-            if store_error(e):
-                raise StoreUnavailable.claiming(s.id, e) from e
-            raise
+            if not store_error(e):
+                raise
+            log.debug("cluster: checking the lease of session %s failed: %s", s.id[:8], type(e).__name__)
+            return False
         if not held:
             self.moved(s.id, [])
-            raise self.sessions.gone_error(s.id, "session_moved")
+        return not held
 
     def timed_out(self, waited: float) -> RequestTimeout:
         return RequestTimeout(f"the request waited {waited:.3g} s, past PSN_REQUEST_TIMEOUT_S={self.timeout_s:g} s, "

@@ -919,3 +919,39 @@ def test_leases_and_logs_live_for_their_ttls_and_each_write_renews_them(tmp_path
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_redis_gone_when_a_step_gap_or_a_retry_checks_the_lease_kills_nothing(cluster, ref: Reference) -> None:
+    """A step_gap or retry_too_old refusal, and a retry answered wholly from the retry window, ask Redis whether
+    another replica has claimed the session since (the gap may be another replica's steps). With Redis gone, the
+    question's error went up through the engine loop and killed the engine core, which then could not start
+    while Redis was down: every session of the replica was refused (a read's check: 500 internal). The replica
+    now serves its own session on, as it applies its steps while the store is down: each is answered as
+    without replicas."""
+    import contextlib
+
+    import redis
+
+    (a,) = cluster(1, retry_window=2)
+    x = ref.sequence("sliding", T, seed=12)
+    expected = ref.outputs("sliding", x)
+    with httpx.Client(base_url=a.url, timeout=20) as ca:
+        sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert steps(ca, sid, x, 0, 6).status_code == 200
+        with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
+            redis.Redis.from_url(a.settings["state_url"]).shutdown(nosave=True)
+        r = ca.get(f"/v1/sessions/{sid}")  # a read checks the lease too (it was 500 internal)
+        assert r.status_code == 200 and r.json()["steps_seen"] == 6, r.text
+        for start, n, code in ((8, 1, "step_gap"), (1, 6, "retry_too_old")):
+            r = steps(ca, sid, x, start, n)
+            assert r.status_code == 409 and r.json()["error"]["code"] == code, r.text
+        r = steps(ca, sid, x, 5, 1)  # a retry of step 5
+        assert r.status_code == 200 and r.json()["replayed"] == 1, r.text
+        outputs = r.json()["outputs"]
+        for start in range(6, 12, 3):
+            r = steps(ca, sid, x, start, 3)
+            assert r.status_code == 200, r.text
+            outputs += r.json()["outputs"]
+        assert_outputs(outputs, expected, start=5)
+    assert "exited with" not in a.log(), a.log()
+    assert "Traceback" not in a.log()
