@@ -249,6 +249,8 @@ class EngineCore:
         ``verify`` (reads and closes, not steps): in a cluster, first check that no other replica has
         claimed it since (one Redis round trip); steps need no check: their writes are fenced."""
         s = self.sessions.live.get(sid) if isinstance(sid, str) else None
+        if s is not None and s.owner != owner:  # another key's, held here: 404 before anything about it is
+            raise self.sessions.not_found(sid)  # checked or changed (a stale copy is not dropped for it)
         if s is not None and verify and self.cluster is not None and not s.busy and self._moved_on(s):
             s = None
         if s is None and self.cluster is not None and isinstance(sid, str):

@@ -185,6 +185,32 @@ def test_a_retry_on_the_old_replica_is_not_answered_from_its_stale_copy(cluster,
         assert r.status_code == 410 and r.json()["error"]["code"] == "session_closed", r.text
 
 
+def test_another_keys_read_on_the_old_replica_changes_nothing_there(cluster, ref: Reference) -> None:
+    """Key B's GET (or attach, or close) of key A's id on a replica holding a stale copy of it checked the lease
+    before the owner: the replica found the session claimed elsewhere and dropped its copy (a 'session moved'
+    line, psn_sessions_moved_total + 1), then answered B 404. So B's request changed what A was told next there:
+    A's step was claimed and answered instead of 409 session_moved. The owner is now compared first."""
+    from tests.service.test_auth import KEY_A, KEY_B, auth
+
+    a, b = cluster(2, api_keys=f"{KEY_A},{KEY_B}")
+    x = ref.sequence("sliding", 8, seed=31)
+    with httpx.Client(base_url=a.url, timeout=20, headers=auth(KEY_A)) as ca, \
+            httpx.Client(base_url=b.url, timeout=20, headers=auth(KEY_A)) as cb:
+        sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+        assert steps(ca, sid, x, 0, 3).status_code == 200
+        assert steps(cb, sid, x, 3, 2).status_code == 200  # B takes it over; A keeps a stale copy
+        for method in ("GET", "DELETE"):
+            r = httpx.request(method, f"{a.url}/v1/sessions/{sid}", headers=auth(KEY_B), timeout=20)
+            assert r.status_code == 404, r.text
+        text = ca.get("/metrics").text
+        assert not [line for line in text.splitlines() if line.startswith("psn_sessions_moved_total{")
+                    and not line.endswith(" 0.0")], text
+        r = steps(ca, sid, x, 5, 2)  # the owner on the old replica: as if key B had sent nothing
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_moved", r.text
+        r = steps(ca, sid, x, 5, 2)
+        assert r.status_code == 200 and r.json()["steps_seen"] == 7, r.text
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
