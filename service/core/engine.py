@@ -441,7 +441,8 @@ class EngineCore:
                     continue
                 payload = req.payload[replayed * row:] if replayed else req.payload
                 batch.runs.setdefault(n_new, []).append(Item(req, start, replayed, n_new, payload, cached))
-            except (StepGap, RetryTooOld) as e:  # in a cluster, maybe because another replica has moved it on
+            except (StepGap, RetryTooOld, PastHorizon) as e:  # in a cluster, maybe because another replica
+                # has moved it on (or ended it): these are answered from here alone, nothing written to fence
                 err: ServiceError = e
                 if self.cluster is not None and s.slot >= 0 and self._moved_on(s):
                     err = self.sessions.gone_error(s.id, "session_moved")

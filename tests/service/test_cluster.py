@@ -211,6 +211,30 @@ def test_another_keys_read_on_the_old_replica_changes_nothing_there(cluster, ref
         assert r.status_code == 200 and r.json()["steps_seen"] == 7, r.text
 
 
+def test_a_past_horizon_refusal_on_the_old_replica_is_not_answered_from_its_stale_copy(cluster, ref: Reference
+                                                                                        ) -> None:
+    """A masked-PSN step past the horizon is refused in the engine turn, before anything is written, so no fenced
+    write told the old replica that another one had claimed the session since: it refused from its stale copy,
+    naming an old step (22 where the session was at 23) and even for a session its owner had closed on the other
+    replica (422 where 410 is due). Such a refusal now checks the lease first, as step_gap's does."""
+    a, b = cluster(2)
+    x = ref.sequence("masked", 24, seed=23)
+    with httpx.Client(base_url=a.url, timeout=20) as ca, httpx.Client(base_url=b.url, timeout=20) as cb:
+        sid = ca.post("/v1/sessions", json={"model": "masked"}).json()["session_id"]
+        assert steps(ca, sid, x, 0, 22).status_code == 200
+        assert steps(cb, sid, x, 22, 1).status_code == 200  # B takes it over: 23 steps; A keeps its copy at 22
+        more = {"steps": x[:4].tolist()}
+        r = ca.post(f"/v1/sessions/{sid}/steps", json=more)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_moved", r.text
+        r = ca.post(f"/v1/sessions/{sid}/steps", json=more)  # sent again: A claims it back, at step 23
+        assert r.status_code == 422 and "at step 23, so at most 1 more fit" in r.json()["error"]["message"], r.text
+        assert ca.delete(f"/v1/sessions/{sid}").status_code == 204  # closed on A; B keeps its copy at 23
+        r = cb.post(f"/v1/sessions/{sid}/steps", json=more)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_moved", r.text
+        r = cb.post(f"/v1/sessions/{sid}/steps", json=more)
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_closed", r.text
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
