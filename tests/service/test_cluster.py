@@ -45,6 +45,16 @@ def cluster(serve, tmp_path):
         p.wait()
 
 
+def shut_down_redis(srv: Server) -> None:
+    """Stop the redis-server of replica ``srv``'s cluster (no save): the store is gone under it."""
+    import contextlib
+
+    import redis
+
+    with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
+        redis.Redis.from_url(srv.settings["state_url"]).shutdown(nosave=True)
+
+
 def steps(c: httpx.Client, sid: str, x, start: int, n: int) -> httpx.Response:
     return c.post(f"/v1/sessions/{sid}/steps", json={"start": start, "steps": x[start:start + n].tolist()})
 
@@ -878,17 +888,14 @@ def test_redis_gone_under_a_replica_is_logged_once(cluster, ref: Reference, tmp_
     """Redis dies under a replica serving its sessions: serving goes on (as for the single-service store)
     and the failure is one ERROR line, not one with a traceback after every request (the in-a-row count
     was reset by every engine turn that had nothing to write)."""
-    import contextlib
 
-    import redis
 
     (a,) = cluster(1)
     x = ref.sequence("sliding", T, seed=11)
     with httpx.Client(base_url=a.url, timeout=20) as ca:
         sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
         assert steps(ca, sid, x, 0, 3).status_code == 200
-        with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
-            redis.Redis.from_url(a.settings["state_url"]).shutdown(nosave=True)
+        shut_down_redis(a)
         for start in range(3, 15, 3):
             assert steps(ca, sid, x, start, 3).status_code == 200
             time.sleep(0.05)  # turns with nothing to write in between
@@ -903,17 +910,14 @@ def test_redis_gone_when_a_request_asks_for_a_session_held_nowhere_here_kills_no
     loop and killed the engine core, which then could not start again while Redis was down, so every session of
     the replica was refused. It is answered 503 ``session_store_unavailable`` with Retry-After, as a read of such a
     session is (once 500 ``internal``, as for a bug), and the replica's own sessions are served on."""
-    import contextlib
 
-    import redis
 
     (a,) = cluster(1)
     x = ref.sequence("sliding", T, seed=11)
     with httpx.Client(base_url=a.url, timeout=20) as ca:
         sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
         assert steps(ca, sid, x, 0, 3).status_code == 200
-        with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
-            redis.Redis.from_url(a.settings["state_url"]).shutdown(nosave=True)
+        shut_down_redis(a)
         r = ca.post("/v2/models/sliding/infer", json=oip_sequence(x[:2], 77))  # a sequence never started
         assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
         assert "the shared session store (PSN_STATE_URL) did not answer (ConnectionError)" in r.json()["error"], r.text
@@ -978,9 +982,7 @@ def test_redis_gone_when_a_step_gap_or_a_retry_checks_the_lease_kills_nothing(cl
     while Redis was down: every session of the replica was refused (a read's check: 500 internal). The replica
     now serves its own session on, as it applies its steps while the store is down: each is answered as
     without replicas."""
-    import contextlib
 
-    import redis
 
     (a,) = cluster(1, retry_window=2)
     x = ref.sequence("sliding", T, seed=12)
@@ -988,8 +990,7 @@ def test_redis_gone_when_a_step_gap_or_a_retry_checks_the_lease_kills_nothing(cl
     with httpx.Client(base_url=a.url, timeout=20) as ca:
         sid = ca.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
         assert steps(ca, sid, x, 0, 6).status_code == 200
-        with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it goes
-            redis.Redis.from_url(a.settings["state_url"]).shutdown(nosave=True)
+        shut_down_redis(a)
         r = ca.get(f"/v1/sessions/{sid}")  # a read checks the lease too (it was 500 internal)
         assert r.status_code == 200 and r.json()["steps_seen"] == 6, r.text
         for start, n, code in ((8, 1, "step_gap"), (1, 6, "retry_too_old")):

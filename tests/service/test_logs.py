@@ -159,6 +159,15 @@ def logged_after(srv: Server, start: int, marker: str, count: int) -> str:
     return srv.log()[start:]
 
 
+def handshake(url: str) -> None:
+    """Open and close a WebSocket to ``url``, accepted or refused: its handshake's line is logged either way."""
+    try:
+        with connect(url):
+            pass
+    except InvalidStatus:
+        pass
+
+
 def test_keys_a_client_put_in_a_query_are_never_logged(plain: Server) -> None:
     """docs/api.md says never to put a key in a URL, but clients do (``?api_key=``, ``?token=``...): uvicorn's
     access log wrote the query whole, key and all, for an HTTP request and a WebSocket handshake alike."""
@@ -167,11 +176,7 @@ def test_keys_a_client_put_in_a_query_are_never_logged(plain: Server) -> None:
     assert httpx.get(f"{plain.url}/healthz?api_key={keys[0]}&Token={keys[1]}&x=1").status_code == 200
     assert httpx.get(f"{plain.url}/v1/sessions/{SID}?ACCESS_TOKEN={keys[2]}&key={keys[3]}&authorization={keys[4]}"
                      ).status_code == 404
-    try:
-        with connect(f"{plain.ws_url}?token={keys[5]}&protocols=psn.json.v1,psn.key.{keys[6]}"):
-            pass
-    except InvalidStatus:
-        pass  # accepted or refused: the handshake's line is logged either way
+    handshake(f"{plain.ws_url}?token={keys[5]}&protocols=psn.json.v1,psn.key.{keys[6]}")
     log = logged_after(plain, start, "psn.key.***", 1)
     assert not any(k in log for k in keys), log
     assert "/healthz?api_key=***&Token=***&x=1 HTTP/1.1" in log, log
@@ -189,11 +194,7 @@ def test_a_long_path_and_query_is_cut_in_the_log_and_still_redacted(plain: Serve
     assert httpx.get(f"{plain.url}{target}").status_code in (404, 405)
     ws_pad = "y" * 6000  # websockets refuses a handshake's line past 8192 bytes (and logs none of it)
     ws_target = f"/v1/stream?session_id={SID}&pad={ws_pad}"
-    try:
-        with connect(f"{plain.ws_url.removesuffix('/v1/stream')}{ws_target}"):
-            pass
-    except InvalidStatus:
-        pass  # accepted or refused: the handshake's line is logged either way
+    handshake(f"{plain.ws_url.removesuffix('/v1/stream')}{ws_target}")
     log = logged_after(plain, start, " more)", 2)
     shown = f"/v1/sessions/{SID[:8]}.../steps?token=***&pad=" + "x" * (MAX_LOGGED_CHARS - len(head))
     assert f'"GET {shown}...({len(target) - MAX_LOGGED_CHARS} more) HTTP/1.1"' in log, log[-3000:]
