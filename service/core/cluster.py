@@ -114,9 +114,12 @@ class ClusterStore:
         self.r.set(key, mine, nx=True)
         return (self.r.get(key) or mine.encode()).decode()
 
+    def _token(self) -> str:
+        """A fresh fencing token of this replica."""
+        return f"{self.replica}:{secrets.token_hex(6)}"
+
     def new_token(self, sid: str) -> str:
-        token = f"{self.replica}:{secrets.token_hex(6)}"
-        self.tokens[sid] = token
+        token = self.tokens[sid] = self._token()
         return token
 
     def claim(self, sid: str, owner: str = "") -> bytes | None:
@@ -129,7 +132,7 @@ class ClusterStore:
         A sid may come more than once (asked for by several owners): only its own owner's claim is granted."""
         keys = [(f"{self.prefix}:lease:{sid}", f"{self.prefix}:s:{sid}", f"{self.prefix}:owner:{sid}")
                 for sid in sids]
-        tokens = [f"{self.replica}:{secrets.token_hex(6)}" for _ in sids]
+        tokens = [self._token() for _ in sids]
         try:
             with self.r.pipeline(transaction=False) as pipe:
                 for k, token, owner in zip(keys, tokens, owners or [""] * len(sids), strict=True):
