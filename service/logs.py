@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote_plus
 
 SESSION_IN_PATH = re.compile(r"(/v1/sessions/[^/?#\s\"']{8})[^/?#\s\"']+")
 # /v1/stream?session_id=ID (the URL a proxy routes a WebSocket by, docs/cluster.md): uvicorn logs the query too
@@ -37,7 +38,14 @@ def credential(name: str) -> bool:
 
 
 def hide_query_credential(m: re.Match[str]) -> str:
-    return m[1] + "***" if credential(m[2]) else m[0]
+    # A name as the service reads it: percent-decoded (Starlette's query_params, Ray's router do), so
+    # ?api%5Fkey= or ?%74oken= hide their values and ?session%5Fid=ID (an attach, as good as session_id) is cut
+    name = unquote_plus(m[2]) if "%" in m[2] or "+" in m[2] else m[2]
+    if credential(name):
+        return m[1] + "***"
+    if name != m[2] and name == "session_id" and len(m[0]) - len(m[1]) > 8:
+        return m[0][:len(m[1]) + 8] + "..."
+    return m[0]
 
 
 def redact(text: str) -> str:

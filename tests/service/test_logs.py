@@ -33,6 +33,10 @@ SID = "0123456789abcdef0123456789abcdef"
     (f'"WebSocket /v1/stream?session_id={SID}" 401', '"WebSocket /v1/stream?session_id=01234567..." 401'),
     (f"/v1/stream?a=1&session_id={SID}&b=2", "/v1/stream?a=1&session_id=01234567...&b=2"),
     ("/v1/stream?session_id=abcdefgh", "/v1/stream?session_id=abcdefgh"),
+    # percent-encoded names: the service decodes them, so ?session%5Fid=ID attaches to ID
+    (f"/v1/stream?session%5Fid={SID}&x=1", "/v1/stream?session%5Fid=01234567...&x=1"),
+    (f"/v1/stream?session%5fid={SID[:8]}", f"/v1/stream?session%5fid={SID[:8]}"),
+    (f"/v1/stream?Session%5Fid={SID}", f"/v1/stream?Session%5Fid={SID}"),  # another name (names are case-sensitive)
 ])
 def test_redact_cuts_ids_in_session_paths_to_8_characters(text: str, shown: str) -> None:
     assert redact(text) == shown
@@ -47,6 +51,9 @@ def test_redact_cuts_ids_in_session_paths_to_8_characters(text: str, shown: str)
     ("/m?PSN.KEY.s3cret", "/m?PSN.KEY.***"),
     ("/m?tokens&design=1&session=2&keep=", "/m?tokens&design=1&session=2&keep="),  # no value; other names
     ("api_key=s3cret without a query", "api_key=s3cret without a query"),
+    # percent-encoded or '+' in a name: decoded as the service decodes it
+    ("/m?%74oken=a&%50WD=b&client+secret=c&%6bey=d&design%3D=e",
+     "/m?%74oken=***&%50WD=***&client+secret=***&%6bey=***&design%3D=e"),
 ])
 def test_redact_hides_the_values_of_credential_query_parameters_and_psn_key_entries(text: str, shown: str) -> None:
     assert redact(text) == shown
@@ -171,15 +178,17 @@ def handshake(url: str) -> None:
 def test_keys_a_client_put_in_a_query_are_never_logged(plain: Server) -> None:
     """docs/api.md says never to put a key in a URL, but clients do (``?api_key=``, ``?token=``...): uvicorn's
     access log wrote the query whole, key and all, for an HTTP request and a WebSocket handshake alike."""
-    keys = [f"query-key-{i}-0123456789abcdef" for i in range(7)]
+    keys = [f"query-key-{i}-0123456789abcdef" for i in range(8)]
     start = len(plain.log())
     assert httpx.get(f"{plain.url}/healthz?api_key={keys[0]}&Token={keys[1]}&x=1").status_code == 200
+    assert httpx.get(f"{plain.url}/healthz?%74oken={keys[7]}").status_code == 200  # percent-encoded name
     assert httpx.get(f"{plain.url}/v1/sessions/{SID}?ACCESS_TOKEN={keys[2]}&key={keys[3]}&authorization={keys[4]}"
                      ).status_code == 404
     handshake(f"{plain.ws_url}?token={keys[5]}&protocols=psn.json.v1,psn.key.{keys[6]}")
     log = logged_after(plain, start, "psn.key.***", 1)
     assert not any(k in log for k in keys), log
     assert "/healthz?api_key=***&Token=***&x=1 HTTP/1.1" in log, log
+    assert "/healthz?%74oken=*** HTTP/1.1" in log, log
     assert f"/v1/sessions/{SID[:8]}...?ACCESS_TOKEN=***&key=***&authorization=*** HTTP/1.1" in log, log
     assert "/v1/stream?token=***&protocols=psn.json.v1,psn.key.***" in log, log
 
