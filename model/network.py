@@ -397,6 +397,43 @@ class PSNNet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def max_input(self) -> float:
+        """The largest input magnitude this net takes in its dtype: with every input value within
+        ``+-max_input``, the first layer's normalised input, its current and its membrane ``H`` are finite
+        whatever the signs (bounded by sums of absolute weights, with room for rounding). Past it an inf could
+        reach ``H = W X``, where the parallel form's ``0 * inf`` is NaN at *earlier* steps: a later input
+        would change earlier outputs, and the whole-sequence answer would no longer equal streaming."""
+        dtype = next(self.parameters()).dtype
+        fmax, eps = float(torch.finfo(dtype).max), float(torch.finfo(dtype).eps)
+        layer = self.layers[0]
+        w = layer.op.weight.detach().double().abs().flatten(1)  # (out, fan-in): a conv's taps and channels
+        per_out = w.sum(1)  # |current_j| <= per_out_j * max|u| + |bias_j|
+        bias = layer.op.bias.detach().double().abs()
+        scale, shift = torch.ones_like(per_out), torch.zeros_like(per_out)
+        if layer.bn is not None:  # eval: (y - mean) * s + beta
+            bn = layer.bn
+            scale = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).abs()
+            shift = scale * bn.running_mean.detach().double().abs() + bn.bias.detach().double().abs()
+        neuron = layer.neuron
+        if isinstance(neuron, LIF):  # v is a running mix of the currents: |v| <= max|current|
+            rows, nb = 1.0, abs(float(neuron.v_threshold))
+        else:
+            W = neuron.weight if isinstance(neuron, SlidingPSN) else neuron.effective_weight(self.cfg.T)
+            rows = max(1.0, float(W.detach().double().abs().reshape(-1, W.shape[-1]).sum(-1).max()))
+            nb = float(neuron.bias.detach().double().abs().max())
+        # In units of fmax (so that no step of this sum overflows float64 itself)
+        limit = 1.0 / (1.0 + 4.0 * (w.shape[1] + rows + 4) * eps)  # rounding of the sums, in either order
+        current = (limit - nb / fmax) / rows  # |H| <= rows * max|current| + |b| <= limit
+        # max|u| such that y_j = per_out_j * u + bias_j <= limit (the map's own output, before a batch norm)
+        # and scale_j * y_j + shift_j <= current, for every output j
+        room = torch.clamp((current - shift / fmax) / scale, max=limit) - bias / fmax
+        u = float((room / per_out.clamp_min(1e-300)).min())
+        mean = max(abs(v) for v in (self.cfg.input_mean if isinstance(self.cfg.input_mean, tuple)
+                                    else (self.cfg.input_mean,)))
+        std = min(self.cfg.input_std if isinstance(self.cfg.input_std, tuple) else (self.cfg.input_std,))
+        x = min(u, limit) * std * (1.0 - 4.0 * eps) - mean / fmax  # |x - mean| / std <= u
+        return fmax * max(0.0, min(x, 1.0))
+
 
 def state_size_bytes(net: PSNNet) -> int:
     """Bytes of streaming state per session (all windows, score sum, step counter)."""

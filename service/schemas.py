@@ -66,6 +66,8 @@ class ModelInfo(BaseModel):
     dataset: str
     metrics: dict[str, Any]
     config: dict[str, Any] = Field(description="the model folder's network config")
+    max_input: float = Field(description="the largest input magnitude the model takes (a value past it is refused "
+                             "422): its first layer's current and membrane stay finite up to it")
 
 
 class ModelList(BaseModel):

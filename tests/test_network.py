@@ -13,6 +13,7 @@ from model import InputError
 from model.folder import load_model_folder
 from model.functional import NeuronState
 from model.network import LayerConfig, NetConfig, NetState, PSNNet, normalise, state_size_bytes
+from model.neurons import LIF
 from tests.nets import make_spiking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,3 +413,71 @@ def test_empty_inputs_are_refused_by_name(neuron: str, T: int | None) -> None:
     for name, call in calls.items():
         with pytest.raises(InputError, match=rf"^{name.strip()}: expected shape \(.*\) with .* >= 1, got"):
             call()
+
+
+def _first_layer(net: PSNNet, x: Tensor) -> list[Tensor]:
+    """Layer 0 of ``x`` (T, B, *input_shape) in the parallel form: normalised input, current, membrane H."""
+    u = net._normalise(x)
+    layer = net.layers[0]
+    cur = layer.current(u.reshape(-1, *u.shape[2:]))
+    cur = cur.reshape(*x.shape[:2], *cur.shape[1:])
+    out = [u, cur]
+    if not isinstance(layer.neuron, LIF):
+        out.append(layer.neuron.membrane(cur))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("neuron", "T"), [("sliding", None), ("masked", 10), ("psn", 10), ("lif", None)])
+def test_max_input_keeps_layer_0_finite_for_the_worst_signs_and_is_tight(neuron: str, T: int | None,
+                                                                        dtype: torch.dtype) -> None:
+    """At +-max_input with every sign chosen to add up (the first layer's largest row, the neuron's largest
+    row of W), the normalised input, the current and H are finite; 1% past it they are not: the bound is the
+    real one, not a loose guess that refuses usable inputs."""
+    torch.manual_seed(3)
+    cfg = NetConfig(input_shape=(5,), num_classes=3, layers=(LayerConfig("linear", 6), LayerConfig("linear", 4)),
+                    neuron=neuron, k=4, T=T, input_std=0.25)
+    net = PSNNet(cfg).eval().to(dtype)
+    with torch.no_grad():  # weights far from 1 so that the bound is not the dtype's own
+        net.layers[0].op.weight.mul_(torch.linspace(0.5, 30.0, 6, dtype=dtype).unsqueeze(1))
+    top = net.max_input()
+    fmax = torch.finfo(dtype).max
+    assert 0 < top < fmax / 10
+    w = net.layers[0].op.weight.detach()
+    j = int(w.abs().sum(1).argmax())
+    signs = torch.where(w[j] < 0, -1.0, 1.0).to(dtype)  # (F,) every term of current j positive
+    steps = T or 2 * cfg.k
+    if neuron == "lif":
+        time_signs = torch.ones(steps, dtype=dtype)
+    else:
+        W = net.layers[0].neuron.effective_weight(steps).detach()
+        t = int(W.abs().sum(1).argmax())
+        time_signs = torch.where(W[t] < 0, -1.0, 1.0).to(dtype)  # every term of H[t] the same sign
+    x = time_signs.view(-1, 1, 1) * signs.view(1, 1, -1)  # (T, 1, F)
+    with torch.inference_mode():
+        for value in (top, -top):
+            for part in _first_layer(net, x * value):
+                assert torch.isfinite(part).all(), (neuron, value)
+        past = [bool(torch.isfinite(p).all()) for p in _first_layer(net, x * (top * 1.01))]
+    assert not all(past), (neuron, top)
+
+
+@pytest.mark.parametrize(("neuron", "T"), [("sliding", None), ("masked", 8)])
+def test_max_input_with_a_conv_layer_per_feature_statistics_and_batch_norm(neuron: str, T: int | None) -> None:
+    """The bound covers a conv first layer (taps and channels), per-feature mean and std, and an unfolded
+    batch norm; random signs at +-max_input leave layer 0 finite, and the answers for the steps before such
+    an input equal those of the prefix alone (no NaN from 0 * inf reaches back in time)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        cfg = NetConfig(input_shape=(2, 7), num_classes=3, layers=CONV_NET, neuron=neuron, k=3, T=T,
+                        input_mean=(0.5, -2.0, 0.0, 1.0, 3.0, -0.1, 0.2), input_std=(0.1, 2.0, 1.0, 0.5, 0.3, 1.0, 4.0))
+        net = make_spiking(PSNNet(cfg), bn_mean=0.3, bn_affine=True)
+        assert net.layers[0].bn is not None
+        for model in (net, net.fused()):
+            top = model.max_input()
+            x = torch.randn(8, 2, 2, 7)
+            x[5] = torch.where(torch.rand(2, 2, 7) < 0.5, -top, top)
+            with torch.inference_mode():
+                for part in _first_layer(model, x):
+                    assert torch.isfinite(part).all(), seed
+                assert torch.equal(model(x).scores[:5], model(x[:5]).scores)

@@ -34,6 +34,7 @@ class ModelRunner:
         kind = self.cfg.kind
         self.horizon = self.cfg.T if kind.horizon and kind.streams else None  # steps a session may take
         self.exact_T = self.cfg.T if kind.exact_T else None  # classify needs exactly T steps
+        self.max_input = model.net.max_input()  # front ends refuse larger values (PSNNet.max_input says why)
 
     # Padding rows (session-steps) one backend call's fixed cost is worth: a ragged call (``run_ragged``)
     # replaces several where it adds fewer padding rows than this per call saved. Measured at warm-up
@@ -181,4 +182,5 @@ class ModelRunner:
                 "input_shape": list(self.input_shape), "output_shape": list(self.output_shape),
                 "num_classes": cfg.num_classes, "class_names": model.class_names,
                 "dataset": model.config.get("dataset", ""), "metrics": model.metrics, "config": cfg.to_dict(),
+                "max_input": self.max_input,
                 "wire_dtype": self.wire.str, "model_dtype": str(self.backend.dtype).removeprefix("torch.")}

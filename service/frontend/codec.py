@@ -95,7 +95,7 @@ class ModelCodec:
         self.horizon: int | None = info.get("horizon")  # masked PSN: T, the steps a session may take
         self._labels_json = [json.dumps(label) for label in self.labels]
         self.wire = np.dtype(info["wire_dtype"])
-        self.max_value = MAX_FINITE[info["model_dtype"]]
+        self.max_value = min(MAX_FINITE[info["model_dtype"]], info.get("max_input", math.inf))
         self.model_dtype = info["model_dtype"]
         digits = 17 if self.wire == np.float64 else 9  # the fewest digits that give the float back exactly
         self._score_fmt = ",".join([f"%.{digits}g"] * self.classes)
@@ -113,8 +113,12 @@ class ModelCodec:
             return
         if not np.isfinite(a).all():
             raise InvalidInput(f"{field}: contains NaN or Inf; every value must be finite", field=field)
-        raise InvalidInput(f"{field}: a value's magnitude exceeds {self.max_value:.6g}, the largest finite "
-                           f"{self.model_dtype} of model {self.name!r}", field=field)
+        if self.max_value == MAX_FINITE[self.model_dtype]:
+            raise InvalidInput(f"{field}: a value's magnitude exceeds {self.max_value:.6g}, the largest finite "
+                               f"{self.model_dtype} of model {self.name!r}", field=field)
+        raise InvalidInput(f"{field}: a value's magnitude exceeds {self.max_value:.6g}, the largest input model "
+                           f"{self.name!r} takes (its max_input in GET /v1/models: past it the first layer's "
+                           f"{self.model_dtype} current could overflow)", field=field)
 
     def json_steps(self, raw: Any, max_steps: int, field: str = "steps",
                    maybe_bools: bool = True) -> tuple[int, bytes]:

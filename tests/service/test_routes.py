@@ -24,6 +24,7 @@ from tests.service.test_frontend_state import MODEL, FakeEngine
 
 ENGINE_PID = 4321
 INFO = {**MODEL, "neuron": "sliding", "streams": True, "k": 2, "horizon": None, "dataset": "random", "config": {},
+        "max_input": 1e30,
         "metrics": {"test_acc": 0.5, "history": [{"epoch": 1}], "augment": {"shift": 2}}}  # what a hello says of it
 
 

@@ -105,3 +105,29 @@ def test_no_future_leakage(client: httpx.Client, ref: Reference) -> None:
         outs.append(client.post(f"/v1/sessions/{sid}/steps", json={"steps": x.tolist()}).json()["outputs"])
     assert outs[0][:6] == outs[1][:6]
     assert_outputs(outs[1], ref.outputs("sliding", b))
+
+
+def test_classify_takes_inputs_up_to_max_input_and_no_later_input_reaches_an_earlier_step(
+        client: httpx.Client, ref: Reference) -> None:
+    """A float64 model took any finite float64; 1.79e308 normalised to inf, and in the parallel form's
+    ``H = W X`` a 0 weight times inf is NaN at every *earlier* step: /v1/classify's answers for steps
+    before a huge input changed (streaming's did not). Inputs past GET /v1/models' max_input are refused;
+    at it, the first steps' answers are those of the prefix alone."""
+    models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
+    for model in ("sliding", "masked", "conv", "lif"):
+        top = models[model]["max_input"]
+        assert 1e300 < top < 1.7976931348623157e308, (model, top)  # float64 models, small weights
+        x = ref.sequence(model, 12, seed=11)
+        prefix = client.post("/v1/classify", json={"model": model, "steps": x[:7].tolist()})
+        assert prefix.status_code == 200, prefix.text
+        for big in (1.7976931348623157e308, -top * 1.0001):
+            x[7].view(-1)[0] = big
+            r = client.post("/v1/classify", json={"model": model, "steps": x.tolist()})
+            assert r.status_code == 422, (model, big, r.text)
+            error = r.json()["error"]
+            assert error["field"] == "steps" and "max_input" in error["message"], error
+        for edge in (top, -top):
+            x[7].view(-1)[0] = edge
+            r = client.post("/v1/classify", json={"model": model, "steps": x.tolist()})
+            assert r.status_code == 200, (model, r.text)
+            assert r.json()["outputs"][:7] == prefix.json()["outputs"], model
