@@ -112,6 +112,7 @@ def test_malformed_binary_frames_get_error_frames_and_connection_stays_usable(se
         ws.send(json.dumps({"type": "steps", "steps": x[:1].tolist()}))  # JSON steps on a binary connection
         err = json.loads(ws.recv())
         assert err["type"] == "error" and "binary" in err["error"]["message"]
+        assert err["error"]["field"] == "type" and err["error"]["message"].startswith("type: "), err  # names its field
         ws.send(frame(x, 11))  # still usable, and nothing above was applied
         ok = read_answer(ws.recv())
         assert (ok["id"], ok["start"], ok["L"]) == (11, 0, 3)

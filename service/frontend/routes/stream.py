@@ -164,8 +164,9 @@ class StreamConnection:
         if isinstance(msg, WsSteps):
             sid, codec = self._current()
             if self.binary:
-                raise InvalidInput("steps: this connection uses binary frames (psn.binary.v1): send steps as a "
-                                   "binary frame, or reopen/attach with \"frames\": \"json\"", field="type")
+                raise InvalidInput("type: a JSON steps message, but this connection uses binary frames "
+                                   "(psn.binary.v1): send steps as a binary frame, or reopen/attach with "
+                                   "\"frames\": \"json\"", field="type")
             L, payload = codec.json_steps(msg.steps, fe.settings.max_steps_per_request,
                                           maybe_bools=may_hold_booleans(text))
             start, replayed, _, spikes, scores = await fe.steps(sid, codec, msg.start, L, payload, self.owner)
