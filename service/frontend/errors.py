@@ -30,9 +30,16 @@ def body_model(request: Request) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def validation_error(exc: RequestValidationError, model: type[BaseModel] | None = None) -> InvalidInput:
+def validation_error(exc: RequestValidationError, model: type[BaseModel] | None = None,
+                     content_type: str | None = None) -> InvalidInput:
     errs = exc.errors()
     first = errs[0] if errs else {}
+    if first.get("type") == "model_attributes_type" and isinstance(first.get("input"), bytes):
+        # FastAPI reads a body as JSON only under a JSON Content-Type; else the model got the raw bytes, and
+        # "body: Input should be a valid dictionary" would be said of a body that may well be a JSON object
+        got = f"got {content_type[:60]!r}" if content_type else "the request has none"
+        return InvalidInput(f"Content-Type: a body is read as JSON only with Content-Type: application/json; {got}",
+                            field="Content-Type")
     if first.get("type") == "json_invalid":  # FastAPI puts the character offset into loc: not a field
         loc = first.get("loc", ())
         where = f" at character {loc[-1]}" if len(loc) > 1 and isinstance(loc[-1], int) else ""
@@ -82,7 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(request, validation_error(exc, body_model(request)))
+        return error_response(request, validation_error(exc, body_model(request),
+                                                        request.headers.get("content-type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

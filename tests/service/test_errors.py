@@ -88,6 +88,23 @@ def test_a_boolean_in_a_utf16_or_utf32_body_is_refused(client: httpx.Client, ses
     assert r.status_code == 200 and r.json()["start"] == 0  # numbers in UTF-16 still run
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_json_body_without_a_json_content_type_is_refused_naming_the_header(client: httpx.Client, session: str,
+                                                                            content_type: str | None) -> None:
+    """FastAPI reads a body as JSON only under a JSON Content-Type (curl -d sends a form's, many HTTP libraries
+    none): the body then reached the model as bytes and was refused as "body: Input should be a valid
+    dictionary", of a body that is one. The refusal names Content-Type and what it must be."""
+    headers = {"content-type": content_type} if content_type else {}
+    for path, body in ((f"/v1/sessions/{session}/steps", {"steps": [[0.5, 0.5, 0.5]]}),
+                       ("/v1/sessions", {"model": "sliding"}),
+                       ("/v1/classify", {"model": "sliding", "steps": [[0.5] * 3]})):
+        r = client.post(path, content=json.dumps(body).encode(), headers=headers)
+        _check(r, 422, "invalid_input", ["Content-Type", "application/json", repr(content_type) if content_type
+                                         else "none"])
+        assert r.json()["error"]["field"] == "Content-Type"
+    assert client.get(f"/v1/sessions/{session}").json()["steps_seen"] == 0  # nothing applied
+
+
 def test_an_unknown_field_is_refused_naming_it_and_nothing_is_applied(client: httpx.Client, server: Server,
                                                                        ref: Reference) -> None:
     """A misspelt ``start`` would make a retry append its steps a second time: every request body and client
