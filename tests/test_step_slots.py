@@ -120,14 +120,28 @@ def test_window_band_sum_is_band_sum_of_one_step() -> None:
 
 def test_the_cpu_backend_steps_a_sliding_net_in_place() -> None:
     """``TorchBackend.run`` of one step takes ``step_slots_exact_`` for a sliding-PSN net on the CPU (a masked
-    one keeps gather, chunk, scatter), and answers what the chunk path answers."""
+    one keeps gather, chunk, scatter; so does a call of two steps), and answers what the chunk path answers."""
     sliding = load_model_folder(ROOT / "exported" / "mnist1d-sliding")
     assert not TorchBackend(load_model_folder(ROOT / "exported" / "mnist1d-masked"), 4)._exact_step
     fast, ref = TorchBackend(sliding, 4), TorchBackend(sliding, 4)
     assert fast._exact_step
     ref._exact_step = False  # the chunk path
+    calls = []  # the same bits either way: only which path ran tells them apart
+    exact = sliding.net.step_slots_exact_
+
+    def spy(x_t: Tensor, state: NetState, idx: Tensor):
+        calls.append(state is fast._state)
+        return exact(x_t, state, idx)
+
+    sliding.net.step_slots_exact_ = spy
     g = torch.Generator().manual_seed(5)
-    for slots in ([3, 1], [0, 1, 2, 3], [1]):
-        x, idx = torch.randn(1, len(slots), *sliding.cfg.input_shape, generator=g), torch.tensor(slots)
-        for a, b in zip(fast.run(x, idx), ref.run(x, idx), strict=True):
-            assert torch.equal(a, b)
+    try:
+        for slots in ([3, 1], [0, 1, 2, 3], [1]):
+            x, idx = torch.randn(1, len(slots), *sliding.cfg.input_shape, generator=g), torch.tensor(slots)
+            for a, b in zip(fast.run(x, idx), ref.run(x, idx), strict=True):
+                assert torch.equal(a, b)
+        assert calls == [True] * 3  # each one-step call of ``fast``, none of ``ref``
+        fast.run(torch.randn(2, 1, *sliding.cfg.input_shape, generator=g), torch.tensor([0]))
+        assert len(calls) == 3  # two steps: the chunk path
+    finally:
+        del sliding.net.step_slots_exact_
