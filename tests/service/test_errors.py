@@ -323,6 +323,31 @@ def test_ws_errors_keep_the_connection(server: Server, ref: Reference) -> None:
         assert_outputs(r["outputs"], ref.outputs("sliding", x))
 
 
+def test_start_is_an_integer_up_to_2_63_minus_1_and_frames_json_or_binary(client: httpx.Client, server: Server,
+                                                                           ref: Reference) -> None:
+    """docs/api.md: ``start`` is an integer from 0 to 2^63 - 1, booleans are not integers, over HTTP and the
+    WebSocket alike; the largest is taken (a step_gap on a new session), one past it refused. ``frames`` is json
+    or binary: another word is refused, not taken for json."""
+    x = ref.sequence("sliding", 1, seed=26).tolist()
+    sid = client.post("/v1/sessions", json={"model": "sliding"}).json()["session_id"]
+    _check(client.post(f"/v1/sessions/{sid}/steps", json={"steps": x, "start": 2**63 - 1}), 409, "step_gap")
+    with ws_client.connect(server.ws_url) as ws:
+        def ask(msg: dict) -> dict:
+            ws.send(json.dumps(msg))
+            return json.loads(ws.recv(timeout=5))
+
+        e = ask({"type": "open", "model": "sliding", "frames": "xml"})["error"]
+        assert e["code"] == "invalid_input" and e["field"] == "frames", e
+        assert ask({"type": "open", "model": "sliding", "frames": "json"})["type"] == "opened"
+        e = ask({"type": "steps", "steps": x, "start": 2**63 - 1, "id": 1})
+        assert e["error"]["code"] == "step_gap" and e["id"] == 1, e
+        for bad in (2**63, False, 0.0, "0"):  # past a signed 64-bit index; not integers (each would be step 0)
+            e = ask({"type": "steps", "steps": x, "start": bad, "id": 2})
+            assert e["error"]["code"] == "invalid_input" and e["error"]["field"] == "start", (bad, e)
+        r = ask({"type": "steps", "steps": x, "start": 0})  # nothing was applied
+        assert r["start"] == 0 and r["replayed"] == 0, r
+
+
 def test_queue_full(serve, ref: Reference) -> None:
     srv = serve(queue_depth=2, max_wait_ms=400, max_batch_size=64)
     x = ref.sequence("sliding", 1, seed=24).tolist()
