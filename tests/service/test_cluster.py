@@ -923,6 +923,7 @@ def test_redis_gone_when_a_request_asks_for_a_session_held_nowhere_here_kills_no
         assert "the shared session store (PSN_STATE_URL) did not answer (ConnectionError)" in r.json()["error"], r.text
         r = ca.get("/v1/sessions/" + "x" * 24)  # a read claims too
         assert r.status_code == 503 and r.json()["error"]["code"] == "session_store_unavailable", r.text
+        assert r.json()["error"]["field"] == "session_id", r.text  # the id it could not take over
         assert r.headers["Retry-After"] == "1"
         for start in range(3, 9, 3):
             assert steps(ca, sid, x, start, 3).status_code == 200
