@@ -184,8 +184,9 @@ def input_steps(req: InferRequest, binary: bytes, codec: ModelCodec, max_steps: 
         a = np.frombuffer(binary, "<f4").astype(np.float64)
     else:
         if binary:
-            raise InvalidInput(f"body: {len(binary)} bytes of binary data after the JSON header, and no input with "
-                               "binary_data_size to read them", field="Inference-Header-Content-Length")
+            raise InvalidInput(f"Inference-Header-Content-Length: {len(binary)} bytes of binary data after the "
+                               "JSON header, and no input with binary_data_size to read them",
+                               field="Inference-Header-Content-Length")
         a = numbers(inp.data if inp.data is not None else [], "steps", f"{want} (data: a flat list)").ravel()
         if a.size != count:
             raise InvalidInput(f"steps: {a.size} values for shape {inp.shape}", field="steps")

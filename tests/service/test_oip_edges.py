@@ -156,6 +156,9 @@ def test_header_lengths_at_and_past_the_body(server: Server, ref: Reference) -> 
             _refused(r, 422, "Inference-Header-Content-Length")
         r = h.post(URL, content=body, headers={"Inference-Header-Content-Length": "0" * 5000 + str(len(body))})
         _assert_like_classify(_outputs(r), 0, _classify(h, x[0]))  # leading zeros: still the body's length
+        r = h.post(URL, content=body + b"\0" * 12, headers={"Inference-Header-Content-Length": str(len(body))})
+        msg = _refused(r, 422, "12 bytes of binary data", "no input with binary_data_size")  # none reads them
+        assert msg.startswith("Inference-Header-Content-Length: "), msg  # the message names what is at fault
 
 
 def test_shapes_inputs_and_binary_sizes_that_do_not_fit_are_refused(server: Server) -> None:
