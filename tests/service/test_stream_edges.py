@@ -271,6 +271,21 @@ def test_the_send_watchdog_drops_only_sends_that_waited_past_the_timeout() -> No
     asyncio.run(run())
 
 
+def test_a_close_of_a_session_closed_elsewhere_is_410_and_leaves_no_session(small: Server, ref: Reference) -> None:
+    """Closing a session another connection has closed is refused 410 session_closed, and the connection
+    holds no session after it (docs/api.md): the next steps are 422 naming type, not 410 again."""
+    x = ref.sequence("sliding", 2, seed=82)
+    with connect(small.ws_url) as a, connect(small.ws_url) as b:
+        sid = _open(a)
+        assert _ask(b, {"type": "attach", "session_id": sid})["type"] == "attached"
+        assert _ask(b, {"type": "close"}) == {"type": "closed", "session_id": sid}
+        err = _ask(a, {"type": "close"})
+        assert err["error"]["code"] == "session_closed", err
+        err = _ask(a, {"type": "steps", "steps": x.tolist()})
+        assert err["error"]["code"] == "invalid_input" and err["error"]["field"] == "type", err
+        _open(a)
+
+
 def test_a_close_refused_for_now_keeps_the_session_on_the_connection(serve, ref: Reference) -> None:
     """A close the engine core refuses for now (429 session_queue_full: another connection's steps fill the
     session's queue) leaves the session on the connection, so the close can be sent again once they are
