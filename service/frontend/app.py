@@ -67,14 +67,26 @@ def create_app(settings: Settings, engine_address: str, worker: int = 0) -> Fast
         # Take traffic only once the engine core has answered (a restarted worker must not answer 503
         # while its siblings can serve); if the engine core is still loading models, start anyway and
         # answer /healthz, with 503 not_ready elsewhere, until it is up.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(client.hello_seen.wait(), settings.frontend_wait_s)
+        # A stop asked meanwhile (the supervisor's SIGTERM: the engine core failed to start, or Ctrl-C while
+        # models load) ends the wait: uvicorn acts on it only once start-up is over.
+        server = getattr(app.state, "server", None)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.frontend_wait_s
+        while not client.hello_seen.is_set() and not (server is not None and server.should_exit):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.hello_seen.wait(), min(left, 0.1))
         # Everything loaded so far lives as long as the process: move it out of the collector's sight,
         # so full collections scan only request garbage (measured on the 2-core CPU with one process:
         # p99 at 256 WS sessions fell from ~270-430 ms to ~110-160 ms).
         gc.collect()
         gc.freeze()
-        log.info("front end %d up, engine core at %s", worker, engine_address)
+        if server is not None and server.should_exit:
+            log.info("front end %d stopping before it took connections", worker)
+        else:
+            log.info("front end %d up, engine core at %s", worker, engine_address)
         try:
             yield
         finally:

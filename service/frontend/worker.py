@@ -44,4 +44,6 @@ def run_frontend(settings: Settings, engine_address: str, sock: socket.socket, w
                             timeout_graceful_shutdown=30, ws_per_message_deflate=settings.ws_compression)
     logs.install("uvicorn", "uvicorn.access", "uvicorn.error")  # uvicorn.Config has set up its handlers by now
     logging.getLogger("uvicorn.error").addFilter(InvalidUtf8())
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    fastapi_app.state.server = server  # the start-up's wait for the engine core ends when a stop is asked
+    server.run(sockets=[sock])

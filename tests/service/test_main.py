@@ -179,6 +179,19 @@ def test_a_setting_the_engine_core_cannot_use_stops_the_service_with_its_message
     assert "Traceback" not in done.stdout and "exited with 1 before it was ready" in done.stdout, done.stdout[-3000:]
 
 
+def test_a_front_end_waiting_for_the_engine_core_stops_when_asked(model_dir: Path) -> None:
+    """A front end waits up to PSN_FRONTEND_WAIT_S in its start-up for the engine core's hello, and uvicorn
+    acts on a SIGTERM only once start-up is over: an engine core that failed to start left the service up for
+    the whole wait (10 s by default), its front end logging itself "up" on the way out. The wait now ends at
+    the supervisor's stop; with a wait of an hour the service still exits (run_service's timeout would
+    fire otherwise), and says the front end stopped before it took connections."""
+    done = run_service({"PSN_MODEL_DIR": str(model_dir), "PSN_BACKEND": "tensorrt", "PSN_FRONTEND_WAIT_S": "3600"},
+                       timeout=60)
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert "front end 0 stopping before it took connections" in done.stdout, done.stdout[-3000:]
+    assert "front end 0 up" not in done.stdout, done.stdout[-3000:]
+
+
 def test_the_engine_core_takes_its_thread_count_and_warms_up_only_when_asked(
         model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """build_core, the engine core's start-up in this process: PSN_TORCH_THREADS is torch's thread count (unset:
