@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from model.checks import InputError, check_tensor, check_trailing_shape
-from model.config import LayerConfig, NetConfig, normalise
+from model.config import LayerConfig, NetConfig, _as_tuple, normalise
 from model.functional import (
     NeuronState,
     masked_batch_norm,
@@ -428,9 +428,8 @@ class PSNNet(nn.Module):
         # and scale_j * y_j + shift_j <= current, for every output j
         room = torch.clamp((current - shift / fmax) / scale, max=limit) - bias / fmax
         u = float((room / per_out.clamp_min(1e-300)).min())
-        mean = max(abs(v) for v in (self.cfg.input_mean if isinstance(self.cfg.input_mean, tuple)
-                                    else (self.cfg.input_mean,)))
-        std = min(self.cfg.input_std if isinstance(self.cfg.input_std, tuple) else (self.cfg.input_std,))
+        mean = max(abs(v) for v in _as_tuple(self.cfg.input_mean))
+        std = min(_as_tuple(self.cfg.input_std))
         x = min(u, limit) * std * (1.0 - 4.0 * eps) - mean / fmax  # |x - mean| / std <= u
         return fmax * max(0.0, min(x, 1.0))
 

@@ -489,6 +489,15 @@ def test_records_of_a_session_opened_again_in_the_same_write_are_not_refused(tmp
         proc.wait()
 
 
+def answers(core, requests: list[list]) -> dict[int, list]:
+    """``requests`` handled by an engine core in one turn, its log flushed: request id -> [status, body]."""
+    for req in requests:
+        core.handle(b"f", req)
+    core.step()
+    core.flush_log()
+    return {rid: [status, body] for rid, status, body in core.take_outbox().get(b"f", [])}
+
+
 def test_a_claim_by_another_owner_moves_nothing_and_one_batch_grants_the_sessions_own(tmp_path) -> None:
     """A claim names the owner asking: another owner's claim of a session is answered as for one with no
     records and changes nothing (lease, TTLs); in one batch that asks for a session for several owners, its own
@@ -540,13 +549,6 @@ def test_another_owners_request_in_the_turn_that_claims_a_session_is_answered_as
         a, b = build_core(settings.model_copy(update={"replica_id": "A"})), \
             build_core(settings.model_copy(update={"replica_id": "B"}))
 
-        def answers(core, requests: list[list]) -> dict[int, list]:
-            for req in requests:
-                core.handle(b"f", req)
-            core.step()
-            core.flush_log()
-            return {rid: [status, body] for rid, status, body in core.take_outbox().get(b"f", [])}
-
         sid = answers(a, [[1, "open", "sliding", False, None, "alice"]])[1][1]["session_id"]
         missing = make_id(id_tag(sid) or "")
         x = np.zeros((1, 3), np.float32).tobytes()
@@ -584,13 +586,6 @@ def test_a_turns_claims_grant_an_unstepped_session_to_its_owner_leave_a_draining
         a, b = build_core(settings.model_copy(update={"replica_id": "A"})), \
             build_core(settings.model_copy(update={"replica_id": "B"}))
         assert a.cluster is not None
-
-        def answers(core, requests: list[list]) -> dict[int, list]:
-            for req in requests:
-                core.handle(b"f", req)
-            core.step()
-            core.flush_log()
-            return {rid: [status, body] for rid, status, body in core.take_outbox().get(b"f", [])}
 
         def open_(owner: str) -> str:
             return answers(a, [[1, "open", "sliding", False, None, owner]])[1][1]["session_id"]
